@@ -1,0 +1,72 @@
+"""pool_manager: keyed, lazily built, self-expiring process pools.
+
+Each key (a tenant, a customer, a data source) gets its own pool of worker
+processes, capped at ``pool_size``, built on first use, cached while used,
+disposed when it sits unused and retired when it grows old. Every pool is a
+``concurrent.futures.Executor``.
+
+How a task and a pool's life flow through the parts::
+
+    caller ──get_pool(key)──▶ WorkerPoolManager ──lease──▶ WorkerPool
+      │                       (key → pool map,            (BaseWorkerPool:
+      │                        leases, factories)          grant, backpressure)
+      │                              ▲                           │ submit
+      │                              │ sweep()                   ▼
+      │                        Supervisor thread          _loky.LokyExecutor
+      │                        (expiry, retirement,        (loky manager thread
+      │                         process teardown)           + queue feeder)
+      │                              │ dispose()                 │ cloudpickle
+      │                              ▼                           ▼
+      └───────◀── future ◀──── _TaskFuture ◀── result ◀── worker processes
+
+- ``manager.py``: the map of ``_PoolEntry`` records, the ``_Lease`` objects
+  that keep a pool alive, and ``sweep()``, which decides every transition.
+- ``supervisor.py``: one daemon thread per manager that runs ``sweep()`` at
+  each deadline, and when a lease is released or a pool goes idle.
+- ``pool.py``: ``WorkerPool`` (what the manager needs) and ``BaseWorkerPool``
+  (one loky executor, workers granted piecemeal, backpressure, futures).
+- ``_loky.py``: the only module that imports loky.
+- ``errors.py``: every error a user can meet.
+
+Data flows one way (caller → manager → pool → loky → worker → future), and
+so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``).
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    FactoryError,
+    ManagerShutDownError,
+    PoolManagerError,
+    PoolShutDownError,
+    WorkerPoolBrokenError,
+)
+from .manager import (
+    Factory,
+    ManagerStats,
+    PoolState,
+    PoolStats,
+    SweepResult,
+    WorkerPoolManager,
+)
+from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, WorkerPool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT",
+    "BaseWorkerPool",
+    "Factory",
+    "FactoryError",
+    "ManagerShutDownError",
+    "ManagerStats",
+    "PoolManagerError",
+    "PoolShutDownError",
+    "PoolState",
+    "PoolStats",
+    "SweepResult",
+    "WorkerPool",
+    "WorkerPoolBrokenError",
+    "WorkerPoolManager",
+    "__version__",
+]

@@ -1,0 +1,149 @@
+"""The one module that touches loky.
+
+loky gives us a robust process executor, but two of the things this library
+needs are not in its public API, and both live here, behind small functions
+that the tests pin down:
+
+* growth in place: loky starts ``max_workers`` processes on the first submit
+  and has no public resize (its ``_resize`` waits for every pending task).
+  We build the executor for the pool's full ``max_size`` (so its call queue
+  is sized for it), then lower ``_max_workers`` to the workers granted so far
+  before anything starts. Raising it later is picked up by loky's own
+  ``_ensure_executor_running`` on the next submit, which starts only the
+  missing workers and disturbs none of the running ones.
+* introspection: the live worker pids, and whether loky flagged the executor
+  broken.
+
+These rely on loky 3.7's internals: the dependency range in pyproject.toml is
+pinned to that minor series for this reason.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import loky
+from loky.backend.context import get_context
+from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
+
+__all__ = [
+    "BrokenProcessPool",
+    "LokyExecutor",
+    "ShutdownExecutorError",
+    "cpu_count",
+    "resolve_context",
+]
+
+_START_METHODS = ("loky", "loky_init_main", "spawn", "fork", "forkserver")
+
+
+def cpu_count() -> int:
+    """The CPUs this process may use (cgroup and affinity aware, as loky counts)."""
+    return int(loky.cpu_count())
+
+
+def resolve_context(mp_context: object) -> Any:
+    """Map a ``ProcessPoolExecutor``-style ``mp_context`` onto loky's context.
+
+    Accepts ``None`` (loky's default start method), a start-method name, or a
+    ``multiprocessing`` context object (its start method is used with loky's
+    own process and queue machinery).
+    """
+    if mp_context is None:
+        return None
+    if isinstance(mp_context, str):
+        method = mp_context
+    else:
+        get_start_method = getattr(mp_context, "get_start_method", None)
+        if not callable(get_start_method):
+            raise TypeError(
+                "mp_context must be None, a start method name or a multiprocessing "
+                f"context, not {type(mp_context).__name__}"
+            )
+        method = get_start_method()
+    if method not in _START_METHODS:
+        raise ValueError(
+            f"mp_context start method {method!r} is not supported by loky; "
+            f"use one of {', '.join(_START_METHODS)}"
+        )
+    return get_context(method)
+
+
+class LokyExecutor:
+    """One ``loky.ProcessPoolExecutor`` whose worker count can grow in place.
+
+    Construction starts no process; the first ``submit`` starts the workers
+    allowed so far, and later submits start any that were allowed since.
+    """
+
+    __slots__ = ("_executor", "_manager_thread", "_workers")
+
+    def __init__(
+        self,
+        *,
+        max_size: int,
+        workers: int,
+        idle_timeout: float | None,
+        context: Any,
+        initializer: Callable[..., object] | None,
+        initargs: tuple[Any, ...],
+        env: dict[str, str] | None,
+    ) -> None:
+        self._executor = loky.ProcessPoolExecutor(
+            max_workers=max_size,
+            timeout=idle_timeout,
+            context=context,
+            initializer=initializer,
+            initargs=initargs,
+            env=env,
+        )
+        self._workers = max_size
+        self._manager_thread: threading.Thread | None = None
+        self.set_workers(workers)
+
+    def set_workers(self, workers: int) -> None:
+        """Allow ``workers`` processes; they start on the next submit."""
+        if workers < 1:
+            raise ValueError("a loky executor needs at least one worker")
+        # Only ever raised after construction: lowering it under running
+        # workers would leave extra processes that loky no longer expects.
+        self._executor._max_workers = workers
+        self._workers = workers
+
+    @property
+    def workers(self) -> int:
+        return self._workers
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+        """Submit ``fn(*args)``; may start worker processes (tens of ms each)."""
+        future: Future[Any] = self._executor.submit(fn, *args)
+        if self._manager_thread is None:
+            # Kept so that a later shutdown(wait=True) can still join it after
+            # loky's own shutdown(wait=False) dropped its reference.
+            self._manager_thread = self._executor._executor_manager_thread
+        return future
+
+    @property
+    def broken(self) -> bool:
+        """True once loky has flagged the executor broken (a worker died)."""
+        return self._executor._flags.broken is not None
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the worker processes alive now."""
+        processes = getattr(self._executor, "_processes", None) or {}
+        return [pid for pid, process in list(processes.items()) if process.is_alive()]
+
+    def shutdown(self, wait: bool) -> None:
+        """Stop the executor; with ``wait``, until its threads and workers are gone."""
+        self._executor.shutdown(wait=wait)
+        if wait and self._manager_thread is not None:
+            self._manager_thread.join()
+
+    @property
+    def finished(self) -> bool:
+        """True when the executor's manager thread has exited (or never started)."""
+        thread = self._manager_thread
+        return thread is None or not thread.is_alive()

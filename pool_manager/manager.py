@@ -1,0 +1,547 @@
+"""``WorkerPoolManager``: the key → pool map, leases, and each pool's life.
+
+A pool's life (see the package docstring for the diagram)::
+
+    (none) --get_pool--> LEASED <--done()/get_pool--> IDLE
+    LEASED/IDLE --age >= max_pool_lifetime--> RETIRING (out of the map)
+    IDLE --idle >= stale_pool_expiration--> DISPOSING --> DISPOSED
+    RETIRING --last lease released, work done--> DISPOSING --> DISPOSED
+
+The manager only ever disposes a pool with no lease and no unfinished work,
+so disposal never cancels anything. Time-driven transitions happen in
+`sweep`, which the supervisor thread runs at each deadline and tests run by
+hand with a fake clock.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import functools
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+from ._durations import Duration, to_count, to_seconds
+from .errors import FactoryError, ManagerShutDownError
+from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, WorkerPool
+from .supervisor import Supervisor
+
+__all__ = [
+    "Factory",
+    "ManagerStats",
+    "PoolState",
+    "PoolStats",
+    "SweepResult",
+    "WorkerPoolManager",
+]
+
+logger = logging.getLogger("pool_manager")
+
+#: Builds the pool for a new key; called with the manager's ``pool_size``.
+Factory = Callable[[int], WorkerPool]
+
+
+class PoolState(str, enum.Enum):
+    """Where a pool is in its life."""
+
+    LEASED = "leased"  #: in the map, with at least one live lease
+    IDLE = "idle"  #: in the map, no lease
+    RETIRING = "retiring"  #: too old: out of the map, disposed once released and done
+    DISPOSING = "disposing"  #: its workers are being stopped
+    DISPOSED = "disposed"  #: gone
+
+
+class PoolStats(TypedDict):
+    """One pool in `WorkerPoolManager.stats`."""
+
+    state: str
+    workers: int  #: live worker processes
+    worker_pids: list[int]
+    worker_count: int  #: workers granted so far
+    max_size: int
+    leases: int
+    unfinished_tasks: int
+    age: float  #: seconds since the pool was built
+    idle_for: float  #: seconds since its last use (0 while leased or busy)
+
+
+class ManagerStats(TypedDict):
+    """A snapshot of a manager, from `WorkerPoolManager.stats`."""
+
+    pools: dict[Hashable, PoolStats]  #: the pools in the map, by key
+    retiring: list[PoolStats]  #: retired pools still finishing their work
+    total_workers: int  #: live worker processes across all of them
+    shut_down: bool
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What one `WorkerPoolManager.sweep` did."""
+
+    expired: list[Hashable] = field(default_factory=list)  #: keys disposed as stale
+    retired: list[Hashable] = field(default_factory=list)  #: keys retired for age
+    disposed: int = 0  #: pools whose workers were stopped
+    next_deadline: float | None = None  #: clock time of the next check, if any
+
+
+@dataclass(eq=False)
+class _PoolEntry:
+    """The manager's record of one pool. All fields are guarded by the manager's lock."""
+
+    key: Hashable
+    pool: WorkerPool
+    created: float
+    last_used: float
+    leases: int = 0
+    state: PoolState = PoolState.IDLE
+
+    def idle(self) -> bool:
+        return self.leases == 0 and self.pool.unfinished_tasks == 0
+
+
+class _Lease:
+    """The ``done`` callable that `WorkerPoolManager.get_pool` returns.
+
+    Calling it releases the lease on the pool; calling it again does nothing.
+    """
+
+    __slots__ = ("_entry", "_manager", "_released")
+
+    def __init__(self, manager: WorkerPoolManager, entry: _PoolEntry) -> None:
+        self._manager = manager
+        self._entry = entry
+        self._released = False
+
+    def __call__(self) -> None:
+        self._manager._release(self)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return f"<lease on {self._entry.key!r}, {state}>"
+
+
+_live_managers: weakref.WeakSet[WorkerPoolManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_forgotten_managers() -> None:
+    # Pending tasks are cancelled so that exit does not wait on a backlog;
+    # running ones finish (a process cannot be stopped mid-task safely).
+    for manager in list(_live_managers):
+        manager.shutdown(wait=True, cancel_futures=True)
+
+
+class WorkerPoolManager:
+    """Many keyed process pools, built lazily, cached while used, expired when not.
+
+    Args:
+        pool_size: the most worker processes any one key's pool may use.
+        stale_pool_expiration: a pool with no lease and no unfinished work for
+            this long (seconds, or a ``timedelta``) is disposed.
+        max_pool_lifetime: a pool older than this is retired: the next
+            ``get_pool`` builds a fresh one, and the old one is disposed once
+            its leases are released and its work is done.
+        max_pending: backpressure of the pools the default factory builds:
+            ``submit`` blocks while the granted workers are busy and this
+            many tasks wait. Default: ``pool_size`` (as the Go package).
+            ``None`` never blocks.
+        worker_idle_timeout: seconds an idle worker process lives before it
+            exits (it starts again on demand); ``None`` keeps it.
+        clock: a monotonic clock in seconds; inject a fake one in tests and
+            call `sweep` after moving it.
+
+    Raises:
+        TypeError, ValueError: for arguments of the wrong type or range.
+    """
+
+    _UNSET: Any = object()
+
+    def __init__(
+        self,
+        pool_size: int,
+        stale_pool_expiration: Duration,
+        max_pool_lifetime: Duration,
+        *,
+        max_pending: int | None = _UNSET,
+        worker_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool_size = to_count("pool_size", pool_size, minimum=1)
+        stale = to_seconds("stale_pool_expiration", stale_pool_expiration)
+        lifetime = to_seconds("max_pool_lifetime", max_pool_lifetime)
+        assert stale is not None and lifetime is not None
+        self._stale_after: float = stale
+        self._max_lifetime: float = lifetime
+        if max_pending is self._UNSET:
+            max_pending = self._pool_size
+        elif max_pending is not None:
+            to_count("max_pending", max_pending, minimum=0)
+        self._max_pending: int | None = max_pending
+        self._worker_idle_timeout = to_seconds(
+            "worker_idle_timeout", worker_idle_timeout, allow_none=True
+        )
+        if not callable(clock):
+            raise TypeError("clock must be a callable returning seconds")
+        self._clock = clock
+
+        # _lock guards _entries, _building, _retiring, _disposing, _shut_down,
+        # and every _PoolEntry's fields. Never held while a factory runs or a
+        # pool is disposed.
+        self._lock = threading.Lock()
+        self._entries: dict[Hashable, _PoolEntry] = {}
+        self._building: dict[Hashable, Future[None]] = {}
+        self._retiring: set[_PoolEntry] = set()
+        self._disposing: set[_PoolEntry] = set()
+        self._shut_down = False
+
+        self._supervisor = Supervisor(
+            self._supervised_sweep, clock, name=f"pool_manager-supervisor-{id(self):x}"
+        )
+        self._supervisor.start()
+        _live_managers.add(self)
+
+    # -- configuration ---------------------------------------------------
+
+    @property
+    def pool_size(self) -> int:
+        """The most worker processes any one key's pool may use."""
+        return self._pool_size
+
+    @property
+    def stale_pool_expiration(self) -> float:
+        """Seconds an unused pool is kept."""
+        return self._stale_after
+
+    @property
+    def max_pool_lifetime(self) -> float:
+        """Seconds after which a pool is retired."""
+        return self._max_lifetime
+
+    # -- leases ----------------------------------------------------------
+
+    def default_factory(self, max_size: int) -> WorkerPool:
+        """The factory `get_pool` uses: a `BaseWorkerPool` with the manager's settings."""
+        return BaseWorkerPool(
+            max_size,
+            max_pending=self._max_pending,
+            idle_timeout=self._worker_idle_timeout,
+        )
+
+    def get_pool(self, key: Hashable, send_size: int = 1) -> tuple[WorkerPool, Callable[[], None]]:
+        """Lease the pool for ``key``, building it with `default_factory` if needed.
+
+        Grants the pool ``min(send_size, pool_size - granted)`` more workers.
+        Returns ``(pool, done)``: call ``done()`` when finished with the pool
+        (again does nothing); until then the pool is never disposed.
+
+        Blocks only while another thread builds this key's pool.
+
+        Raises:
+            TypeError: ``key`` is unhashable, or ``send_size`` not an int.
+            ValueError: ``send_size`` < 0.
+            ManagerShutDownError: (a ``RuntimeError``) after `shutdown`.
+        """
+        return self.get_pool_with_factory(key, send_size, self.default_factory)
+
+    def get_pool_with_factory(
+        self, key: Hashable, send_size: int, factory: Factory
+    ) -> tuple[WorkerPool, Callable[[], None]]:
+        """Like `get_pool`, building a missing pool with ``factory(pool_size)``.
+
+        However many threads race for a new key, ``factory`` runs once, and
+        they all lease the pool it returns. A factory's exception reaches every
+        caller that waited for it, unchanged, and nothing is cached.
+
+        Raises:
+            TypeError: as `get_pool`, or ``factory`` not callable.
+            FactoryError: (a ``TypeError``) the factory returned something that
+                is not a `WorkerPool`.
+            Exception: whatever the factory raised.
+        """
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(f"key must be hashable, not {type(key).__name__}") from None
+        to_count("send_size", send_size, minimum=0)
+        if not callable(factory):
+            raise TypeError(f"factory must be callable, not {type(factory).__name__}")
+
+        while True:
+            with self._lock:
+                if self._shut_down:
+                    raise ManagerShutDownError(
+                        "this WorkerPoolManager is shut down; create a new one"
+                    )
+                now = self._clock()
+                entry = self._entries.get(key)
+                if entry is not None and now - entry.created >= self._max_lifetime:
+                    self._retire_locked(entry)
+                    entry = None
+                if entry is not None:
+                    entry.leases += 1
+                    entry.last_used = now
+                    entry.state = PoolState.LEASED
+                    break
+                building = self._building.get(key)
+                builder = building is None
+                if building is None:
+                    building = self._building[key] = Future()
+            if builder:
+                entry = self._build(key, factory, building)
+                break
+            building.result()  # the builder's exception, if it failed; else lease it
+
+        lease = _Lease(self, entry)
+        try:
+            entry.pool.grant_workers(send_size)
+        except BaseException:
+            lease()
+            raise
+        return entry.pool, lease
+
+    @contextmanager
+    def lease(
+        self, key: Hashable, send_size: int = 1, factory: Factory | None = None
+    ) -> Iterator[WorkerPool]:
+        """``with manager.lease(key) as pool:`` — `get_pool` that releases itself.
+
+        Uses ``factory`` for a missing pool when given, else `default_factory`.
+        """
+        pool, done = self.get_pool_with_factory(
+            key, send_size, factory if factory is not None else self.default_factory
+        )
+        try:
+            yield pool
+        finally:
+            done()
+
+    def _build(self, key: Hashable, factory: Factory, building: Future[None]) -> _PoolEntry:
+        try:
+            pool = factory(self._pool_size)
+            if not isinstance(pool, WorkerPool):
+                raise FactoryError(
+                    f"the factory for {key!r} returned {type(pool).__name__}, not a "
+                    "WorkerPool: return a BaseWorkerPool (or a subclass of it)"
+                )
+        except BaseException as error:
+            with self._lock:
+                del self._building[key]
+            building.set_exception(error)
+            raise
+        with self._lock:
+            del self._building[key]
+            shut_down = self._shut_down
+            if not shut_down:
+                now = self._clock()
+                entry = _PoolEntry(key, pool, created=now, last_used=now, leases=1)
+                entry.state = PoolState.LEASED
+                self._entries[key] = entry
+        if shut_down:
+            pool.dispose(wait=True)
+            error = ManagerShutDownError("this WorkerPoolManager is shut down; create a new one")
+            building.set_exception(error)
+            raise error
+        pool.add_idle_callback(functools.partial(self._pool_went_idle, entry))
+        building.set_result(None)
+        logger.debug("pool built for key %r (max_size=%d)", key, pool.max_size)
+        return entry
+
+    def _release(self, lease: _Lease) -> None:
+        entry = lease._entry
+        with self._lock:
+            if lease._released:
+                return
+            lease._released = True
+            entry.leases -= 1
+            entry.last_used = self._clock()
+            if entry.leases > 0:
+                return
+            if entry.state is PoolState.LEASED:
+                entry.state = PoolState.IDLE
+        self._supervisor.wake()
+
+    def _pool_went_idle(self, entry: _PoolEntry) -> None:
+        # The pool's last unfinished task just finished: the idle clock starts now.
+        with self._lock:
+            entry.last_used = self._clock()
+            if entry.leases > 0:
+                return
+        self._supervisor.wake()
+
+    def _retire_locked(self, entry: _PoolEntry) -> None:
+        del self._entries[entry.key]
+        entry.state = PoolState.RETIRING
+        self._retiring.add(entry)
+        logger.info("pool for key %r retired after %.1fs", entry.key, self._clock() - entry.created)
+        if entry.idle():
+            self._supervisor.wake()
+
+    # -- the map ---------------------------------------------------------
+
+    def __len__(self) -> int:
+        """The number of pools in the map (retiring ones not counted)."""
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        """True if ``key`` has a pool in the map now."""
+        try:
+            return key in self._entries
+        except TypeError:
+            return False
+
+    def keys(self) -> list[Hashable]:
+        """The keys with a pool in the map now."""
+        with self._lock:
+            return list(self._entries)
+
+    # -- the supervisor's checks -----------------------------------------
+
+    def sweep(self) -> SweepResult:
+        """Run the supervisor's checks now, on this thread.
+
+        Retires pools older than ``max_pool_lifetime``, removes pools unused
+        for ``stale_pool_expiration``, and disposes every removed pool that has
+        no lease and no unfinished work (blocking while its workers stop).
+        Returns what it did and when the next check is due.
+        """
+        expired: list[Hashable] = []
+        retired: list[Hashable] = []
+        due: list[_PoolEntry] = []
+        with self._lock:
+            if self._shut_down:
+                return SweepResult()
+            now = self._clock()
+            next_deadline: float | None = None
+            for entry in list(self._entries.values()):
+                retire_at = entry.created + self._max_lifetime
+                if now >= retire_at:
+                    self._retire_locked(entry)
+                    retired.append(entry.key)
+                    continue
+                deadline = retire_at
+                if entry.idle():
+                    stale_at = entry.last_used + self._stale_after
+                    if now >= stale_at:
+                        del self._entries[entry.key]
+                        expired.append(entry.key)
+                        due.append(entry)
+                        continue
+                    deadline = min(deadline, stale_at)
+                if next_deadline is None or deadline < next_deadline:
+                    next_deadline = deadline
+            for entry in list(self._retiring):
+                if entry.idle():
+                    self._retiring.discard(entry)
+                    due.append(entry)
+            for entry in due:
+                entry.state = PoolState.DISPOSING
+                self._disposing.add(entry)
+        for key in expired:
+            logger.info("pool for key %r expired after %.1fs unused", key, self._stale_after)
+        for entry in due:
+            self._dispose(entry)
+        return SweepResult(expired, retired, len(due), next_deadline)
+
+    def _supervised_sweep(self) -> float | None:
+        return self.sweep().next_deadline
+
+    def _dispose(self, entry: _PoolEntry) -> None:
+        try:
+            entry.pool.dispose(wait=True)
+        except Exception:
+            logger.exception("disposing the pool for key %r failed", entry.key)
+        with self._lock:
+            entry.state = PoolState.DISPOSED
+            self._disposing.discard(entry)
+        logger.debug("pool for key %r disposed", entry.key)
+
+    # -- stats -----------------------------------------------------------
+
+    def stats(self) -> ManagerStats:
+        """A snapshot of every pool: state, workers, leases, work, age, idle time."""
+        with self._lock:
+            now = self._clock()
+            entries = list(self._entries.values())
+            retiring = list(self._retiring)
+            snapshot = [
+                (e, e.state, e.leases, now - e.created, now - e.last_used)
+                for e in itertools.chain(entries, retiring)
+            ]
+            shut_down = self._shut_down
+        pools: dict[Hashable, PoolStats] = {}
+        retiring_stats: list[PoolStats] = []
+        total = 0
+        for entry, state, leases, age, idle_for in snapshot:
+            pids = entry.pool.worker_pids()
+            unfinished = entry.pool.unfinished_tasks
+            total += len(pids)
+            stats = PoolStats(
+                state=state.value,
+                workers=len(pids),
+                worker_pids=pids,
+                worker_count=entry.pool.worker_count,
+                max_size=entry.pool.max_size,
+                leases=leases,
+                unfinished_tasks=unfinished,
+                age=age,
+                idle_for=idle_for if leases == 0 and unfinished == 0 else 0.0,
+            )
+            if state is PoolState.RETIRING:
+                retiring_stats.append(stats)
+            else:
+                pools[entry.key] = stats
+        return ManagerStats(
+            pools=pools, retiring=retiring_stats, total_workers=total, shut_down=shut_down
+        )
+
+    # -- shutdown --------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Dispose every pool, leased or not, and stop the supervisor.
+
+        With ``wait``, blocks until accepted work is done and no worker
+        process or thread of this manager is left. With ``cancel_futures``,
+        tasks that have not started are cancelled first. Later `get_pool`
+        calls raise `ManagerShutDownError`. Idempotent.
+        """
+        with self._lock:
+            self._shut_down = True
+            entries = [*self._entries.values(), *self._retiring, *self._disposing]
+            self._entries.clear()
+            self._retiring.clear()
+            for entry in entries:
+                entry.state = PoolState.DISPOSING
+                self._disposing.add(entry)
+        self._supervisor.stop()
+        _live_managers.discard(self)
+        for entry in entries:
+            if cancel_futures:
+                entry.pool.shutdown(wait=False, cancel_futures=True)
+            else:
+                # Signal every pool first, so that their workers stop in parallel.
+                entry.pool.dispose(wait=False)
+        if wait:
+            for entry in entries:
+                self._dispose(entry)
+
+    def __enter__(self) -> WorkerPoolManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shut_down else f"{len(self._entries)} pools"
+        return f"<WorkerPoolManager {state}, pool_size={self._pool_size}>"

@@ -1,0 +1,462 @@
+"""A pool of worker processes for one key: the ``WorkerPool`` interface and
+``BaseWorkerPool``, its implementation on one loky executor.
+
+A pool knows nothing of keys, leases or expiry (that is the manager's job).
+It owns: the worker processes (through ``_loky.LokyExecutor``), how many of
+them it may use (``grant_workers``), backpressure, and the futures it hands
+out. Every future it returns is a ``_TaskFuture`` chained to loky's own, so
+the pool's count of unfinished work drops *before* a waiter on the future
+wakes: a caller that has its result and releases its lease sees an idle pool.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool as _StdBrokenProcessPool
+from typing import Any, TypeVar
+
+from . import _loky
+from ._durations import to_count, to_seconds
+from ._worker import call_with_kwargs, run_chunk
+from .errors import PoolShutDownError, WorkerPoolBrokenError
+
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "WorkerPool"]
+
+T = TypeVar("T")
+
+#: Seconds an idle worker process waits for work before it exits; the next
+#: submit starts it again. ``None`` keeps workers until the pool is disposed.
+DEFAULT_IDLE_TIMEOUT: float = 300.0
+
+
+class WorkerPool(Executor, abc.ABC):
+    """What a `WorkerPoolManager` needs of a pool, on top of ``Executor``.
+
+    Factories return instances of this class; in practice a subclass of
+    `BaseWorkerPool`. Everything here is safe to call from any thread.
+    """
+
+    @property
+    @abc.abstractmethod
+    def max_size(self) -> int:
+        """The most worker processes this pool may ever use."""
+
+    @property
+    @abc.abstractmethod
+    def worker_count(self) -> int:
+        """Workers granted so far (never above `max_size`)."""
+
+    @abc.abstractmethod
+    def grant_workers(self, count: int) -> int:
+        """Grant up to ``count`` more workers, capped at `max_size`.
+
+        Returns the number granted in all. A pool starts with all `max_size`
+        workers usable; its first ``grant_workers`` call (the manager makes it
+        for every pool it builds) switches it to using only what it was
+        granted, as the Go ``spawnWorkers`` does. Starts no process.
+        """
+
+    @property
+    @abc.abstractmethod
+    def unfinished_tasks(self) -> int:
+        """Tasks accepted by ``submit`` whose futures are not done yet."""
+
+    @abc.abstractmethod
+    def worker_pids(self) -> list[int]:
+        """Pids of this pool's live worker processes."""
+
+    @abc.abstractmethod
+    def add_idle_callback(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` each time `unfinished_tasks` drops to zero.
+
+        It runs on whichever thread finished the last task: keep it short.
+        """
+
+    @abc.abstractmethod
+    def dispose(self, wait: bool = True) -> None:
+        """Stop accepting work, let accepted work finish, then stop the workers.
+
+        Idempotent. With ``wait``, blocks until the work is done and the
+        worker processes and helper threads are gone. Subclasses that hold
+        shared data release it here, after calling ``super().dispose(wait)``.
+        """
+
+
+class _TaskFuture(Future):  # type: ignore[type-arg]
+    """The future `BaseWorkerPool.submit` returns, chained to loky's.
+
+    It settles only after the pool has counted the task as finished, and it
+    cancels through to loky (only a task that has not started can be
+    cancelled, as with any ``concurrent.futures`` executor).
+    """
+
+    def __init__(self, pool: BaseWorkerPool) -> None:
+        super().__init__()
+        self._pool = pool
+        self._inner: Future[Any] | None = None
+
+    def _attach(self, inner: Future[Any]) -> None:
+        self._inner = inner
+        inner.add_done_callback(self._settle)
+
+    def _settle(self, inner: Future[Any]) -> None:
+        # Runs in loky's manager thread (or in cancel()): count first, then wake.
+        self._pool._task_finished(self)
+        if inner.cancelled():
+            Future.cancel(self)
+            self.set_running_or_notify_cancel()
+            return
+        error = inner.exception()
+        if error is None:
+            self.set_result(inner.result())
+        elif isinstance(error, _StdBrokenProcessPool) and not isinstance(
+            error, WorkerPoolBrokenError
+        ):
+            wrapped = WorkerPoolBrokenError(
+                f"{error} The pool starts new workers on its next submit; resubmit "
+                "the failed tasks if they are safe to repeat."
+            )
+            wrapped.__cause__ = error
+            self.set_exception(wrapped)
+        else:
+            self.set_exception(error)
+
+    def cancel(self) -> bool:
+        inner = self._inner
+        if inner is None:
+            # Still inside submit(), on its way to loky: too late to stop.
+            return self.cancelled()
+        if self.done():
+            return super().cancel()
+        # A successful cancel of the inner future runs _settle synchronously.
+        return inner.cancel() and self.cancelled()
+
+    def running(self) -> bool:
+        inner = self._inner
+        return super().running() or (inner is not None and inner.running() and not self.done())
+
+
+class BaseWorkerPool(WorkerPool):
+    """A process pool for one key, and a drop-in ``ProcessPoolExecutor``.
+
+    ``BaseWorkerPool(4)`` behaves like ``ProcessPoolExecutor(4)``: four
+    worker processes, started on the first submit, fed in order.
+    Submissions travel with cloudpickle, so lambdas and closures work.
+
+    Args:
+        max_size: the most worker processes (``ProcessPoolExecutor``'s
+            ``max_workers``, which is accepted as another name for it).
+            Default: the CPUs this process may use.
+        initializer, initargs: run ``initializer(*initargs)`` once in each
+            worker process, to give it its own state (a model, a connection).
+        mp_context: a start method name or ``multiprocessing`` context; its
+            start method is used through loky. Default: loky's own.
+        max_pending: backpressure. ``None`` (the default) never blocks, like
+            ``ProcessPoolExecutor``; an int ``n`` blocks ``submit`` while the
+            granted workers are busy and ``n`` more tasks wait.
+        idle_timeout: seconds an idle worker waits before it exits (it is
+            started again on demand); ``None`` keeps workers alive.
+        env: environment variables set in each worker before it imports
+            anything.
+
+    Raises:
+        TypeError, ValueError: for arguments of the wrong type or range.
+    """
+
+    def __init__(
+        self,
+        max_size: int | None = None,
+        *,
+        max_workers: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        mp_context: object = None,
+        max_pending: int | None = None,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if max_size is not None and max_workers is not None:
+            raise TypeError("give max_size or its alias max_workers, not both")
+        size = max_size if max_size is not None else max_workers
+        if size is None:
+            size = _loky.cpu_count()
+        elif isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"max_workers must be an int, not {type(size).__name__}")
+        elif size <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be callable")
+        if not isinstance(initargs, tuple):
+            raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
+        if max_pending is not None:
+            to_count("max_pending", max_pending, minimum=0)
+        self._max_size: int = size
+        self._max_pending = max_pending
+        self._idle_timeout = to_seconds("idle_timeout", idle_timeout, allow_none=True)
+        self._context = _loky.resolve_context(mp_context)
+        self._initializer = initializer
+        self._initargs = initargs
+        self._env = dict(env) if env is not None else None
+
+        # _lock guards everything below; the conditions share it.
+        self._lock = threading.Lock()
+        self._not_full = threading.Condition(self._lock)  # backpressure waiters
+        self._drained = threading.Condition(self._lock)  # waiters for no outstanding work
+        self._outstanding: set[_TaskFuture] = set()
+        self._granted: int | None = None  # None: not granted piecemeal, all usable
+        self._executor: _loky.LokyExecutor | None = None
+        self._old_executors: list[_loky.LokyExecutor] = []  # broken or shut down, to join
+        self._shut_down = False
+        self._idle_callbacks: list[Callable[[], object]] = []
+        self._dispose_lock = threading.Lock()
+
+    # -- WorkerPool ------------------------------------------------------
+
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    @property
+    def max_pending(self) -> int | None:
+        """Tasks that may wait beyond the busy workers before ``submit`` blocks."""
+        return self._max_pending
+
+    @property
+    def worker_count(self) -> int:
+        granted = self._granted
+        return self._max_size if granted is None else granted
+
+    def grant_workers(self, count: int) -> int:
+        to_count("send_size", count, minimum=0)
+        with self._lock:
+            self._granted = min(self._max_size, (self._granted or 0) + count)
+            return self._granted
+
+    @property
+    def unfinished_tasks(self) -> int:
+        return len(self._outstanding)
+
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            executors = [*self._old_executors, *([self._executor] if self._executor else [])]
+        return [pid for executor in executors for pid in executor.worker_pids()]
+
+    def add_idle_callback(self, callback: Callable[[], object]) -> None:
+        with self._lock:
+            self._idle_callbacks.append(callback)
+
+    @property
+    def is_shut_down(self) -> bool:
+        """True once `shutdown` or `dispose` was called."""
+        return self._shut_down
+
+    # -- Executor --------------------------------------------------------
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)`` in a worker process.
+
+        Returns a ``concurrent.futures.Future``. Blocks while the pool is full
+        (only when ``max_pending`` is set). The first submit starts the worker
+        processes (tens of milliseconds each).
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+            PoolShutDownError: (a ``RuntimeError``) the pool is shut down.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        call: tuple[Any, ...] = (call_with_kwargs, (fn, args, kwargs)) if kwargs else (fn, args)
+        future = _TaskFuture(self)
+        with self._lock:
+            if self._max_pending is not None:
+                while not self._shut_down and len(self._outstanding) >= self._capacity():
+                    self._not_full.wait()
+            if self._shut_down:
+                raise PoolShutDownError("cannot schedule new futures after shutdown")
+            executor = self._live_executor()
+            self._outstanding.add(future)
+        try:
+            try:
+                inner = executor.submit(*call)
+            except _StdBrokenProcessPool:
+                # A worker died since the last submit: start afresh, once.
+                with self._lock:
+                    executor = self._live_executor()
+                inner = executor.submit(*call)
+        except BaseException as error:
+            self._task_finished(future)
+            if isinstance(error, _loky.ShutdownExecutorError):
+                raise PoolShutDownError("cannot schedule new futures after shutdown") from None
+            raise
+        future._attach(inner)
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Return an iterator of ``fn`` over the iterables, in order.
+
+        As ``Executor.map``, with one difference for a bounded pool
+        (``max_pending`` set): it submits only as many tasks as the pool can
+        hold and submits the rest as results are consumed, so an unbounded
+        input is never read ahead. ``chunksize > 1`` sends that many calls per
+        task. ``timeout`` counts from this call.
+
+        Raises:
+            ValueError: ``chunksize`` < 1.
+            TimeoutError: (on iteration) a result was not ready in time.
+            Exception: (on iteration) whatever ``fn`` raised.
+        """
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        calls: Iterator[tuple[Any, ...]] = zip(*iterables)
+        if chunksize > 1:
+            chunks = iter(lambda: tuple(itertools.islice(calls, chunksize)), ())
+            tasks: Iterator[Future[Any]] = (self.submit(run_chunk, fn, c) for c in chunks)
+        else:
+            tasks = (self.submit(fn, *args) for args in calls)
+        window = None if self._max_pending is None else max(1, self._capacity())
+        submitted: deque[Future[Any]] = deque(itertools.islice(tasks, window))
+        return self._map_results(submitted, tasks, end_time, chunked=chunksize > 1)
+
+    @staticmethod
+    def _map_results(
+        submitted: deque[Future[Any]],
+        tasks: Iterator[Future[Any]],
+        end_time: float | None,
+        *,
+        chunked: bool,
+    ) -> Iterator[Any]:
+        # A generator of its own, so that map() submits its first window now.
+        try:
+            while submitted:
+                future = submitted.popleft()
+                try:
+                    if end_time is None:
+                        result = future.result()
+                    else:
+                        result = future.result(end_time - time.monotonic())
+                finally:
+                    future.cancel()
+                # Keep the pool fed before handing the result out.
+                submitted.extend(itertools.islice(tasks, 1))
+                if chunked:
+                    yield from result
+                else:
+                    yield result
+        finally:
+            for future in submitted:
+                future.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work and release the workers (``Executor.shutdown``).
+
+        With ``cancel_futures``, tasks that have not started are cancelled.
+        With ``wait``, blocks until accepted work is done and the worker
+        processes and helper threads are gone; otherwise returns at once and
+        the work still finishes. Calls `dispose`, so a subclass's shared data
+        is released too. Idempotent.
+        """
+        if cancel_futures:
+            with self._lock:
+                self._shut_down = True
+                pending = list(self._outstanding)
+            for future in pending:
+                future.cancel()
+        self.dispose(wait=wait)
+
+    def dispose(self, wait: bool = True) -> None:
+        # _dispose_lock makes a second caller wait until the first has joined
+        # the workers, so that "dispose returned" always means "they are gone".
+        with self._dispose_lock:
+            self._dispose(wait)
+
+    def _dispose(self, wait: bool) -> None:
+        with self._lock:
+            self._shut_down = True
+            self._not_full.notify_all()  # blocked submitters raise PoolShutDownError
+            if not wait:
+                executors = [self._executor] if self._executor is not None else []
+            else:
+                while self._outstanding:
+                    self._drained.wait()
+                executors = [*self._old_executors]
+                if self._executor is not None:
+                    executors.append(self._executor)
+                self._old_executors = []
+                self._executor = None
+        for executor in executors:
+            executor.shutdown(wait=wait)
+
+    # -- internals -------------------------------------------------------
+
+    def _capacity(self) -> int:
+        assert self._max_pending is not None
+        return max(1, self.worker_count) + self._max_pending
+
+    def _live_executor(self) -> _loky.LokyExecutor:
+        """The executor to submit to, built or grown as needed. Holds _lock."""
+        if self._granted == 0:
+            self._granted = 1  # a pool must be able to make progress
+        workers = self.worker_count
+        executor = self._executor
+        if executor is not None and executor.broken:
+            self._old_executors.append(executor)
+            executor = self._executor = None
+        if executor is None:
+            self._join_finished_executors()
+            executor = self._executor = _loky.LokyExecutor(
+                max_size=self._max_size,
+                workers=workers,
+                idle_timeout=self._idle_timeout,
+                context=self._context,
+                initializer=self._initializer,
+                initargs=self._initargs,
+                env=self._env,
+            )
+        elif executor.workers < workers:
+            executor.set_workers(workers)
+        return executor
+
+    def _join_finished_executors(self) -> None:
+        still_running = []
+        for old in self._old_executors:
+            if old.finished:
+                old.shutdown(wait=True)  # quick: its manager thread has exited
+            else:
+                still_running.append(old)
+        self._old_executors = still_running
+
+    def _task_finished(self, future: _TaskFuture) -> None:
+        with self._lock:
+            self._outstanding.discard(future)
+            if self._max_pending is not None:
+                self._not_full.notify()
+            if self._outstanding:
+                return
+            self._drained.notify_all()
+            callbacks = list(self._idle_callbacks)
+        for callback in callbacks:
+            callback()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shut_down else "open"
+        return (
+            f"<{type(self).__name__} {state} workers={self.worker_count}/{self._max_size} "
+            f"unfinished={self.unfinished_tasks}>"
+        )

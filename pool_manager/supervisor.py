@@ -1,0 +1,79 @@
+"""The supervisor: one daemon thread per manager for every timed transition.
+
+It owns no state of its own. It sleeps until the next deadline the manager's
+last sweep reported (no polling), and wakes early when told that something
+changed: a lease released, a pool gone idle, a pool retired, shutdown.
+Each wake-up runs ``manager.sweep()``, the same checks a test runs by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+__all__ = ["Supervisor"]
+
+logger = logging.getLogger("pool_manager")
+
+
+class Supervisor:
+    """Runs ``sweep()`` at each deadline it returns, on a daemon thread.
+
+    ``sweep`` returns the clock time of the next deadline, or ``None`` when
+    nothing is due until something changes (and `wake` is called).
+    """
+
+    def __init__(
+        self,
+        sweep: Callable[[], float | None],
+        clock: Callable[[], float],
+        *,
+        name: str,
+    ) -> None:
+        self._sweep = sweep
+        self._clock = clock
+        # _wakeup guards _woken and _stopping.
+        self._wakeup = threading.Condition(threading.Lock())
+        self._woken = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Ask for a sweep now (cheap; callable from any thread)."""
+        with self._wakeup:
+            self._woken = True
+            self._wakeup.notify()
+
+    def stop(self) -> None:
+        """Stop the thread and join it (after a sweep in progress ends)."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        next_deadline: float | None = None
+        while True:
+            with self._wakeup:
+                if not self._woken and not self._stopping:
+                    timeout = None
+                    if next_deadline is not None:
+                        timeout = max(0.0, next_deadline - self._clock())
+                    self._wakeup.wait(timeout)
+                self._woken = False
+                if self._stopping:
+                    return
+            try:
+                next_deadline = self._sweep()
+            except Exception:  # keep supervising: one bad pool must not stop expiry
+                logger.exception("pool_manager supervisor: sweep failed")
+                next_deadline = None
