@@ -1,0 +1,93 @@
+"""Task functions and test doubles shared by the tests.
+
+Task functions live in this importable module so that workers load them by
+reference, as user code in a package would be.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+class FakeClock:
+    """A clock the test moves by hand (seconds)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(x: int, y: int = 0) -> int:
+    return x + y
+
+
+def getpid() -> int:
+    return os.getpid()
+
+
+def wait_for_path(path: str, timeout: float = 60.0) -> str:
+    """Block in the worker until ``path`` exists (a cross-process gate)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.005)
+    return path
+
+
+def touch_and_wait(started: str, gate: str, timeout: float = 60.0) -> int:
+    """Mark ``started`` (a file), then wait for ``gate``; returns the worker's pid."""
+    Path(started).touch()
+    wait_for_path(gate, timeout)
+    return os.getpid()
+
+
+def wait_for_count(directory: str, name: str, count: int, timeout: float = 60.0) -> int:
+    """Drop a file in ``directory`` and wait until ``count`` tasks have done so.
+
+    It returns only if ``count`` tasks run at the same time.
+    """
+    Path(directory, f"{name}-{os.getpid()}-{time.monotonic_ns()}").touch()
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(directory)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(os.listdir(directory))} of {count} tasks ran at once")
+        time.sleep(0.005)
+    return os.getpid()
+
+
+def exit_process(code: int) -> None:
+    os._exit(code)
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def call_sys_exit(code: int) -> None:
+    raise SystemExit(code)
+
+
+def raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def poll(predicate, timeout: float = 30.0, interval: float = 0.01):  # type: ignore[no-untyped-def]
+    """Call ``predicate`` until it returns a true value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
