@@ -5,7 +5,7 @@ Each class says what happened; its message says what to do about it.
 
 from __future__ import annotations
 
-from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
     "PoolManagerError",
@@ -40,8 +40,11 @@ class FactoryError(PoolManagerError, TypeError):
     """A pool factory returned something that is not a `WorkerPool`."""
 
 
-class WorkerPoolBrokenError(PoolManagerError, BrokenExecutor):
+class WorkerPoolBrokenError(PoolManagerError, BrokenProcessPool):
     """A worker process died and the tasks that were in flight with it failed.
+
+    A ``concurrent.futures.process.BrokenProcessPool`` (so a ``BrokenExecutor``),
+    as ``ProcessPoolExecutor`` raises.
 
     The pool replaces its workers on the next `submit`: submit the failed
     tasks again if they are safe to repeat. The message names what loky saw.

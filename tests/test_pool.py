@@ -1,0 +1,468 @@
+"""BaseWorkerPool as a drop-in Executor: submit, map, shutdown, errors, growth."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import pickle
+import sys
+import threading
+import traceback
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    BrokenExecutor,
+    CancelledError,
+    Executor,
+    Future,
+    as_completed,
+    wait,
+)
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pool_manager import BaseWorkerPool, PoolShutDownError, WorkerPoolBrokenError
+
+from .helpers import (
+    add,
+    call_sys_exit,
+    exit_process,
+    getpid,
+    poll,
+    raise_keyboard_interrupt,
+    raise_value_error,
+    square,
+    touch_and_wait,
+    wait_for_count,
+    wait_for_path,
+)
+
+
+@pytest.fixture
+def pool() -> BaseWorkerPool:
+    with BaseWorkerPool(2) as pool:
+        yield pool  # type: ignore[misc]
+
+
+# -- construction ---------------------------------------------------------------
+
+
+def test_is_an_executor_with_all_workers_available_on_its_own() -> None:
+    with BaseWorkerPool(4) as pool:
+        assert isinstance(pool, Executor)
+        assert pool.max_size == 4 and pool.worker_count == 4
+        assert pool.max_pending is None
+
+
+def test_max_workers_is_another_name_for_max_size() -> None:
+    with BaseWorkerPool(max_workers=3) as pool:
+        assert pool.max_size == 3
+    with pytest.raises(TypeError, match="not both"):
+        BaseWorkerPool(2, max_workers=3)
+    with BaseWorkerPool() as pool:
+        assert pool.max_size == len(os.sched_getaffinity(0)) or pool.max_size >= 1
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_nonpositive_max_workers_is_a_value_error(size: int) -> None:
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        BaseWorkerPool(size)
+
+
+def test_bad_arguments_are_rejected_at_construction() -> None:
+    with pytest.raises(TypeError):
+        BaseWorkerPool("2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        BaseWorkerPool(2, initializer="nope")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        BaseWorkerPool(2, initargs=[1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        BaseWorkerPool(2, max_pending=-1)
+    with pytest.raises(ValueError):
+        BaseWorkerPool(2, idle_timeout=0)
+    with pytest.raises(ValueError, match="not supported"):
+        BaseWorkerPool(2, mp_context="threads")
+    with pytest.raises(TypeError, match="mp_context"):
+        BaseWorkerPool(2, mp_context=42)
+
+
+def test_mp_context_maps_onto_loky() -> None:
+    with BaseWorkerPool(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(square, 6).result(timeout=60) == 36
+    with BaseWorkerPool(1, mp_context="loky") as pool:
+        assert pool.submit(square, 7).result(timeout=60) == 49
+
+
+def test_construction_starts_no_process() -> None:
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    with BaseWorkerPool(3) as pool:
+        after = {c.pid for c in psutil.Process().children(recursive=True)}
+        assert after == before and pool.worker_pids() == []
+        pool.submit(square, 1).result()
+        assert len(pool.worker_pids()) == 3
+
+
+# -- submit ---------------------------------------------------------------------
+
+
+def test_submit_returns_futures_with_results(pool: BaseWorkerPool) -> None:
+    futures = [pool.submit(square, i) for i in range(50)]
+    assert all(isinstance(f, Future) for f in futures)
+    assert [f.result(timeout=60) for f in futures] == [i * i for i in range(50)]
+
+
+def test_keyword_arguments_named_fn_and_self_reach_the_task(pool: BaseWorkerPool) -> None:
+    def echo(**kwargs: object) -> dict[str, object]:
+        return kwargs
+
+    assert pool.submit(echo, fn=1, self=2).result() == {"fn": 1, "self": 2}
+    assert pool.submit(add, 1, y=2).result() == 3
+
+
+def test_lambdas_and_closures_travel_with_cloudpickle(pool: BaseWorkerPool) -> None:
+    offset = 10
+
+    def closure(x: int) -> int:
+        return x + offset
+
+    assert pool.submit(lambda x: x * 3, 5).result() == 15
+    assert pool.submit(closure, 5).result() == 15
+
+
+def test_non_callable_fn_is_a_type_error(pool: BaseWorkerPool) -> None:
+    with pytest.raises(TypeError, match="callable"):
+        pool.submit(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="callable"):
+        pool.map(None, [1])  # type: ignore[arg-type]
+
+
+def test_task_exception_keeps_its_type_and_carries_the_worker_traceback(
+    pool: BaseWorkerPool,
+) -> None:
+    future = pool.submit(raise_value_error, "bad input 7")
+    with pytest.raises(ValueError, match="bad input 7") as caught:
+        future.result()
+    cause = caught.value.__cause__
+    assert cause is not None
+    assert "raise_value_error" in str(cause) and "Traceback" in str(cause)
+    assert "helpers.py" in "".join(traceback.format_exception(caught.value))
+
+
+def test_sys_exit_and_keyboard_interrupt_in_a_task_do_not_take_the_pool_down(
+    pool: BaseWorkerPool,
+) -> None:
+    with pytest.raises(SystemExit):
+        pool.submit(call_sys_exit, 3).result(timeout=60)
+    with pytest.raises(KeyboardInterrupt):
+        pool.submit(raise_keyboard_interrupt).result(timeout=60)
+    assert pool.submit(square, 9).result(timeout=60) == 81
+
+
+class _Unpicklable:
+    def __reduce__(self) -> tuple[object, ...]:
+        raise pickle.PicklingError("this object refuses to be pickled")
+
+
+def _return_unpicklable() -> object:
+    return threading.Lock()
+
+
+def test_unpicklable_argument_fails_only_its_future(pool: BaseWorkerPool) -> None:
+    future = pool.submit(square, _Unpicklable())
+    with pytest.raises(pickle.PicklingError) as caught:
+        future.result(timeout=60)
+    assert "refuses" in str(caught.value) + str(caught.value.__cause__)
+    assert pool.submit(square, 3).result(timeout=60) == 9
+
+
+def test_unpicklable_result_fails_only_its_future(pool: BaseWorkerPool) -> None:
+    future = pool.submit(_return_unpicklable)
+    with pytest.raises(Exception, match="pickle"):
+        future.result(timeout=60)
+    assert not isinstance(future.exception(), BrokenExecutor)
+    assert pool.submit(square, 4).result(timeout=60) == 16
+
+
+def test_submit_after_shutdown_is_a_runtime_error() -> None:
+    pool = BaseWorkerPool(1)
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(square, 1)
+    with pytest.raises(PoolShutDownError):
+        pool.map(square, [1])
+
+
+def test_futures_work_with_wait_and_as_completed(pool: BaseWorkerPool, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    slow = pool.submit(wait_for_path, str(gate))
+    fast = pool.submit(square, 3)
+    done, not_done = wait([slow, fast], timeout=60, return_when=FIRST_COMPLETED)
+    assert fast in done and slow in not_done
+    gate.touch()
+    assert set(as_completed([slow, fast], timeout=60)) == {slow, fast}
+
+
+def test_cancel_stops_a_task_that_has_not_started(tmp_path: Path) -> None:
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    with BaseWorkerPool(1) as pool:
+        running = pool.submit(touch_and_wait, str(started), str(gate))
+        queued = [pool.submit(square, i) for i in range(10)]
+        assert poll(started.exists)
+        assert poll(running.running)
+        assert not running.cancel()
+        last = queued[-1]  # deep in the queue, not yet handed to a worker
+        assert last.cancel() and last.cancelled() and last.done()
+        with pytest.raises(CancelledError):
+            last.result()
+        done, _ = wait([last], timeout=5)
+        assert last in done
+        gate.touch()
+        assert running.result(timeout=60) == running.result()
+        assert [f.result(timeout=60) for f in queued[:-1]] == [i * i for i in range(9)]
+        assert pool.unfinished_tasks == 0
+
+
+# -- map ----------------------------------------------------------------------
+
+
+def test_map_keeps_order_over_several_iterables(pool: BaseWorkerPool) -> None:
+    assert list(pool.map(add, range(20), range(100, 120))) == [
+        a + b for a, b in zip(range(20), range(100, 120))
+    ]
+
+
+@pytest.mark.parametrize("chunksize", [1, 3, 7, 100])
+def test_map_with_chunks_returns_every_result_in_order(
+    pool: BaseWorkerPool, chunksize: int
+) -> None:
+    assert list(pool.map(square, range(50), chunksize=chunksize)) == [i * i for i in range(50)]
+
+
+def test_map_rejects_a_chunksize_below_one(pool: BaseWorkerPool) -> None:
+    with pytest.raises(ValueError, match="chunksize"):
+        pool.map(square, [1], chunksize=0)
+
+
+def test_map_raises_the_task_error_in_order(pool: BaseWorkerPool) -> None:
+    results = pool.map(lambda x: 1 / x, [1, 2, 0, 4])
+    assert next(results) == 1.0 and next(results) == 0.5
+    with pytest.raises(ZeroDivisionError):
+        next(results)
+
+
+def test_map_timeout_counts_from_the_call(pool: BaseWorkerPool, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    results = pool.map(wait_for_path, [str(gate)], timeout=0.2)
+    with pytest.raises(TimeoutError):
+        next(results)
+    gate.touch()
+
+
+def test_map_on_a_bounded_pool_reads_an_unbounded_input_lazily() -> None:
+    consumed = itertools.count()
+    counter = iter(lambda: next(consumed), None)
+    with BaseWorkerPool(2, max_pending=2) as pool:
+        results = pool.map(square, counter)
+        first = list(itertools.islice(results, 10))
+        assert first == [i * i for i in range(10)]
+        # Read at most the pool's capacity (2 workers + 2 pending) ahead.
+        assert next(consumed) <= 10 + 4
+        results.close()  # type: ignore[attr-defined]
+
+
+def test_map_on_an_unbounded_pool_submits_eagerly_like_executor_map(
+    pool: BaseWorkerPool,
+) -> None:
+    read = []
+
+    def source() -> object:
+        for i in range(30):
+            read.append(i)
+            yield i
+
+    results = pool.map(square, source())
+    assert len(read) == 30  # all submitted at the call, before iteration
+    assert list(results) == [i * i for i in range(30)]
+
+
+# -- workers --------------------------------------------------------------------
+
+
+def test_all_max_size_workers_run_at_once_on_their_own(tmp_path: Path) -> None:
+    with BaseWorkerPool(4) as pool:
+        futures = [pool.submit(wait_for_count, str(tmp_path), "t", 4, 60) for _ in range(4)]
+        pids = {f.result(timeout=90) for f in futures}
+        assert len(pids) == 4
+
+
+def test_only_granted_workers_run_at_once(tmp_path: Path) -> None:
+    with BaseWorkerPool(4) as pool:
+        assert pool.grant_workers(2) == 2 and pool.worker_count == 2
+        pids = {f.result(timeout=60) for f in [pool.submit(getpid) for _ in range(20)]}
+        assert len(pids) <= 2 and len(pool.worker_pids()) == 2
+        assert pool.grant_workers(10) == 4
+        futures = [pool.submit(wait_for_count, str(tmp_path), "t", 4, 60) for _ in range(4)]
+        assert len({f.result(timeout=90) for f in futures}) == 4
+
+
+def test_grants_never_exceed_max_size_under_concurrent_calls() -> None:
+    with BaseWorkerPool(7) as pool:
+        pool.grant_workers(0)
+        start = threading.Barrier(20)
+
+        def grant() -> None:
+            start.wait()
+            pool.grant_workers(3)
+
+        threads = [threading.Thread(target=grant) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert pool.worker_count == 7
+
+
+def test_idle_workers_exit_and_come_back_on_demand() -> None:
+    with BaseWorkerPool(2, idle_timeout=0.3) as pool:
+        assert pool.submit(square, 2).result(timeout=60) == 4
+        pids = pool.worker_pids()
+        assert len(pids) == 2
+        assert poll(lambda: not pool.worker_pids(), timeout=30)
+        assert poll(lambda: not any(psutil.pid_exists(pid) for pid in pids), timeout=30)
+        assert pool.submit(square, 3).result(timeout=60) == 9
+        assert len(pool.worker_pids()) == 2
+
+
+# -- backpressure ---------------------------------------------------------------
+
+
+def test_bounded_submit_blocks_while_workers_are_busy_and_the_queue_is_full(
+    tmp_path: Path,
+) -> None:
+    gate = tmp_path / "gate"
+    with BaseWorkerPool(1, max_pending=1) as pool:
+        first = pool.submit(wait_for_path, str(gate))
+        second = pool.submit(square, 2)  # waits in the queue
+        returned = threading.Event()
+
+        def third() -> None:
+            pool.submit(square, 3).result(timeout=60)
+            returned.set()
+
+        thread = threading.Thread(target=third)
+        thread.start()
+        assert not returned.wait(0.5)  # blocked: 1 busy worker + 1 pending
+        gate.touch()
+        assert returned.wait(60)
+        thread.join()
+        assert first.result() == str(gate) and second.result() == 4
+
+
+def test_a_submit_blocked_on_a_full_pool_raises_when_the_pool_shuts_down(
+    tmp_path: Path,
+) -> None:
+    gate = tmp_path / "gate"
+    pool = BaseWorkerPool(1, max_pending=0)
+    first = pool.submit(wait_for_path, str(gate))
+    errors: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            pool.submit(square, 1)
+        except RuntimeError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    assert not errors
+    closer = threading.Thread(target=pool.shutdown)
+    closer.start()
+    thread.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], PoolShutDownError)
+    gate.touch()
+    closer.join(60)
+    assert first.result() == str(gate)
+
+
+# -- shutdown -------------------------------------------------------------------
+
+
+def test_shutdown_wait_finishes_accepted_work_then_stops_the_workers() -> None:
+    pool = BaseWorkerPool(2)
+    futures = [pool.submit(square, i) for i in range(40)]
+    pids = pool.worker_pids()
+    pool.shutdown(wait=True)
+    assert all(f.done() and not f.cancelled() for f in futures)
+    assert [f.result() for f in futures] == [i * i for i in range(40)]
+    assert pool.worker_pids() == []
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def test_shutdown_without_wait_returns_and_the_work_still_finishes(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    pool = BaseWorkerPool(1)
+    future = pool.submit(wait_for_path, str(gate))
+    pool.shutdown(wait=False)
+    assert not future.done()
+    gate.touch()
+    assert future.result(timeout=60) == str(gate)
+    pool.dispose(wait=True)  # joins what wait=False left running
+    assert pool.worker_pids() == []
+
+
+def test_shutdown_cancel_futures_cancels_only_work_not_started(tmp_path: Path) -> None:
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    pool = BaseWorkerPool(1)
+    running = pool.submit(touch_and_wait, str(started), str(gate))
+    queued = [pool.submit(square, i) for i in range(20)]
+    assert poll(started.exists)
+    closer = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True})
+    closer.start()
+    assert poll(lambda: queued[-1].cancelled())
+    gate.touch()
+    closer.join(60)
+    assert isinstance(running.result(), int)
+    assert sum(f.cancelled() for f in queued) >= 10
+    assert all(f.done() for f in queued)
+
+
+def test_dispose_is_idempotent() -> None:
+    pool = BaseWorkerPool(1)
+    pool.submit(square, 1).result()
+    pool.dispose()
+    pool.dispose()
+    pool.shutdown()
+    assert pool.is_shut_down and pool.worker_pids() == []
+
+
+# -- crashes --------------------------------------------------------------------
+
+
+def test_a_dead_worker_fails_with_a_broken_executor_error_and_the_pool_heals() -> None:
+    with BaseWorkerPool(2) as pool:
+        crashed = pool.submit(exit_process, 7)
+        error = crashed.exception(timeout=60)
+        assert isinstance(error, WorkerPoolBrokenError)
+        assert isinstance(error, BrokenProcessPool) and isinstance(error, BrokenExecutor)
+        assert "resubmit" in str(error)
+        assert pool.submit(square, 5).result(timeout=60) == 25
+        assert list(pool.map(square, range(5))) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL from outside, Linux only")
+def test_a_worker_killed_from_outside_heals_on_the_next_submit() -> None:
+    with BaseWorkerPool(1) as pool:
+        pid = pool.submit(getpid).result(timeout=60)
+        psutil.Process(pid).kill()
+        assert poll(lambda: pid not in pool.worker_pids(), timeout=30)
+        # The next submit may race loky noticing the death; it must work soon.
+        def works() -> bool:
+            try:
+                return pool.submit(square, 6).result(timeout=60) == 36
+            except BrokenExecutor:
+                return False
+
+        assert poll(works, timeout=30)
