@@ -350,9 +350,11 @@ class WorkerPoolManager:
                 self._entries[key] = entry
         if shut_down:
             pool.dispose(wait=True)
-            error = ManagerShutDownError("this WorkerPoolManager is shut down; create a new one")
-            building.set_exception(error)
-            raise error
+            shut_down_error = ManagerShutDownError(
+                "this WorkerPoolManager is shut down; create a new one"
+            )
+            building.set_exception(shut_down_error)
+            raise shut_down_error
         pool.add_idle_callback(functools.partial(self._pool_went_idle, entry))
         building.set_result(None)
         logger.debug("pool built for key %r (max_size=%d)", key, pool.max_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -45,10 +46,8 @@ def no_leaks(_loky_resource_tracker: None) -> Iterator[None]:
             break
         time.sleep(0.05)
     for pid in new_children:  # end what this test started, so the next one starts clean
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).kill()
-        except psutil.NoSuchProcess:
-            pass
     problems = []
     if new_children:
         problems.append(f"child processes left: {sorted(new_children)}")
