@@ -137,10 +137,11 @@ _live_managers: weakref.WeakSet[WorkerPoolManager] = weakref.WeakSet()
 
 @atexit.register
 def _shutdown_forgotten_managers() -> None:
-    # Pending tasks are cancelled so that exit does not wait on a backlog;
-    # running ones finish (a process cannot be stopped mid-task safely).
+    # By now loky's own exit hook has let accepted work finish (as
+    # ProcessPoolExecutor does at exit); this stops the supervisors and joins
+    # whatever is left, so that no worker outlives the interpreter.
     for manager in list(_live_managers):
-        manager.shutdown(wait=True, cancel_futures=True)
+        manager.shutdown(wait=True)
 
 
 class WorkerPoolManager:

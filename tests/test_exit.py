@@ -1,0 +1,38 @@
+"""A manager the user forgot to shut down is cleaned up at interpreter exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import psutil
+
+from .helpers import poll
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pool_manager import WorkerPoolManager
+
+    manager = WorkerPoolManager(2, 600, 3600)
+    pool, done = manager.get_pool("forgotten", 2)
+    assert pool.submit(abs, -3).result() == 3
+    other, _ = manager.get_pool("leased-forever", 1)
+    other.submit(abs, -4).result()
+    print(json.dumps(pool.worker_pids() + other.worker_pids()), flush=True)
+    # no done(), no shutdown(): the interpreter exits with pools leased
+    """
+)
+
+
+def test_forgotten_manager_is_cleaned_up_at_exit_without_hanging() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    pids = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert len(pids) == 3
+    assert poll(lambda: not any(psutil.pid_exists(pid) for pid in pids), timeout=30)
+    assert "Traceback" not in completed.stderr, completed.stderr
