@@ -79,9 +79,8 @@ def measure(args: argparse.Namespace) -> dict[str, list[float]]:
                 run_batches(one_pool, batches=args.batches, keys=args.keys, threads=args.threads)
             )
 
-        spawn = multiprocessing.get_context("spawn")
-
         def fresh(key: str) -> None:
+            spawn = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(size, mp_context=spawn) as executor:
                 for future in [executor.submit(burn, task_ms) for _ in range(tasks)]:
                     future.result()
@@ -124,7 +123,8 @@ def main() -> int:
     for name, times in results.items():
         median = statistics.median(times)
         print(
-            f"| {name} | {median:.3f} | {min(times):.3f} | {max(times):.3f} | {median / ours:.2f}x |"
+            f"| {name} | {median:.3f} | {min(times):.3f} | {max(times):.3f} "
+            f"| {median / ours:.2f}x |"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
