@@ -279,6 +279,7 @@ class WorkerPoolManager:
         if not callable(factory):
             raise TypeError(f"factory must be callable, not {type(factory).__name__}")
 
+        retired_age: float | None = None
         while True:
             with self._lock:
                 if self._shut_down:
@@ -289,6 +290,7 @@ class WorkerPoolManager:
                 entry = self._entries.get(key)
                 if entry is not None and now - entry.created >= self._max_lifetime:
                     self._retire_locked(entry)
+                    retired_age = now - entry.created
                     entry = None
                 if entry is not None:
                     entry.leases += 1
@@ -304,6 +306,8 @@ class WorkerPoolManager:
                 break
             building.result()  # the builder's exception, if it failed; else lease it
 
+        if retired_age is not None:
+            logger.info("pool for key %r retired after %.1fs", key, retired_age)
         lease = _Lease(self, entry)
         try:
             entry.pool.grant_workers(send_size)
@@ -387,7 +391,8 @@ class WorkerPoolManager:
         del self._entries[entry.key]
         entry.state = PoolState.RETIRING
         self._retiring.add(entry)
-        logger.info("pool for key %r retired after %.1fs", entry.key, self._clock() - entry.created)
+        # Callers log the retirement once the lock is released: a log handler
+        # may call back into the manager.
         if entry.idle():
             self._supervisor.wake()
 
@@ -419,8 +424,8 @@ class WorkerPoolManager:
         no lease and no unfinished work (blocking while its workers stop).
         Returns what it did and when the next check is due.
         """
-        expired: list[Hashable] = []
-        retired: list[Hashable] = []
+        expired: list[tuple[Hashable, float]] = []  # key, seconds unused
+        retired: list[tuple[Hashable, float]] = []  # key, age
         due: list[_PoolEntry] = []
         with self._lock:
             if self._shut_down:
@@ -431,14 +436,14 @@ class WorkerPoolManager:
                 retire_at = entry.created + self._max_lifetime
                 if now >= retire_at:
                     self._retire_locked(entry)
-                    retired.append(entry.key)
+                    retired.append((entry.key, now - entry.created))
                     continue
                 deadline = retire_at
                 if entry.idle():
                     stale_at = entry.last_used + self._stale_after
                     if now >= stale_at:
                         del self._entries[entry.key]
-                        expired.append(entry.key)
+                        expired.append((entry.key, now - entry.last_used))
                         due.append(entry)
                         continue
                     deadline = min(deadline, stale_at)
@@ -451,11 +456,15 @@ class WorkerPoolManager:
             for entry in due:
                 entry.state = PoolState.DISPOSING
                 self._disposing.add(entry)
-        for key in expired:
-            logger.info("pool for key %r expired after %.1fs unused", key, self._stale_after)
+        for key, age in retired:
+            logger.info("pool for key %r retired after %.1fs", key, age)
+        for key, unused in expired:
+            logger.info("pool for key %r expired after %.1fs unused", key, unused)
         for entry in due:
             self._dispose(entry)
-        return SweepResult(expired, retired, len(due), next_deadline)
+        return SweepResult(
+            [key for key, _ in expired], [key for key, _ in retired], len(due), next_deadline
+        )
 
     def _supervised_sweep(self) -> float | None:
         return self.sweep().next_deadline

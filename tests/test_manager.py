@@ -623,3 +623,54 @@ def test_an_unreferenced_manager_can_be_collected_after_shutdown(clock: FakeCloc
     del manager
     gc.collect()
     assert ref() is None
+
+
+# -- logs ----------------------------------------------------------------------------
+
+
+def test_lifecycle_is_logged_and_a_handler_may_call_back_into_the_manager(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    import logging
+
+    seen: list[tuple[str, list[object]]] = []
+
+    class CallsBack(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.getMessage(), manager.keys()))  # would deadlock under the lock
+
+    logger = logging.getLogger("pool_manager")
+    handler = CallsBack(logging.INFO)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        manager.get_pool("old")[1]()
+        manager.get_pool("idle")[1]()
+        clock.advance(STALE * 3)
+        manager.get_pool("old")[1]()
+        finished = threading.Event()
+
+        def sweep() -> None:
+            manager.sweep()
+            finished.set()
+
+        for _ in range(2):  # 'idle' expires; then 'old' is retired
+            finished.clear()
+            thread = threading.Thread(target=sweep)
+            thread.start()
+            assert finished.wait(30), "sweep deadlocked on a log handler"
+            thread.join()
+            clock.advance(LIFETIME)
+        manager.get_pool("young")[1]()
+        clock.advance(LIFETIME)
+        manager.get_pool("young")[1]()  # retired inside get_pool
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    messages = [message for message, _ in seen]
+    assert messages == [
+        "pool for key 'idle' expired after 180.0s unused",
+        "pool for key 'old' retired after 780.0s",
+        "pool for key 'young' retired after 600.0s",
+    ]
