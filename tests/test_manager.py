@@ -674,3 +674,38 @@ def test_lifecycle_is_logged_and_a_handler_may_call_back_into_the_manager(
         "pool for key 'old' retired after 780.0s",
         "pool for key 'young' retired after 600.0s",
     ]
+
+
+# -- the supervisor ------------------------------------------------------------------
+
+
+def test_supervisor_sleeps_until_woken_and_wakes_when_a_lease_is_released(
+    clock: FakeClock,
+) -> None:
+    with WorkerPoolManager(1, STALE, LIFETIME, clock=clock) as manager:
+        sweeps = []
+        real_sweep = manager.sweep
+
+        def counting_sweep():  # type: ignore[no-untyped-def]
+            sweeps.append(clock.now)
+            return real_sweep()
+
+        manager.sweep = counting_sweep  # type: ignore[method-assign]
+        _, done = manager.get_pool("a")
+        time.sleep(0.3)  # the fake clock stands still: no deadline is due
+        assert sweeps == []  # no polling
+        done()  # releasing the last lease wakes the supervisor
+        assert poll(lambda: len(sweeps) >= 1, timeout=30)
+        time.sleep(0.3)
+        assert len(sweeps) == 1  # then it sleeps until the pool's deadline, STALE away
+        assert "a" in manager
+
+
+def test_pools_from_the_default_factory_apply_backpressure(manager: WorkerPoolManager) -> None:
+    with manager.lease("a") as pool:
+        assert isinstance(pool, BaseWorkerPool) and pool.max_pending == 4
+    with (
+        WorkerPoolManager(2, STALE, LIFETIME, max_pending=None) as unbounded,
+        unbounded.lease("a") as pool,
+    ):
+        assert isinstance(pool, BaseWorkerPool) and pool.max_pending is None
