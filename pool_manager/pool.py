@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import multiprocessing
 import threading
 import time
 from collections import deque
@@ -140,6 +141,16 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
     def running(self) -> bool:
         inner = self._inner
         return super().running() or (inner is not None and inner.running() and not self.done())
+
+
+def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
+    """``future``'s result by ``end_time``; cancels it if that fails."""
+    try:
+        if end_time is None:
+            return future.result()
+        return future.result(end_time - time.monotonic())
+    finally:
+        future.cancel()
 
 
 class BaseWorkerPool(WorkerPool):
@@ -343,22 +354,18 @@ class BaseWorkerPool(WorkerPool):
         chunked: bool,
     ) -> Iterator[Any]:
         # A generator of its own, so that map() submits its first window now.
+        # It keeps no reference to a result it has handed out (nor to its
+        # future), as Executor.map does: results go out by list.pop().
         try:
             while submitted:
-                future = submitted.popleft()
-                try:
-                    if end_time is None:
-                        result = future.result()
-                    else:
-                        result = future.result(end_time - time.monotonic())
-                finally:
-                    future.cancel()
+                results = _result_or_cancel(submitted.popleft(), end_time)
+                if not chunked:
+                    results = [results]
                 # Keep the pool fed before handing the result out.
                 submitted.extend(itertools.islice(tasks, 1))
-                if chunked:
-                    yield from result
-                else:
-                    yield result
+                results.reverse()
+                while results:
+                    yield results.pop()
         finally:
             for future in submitted:
                 future.cancel()
@@ -402,6 +409,12 @@ class BaseWorkerPool(WorkerPool):
                 self._executor = None
         for executor in executors:
             executor.shutdown(wait=wait)
+        if wait and executors:
+            # loky kills the workers of a broken executor without joining
+            # them, so each stays in multiprocessing's table of children,
+            # holding its sentinel pipe, until something reaps it (the next
+            # process start does). Reap them now: "they are gone" means gone.
+            multiprocessing.active_children()
 
     # -- internals -------------------------------------------------------
 
