@@ -22,6 +22,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pool_manager tests benchmarks
+	$(BIN)/ruff format --check pool_manager tests benchmarks
 	$(BIN)/mypy
 
 bench: $(STAMP)

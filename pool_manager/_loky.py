@@ -23,11 +23,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures.process import _RemoteTraceback as _StdRemoteTraceback
 from typing import Any
 
 import loky
 from loky.backend.context import get_context
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
+from loky.process_executor import _RemoteTraceback as _LokyRemoteTraceback
 
 __all__ = [
     "BrokenProcessPool",
@@ -35,6 +37,7 @@ __all__ = [
     "ShutdownExecutorError",
     "cpu_count",
     "resolve_context",
+    "standard_remote_traceback",
 ]
 
 _START_METHODS = ("loky", "loky_init_main", "spawn", "fork", "forkserver")
@@ -70,6 +73,19 @@ def resolve_context(mp_context: object) -> Any:
             f"use one of {', '.join(_START_METHODS)}"
         )
     return get_context(method)
+
+
+def standard_remote_traceback(error: BaseException) -> BaseException:
+    """Give a task's exception the ``__cause__`` that ``ProcessPoolExecutor`` gives.
+
+    loky attaches the worker's traceback as its own ``_RemoteTraceback``; code
+    (and CPython's tests) written for ``concurrent.futures`` expect the
+    standard library's class, with the same ``.tb`` text.
+    """
+    cause = error.__cause__
+    if isinstance(cause, _LokyRemoteTraceback):
+        error.__cause__ = _StdRemoteTraceback(cause.tb)
+    return error
 
 
 class LokyExecutor:

@@ -126,7 +126,7 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
             wrapped.__cause__ = error
             self.set_exception(wrapped)
         else:
-            self.set_exception(error)
+            self.set_exception(_loky.standard_remote_traceback(error))
 
     def cancel(self) -> bool:
         inner = self._inner

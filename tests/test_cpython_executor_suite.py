@@ -282,14 +282,7 @@ SKIPPED: dict[str, str] = {
 
 # Genuine behaviour gaps against ProcessPoolExecutor (strict: an XPASS fails,
 # so a fix must remove the entry).
-EXPECTED_FAILURES: dict[str, str] = {
-    "ProcessPoolExecutorTest.test_traceback": (
-        "a task's exception has the worker's traceback as __cause__, but as "
-        "loky.process_executor._RemoteTraceback, not "
-        "concurrent.futures.process._RemoteTraceback (same .tb text); the test "
-        "asserts the type"
-    ),
-}
+EXPECTED_FAILURES: dict[str, str] = {}
 
 
 def _skipped(reason: str):  # type: ignore[no-untyped-def]

@@ -220,9 +220,7 @@ def test_every_use_restarts_the_stale_clock(manager: WorkerPoolManager, clock: F
 
 
 def test_durations_accept_timedelta(clock: FakeClock) -> None:
-    with WorkerPoolManager(
-        1, timedelta(minutes=1), timedelta(hours=1), clock=clock
-    ) as manager:
+    with WorkerPoolManager(1, timedelta(minutes=1), timedelta(hours=1), clock=clock) as manager:
         assert manager.stale_pool_expiration == 60.0
         assert manager.max_pool_lifetime == 3600.0
         manager.get_pool("a")[1]()
@@ -253,9 +251,7 @@ def test_pool_with_unfinished_work_is_not_expired_until_idle_for_the_full_period
     assert manager.sweep().expired == ["a"]
 
 
-def test_sweep_reports_the_earliest_deadline(
-    manager: WorkerPoolManager, clock: FakeClock
-) -> None:
+def test_sweep_reports_the_earliest_deadline(manager: WorkerPoolManager, clock: FakeClock) -> None:
     start = clock.now
     assert manager.sweep().next_deadline is None
     manager.get_pool("a")[1]()
@@ -471,9 +467,7 @@ def test_a_slow_factory_never_blocks_another_key(manager: WorkerPoolManager) -> 
         release.wait(30)
         return BaseWorkerPool(max_size)
 
-    builder = threading.Thread(
-        target=lambda: manager.get_pool_with_factory("slow", 1, stuck)[1]()
-    )
+    builder = threading.Thread(target=lambda: manager.get_pool_with_factory("slow", 1, stuck)[1]())
     builder.start()
     try:
         assert entered.wait(30)

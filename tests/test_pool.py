@@ -146,7 +146,9 @@ def test_task_exception_keeps_its_type_and_carries_the_worker_traceback(
     with pytest.raises(ValueError, match="bad input 7") as caught:
         future.result()
     cause = caught.value.__cause__
-    assert cause is not None
+    from concurrent.futures.process import _RemoteTraceback
+
+    assert isinstance(cause, _RemoteTraceback)  # as ProcessPoolExecutor attaches it
     assert "raise_value_error" in str(cause) and "Traceback" in str(cause)
     assert "helpers.py" in "".join(traceback.format_exception(caught.value))
 
@@ -458,6 +460,7 @@ def test_a_worker_killed_from_outside_heals_on_the_next_submit() -> None:
         pid = pool.submit(getpid).result(timeout=60)
         psutil.Process(pid).kill()
         assert poll(lambda: pid not in pool.worker_pids(), timeout=30)
+
         # The next submit may race loky noticing the death; it must work soon.
         def works() -> bool:
             try:
