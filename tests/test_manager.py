@@ -703,3 +703,35 @@ def test_pools_from_the_default_factory_apply_backpressure(manager: WorkerPoolMa
         unbounded.lease("a") as pool,
     ):
         assert isinstance(pool, BaseWorkerPool) and pool.max_pending is None
+
+
+def test_interleaved_use_and_expiry_leaves_nothing_behind(clock: FakeClock) -> None:
+    # The Go package's TestInterleavedUseAndExpiryDoesNotLeak, with a fake clock:
+    # 35 jobs over 3 keys, passing several stale periods and a max lifetime.
+    stale, lifetime = 150.0, 300.0
+    manager = WorkerPoolManager(2, stale, lifetime, clock=clock, worker_idle_timeout=None)
+    results: list[int] = []
+    seen_pools: list[object] = []  # strong references, so ids are not reused
+
+    def job(i: int) -> None:
+        with manager.lease(str(i % 3), 1) as pool:
+            seen_pools.append(pool)
+            results.append(pool.submit(square, i).result(timeout=60))
+
+    for round_start in range(0, 35, 5):
+        threads = [
+            threading.Thread(target=job, args=(i,)) for i in range(round_start, round_start + 5)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        clock.advance(50 if round_start % 10 else 160)  # some rounds leave keys stale
+        manager.sweep()
+    assert sorted(results) == [i * i for i in range(35)]
+    assert len({id(pool) for pool in seen_pools}) > 3  # pools were expired or retired and rebuilt along the way
+    clock.advance(stale)
+    manager.sweep()
+    assert len(manager) == 0
+    assert manager.stats()["total_workers"] == 0
+    manager.shutdown()
