@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import itertools
 import multiprocessing
+import os
 import threading
 import time
 from collections import deque
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 
 from . import _loky
 from ._durations import to_count, to_seconds
-from ._worker import call_with_kwargs, run_chunk
+from ._worker import call_with_kwargs, run_chunk, start_worker
 from .errors import PoolShutDownError, WorkerPoolBrokenError
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "WorkerPool"]
@@ -438,8 +439,8 @@ class BaseWorkerPool(WorkerPool):
                 workers=workers,
                 idle_timeout=self._idle_timeout,
                 context=self._context,
-                initializer=self._initializer,
-                initargs=self._initargs,
+                initializer=start_worker,
+                initargs=(os.getpid(), self._initializer, self._initargs),
                 env=self._env,
             )
         elif executor.workers < workers:
