@@ -35,10 +35,15 @@ so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``).
 from __future__ import annotations
 
 from .errors import (
+    ArgumentUnpicklingError,
     FactoryError,
     ManagerShutDownError,
     PoolManagerError,
     PoolShutDownError,
+    ResultUnpicklingError,
+    TaskKilledError,
+    TaskUnpicklingError,
+    WorkerLostError,
     WorkerPoolBrokenError,
 )
 from .manager import (
@@ -54,6 +59,7 @@ from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, WorkerPool
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentUnpicklingError",
     "DEFAULT_IDLE_TIMEOUT",
     "BaseWorkerPool",
     "Factory",
@@ -64,8 +70,12 @@ __all__ = [
     "PoolShutDownError",
     "PoolState",
     "PoolStats",
+    "ResultUnpicklingError",
     "SweepResult",
+    "TaskKilledError",
+    "TaskUnpicklingError",
     "WorkerPool",
+    "WorkerLostError",
     "WorkerPoolBrokenError",
     "WorkerPoolManager",
     "__version__",

@@ -20,6 +20,10 @@ pinned to that minor series for this reason.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -27,6 +31,7 @@ from concurrent.futures.process import _RemoteTraceback as _StdRemoteTraceback
 from typing import Any
 
 import loky
+from loky.backend import reduction as _reduction
 from loky.backend.context import get_context
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
 from loky.process_executor import _RemoteTraceback as _LokyRemoteTraceback
@@ -36,6 +41,8 @@ __all__ = [
     "LokyExecutor",
     "ShutdownExecutorError",
     "cpu_count",
+    "dumps",
+    "kill_worker",
     "resolve_context",
     "standard_remote_traceback",
 ]
@@ -75,6 +82,25 @@ def resolve_context(mp_context: object) -> Any:
     return get_context(method)
 
 
+def dumps(obj: object) -> bytes:
+    """Pickle with loky's pickler: cloudpickle, plus loky's reducers.
+
+    Those reducers send bound methods by reference (``getattr(owner, name)``,
+    as the standard pickle does) where plain cloudpickle would copy the
+    function by value and lose its source file, and with it the lines of a
+    worker's traceback.
+    """
+    buffer = io.BytesIO()
+    _reduction.dump(obj, buffer)
+    return buffer.getvalue()
+
+
+def kill_worker(pid: int) -> None:
+    """SIGKILL one worker process (loky then replaces the executor's workers)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 def standard_remote_traceback(error: BaseException) -> BaseException:
     """Give a task's exception the ``__cause__`` that ``ProcessPoolExecutor`` gives.
 
@@ -95,7 +121,7 @@ class LokyExecutor:
     allowed so far, and later submits start any that were allowed since.
     """
 
-    __slots__ = ("_executor", "_manager_thread", "_workers")
+    __slots__ = ("_executor", "_manager_thread", "_workers", "crash_report")
 
     def __init__(
         self,
@@ -118,6 +144,8 @@ class LokyExecutor:
         )
         self._workers = max_size
         self._manager_thread: threading.Thread | None = None
+        #: Filled in by the pool when the executor breaks (see dead_workers).
+        self.crash_report: tuple[dict[int, tuple[int, int | None, bool]], set[int]] | None = None
         self.set_workers(workers)
 
     def set_workers(self, workers: int) -> None:
@@ -151,6 +179,21 @@ class LokyExecutor:
         """The pids of the worker processes alive now."""
         processes = getattr(self._executor, "_processes", None) or {}
         return [pid for pid, process in list(processes.items()) if process.is_alive()]
+
+    def dead_workers(self) -> dict[int, int | None]:
+        """Pid -> exit code of the workers that have exited.
+
+        Called from a done-callback of a future that loky failed because the
+        executor broke: loky fails every future *before* it kills the
+        surviving workers, so at that moment these are the workers that died
+        of their own accord (or by our kill).
+        """
+        processes = getattr(self._executor, "_processes", None) or {}
+        return {
+            pid: process.exitcode
+            for pid, process in list(processes.items())
+            if process.exitcode is not None
+        }
 
     def shutdown(self, wait: bool) -> None:
         """Stop the executor; with ``wait``, until its threads and workers are gone."""

@@ -5,15 +5,36 @@ Each class says what happened; its message says what to do about it.
 
 from __future__ import annotations
 
+import pickle
+import signal
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
-    "PoolManagerError",
-    "ManagerShutDownError",
-    "PoolShutDownError",
+    "ArgumentUnpicklingError",
     "FactoryError",
+    "ManagerShutDownError",
+    "PoolManagerError",
+    "PoolShutDownError",
+    "ResultUnpicklingError",
+    "TaskKilledError",
+    "TaskUnpicklingError",
+    "WorkerLostError",
     "WorkerPoolBrokenError",
+    "describe_exit",
 ]
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``-9`` → ``"killed by signal SIGKILL"``, ``3`` → ``"exit code 3"``."""
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = str(-exitcode)
+        return f"killed by signal {name}"
+    return f"exit code {exitcode}"
 
 
 class PoolManagerError(Exception):
@@ -41,11 +62,57 @@ class FactoryError(PoolManagerError, TypeError):
 
 
 class WorkerPoolBrokenError(PoolManagerError, BrokenProcessPool):
-    """A worker process died and the tasks that were in flight with it failed.
+    """A task was lost because a worker process died.
 
     A ``concurrent.futures.process.BrokenProcessPool`` (so a ``BrokenExecutor``),
-    as ``ProcessPoolExecutor`` raises.
+    as ``ProcessPoolExecutor`` raises. The pool itself is not broken: it has
+    already replaced its workers.
+    """
 
-    The pool replaces its workers on the next `submit`: submit the failed
-    tasks again if they are safe to repeat. The message names what loky saw.
+
+class WorkerLostError(WorkerPoolBrokenError):
+    """The worker process running this task died (``os._exit``, a signal, the OOM killer).
+
+    Only the task that was running in that worker fails; the pool's other
+    tasks run to completion (some may run twice, see the README). ``pid`` and
+    ``exitcode`` (negative: killed by that signal) say which worker and how;
+    ``exitcode`` is ``None`` when it is not known.
+    """
+
+    def __init__(self, message: str, *, pid: int | None = None, exitcode: int | None = None):
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+
+    @classmethod
+    def for_worker(cls, pid: int, exitcode: int | None) -> WorkerLostError:
+        return cls(
+            f"worker process {pid} died ({describe_exit(exitcode)}) while running this "
+            "task; the pool replaced it and its other tasks are unaffected",
+            pid=pid,
+            exitcode=exitcode,
+        )
+
+
+class TaskKilledError(WorkerLostError):
+    """``pool.kill_task(future)`` stopped this task by killing its worker process."""
+
+
+class TaskUnpicklingError(PoolManagerError, pickle.UnpicklingError):
+    """A task's arguments or result could not be unpickled; only that task failed."""
+
+
+class ArgumentUnpicklingError(TaskUnpicklingError):
+    """The task's function or arguments failed to unpickle in the worker process.
+
+    They pickled in the parent but do not load in the worker: usually a class
+    or module the worker cannot import, or a ``__setstate__`` that raises.
+    The cause holds the worker's traceback.
+    """
+
+
+class ResultUnpicklingError(TaskUnpicklingError):
+    """The task ran, but its result (or exception) failed to unpickle in the parent.
+
+    The cause holds the parent's traceback.
     """

@@ -12,21 +12,34 @@ wakes: a caller that has its result and releases its lease sees an idle pool.
 from __future__ import annotations
 
 import abc
+import contextlib
 import itertools
 import multiprocessing
 import os
+import pickle
+import shutil
+import tempfile
 import threading
 import time
+import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from concurrent.futures.process import BrokenProcessPool as _StdBrokenProcessPool
+from concurrent.futures.process import _RemoteTraceback
 from typing import Any, TypeVar
 
 from . import _loky
 from ._durations import to_count, to_seconds
-from ._worker import call_with_kwargs, run_chunk, start_worker
-from .errors import PoolShutDownError, WorkerPoolBrokenError
+from ._worker import dump_call, read_slot, run_chunk, run_task, start_worker
+from .errors import (
+    ArgumentUnpicklingError,
+    PoolShutDownError,
+    ResultUnpicklingError,
+    TaskKilledError,
+    WorkerLostError,
+    WorkerPoolBrokenError,
+)
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "WorkerPool"]
 
@@ -95,39 +108,61 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
 
     It settles only after the pool has counted the task as finished, and it
     cancels through to loky (only a task that has not started can be
-    cancelled, as with any ``concurrent.futures`` executor).
+    cancelled, as with any ``concurrent.futures`` executor). When a sibling
+    worker's crash tears its task down, the pool sends it again and chains
+    this future to the new attempt.
     """
 
-    def __init__(self, pool: BaseWorkerPool) -> None:
+    def __init__(self, pool: BaseWorkerPool, task_id: int, payload: bytes) -> None:
         super().__init__()
         self._pool = pool
+        self.task_id = task_id
+        self.attempts = 1
+        self._payload: bytes | None = payload  # kept until settled, to send again
         self._inner: Future[Any] | None = None
+        self._executor: _loky.LokyExecutor | None = None
 
-    def _attach(self, inner: Future[Any]) -> None:
+    def _attach(self, inner: Future[Any], executor: _loky.LokyExecutor) -> None:
         self._inner = inner
+        self._executor = executor
         inner.add_done_callback(self._settle)
 
     def _settle(self, inner: Future[Any]) -> None:
         # Runs in loky's manager thread (or in cancel()): count first, then wake.
-        self._pool._task_finished(self)
+        if inner is not self._inner:
+            return
         if inner.cancelled():
+            self._pool._task_finished(self)
+            self._inner = self._executor = None
             Future.cancel(self)
             self.set_running_or_notify_cancel()
             return
         error = inner.exception()
         if error is None:
-            self.set_result(inner.result())
-        elif isinstance(error, _StdBrokenProcessPool) and not isinstance(
-            error, WorkerPoolBrokenError
-        ):
-            wrapped = WorkerPoolBrokenError(
-                f"{error} The pool starts new workers on its next submit; resubmit "
-                "the failed tasks if they are safe to repeat."
-            )
-            wrapped.__cause__ = error
-            self.set_exception(wrapped)
+            ok, data = inner.result()
+            self._finish(*_load_outcome(ok, data))
+        elif isinstance(error, _loky.BrokenProcessPool):
+            assert self._executor is not None
+            lost = self._pool._worker_crashed(self, self._executor)
+            if lost is not None:
+                self._finish(False, lost)
         else:
-            self.set_exception(_loky.standard_remote_traceback(error))
+            self._finish(False, error)
+
+    def _abandon(self, error: BaseException) -> None:
+        self._inner = None  # a later settle of the old attempt is ignored
+        self._finish(False, error)
+
+    def _finish(self, ok: bool, value: Any) -> None:
+        self._pool._task_finished(self)
+        # Drop what ties this future to loky's (a reference cycle through the
+        # callback) and to the executor, whose pipes would wait for the GC.
+        self._payload = None
+        self._inner = self._executor = None
+        if ok:
+            self.set_result(value)
+        else:
+            self.set_exception(value)
 
     def cancel(self) -> bool:
         inner = self._inner
@@ -142,6 +177,56 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
     def running(self) -> bool:
         inner = self._inner
         return super().running() or (inner is not None and inner.running() and not self.done())
+
+
+def _remote_traceback(text: str) -> BaseException:
+    """The worker's traceback, as ``ProcessPoolExecutor`` attaches it (``__cause__``)."""
+    return _RemoteTraceback(f'\n"""\n{text}"""')  # type: ignore[arg-type]
+
+
+def _load_outcome(ok: bool, data: bytes) -> tuple[bool, Any]:
+    """Turn `run_task`'s reply into ``(ok, result or exception)``, in the parent."""
+    try:
+        loaded = pickle.loads(data)
+    except BaseException as unpickling_error:
+        what = "result" if ok else "exception"
+        result_failure = ResultUnpicklingError(
+            f"the task ran, but its {what} failed to unpickle in the parent process: "
+            f"{type(unpickling_error).__name__}: {unpickling_error}"
+        )
+        # Its traceback as text: the frames themselves would pin loky's manager
+        # thread, and with it the executor's pipes, until a garbage collection.
+        text = "".join(traceback.format_exception(unpickling_error))
+        result_failure.__cause__ = _remote_traceback(text)
+        return False, result_failure
+    if ok:
+        return True, loaded
+    kind, error, text = loaded
+    if kind == "arguments":
+        argument_failure = ArgumentUnpicklingError(
+            "the task's function or arguments failed to unpickle in the worker process: "
+            f"{type(error).__name__}: {error}"
+        )
+        argument_failure.__cause__ = _remote_traceback(text)
+        return False, argument_failure
+    error.__cause__ = _remote_traceback(text)
+    return False, error
+
+
+#: How many times a task torn down by other workers' deaths is sent again.
+MAX_ATTEMPTS = 3
+
+
+def _make_slot_dir() -> str:
+    """A private directory for the workers' slots, in memory where possible."""
+    shm = "/dev/shm"
+    where = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    return tempfile.mkdtemp(prefix="pool_manager-", dir=where)
+
+
+def _remove_slot(slot_dir: str, pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(slot_dir, str(pid)))
 
 
 def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
@@ -220,7 +305,11 @@ class BaseWorkerPool(WorkerPool):
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)  # backpressure waiters
         self._drained = threading.Condition(self._lock)  # waiters for no outstanding work
-        self._outstanding: set[_TaskFuture] = set()
+        self._outstanding: dict[int, _TaskFuture] = {}  # by task id
+        self._task_ids = itertools.count(1)  # 0 means "no task" in a worker's slot
+        self._kills: dict[int, int] = {}  # pid -> id of the task kill_task killed it for
+        self._slot_dir: str | None = None  # made with the first executor
+        self._blind_crashes = 0  # executors in a row that broke with no task running
         self._granted: int | None = None  # None: not granted piecemeal, all usable
         self._executor: _loky.LokyExecutor | None = None
         self._old_executors: list[_loky.LokyExecutor] = []  # broken or shut down, to join
@@ -283,8 +372,21 @@ class BaseWorkerPool(WorkerPool):
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        call: tuple[Any, ...] = (call_with_kwargs, (fn, args, kwargs)) if kwargs else (fn, args)
-        future = _TaskFuture(self)
+        task_id = next(self._task_ids)
+        try:
+            payload = dump_call(fn, args, kwargs)
+        except Exception as error:
+            # As ProcessPoolExecutor: a task that cannot be pickled fails its future.
+            if self._shut_down:
+                raise PoolShutDownError("cannot schedule new futures after shutdown") from None
+            failed: Future[T] = Future()
+            failure = error
+            if not isinstance(error, pickle.PicklingError):
+                failure = pickle.PicklingError(f"could not pickle the task: {error}")
+                failure.__cause__ = error
+            failed.set_exception(failure)
+            return failed
+        future = _TaskFuture(self, task_id, payload)
         with self._lock:
             if self._max_pending is not None:
                 while not self._shut_down and len(self._outstanding) >= self._capacity():
@@ -292,22 +394,58 @@ class BaseWorkerPool(WorkerPool):
             if self._shut_down:
                 raise PoolShutDownError("cannot schedule new futures after shutdown")
             executor = self._live_executor()
-            self._outstanding.add(future)
+            self._outstanding[task_id] = future
         try:
             try:
-                inner = executor.submit(*call)
-            except _StdBrokenProcessPool:
+                inner = executor.submit(run_task, (task_id, payload))
+            except _loky.BrokenProcessPool:
                 # A worker died since the last submit: start afresh, once.
                 with self._lock:
                     executor = self._live_executor()
-                inner = executor.submit(*call)
+                inner = executor.submit(run_task, (task_id, payload))
         except BaseException as error:
             self._task_finished(future)
             if isinstance(error, _loky.ShutdownExecutorError):
                 raise PoolShutDownError("cannot schedule new futures after shutdown") from None
             raise
-        future._attach(inner)
+        future._attach(inner, executor)
         return future
+
+    def kill_task(self, future: Future[Any]) -> bool:
+        """Stop a task now: cancel it if it has not started, else kill its worker.
+
+        Killing the worker fails only that task, with `TaskKilledError`; the
+        pool starts a replacement and its other tasks are unaffected (tasks
+        torn down with sibling workers run again). Returns False if the task
+        had already finished.
+
+        Raises:
+            ValueError: ``future`` did not come from this pool's ``submit``.
+        """
+        if not isinstance(future, _TaskFuture) or future._pool is not self:
+            raise ValueError("kill_task takes a future returned by this pool's submit()")
+        grace = time.monotonic() + 0.1
+        while not future.done():
+            if future.cancel():
+                return True
+            pid = self._worker_running(future.task_id)
+            if pid is not None:
+                with self._lock:
+                    self._kills[pid] = future.task_id
+                _loky.kill_worker(pid)
+                return True
+            if time.monotonic() > grace:
+                # Queued in loky's call queue, where it can no longer be
+                # cancelled: fail it now and drop whatever it does later.
+                future._abandon(
+                    TaskKilledError(
+                        "the task was killed before it started; it may still run "
+                        "once in a worker, and that result is dropped"
+                    )
+                )
+                return True
+            time.sleep(0.001)
+        return False
 
     def map(
         self,
@@ -383,7 +521,7 @@ class BaseWorkerPool(WorkerPool):
         if cancel_futures:
             with self._lock:
                 self._shut_down = True
-                pending = list(self._outstanding)
+                pending = list(self._outstanding.values())
             for future in pending:
                 future.cancel()
         self.dispose(wait=wait)
@@ -410,6 +548,8 @@ class BaseWorkerPool(WorkerPool):
                 self._executor = None
         for executor in executors:
             executor.shutdown(wait=wait)
+        if wait and self._slot_dir is not None:
+            shutil.rmtree(self._slot_dir, ignore_errors=True)
         if wait and executors:
             # loky kills the workers of a broken executor without joining
             # them, so each stays in multiprocessing's table of children,
@@ -434,18 +574,106 @@ class BaseWorkerPool(WorkerPool):
             executor = self._executor = None
         if executor is None:
             self._join_finished_executors()
+            if self._slot_dir is None:
+                self._slot_dir = _make_slot_dir()
+                weakref.finalize(self, shutil.rmtree, self._slot_dir, ignore_errors=True)
             executor = self._executor = _loky.LokyExecutor(
                 max_size=self._max_size,
                 workers=workers,
                 idle_timeout=self._idle_timeout,
                 context=self._context,
                 initializer=start_worker,
-                initargs=(os.getpid(), self._initializer, self._initargs),
+                initargs=(os.getpid(), self._slot_dir, self._initializer, self._initargs),
                 env=self._env,
             )
         elif executor.workers < workers:
             executor.set_workers(workers)
         return executor
+
+    def _worker_crashed(
+        self, future: _TaskFuture, executor: _loky.LokyExecutor
+    ) -> BaseException | None:
+        """A worker of ``executor`` died and loky failed ``future`` with the rest.
+
+        Runs in loky's manager thread, before loky kills the surviving
+        workers, so the dead ones are exactly the culprits. Returns the error
+        that ``future`` fails with if it was running in a dead worker (or has
+        been torn down too often); otherwise sends it again and returns None.
+        """
+        with self._lock:
+            lost, running = self._crash_report(executor)
+            blind_crashes = self._blind_crashes
+        culprit = lost.get(future.task_id)
+        if culprit is not None:
+            pid, exitcode, killed = culprit
+            error_type = TaskKilledError if killed else WorkerLostError
+            return error_type.for_worker(pid, exitcode)
+        if blind_crashes >= MAX_ATTEMPTS:
+            return WorkerPoolBrokenError(
+                f"the pool's workers died {blind_crashes} times in a row before running any "
+                "task (a failing initializer, or a worker killed as it starts?); the task "
+                "was not run"
+            )
+        if future.task_id not in running:
+            return self._send_again(future)  # it had not started: no harm done
+        if future.attempts >= MAX_ATTEMPTS:
+            return WorkerPoolBrokenError(
+                f"the task was torn down {future.attempts} times by other workers dying; "
+                "it was not run again"
+            )
+        future.attempts += 1
+        return self._send_again(future)
+
+    def _send_again(self, future: _TaskFuture) -> BaseException | None:
+        payload = future._payload
+        assert payload is not None
+        try:
+            with self._lock:
+                replacement = self._live_executor()
+            inner = replacement.submit(run_task, (future.task_id, payload))
+        except BaseException as error:
+            return error
+        future._attach(inner, replacement)
+        return None
+
+    def _crash_report(
+        self, executor: _loky.LokyExecutor
+    ) -> tuple[dict[int, tuple[int, int | None, bool]], set[int]]:
+        """What ``executor``'s workers were doing when it broke (holds _lock).
+
+        Returns the tasks lost with the dead workers (task id -> pid, exit
+        code, killed by kill_task) and the ids of every task a worker was
+        running, dead or alive. Worked out once per broken executor.
+        """
+        report = executor.crash_report
+        if report is None:
+            slot_dir = self._slot_dir
+            lost: dict[int, tuple[int, int | None, bool]] = {}
+            running: set[int] = set()
+            dead = executor.dead_workers()
+            for pid in [*dead, *executor.worker_pids()]:
+                task_id = read_slot(slot_dir, pid) if slot_dir else 0
+                if task_id:
+                    running.add(task_id)
+                if pid in dead:
+                    killed_for = self._kills.pop(pid, None)
+                    if task_id:
+                        lost[task_id] = (pid, dead[pid], killed_for == task_id)
+                    if slot_dir:
+                        _remove_slot(slot_dir, pid)
+            self._blind_crashes = 0 if running else self._blind_crashes + 1
+            report = executor.crash_report = (lost, running)
+        return report
+
+    def _worker_running(self, task_id: int) -> int | None:
+        """The pid of the worker running ``task_id`` now, if any."""
+        slot_dir = self._slot_dir
+        if slot_dir is None:
+            return None
+        for pid in self.worker_pids():
+            if read_slot(slot_dir, pid) == task_id:
+                return pid
+        return None
 
     def _join_finished_executors(self) -> None:
         still_running = []
@@ -458,7 +686,7 @@ class BaseWorkerPool(WorkerPool):
 
     def _task_finished(self, future: _TaskFuture) -> None:
         with self._lock:
-            self._outstanding.discard(future)
+            self._outstanding.pop(future.task_id, None)
             if self._max_pending is not None:
                 self._not_full.notify()
             if self._outstanding:

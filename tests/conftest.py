@@ -1,9 +1,11 @@
-"""Every test must leave no child process, thread or file descriptor behind."""
+"""Every test must leave no child process, thread, file descriptor or slot directory behind."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,12 @@ def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def _slot_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pool_manager-*"))) | set(
+        glob.glob("/dev/shm/pool_manager-*")
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _loky_resource_tracker() -> Iterator[None]:
     """Start loky's resource tracker once: it lives as long as the interpreter."""
@@ -36,13 +44,15 @@ def no_leaks(_loky_resource_tracker: None) -> Iterator[None]:
     children = _children()
     threads = set(threading.enumerate())
     fds = _fds()
+    slot_dirs = _slot_dirs()
     yield
     deadline = time.monotonic() + 15.0
     while True:
         new_children = _children() - children
         new_threads = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
         new_fds = _fds() - fds
-        if not (new_children or new_threads or new_fds) or time.monotonic() > deadline:
+        new_dirs = _slot_dirs() - slot_dirs
+        if not (new_children or new_threads or new_fds or new_dirs) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     for pid in new_children:  # end what this test started, so the next one starts clean
@@ -61,5 +71,7 @@ def no_leaks(_loky_resource_tracker: None) -> Iterator[None]:
             except OSError:
                 targets.append(fd)
         problems.append(f"file descriptors left: {targets}")
+    if new_dirs:
+        problems.append(f"slot directories left: {sorted(new_dirs)}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)

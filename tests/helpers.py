@@ -91,3 +91,43 @@ def poll(predicate, timeout: float = 30.0, interval: float = 0.01):  # type: ign
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def sleep_then_square(x: int, seconds: float = 0.005) -> int:
+    time.sleep(seconds)
+    return x * x
+
+
+def kill_self(signal_number: int) -> None:
+    """Die by ``signal_number`` (the way the OOM killer or a segfault ends a worker)."""
+    import signal as _signal
+
+    if signal_number == _signal.SIGSEGV:
+        import ctypes
+
+        ctypes.string_at(0)  # a real segmentation fault
+    os.kill(os.getpid(), signal_number)
+    time.sleep(60)
+
+
+def load_fails(message: str) -> None:
+    """Called by unpickling; always raises."""
+    raise RuntimeError(message)
+
+
+class LoadsNowhere:
+    """Pickles fine, but raises when unpickled (in whichever process loads it)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (load_fails, (self.message,))
+
+
+def return_unloadable(message: str) -> LoadsNowhere:
+    return LoadsNowhere(message)
+
+
+def crash_initializer() -> None:
+    os._exit(13)

@@ -239,7 +239,19 @@ class _AdaptedShutdownScripts:
 # -- Deselected tests -------------------------------------------------------
 # Keys are "<CPython mixin>.<test name>". Every entry says why.
 
+_ISOLATED = (
+    "BaseWorkerPool deliberately differs: an argument or result that fails to unpickle "
+    "fails only its own task (ArgumentUnpicklingError / ResultUnpicklingError), where "
+    "ProcessPoolExecutor breaks the whole pool (BrokenProcessPool); "
+    "tests/test_worker_health.py pins the isolated behaviour"
+)
+
 SKIPPED: dict[str, str] = {
+    # Failures that BaseWorkerPool isolates to one task by design.
+    "ExecutorDeadlockTest.test_error_at_task_unpickle": _ISOLATED,
+    "ExecutorDeadlockTest.test_exit_at_task_unpickle": _ISOLATED,
+    "ExecutorDeadlockTest.test_error_during_result_unpickle_in_result_handler": _ISOLATED,
+    "ExecutorDeadlockTest.test_exit_during_result_unpickle_in_result_handler": _ISOLATED,
     # Pokes ProcessPoolExecutor internals that BaseWorkerPool does not have.
     "ProcessPoolShutdownTest.test_processes_terminate": "reads executor._processes",
     "ProcessPoolExecutorTest.test_killed_child": "reads executor._processes",

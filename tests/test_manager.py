@@ -729,7 +729,8 @@ def test_interleaved_use_and_expiry_leaves_nothing_behind(clock: FakeClock) -> N
         clock.advance(50 if round_start % 10 else 160)  # some rounds leave keys stale
         manager.sweep()
     assert sorted(results) == [i * i for i in range(35)]
-    assert len({id(pool) for pool in seen_pools}) > 3  # pools were expired or retired and rebuilt along the way
+    # Pools were expired or retired and rebuilt along the way.
+    assert len({id(pool) for pool in seen_pools}) > 3
     clock.advance(stale)
     manager.sweep()
     assert len(manager) == 0

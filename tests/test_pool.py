@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pool_manager import BaseWorkerPool, PoolShutDownError, WorkerPoolBrokenError
+from pool_manager import BaseWorkerPool, PoolShutDownError, WorkerLostError, WorkerPoolBrokenError
 
 from .helpers import (
     add,
@@ -447,9 +447,10 @@ def test_a_dead_worker_fails_with_a_broken_executor_error_and_the_pool_heals() -
     with BaseWorkerPool(2) as pool:
         crashed = pool.submit(exit_process, 7)
         error = crashed.exception(timeout=60)
-        assert isinstance(error, WorkerPoolBrokenError)
+        assert isinstance(error, WorkerLostError) and isinstance(error, WorkerPoolBrokenError)
         assert isinstance(error, BrokenProcessPool) and isinstance(error, BrokenExecutor)
-        assert "resubmit" in str(error)
+        assert error.exitcode == 7 and f"worker process {error.pid} " in str(error)
+        assert "exit code 7" in str(error)
         assert pool.submit(square, 5).result(timeout=60) == 25
         assert list(pool.map(square, range(5))) == [0, 1, 4, 9, 16]
 
