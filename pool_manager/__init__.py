@@ -42,8 +42,10 @@ from .errors import (
     PoolShutDownError,
     ResultUnpicklingError,
     TaskKilledError,
+    TaskTimeoutError,
     TaskUnpicklingError,
     WorkerLostError,
+    WorkerMemoryError,
     WorkerPoolBrokenError,
 )
 from .manager import (
@@ -73,9 +75,11 @@ __all__ = [
     "ResultUnpicklingError",
     "SweepResult",
     "TaskKilledError",
+    "TaskTimeoutError",
     "TaskUnpicklingError",
     "WorkerPool",
     "WorkerLostError",
+    "WorkerMemoryError",
     "WorkerPoolBrokenError",
     "WorkerPoolManager",
     "__version__",

@@ -35,3 +35,51 @@ def to_count(name: str, value: object, *, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def to_bytes(name: str, value: object) -> int | None:
+    """Return a memory size in bytes: an int, or a string like ``"512MB"`` or ``"1.5GiB"``.
+
+    ``None`` passes through (no limit). Decimal units (KB, MB, GB) are powers
+    of 1000, binary ones (KiB, MiB, GiB) powers of 1024.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of bytes or a string like '512MB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number) :]
+        if unit not in _UNITS or not number:
+            raise ValueError(
+                f"{name}: cannot read {value!r} as a size; use bytes or a unit such as "
+                "'512MB' or '2GiB'"
+            )
+        try:
+            size = int(float(number) * _UNITS[unit])
+        except ValueError:
+            raise ValueError(f"{name}: cannot read {value!r} as a size") from None
+    else:
+        raise TypeError(
+            f"{name} must be a number of bytes or a string like '512MB', not {type(value).__name__}"
+        )
+    if size <= 0:
+        raise ValueError(f"{name} must be a positive size, got {value!r}")
+    return size

@@ -23,18 +23,21 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import queue
 import signal
+import sys
 import threading
+import traceback
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures.process import _RemoteTraceback as _StdRemoteTraceback
 from typing import Any
 
 import loky
+from loky import process_executor as _executor_module
 from loky.backend import reduction as _reduction
 from loky.backend.context import get_context
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
-from loky.process_executor import _RemoteTraceback as _LokyRemoteTraceback
 
 __all__ = [
     "BrokenProcessPool",
@@ -44,8 +47,13 @@ __all__ = [
     "dumps",
     "kill_worker",
     "resolve_context",
-    "standard_remote_traceback",
 ]
+
+# loky words a worker's recycling as a memory leak; ours are by design
+# (max_tasks_per_worker, max_worker_memory) and not worth a warning.
+warnings.filterwarnings(
+    "ignore", message="A worker was restarted while some jobs", category=UserWarning
+)
 
 _START_METHODS = ("loky", "loky_init_main", "spawn", "fork", "forkserver")
 
@@ -101,17 +109,96 @@ def kill_worker(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def standard_remote_traceback(error: BaseException) -> BaseException:
-    """Give a task's exception the ``__cause__`` that ``ProcessPoolExecutor`` gives.
+class _PoolExecutor(loky.ProcessPoolExecutor):  # type: ignore[misc]
+    """loky's executor, with workers that run `_worker_loop` instead of loky's own.
 
-    loky attaches the worker's traceback as its own ``_RemoteTraceback``; code
-    (and CPython's tests) written for ``concurrent.futures`` expect the
-    standard library's class, with the same ``.tb`` text.
+    Only the worker's main loop changes; everything the parent does (queues,
+    the manager thread, crash detection) is loky's. The loop speaks loky's
+    protocol (call items in, result items and exit notices out) and adds a
+    check after each task: a worker that has run its ``max_tasks_per_worker``
+    or grown past ``max_worker_memory`` leaves the way loky's own recycling
+    does, so that no task fails and loky starts a replacement.
     """
-    cause = error.__cause__
-    if isinstance(cause, _LokyRemoteTraceback):
-        error.__cause__ = _StdRemoteTraceback(cause.tb)
-    return error
+
+    def _adjust_process_count(self) -> None:
+        # loky's body, with our target (loky 3.7: process_executor.py).
+        while len(self._processes) < self._max_workers:
+            worker_exit_lock = self._context.BoundedSemaphore(1)
+            args = (
+                self._call_queue,
+                self._result_queue,
+                self._initializer,
+                self._initargs,
+                self._processes_management_lock,
+                self._timeout,
+                worker_exit_lock,
+                _executor_module._CURRENT_DEPTH + 1,
+            )
+            worker_exit_lock.acquire()
+            try:
+                process = self._context.Process(target=_worker_loop, args=args, env=self._env)
+            except TypeError:
+                process = self._context.Process(target=_worker_loop, args=args)
+            process._worker_exit_lock = worker_exit_lock
+            process.start()
+            self._processes[process.pid] = process
+
+
+def _worker_loop(
+    call_queue: Any,
+    result_queue: Any,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+    processes_management_lock: Any,
+    timeout: float | None,
+    worker_exit_lock: Any,
+    current_depth: int,
+) -> None:
+    """A worker process's main loop (runs in the worker)."""
+    from . import _worker
+
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException:
+            _executor_module.LOGGER.critical("Exception in initializer:", exc_info=True)
+            return  # the parent sees the worker die and flags the executor broken
+    _executor_module._CURRENT_DEPTH = current_depth
+    pid = os.getpid()
+    while True:
+        try:
+            call_item = call_queue.get(block=True, timeout=timeout)
+        except queue.Empty:
+            # Idle too long: leave, unless the parent is starting workers now.
+            if not processes_management_lock.acquire(block=False):
+                continue
+            processes_management_lock.release()
+            call_item = None
+        except BaseException:
+            # The call item did not unpickle: tell the parent, which breaks the
+            # executor (our payloads are bytes, so this is loky's own failure).
+            previous = traceback.format_exc()
+            with contextlib.suppress(BaseException):
+                result_queue.put(_executor_module._RemoteTraceback(previous))
+            sys.exit(1)
+        if call_item is None:
+            result_queue.put(pid)  # a clean exit: the executor is not broken
+            worker_exit_lock.acquire(True, timeout=30)
+            _executor_module._python_exit()
+            return
+        try:
+            result = call_item()
+        except BaseException as error:
+            wrapped = _executor_module._ExceptionWithTraceback(error)
+            result_queue.put(_executor_module._ResultItem(call_item.work_id, exception=wrapped))
+        else:
+            _executor_module._sendback_result(result_queue, call_item.work_id, result=result)
+            del result
+        del call_item
+        if _worker.should_retire():
+            result_queue.put(_executor_module._RecycledWorkerPid(pid))
+            with worker_exit_lock:
+                return
 
 
 class LokyExecutor:
@@ -134,7 +221,7 @@ class LokyExecutor:
         initargs: tuple[Any, ...],
         env: dict[str, str] | None,
     ) -> None:
-        self._executor = loky.ProcessPoolExecutor(
+        self._executor = _PoolExecutor(
             max_workers=max_size,
             timeout=idle_timeout,
             context=context,
@@ -145,7 +232,9 @@ class LokyExecutor:
         self._workers = max_size
         self._manager_thread: threading.Thread | None = None
         #: Filled in by the pool when the executor breaks (see dead_workers).
-        self.crash_report: tuple[dict[int, tuple[int, int | None, bool]], set[int]] | None = None
+        self.crash_report: (
+            tuple[dict[int, tuple[int, int | None, bool, int, int]], set[int]] | None
+        ) = None
         self.set_workers(workers)
 
     def set_workers(self, workers: int) -> None:

@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -35,16 +36,42 @@ from . import _loky
 #: parent that died (even by SIGKILL) by at most about this long.
 PARENT_CHECK_INTERVAL = 0.25
 
-#: The exit status of a worker that stopped because its parent died.
-ORPHAN_EXIT_CODE = 75
+#: Seconds between two checks of a worker's memory, when it has a hard limit.
+MEMORY_CHECK_INTERVAL = 0.05
 
-_SLOT = struct.Struct("<q")  # the id of the task running now; 0 when none
+#: Exit statuses of a worker that ended itself.
+ORPHAN_EXIT_CODE = 75  # its parent died
+DEADLINE_EXIT_CODE = 76  # its task ran past its deadline
+MEMORY_EXIT_CODE = 77  # it grew past kill_worker_memory
+
+#: Why a worker ended itself, as written in its slot.
+NO_REASON, DEADLINE, MEMORY = 0, 1, 2
+
+# The slot: the task running now (0: none), why the worker ended itself, and
+# a detail (the deadline in ms, or the memory size reached in bytes).
+_SLOT = struct.Struct("<qqq")
 _slot: mmap.mmap | None = None
+_slot_path: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """What a worker enforces on itself (None: no limit)."""
+
+    max_tasks: int | None = None  #: leave cleanly after this many tasks
+    max_memory: int | None = None  #: leave cleanly after a task, once RSS is above (bytes)
+    kill_memory: int | None = None  #: end at once, failing the task, above (bytes)
+
+
+_limits = WorkerLimits()
+_tasks_done = 0
+_watchdog: _Watchdog | None = None
 
 
 def start_worker(
     parent_pid: int,
     slot_dir: str | None,
+    limits: WorkerLimits,
     initializer: Callable[..., object] | None,
     initargs: tuple[Any, ...],
 ) -> None:
@@ -52,27 +79,25 @@ def start_worker(
 
     * SIGINT is ignored: a Ctrl-C in a terminal reaches the whole process
       group, and it is the parent's to handle (it stops the workers).
-    * A daemon thread exits the process as soon as its parent is gone. loky's
-      workers never watch their parent, and ``PR_SET_PDEATHSIG`` fires when
-      the spawning *thread* exits, not the process, so polling
-      ``os.getppid()`` is the robust way to leave no orphans.
     * The worker's slot is created (see the module docstring).
+    * A watchdog thread ends the process as soon as its parent is gone (loky's
+      workers never watch their parent, and ``PR_SET_PDEATHSIG`` fires when
+      the spawning *thread* exits, not the process), when a task runs past
+      its deadline, or when the worker grows past ``kill_memory``.
     """
+    global _limits, _watchdog
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    slot_path = _open_slot(slot_dir) if slot_dir is not None else None
-    watchdog = threading.Thread(
-        target=_exit_when_orphaned,
-        args=(parent_pid, slot_path),
-        name="pool_manager-parent-watchdog",
-        daemon=True,
-    )
-    watchdog.start()
+    _limits = limits
+    if slot_dir is not None:
+        _open_slot(slot_dir)
+    _watchdog = _Watchdog(parent_pid, limits.kill_memory)
+    threading.Thread(target=_watchdog.run, name="pool_manager-watchdog", daemon=True).start()
     if initializer is not None:
         initializer(*initargs)
 
 
-def _open_slot(slot_dir: str) -> str:
-    global _slot
+def _open_slot(slot_dir: str) -> None:
+    global _slot, _slot_path
     path = os.path.join(slot_dir, str(os.getpid()))
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -80,9 +105,9 @@ def _open_slot(slot_dir: str) -> str:
         _slot = mmap.mmap(fd, _SLOT.size)
     finally:
         os.close(fd)
+    _slot_path = path
     # A worker that exits cleanly (idle timeout, recycling) removes its slot.
     multiprocessing.util.Finalize(None, _remove, args=(path,), exitpriority=0)
-    return path
 
 
 def _remove(path: str) -> None:
@@ -90,24 +115,106 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _exit_when_orphaned(parent_pid: int, slot_path: str | None) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(PARENT_CHECK_INTERVAL)
-    if slot_path is not None:
-        _remove(slot_path)
-        with contextlib.suppress(OSError):  # the last worker out removes the directory
-            os.rmdir(os.path.dirname(slot_path))
-    os._exit(ORPHAN_EXIT_CODE)
+def _set_slot(task_id: int, reason: int = NO_REASON, detail: int = 0) -> None:
+    if _slot is not None:
+        _SLOT.pack_into(_slot, 0, task_id, reason, detail)
 
 
-def read_slot(slot_dir: str, pid: int) -> int:
-    """(Parent side) the id of the task worker ``pid`` was running, 0 if none or unknown."""
+def read_slot(slot_dir: str, pid: int) -> tuple[int, int, int]:
+    """(Parent side) worker ``pid``'s slot: (task id, reason, detail); zeros if unknown."""
     try:
         with open(os.path.join(slot_dir, str(pid)), "rb") as slot:
             data = slot.read(_SLOT.size)
     except OSError:
-        return 0
-    return _SLOT.unpack(data)[0] if len(data) == _SLOT.size else 0
+        return (0, NO_REASON, 0)
+    if len(data) != _SLOT.size:
+        return (0, NO_REASON, 0)
+    task_id, reason, detail = _SLOT.unpack(data)
+    return task_id, reason, detail
+
+
+def resident_memory() -> int:
+    """This process's resident set size in bytes (cheap: one read of /proc)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except OSError:  # not Linux
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class _Watchdog:
+    """The worker's second thread: parent, deadline and hard memory checks.
+
+    It ends the process with ``os._exit`` after writing why in the slot, while
+    holding ``_lock``: the main thread takes that lock to start or finish a
+    task, so the task named in the slot is the one that was judged.
+    """
+
+    def __init__(self, parent_pid: int, kill_memory: int | None) -> None:
+        self._parent_pid = parent_pid
+        self._kill_memory = kill_memory
+        self._lock = threading.Condition()
+        self._task_id = 0
+        self._deadline: float | None = None  # time.monotonic()
+        self._timeout = 0.0
+
+    def task_started(self, task_id: int, timeout: float | None) -> None:
+        with self._lock:
+            self._task_id = task_id
+            _set_slot(task_id)
+            if timeout is not None:
+                self._timeout = timeout
+                self._deadline = time.monotonic() + timeout
+                self._lock.notify()
+
+    def task_finished(self) -> None:
+        with self._lock:
+            self._task_id = 0
+            self._deadline = None
+            _set_slot(0)
+
+    def run(self) -> None:
+        with self._lock:
+            while True:
+                wait = PARENT_CHECK_INTERVAL
+                if self._kill_memory is not None:
+                    wait = MEMORY_CHECK_INTERVAL
+                if self._deadline is not None:
+                    wait = min(wait, max(0.0, self._deadline - time.monotonic()))
+                self._lock.wait(wait)
+                if os.getppid() != self._parent_pid:
+                    self._end(ORPHAN_EXIT_CODE, NO_REASON, 0, orphaned=True)
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    self._end(DEADLINE_EXIT_CODE, DEADLINE, int(self._timeout * 1000))
+                if self._kill_memory is not None:
+                    size = resident_memory()
+                    if size > self._kill_memory:
+                        self._end(MEMORY_EXIT_CODE, MEMORY, size)
+
+    def _end(self, exit_code: int, reason: int, detail: int, *, orphaned: bool = False) -> None:
+        if orphaned:
+            if _slot_path is not None:
+                _remove(_slot_path)
+                with contextlib.suppress(OSError):  # the last worker out removes the directory
+                    os.rmdir(os.path.dirname(_slot_path))
+        else:
+            _set_slot(self._task_id, reason, detail)
+        os._exit(exit_code)
+
+
+def should_retire() -> bool:
+    """After each task: has this worker done its share (tasks or memory)?"""
+    global _tasks_done
+    _tasks_done += 1
+    limits = _limits
+    if limits.max_tasks is not None and _tasks_done >= limits.max_tasks:
+        return True
+    return limits.max_memory is not None and resident_memory() > limits.max_memory
 
 
 # -- the task envelope ---------------------------------------------------------
@@ -122,11 +229,14 @@ def dump_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
     return _dumps((fn, args, kwargs))
 
 
-def run_task(task_id: int, payload: bytes) -> tuple[bool, bytes]:
-    """Run one task in the worker; returns ``(ok, pickled result or exception)``."""
-    slot = _slot
-    if slot is not None:
-        _SLOT.pack_into(slot, 0, task_id)
+def run_task(task_id: int, payload: bytes, timeout: float | None = None) -> tuple[bool, bytes]:
+    """Run one task in the worker; returns ``(ok, pickled result or exception)``.
+
+    ``timeout``: seconds the task may run before the watchdog ends the worker.
+    """
+    watchdog = _watchdog
+    if watchdog is not None:
+        watchdog.task_started(task_id, timeout)
     try:
         try:
             fn, args, kwargs = cloudpickle.loads(payload)
@@ -142,8 +252,8 @@ def run_task(task_id: int, payload: bytes) -> tuple[bool, bytes]:
         except BaseException as error:
             return False, _dump_error(error, pickling_result=True)
     finally:
-        if slot is not None:
-            _SLOT.pack_into(slot, 0, 0)
+        if watchdog is not None:
+            watchdog.task_finished()
 
 
 def _dump_error(

@@ -17,8 +17,10 @@ __all__ = [
     "PoolShutDownError",
     "ResultUnpicklingError",
     "TaskKilledError",
+    "TaskTimeoutError",
     "TaskUnpicklingError",
     "WorkerLostError",
+    "WorkerMemoryError",
     "WorkerPoolBrokenError",
     "describe_exit",
 ]
@@ -96,6 +98,33 @@ class WorkerLostError(WorkerPoolBrokenError):
 
 class TaskKilledError(WorkerLostError):
     """``pool.kill_task(future)`` stopped this task by killing its worker process."""
+
+
+class WorkerMemoryError(WorkerLostError):
+    """The worker running this task grew past ``kill_worker_memory`` and was ended.
+
+    ``limit`` and ``size`` are in bytes. Lower the task's memory use, raise
+    the limit, or set ``max_worker_memory`` so that workers are replaced
+    between tasks before they reach it.
+    """
+
+    def __init__(self, message: str, *, pid: int, limit: int, size: int) -> None:
+        super().__init__(message, pid=pid, exitcode=None)
+        self.limit = limit
+        self.size = size
+
+
+class TaskTimeoutError(PoolManagerError, TimeoutError):
+    """The task ran past its deadline (``task_timeout``); its worker was ended.
+
+    A ``TimeoutError``. ``timeout`` is the deadline in seconds, ``pid`` the
+    worker that was ended; the pool replaced it.
+    """
+
+    def __init__(self, message: str, *, pid: int, timeout: float) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.timeout = timeout
 
 
 class TaskUnpicklingError(PoolManagerError, pickle.UnpicklingError):

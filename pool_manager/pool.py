@@ -30,14 +30,25 @@ from concurrent.futures.process import _RemoteTraceback
 from typing import Any, TypeVar
 
 from . import _loky
-from ._durations import to_count, to_seconds
-from ._worker import dump_call, read_slot, run_chunk, run_task, start_worker
+from ._durations import Duration, to_bytes, to_count, to_seconds
+from ._worker import (
+    DEADLINE,
+    MEMORY,
+    WorkerLimits,
+    dump_call,
+    read_slot,
+    run_chunk,
+    run_task,
+    start_worker,
+)
 from .errors import (
     ArgumentUnpicklingError,
     PoolShutDownError,
     ResultUnpicklingError,
     TaskKilledError,
+    TaskTimeoutError,
     WorkerLostError,
+    WorkerMemoryError,
     WorkerPoolBrokenError,
 )
 
@@ -113,14 +124,22 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
     this future to the new attempt.
     """
 
-    def __init__(self, pool: BaseWorkerPool, task_id: int, payload: bytes) -> None:
+    def __init__(
+        self, pool: BaseWorkerPool, task_id: int, payload: bytes, timeout: float | None
+    ) -> None:
         super().__init__()
         self._pool = pool
         self.task_id = task_id
+        self._timeout = timeout
         self.attempts = 1
         self._payload: bytes | None = payload  # kept until settled, to send again
         self._inner: Future[Any] | None = None
         self._executor: _loky.LokyExecutor | None = None
+
+    def _envelope(self) -> tuple[int, bytes, float | None]:
+        """`run_task`'s arguments for this task."""
+        assert self._payload is not None
+        return (self.task_id, self._payload, self._timeout)
 
     def _attach(self, inner: Future[Any], executor: _loky.LokyExecutor) -> None:
         self._inner = inner
@@ -217,6 +236,10 @@ def _load_outcome(ok: bool, data: bytes) -> tuple[bool, Any]:
 MAX_ATTEMPTS = 3
 
 
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
 def _make_slot_dir() -> str:
     """A private directory for the workers' slots, in memory where possible."""
     shm = "/dev/shm"
@@ -261,6 +284,18 @@ class BaseWorkerPool(WorkerPool):
             started again on demand); ``None`` keeps workers alive.
         env: environment variables set in each worker before it imports
             anything.
+        max_tasks_per_worker: a worker is replaced (cleanly, between tasks)
+            after this many tasks. ``max_tasks_per_child`` is accepted as
+            another name for it, as ``ProcessPoolExecutor`` calls it.
+        max_worker_memory: bytes, or a string like ``"512MB"``: a worker whose
+            resident memory is above this after a task is replaced, and no
+            task fails.
+        kill_worker_memory: a hard limit above ``max_worker_memory``: a worker
+            above it is ended at once (checked every 50 ms) and only its task
+            fails, with `WorkerMemoryError`.
+        task_timeout: seconds a task may run; past that its worker is ended
+            and its future fails with `TaskTimeoutError`. Per call:
+            `submit_with_timeout`.
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.
@@ -277,6 +312,11 @@ class BaseWorkerPool(WorkerPool):
         max_pending: int | None = None,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         env: dict[str, str] | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_tasks_per_child: int | None = None,
+        max_worker_memory: int | str | None = None,
+        kill_worker_memory: int | str | None = None,
+        task_timeout: Duration | None = None,
     ) -> None:
         if max_size is not None and max_workers is not None:
             raise TypeError("give max_size or its alias max_workers, not both")
@@ -293,6 +333,22 @@ class BaseWorkerPool(WorkerPool):
             raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
         if max_pending is not None:
             to_count("max_pending", max_pending, minimum=0)
+        if max_tasks_per_worker is not None and max_tasks_per_child is not None:
+            raise TypeError("give max_tasks_per_worker or its alias max_tasks_per_child, not both")
+        max_tasks = (
+            max_tasks_per_worker if max_tasks_per_worker is not None else max_tasks_per_child
+        )
+        if max_tasks is not None:
+            to_count("max_tasks_per_worker", max_tasks, minimum=1)
+        soft_memory = to_bytes("max_worker_memory", max_worker_memory)
+        hard_memory = to_bytes("kill_worker_memory", kill_worker_memory)
+        if soft_memory is not None and hard_memory is not None and hard_memory <= soft_memory:
+            raise ValueError(
+                "kill_worker_memory must be above max_worker_memory (the soft limit "
+                "replaces a worker between tasks; the hard one ends it at once)"
+            )
+        self._limits = WorkerLimits(max_tasks, soft_memory, hard_memory)
+        self._task_timeout = to_seconds("task_timeout", task_timeout, allow_none=True)
         self._max_size: int = size
         self._max_pending = max_pending
         self._idle_timeout = to_seconds("idle_timeout", idle_timeout, allow_none=True)
@@ -370,6 +426,27 @@ class BaseWorkerPool(WorkerPool):
             TypeError: ``fn`` is not callable.
             PoolShutDownError: (a ``RuntimeError``) the pool is shut down.
         """
+        return self._submit(self._task_timeout, fn, args, kwargs)
+
+    def submit_with_timeout(
+        self, timeout: Duration | None, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> Future[T]:
+        """`submit` with a deadline: ``timeout`` seconds once the task starts.
+
+        A task still running then has its worker ended; its future fails with
+        `TaskTimeoutError` and the pool's other tasks are unaffected.
+        ``None`` means no deadline (the pool's ``task_timeout`` is not used).
+        """
+        seconds = to_seconds("timeout", timeout, allow_none=True)
+        return self._submit(seconds, fn, args, kwargs)
+
+    def _submit(
+        self,
+        timeout: float | None,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Future[T]:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         task_id = next(self._task_ids)
@@ -386,7 +463,7 @@ class BaseWorkerPool(WorkerPool):
                 failure.__cause__ = error
             failed.set_exception(failure)
             return failed
-        future = _TaskFuture(self, task_id, payload)
+        future = _TaskFuture(self, task_id, payload, timeout)
         with self._lock:
             if self._max_pending is not None:
                 while not self._shut_down and len(self._outstanding) >= self._capacity():
@@ -397,12 +474,12 @@ class BaseWorkerPool(WorkerPool):
             self._outstanding[task_id] = future
         try:
             try:
-                inner = executor.submit(run_task, (task_id, payload))
+                inner = executor.submit(run_task, future._envelope())
             except _loky.BrokenProcessPool:
                 # A worker died since the last submit: start afresh, once.
                 with self._lock:
                     executor = self._live_executor()
-                inner = executor.submit(run_task, (task_id, payload))
+                inner = executor.submit(run_task, future._envelope())
         except BaseException as error:
             self._task_finished(future)
             if isinstance(error, _loky.ShutdownExecutorError):
@@ -583,7 +660,13 @@ class BaseWorkerPool(WorkerPool):
                 idle_timeout=self._idle_timeout,
                 context=self._context,
                 initializer=start_worker,
-                initargs=(os.getpid(), self._slot_dir, self._initializer, self._initargs),
+                initargs=(
+                    os.getpid(),
+                    self._slot_dir,
+                    self._limits,
+                    self._initializer,
+                    self._initargs,
+                ),
                 env=self._env,
             )
         elif executor.workers < workers:
@@ -605,9 +688,7 @@ class BaseWorkerPool(WorkerPool):
             blind_crashes = self._blind_crashes
         culprit = lost.get(future.task_id)
         if culprit is not None:
-            pid, exitcode, killed = culprit
-            error_type = TaskKilledError if killed else WorkerLostError
-            return error_type.for_worker(pid, exitcode)
+            return self._lost_error(future, *culprit)
         if blind_crashes >= MAX_ATTEMPTS:
             return WorkerPoolBrokenError(
                 f"the pool's workers died {blind_crashes} times in a row before running any "
@@ -624,13 +705,43 @@ class BaseWorkerPool(WorkerPool):
         future.attempts += 1
         return self._send_again(future)
 
+    def _lost_error(
+        self,
+        future: _TaskFuture,
+        pid: int,
+        exitcode: int | None,
+        killed: bool,
+        reason: int,
+        detail: int,
+    ) -> BaseException:
+        """The error for a task that died with its worker, by how the worker died."""
+        if killed:
+            return TaskKilledError.for_worker(pid, exitcode)
+        if reason == DEADLINE:
+            timeout = detail / 1000
+            return TaskTimeoutError(
+                f"the task ran past its {timeout:g}s deadline; its worker process {pid} was "
+                "ended and replaced",
+                pid=pid,
+                timeout=timeout,
+            )
+        if reason == MEMORY:
+            limit = self._limits.kill_memory or 0
+            return WorkerMemoryError(
+                f"worker process {pid} reached {_megabytes(detail)} of memory, above "
+                f"kill_worker_memory={_megabytes(limit)}, while running this task; it was "
+                "ended and replaced",
+                pid=pid,
+                limit=limit,
+                size=detail,
+            )
+        return WorkerLostError.for_worker(pid, exitcode)
+
     def _send_again(self, future: _TaskFuture) -> BaseException | None:
-        payload = future._payload
-        assert payload is not None
         try:
             with self._lock:
                 replacement = self._live_executor()
-            inner = replacement.submit(run_task, (future.task_id, payload))
+            inner = replacement.submit(run_task, future._envelope())
         except BaseException as error:
             return error
         future._attach(inner, replacement)
@@ -638,7 +749,7 @@ class BaseWorkerPool(WorkerPool):
 
     def _crash_report(
         self, executor: _loky.LokyExecutor
-    ) -> tuple[dict[int, tuple[int, int | None, bool]], set[int]]:
+    ) -> tuple[dict[int, tuple[int, int | None, bool, int, int]], set[int]]:
         """What ``executor``'s workers were doing when it broke (holds _lock).
 
         Returns the tasks lost with the dead workers (task id -> pid, exit
@@ -648,17 +759,18 @@ class BaseWorkerPool(WorkerPool):
         report = executor.crash_report
         if report is None:
             slot_dir = self._slot_dir
-            lost: dict[int, tuple[int, int | None, bool]] = {}
+            lost: dict[int, tuple[int, int | None, bool, int, int]] = {}
             running: set[int] = set()
             dead = executor.dead_workers()
             for pid in [*dead, *executor.worker_pids()]:
-                task_id = read_slot(slot_dir, pid) if slot_dir else 0
+                task_id, reason, detail = read_slot(slot_dir, pid) if slot_dir else (0, 0, 0)
                 if task_id:
                     running.add(task_id)
                 if pid in dead:
                     killed_for = self._kills.pop(pid, None)
                     if task_id:
-                        lost[task_id] = (pid, dead[pid], killed_for == task_id)
+                        killed = killed_for == task_id
+                        lost[task_id] = (pid, dead[pid], killed, reason, detail)
                     if slot_dir:
                         _remove_slot(slot_dir, pid)
             self._blind_crashes = 0 if running else self._blind_crashes + 1
@@ -671,7 +783,7 @@ class BaseWorkerPool(WorkerPool):
         if slot_dir is None:
             return None
         for pid in self.worker_pids():
-            if read_slot(slot_dir, pid) == task_id:
+            if read_slot(slot_dir, pid)[0] == task_id:
                 return pid
         return None
 
