@@ -28,7 +28,6 @@ import signal
 import sys
 import threading
 import traceback
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -49,11 +48,6 @@ __all__ = [
     "resolve_context",
 ]
 
-# loky words a worker's recycling as a memory leak; ours are by design
-# (max_tasks_per_worker, max_worker_memory) and not worth a warning.
-warnings.filterwarnings(
-    "ignore", message="A worker was restarted while some jobs", category=UserWarning
-)
 
 _START_METHODS = ("loky", "loky_init_main", "spawn", "fork", "forkserver")
 
@@ -256,7 +250,10 @@ class LokyExecutor:
         if self._manager_thread is None:
             # Kept so that a later shutdown(wait=True) can still join it after
             # loky's own shutdown(wait=False) dropped its reference.
-            self._manager_thread = self._executor._executor_manager_thread
+            thread = self._manager_thread = self._executor._executor_manager_thread
+            # loky words a worker's recycling as a memory leak and warns once;
+            # ours are by design (max_tasks_per_worker, max_worker_memory).
+            thread.recycling_warned = True
         return future
 
     @property

@@ -160,8 +160,12 @@ class WorkerPoolManager:
             ``None`` never blocks.
         worker_idle_timeout: seconds an idle worker process lives before it
             exits (it starts again on demand); ``None`` keeps it.
+        max_tasks_per_worker, max_worker_memory, kill_worker_memory,
+            task_timeout: worker limits of the pools the default factory
+            builds (see `BaseWorkerPool`).
         clock: a monotonic clock in seconds; inject a fake one in tests and
-            call `sweep` after moving it.
+            call `sweep` after moving it. (Task deadlines and memory limits
+            are real time and real bytes, enforced in the workers.)
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.
@@ -177,6 +181,10 @@ class WorkerPoolManager:
         *,
         max_pending: int | None = _UNSET,
         worker_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | str | None = None,
+        kill_worker_memory: int | str | None = None,
+        task_timeout: Duration | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool_size = to_count("pool_size", pool_size, minimum=1)
@@ -193,6 +201,15 @@ class WorkerPoolManager:
         self._worker_idle_timeout = to_seconds(
             "worker_idle_timeout", worker_idle_timeout, allow_none=True
         )
+        self._worker_options: dict[str, Any] = {
+            "max_tasks_per_worker": max_tasks_per_worker,
+            "max_worker_memory": max_worker_memory,
+            "kill_worker_memory": kill_worker_memory,
+            "task_timeout": task_timeout,
+        }
+        # Checked now, by the pool that would take them, rather than at the
+        # first get_pool.
+        BaseWorkerPool(1, **self._worker_options)
         if not callable(clock):
             raise TypeError("clock must be a callable returning seconds")
         self._clock = clock
@@ -238,6 +255,7 @@ class WorkerPoolManager:
             max_size,
             max_pending=self._max_pending,
             idle_timeout=self._worker_idle_timeout,
+            **self._worker_options,
         )
 
     def get_pool(self, key: Hashable, send_size: int = 1) -> tuple[WorkerPool, Callable[[], None]]:

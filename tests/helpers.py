@@ -131,3 +131,25 @@ def return_unloadable(message: str) -> LoadsNowhere:
 
 def crash_initializer() -> None:
     os._exit(13)
+
+
+_HOARD: list[bytes] = []
+
+
+def hoard(megabytes: int) -> int:
+    """Keep ``megabytes`` of touched memory alive in this worker; returns its pid."""
+    _HOARD.append(b"\x01" * (megabytes * 1_000_000))
+    return os.getpid()
+
+
+def grow_until_stopped(step_megabytes: int = 20, seconds: float = 30.0) -> None:
+    """Allocate memory steadily, as a runaway task does."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        _HOARD.append(b"\x01" * (step_megabytes * 1_000_000))
+        time.sleep(0.02)
+
+
+def sleep_and_return_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()

@@ -736,3 +736,20 @@ def test_interleaved_use_and_expiry_leaves_nothing_behind(clock: FakeClock) -> N
     assert len(manager) == 0
     assert manager.stats()["total_workers"] == 0
     manager.shutdown()
+
+
+def test_worker_limits_on_the_manager_reach_the_pools_it_builds(clock: FakeClock) -> None:
+    from pool_manager import TaskTimeoutError
+
+    with (
+        WorkerPoolManager(
+            1, STALE, LIFETIME, clock=clock, task_timeout=0.3, max_tasks_per_worker=2
+        ) as manager,
+        manager.lease("a") as pool,
+    ):
+        error = pool.submit(time.sleep, 30).exception(timeout=60)
+        assert isinstance(error, TaskTimeoutError)
+        pids = [pool.submit(getpid).result(timeout=60) for _ in range(4)]
+        assert pids[0] == pids[1] != pids[2] == pids[3]
+    with pytest.raises(ValueError, match="kill_worker_memory"):
+        WorkerPoolManager(1, 1, 1, max_worker_memory="2GB", kill_worker_memory="1GB")

@@ -13,8 +13,10 @@ from pool_manager import (
     BaseWorkerPool,
     ResultUnpicklingError,
     TaskKilledError,
+    TaskTimeoutError,
     TaskUnpicklingError,
     WorkerLostError,
+    WorkerMemoryError,
     WorkerPoolBrokenError,
 )
 
@@ -23,9 +25,12 @@ from .helpers import (
     crash_initializer,
     exit_process,
     getpid,
+    grow_until_stopped,
+    hoard,
     kill_self,
     poll,
     return_unloadable,
+    sleep_and_return_pid,
     sleep_then_square,
     square,
     touch_and_wait,
@@ -154,3 +159,86 @@ def test_workers_that_die_on_start_fail_the_tasks_instead_of_looping_forever() -
         error = pool.submit(square, 1).exception(timeout=120)
         assert isinstance(error, WorkerPoolBrokenError)
         assert "before running any task" in str(error)
+
+
+# -- recycling and limits ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias", ["max_tasks_per_worker", "max_tasks_per_child"])
+def test_a_worker_is_replaced_after_max_tasks_and_no_task_fails(alias: str) -> None:
+    with BaseWorkerPool(1, **{alias: 3}) as pool:  # type: ignore[arg-type]
+        pids = [pool.submit(getpid).result(timeout=60) for _ in range(9)]
+    assert pids[0:3] == [pids[0]] * 3
+    assert pids[3:6] == [pids[3]] * 3
+    assert pids[6:9] == [pids[6]] * 3
+    assert len({pids[0], pids[3], pids[6]}) == 3
+
+
+def test_max_tasks_of_one_gives_every_task_a_fresh_worker() -> None:
+    with BaseWorkerPool(2, max_tasks_per_worker=1) as pool:
+        futures = [pool.submit(getpid) for _ in range(8)]
+        pids = [f.result(timeout=60) for f in futures]
+    assert len(set(pids)) == 8
+
+
+def test_a_worker_above_max_worker_memory_is_replaced_after_its_task() -> None:
+    with BaseWorkerPool(1, max_worker_memory="150MB") as pool:
+        first = pool.submit(hoard, 10).result(timeout=60)
+        assert pool.submit(getpid).result(timeout=60) == first  # still small
+        grown = pool.submit(hoard, 250).result(timeout=60)  # succeeds...
+        assert grown == first
+        after = pool.submit(getpid).result(timeout=60)  # ...then the worker is replaced
+        assert after != first
+
+
+def test_a_worker_above_kill_worker_memory_is_ended_and_only_its_task_fails() -> None:
+    with BaseWorkerPool(2, kill_worker_memory="300MB") as pool:
+        others = [pool.submit(sleep_then_square, i, 0.05) for i in range(10)]
+        runaway = pool.submit(grow_until_stopped)
+        error = runaway.exception(timeout=120)
+        assert isinstance(error, WorkerMemoryError) and isinstance(error, WorkerLostError)
+        assert error.limit == 300_000_000 and error.size > error.limit
+        assert "kill_worker_memory=300.0 MB" in str(error)
+        assert [f.result(timeout=60) for f in others] == [i * i for i in range(10)]
+        assert pool.submit(square, 3).result(timeout=60) == 9
+
+
+def test_a_task_past_its_deadline_fails_with_task_timeout_error_and_others_finish() -> None:
+    with BaseWorkerPool(2, task_timeout=0.5) as pool:
+        others = [pool.submit(sleep_then_square, i, 0.01) for i in range(10)]
+        stuck = pool.submit(sleep_and_return_pid, 60)
+        error = stuck.exception(timeout=60)
+        assert isinstance(error, TaskTimeoutError) and isinstance(error, TimeoutError)
+        assert error.timeout == 0.5 and "0.5s deadline" in str(error)
+        assert [f.result(timeout=60) for f in others] == [i * i for i in range(10)]
+        assert pool.submit(square, 4).result(timeout=60) == 16
+
+
+def test_submit_with_timeout_sets_a_deadline_per_call_from_when_the_task_starts() -> None:
+    with BaseWorkerPool(1) as pool:
+        blocker = pool.submit(sleep_and_return_pid, 1.0)
+        # Queued behind a 1 s task: its 0.6 s deadline starts when it starts.
+        patient = pool.submit_with_timeout(0.6, sleep_and_return_pid, 0.05)
+        late = pool.submit_with_timeout(0.3, sleep_and_return_pid, 30)
+        assert isinstance(blocker.result(timeout=60), int)
+        assert isinstance(patient.result(timeout=60), int)
+        assert isinstance(late.exception(timeout=60), TaskTimeoutError)
+        no_deadline = pool.submit_with_timeout(None, sleep_and_return_pid, 0.05)
+        assert isinstance(no_deadline.result(timeout=60), int)
+
+
+def test_limit_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="above max_worker_memory"):
+        BaseWorkerPool(1, max_worker_memory="1GB", kill_worker_memory="500MB")
+    with pytest.raises(ValueError, match="512XB"):
+        BaseWorkerPool(1, max_worker_memory="512XB")
+    with pytest.raises(TypeError):
+        BaseWorkerPool(1, max_worker_memory=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not both"):
+        BaseWorkerPool(1, max_tasks_per_worker=2, max_tasks_per_child=2)
+    with pytest.raises(ValueError):
+        BaseWorkerPool(1, max_tasks_per_worker=0)
+    with pytest.raises(ValueError):
+        BaseWorkerPool(1, task_timeout=-1)
+    with BaseWorkerPool(1) as pool, pytest.raises(ValueError):
+        pool.submit_with_timeout(0, square, 1)
