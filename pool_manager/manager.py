@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from ._durations import Duration, to_count, to_seconds
+from . import memory
+from ._durations import Duration, to_bytes, to_count, to_seconds
 from .errors import FactoryError, ManagerShutDownError
 from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, WorkerPool
 from .supervisor import Supervisor
@@ -71,6 +72,9 @@ class PoolStats(TypedDict):
     unfinished_tasks: int
     age: float  #: seconds since the pool was built
     idle_for: float  #: seconds since its last use (0 while leased or busy)
+    memory: dict[int, memory.WorkerMemory]  #: per worker pid, at the last sample
+    memory_rss: int  #: sum of the workers' RSS at the last sample (bytes)
+    memory_uss: int | None  #: sum of their USS, where the OS gives it
 
 
 class ManagerStats(TypedDict):
@@ -79,6 +83,8 @@ class ManagerStats(TypedDict):
     pools: dict[Hashable, PoolStats]  #: the pools in the map, by key
     retiring: list[PoolStats]  #: retired pools still finishing their work
     total_workers: int  #: live worker processes across all of them
+    total_memory_rss: int  #: the workers' RSS at the last sample (bytes)
+    memory_sampled_at: float | None  #: clock time of the last memory sample
     shut_down: bool
 
 
@@ -88,6 +94,7 @@ class SweepResult:
 
     expired: list[Hashable] = field(default_factory=list)  #: keys disposed as stale
     retired: list[Hashable] = field(default_factory=list)  #: keys retired for age
+    relieved: list[Hashable] = field(default_factory=list)  #: idle keys disposed for memory
     disposed: int = 0  #: pools whose workers were stopped
     next_deadline: float | None = None  #: clock time of the next check, if any
 
@@ -102,6 +109,7 @@ class _PoolEntry:
     last_used: float
     leases: int = 0
     state: PoolState = PoolState.IDLE
+    memory: dict[int, memory.WorkerMemory] = field(default_factory=dict)
 
     def idle(self) -> bool:
         return self.leases == 0 and self.pool.unfinished_tasks == 0
@@ -163,6 +171,11 @@ class WorkerPoolManager:
         max_tasks_per_worker, max_worker_memory, kill_worker_memory,
             task_timeout: worker limits of the pools the default factory
             builds (see `BaseWorkerPool`).
+        memory_sample_interval: seconds between two samples of every
+            worker's memory (RSS and USS, in `stats`); ``None`` never samples.
+        min_available_memory: bytes, or a string like ``"2GB"``: when the
+            machine's available memory is below this at a sample, idle pools
+            are disposed, least recently used first, until it is not.
         clock: a monotonic clock in seconds; inject a fake one in tests and
             call `sweep` after moving it. (Task deadlines and memory limits
             are real time and real bytes, enforced in the workers.)
@@ -185,6 +198,8 @@ class WorkerPoolManager:
         max_worker_memory: int | str | None = None,
         kill_worker_memory: int | str | None = None,
         task_timeout: Duration | None = None,
+        memory_sample_interval: Duration | None = 10.0,
+        min_available_memory: int | str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool_size = to_count("pool_size", pool_size, minimum=1)
@@ -210,9 +225,17 @@ class WorkerPoolManager:
         # Checked now, by the pool that would take them, rather than at the
         # first get_pool.
         BaseWorkerPool(1, **self._worker_options)
+        self._sample_every = to_seconds(
+            "memory_sample_interval", memory_sample_interval, allow_none=True
+        )
+        self._min_available = to_bytes("min_available_memory", min_available_memory)
+        if self._min_available is not None and self._sample_every is None:
+            raise ValueError("min_available_memory needs a memory_sample_interval")
         if not callable(clock):
             raise TypeError("clock must be a callable returning seconds")
         self._clock = clock
+        self._next_sample: float | None = None  # clock time; None: sample at once
+        self._sampled_at: float | None = None
 
         # _lock guards _entries, _building, _retiring, _disposing, _shut_down,
         # and every _PoolEntry's fields. Never held while a factory runs or a
@@ -480,9 +503,61 @@ class WorkerPoolManager:
             logger.info("pool for key %r expired after %.1fs unused", key, unused)
         for entry in due:
             self._dispose(entry)
+        relieved: list[Hashable] = []
+        if self._sample_every is not None and (
+            self._next_sample is None or now >= self._next_sample
+        ):
+            relieved = self._sample_memory(now)
+        sample_at = self._next_sample
+        if (
+            self._sample_every is not None
+            and sample_at is not None
+            and self._entries
+            and (next_deadline is None or sample_at < next_deadline)
+        ):
+            next_deadline = sample_at
         return SweepResult(
-            [key for key, _ in expired], [key for key, _ in retired], len(due), next_deadline
+            [key for key, _ in expired],
+            [key for key, _ in retired],
+            relieved,
+            len(due) + len(relieved),
+            next_deadline,
         )
+
+    def _sample_memory(self, now: float) -> list[Hashable]:
+        """Sample every worker's memory; under memory pressure, dispose idle pools."""
+        assert self._sample_every is not None
+        with self._lock:
+            self._next_sample = now + self._sample_every
+            entries = [*self._entries.values(), *self._retiring]
+        for entry in entries:
+            sample = memory.sample_workers(entry.pool.worker_pids())
+            with self._lock:
+                entry.memory = sample
+        with self._lock:
+            self._sampled_at = now
+        if self._min_available is None:
+            return []
+        relieved: list[Hashable] = []
+        while (available := memory.available_memory()) < self._min_available:
+            with self._lock:
+                idle = [e for e in self._entries.values() if e.idle()]
+                if not idle:
+                    break
+                victim = min(idle, key=lambda e: e.last_used)
+                del self._entries[victim.key]
+                victim.state = PoolState.DISPOSING
+                self._disposing.add(victim)
+            logger.warning(
+                "memory pressure: %.0f MB available, below min_available_memory=%.0f MB: "
+                "disposing the idle pool for key %r (least recently used)",
+                available / 1e6,
+                self._min_available / 1e6,
+                victim.key,
+            )
+            self._dispose(victim)
+            relieved.append(victim.key)
+        return relieved
 
     def _supervised_sweep(self) -> float | None:
         return self.sweep().next_deadline
@@ -506,17 +581,24 @@ class WorkerPoolManager:
             entries = list(self._entries.values())
             retiring = list(self._retiring)
             snapshot = [
-                (e, e.state, e.leases, now - e.created, now - e.last_used)
+                (e, e.state, e.leases, now - e.created, now - e.last_used, dict(e.memory))
                 for e in itertools.chain(entries, retiring)
             ]
             shut_down = self._shut_down
+            sampled_at = self._sampled_at
         pools: dict[Hashable, PoolStats] = {}
         retiring_stats: list[PoolStats] = []
         total = 0
-        for entry, state, leases, age, idle_for in snapshot:
+        total_rss = 0
+        for entry, state, leases, age, idle_for, sample in snapshot:
             pids = entry.pool.worker_pids()
             unfinished = entry.pool.unfinished_tasks
             total += len(pids)
+            live = {pid: sample[pid] for pid in pids if pid in sample}
+            rss = sum(m["rss"] for m in live.values())
+            uss_values = [m["uss"] for m in live.values()]
+            uss = None if None in uss_values else sum(u for u in uss_values if u is not None)
+            total_rss += rss
             stats = PoolStats(
                 state=state.value,
                 workers=len(pids),
@@ -527,13 +609,21 @@ class WorkerPoolManager:
                 unfinished_tasks=unfinished,
                 age=age,
                 idle_for=idle_for if leases == 0 and unfinished == 0 else 0.0,
+                memory=live,
+                memory_rss=rss,
+                memory_uss=uss,
             )
             if state is PoolState.RETIRING:
                 retiring_stats.append(stats)
             else:
                 pools[entry.key] = stats
         return ManagerStats(
-            pools=pools, retiring=retiring_stats, total_workers=total, shut_down=shut_down
+            pools=pools,
+            retiring=retiring_stats,
+            total_workers=total,
+            total_memory_rss=total_rss,
+            memory_sampled_at=sampled_at,
+            shut_down=shut_down,
         )
 
     # -- shutdown --------------------------------------------------------

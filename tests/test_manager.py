@@ -38,7 +38,8 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def manager(clock: FakeClock) -> Iterator[WorkerPoolManager]:
-    with WorkerPoolManager(4, STALE, LIFETIME, clock=clock) as manager:
+    # Memory sampling has its own tests; here it would add a deadline.
+    with WorkerPoolManager(4, STALE, LIFETIME, clock=clock, memory_sample_interval=None) as manager:
         yield manager
 
 
