@@ -46,6 +46,9 @@ __all__ = [
 
 logger = logging.getLogger("pool_manager")
 
+#: USS is read at one memory sample in this many (it costs ~17x RSS to read).
+USS_EVERY = 6
+
 #: Builds the pool for a new key; called with the manager's ``pool_size``.
 Factory = Callable[[int], WorkerPool]
 
@@ -172,7 +175,8 @@ class WorkerPoolManager:
             task_timeout: worker limits of the pools the default factory
             builds (see `BaseWorkerPool`).
         memory_sample_interval: seconds between two samples of every
-            worker's memory (RSS and USS, in `stats`); ``None`` never samples.
+            worker's RSS (in `stats`; USS is read at one sample in
+            ``USS_EVERY``); ``None`` never samples.
         min_available_memory: bytes, or a string like ``"2GB"``: when the
             machine's available memory is below this at a sample, idle pools
             are disposed, least recently used first, until it is not.
@@ -236,6 +240,7 @@ class WorkerPoolManager:
         self._clock = clock
         self._next_sample: float | None = None  # clock time; None: sample at once
         self._sampled_at: float | None = None
+        self._samples_taken = 0
 
         # _lock guards _entries, _building, _retiring, _disposing, _shut_down,
         # and every _PoolEntry's fields. Never held while a factory runs or a
@@ -530,8 +535,12 @@ class WorkerPoolManager:
         with self._lock:
             self._next_sample = now + self._sample_every
             entries = [*self._entries.values(), *self._retiring]
+        unique = self._samples_taken % USS_EVERY == 0
+        self._samples_taken += 1
         for entry in entries:
-            sample = memory.sample_workers(entry.pool.worker_pids())
+            sample = memory.sample_workers(
+                entry.pool.worker_pids(), unique=unique, previous=entry.memory
+            )
             with self._lock:
                 entry.memory = sample
         with self._lock:
