@@ -45,6 +45,7 @@ __all__ = [
     "cpu_count",
     "dumps",
     "kill_worker",
+    "register_exit_hook",
     "resolve_context",
 ]
 
@@ -95,6 +96,35 @@ def dumps(obj: object) -> bytes:
     buffer = io.BytesIO()
     _reduction.dump(obj, buffer)
     return buffer.getvalue()
+
+
+_exit_hooks: list[Callable[[], object]] = []
+_exit_hooks_ran = False
+
+
+def register_exit_hook(hook: Callable[[], object]) -> None:
+    """Run ``hook()`` at interpreter exit *before* loky's own exit handler.
+
+    loky's handler waits for every accepted task. It registers itself with
+    ``threading._register_atexit`` each time an executor starts, and those
+    run in reverse order, so ours is registered again after each start
+    (`_hooks_after_loky`) and runs once.
+    """
+    _exit_hooks.append(hook)
+
+
+def _run_exit_hooks() -> None:
+    global _exit_hooks_ran
+    if _exit_hooks_ran:
+        return
+    _exit_hooks_ran = True
+    for hook in _exit_hooks:
+        hook()
+
+
+def _hooks_after_loky() -> None:
+    with contextlib.suppress(RuntimeError):  # the interpreter is already shutting down
+        threading._register_atexit(_run_exit_hooks)  # type: ignore[attr-defined]
 
 
 def kill_worker(pid: int) -> None:
@@ -254,6 +284,7 @@ class LokyExecutor:
             # loky words a worker's recycling as a memory leak and warns once;
             # ours are by design (max_tasks_per_worker, max_worker_memory).
             thread.recycling_warned = True
+            _hooks_after_loky()
         return future
 
     @property

@@ -15,6 +15,7 @@ __all__ = [
     "ManagerShutDownError",
     "PoolManagerError",
     "PoolShutDownError",
+    "PoolTerminatedError",
     "ResultUnpicklingError",
     "TaskKilledError",
     "TaskTimeoutError",
@@ -56,6 +57,14 @@ class PoolShutDownError(PoolManagerError, RuntimeError):
     It is a `RuntimeError`, as `ProcessPoolExecutor` raises. A pool from a
     manager is disposed once its lease is released and it expires or retires:
     take a new lease with `get_pool` instead of keeping the pool object.
+    """
+
+
+class PoolTerminatedError(PoolManagerError, RuntimeError):
+    """The pool was terminated while this task was running: its result is lost.
+
+    ``terminate()``, a Ctrl-C that ended the program, or a SIGTERM whose
+    ``shutdown_grace`` ran out stop running tasks by ending their workers.
     """
 
 

@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from . import memory
+from . import _signals, memory
+from . import pool as _pool_module
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from .errors import FactoryError, ManagerShutDownError
 from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, WorkerPool
@@ -144,6 +145,7 @@ class _Lease:
 
 
 _live_managers: weakref.WeakSet[WorkerPoolManager] = weakref.WeakSet()
+_signals.configure(lambda: list(_live_managers), lambda: list(_pool_module._live_pools))
 
 
 @atexit.register
@@ -180,6 +182,11 @@ class WorkerPoolManager:
         min_available_memory: bytes, or a string like ``"2GB"``: when the
             machine's available memory is below this at a sample, idle pools
             are disposed, least recently used first, until it is not.
+        handle_signals: a manager created in the main thread installs (once
+            per process) a SIGTERM handler that lets accepted work finish
+            within ``shutdown_grace`` seconds, then ends the workers still
+            running and the process, as SIGTERM would (or calls the handler
+            the application set before). False leaves signals alone.
         clock: a monotonic clock in seconds; inject a fake one in tests and
             call `sweep` after moving it. (Task deadlines and memory limits
             are real time and real bytes, enforced in the workers.)
@@ -204,6 +211,8 @@ class WorkerPoolManager:
         task_timeout: Duration | None = None,
         memory_sample_interval: Duration | None = 10.0,
         min_available_memory: int | str | None = None,
+        handle_signals: bool = True,
+        shutdown_grace: Duration = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool_size = to_count("pool_size", pool_size, minimum=1)
@@ -251,6 +260,11 @@ class WorkerPoolManager:
         self._retiring: set[_PoolEntry] = set()
         self._disposing: set[_PoolEntry] = set()
         self._shut_down = False
+
+        grace = to_seconds("shutdown_grace", shutdown_grace)
+        assert grace is not None
+        self.shutdown_grace: float = grace
+        self.handles_signals = bool(handle_signals) and _signals.install_sigterm_handler()
 
         self._supervisor = Supervisor(
             self._supervised_sweep, clock, name=f"pool_manager-supervisor-{id(self):x}"
@@ -645,6 +659,42 @@ class WorkerPoolManager:
         tasks that have not started are cancelled first. Later `get_pool`
         calls raise `ManagerShutDownError`. Idempotent.
         """
+        entries = self._close()
+        for entry in entries:
+            if cancel_futures:
+                entry.pool.shutdown(wait=False, cancel_futures=True)
+            else:
+                # Signal every pool first, so that their workers stop in parallel.
+                entry.pool.dispose(wait=False)
+        if wait:
+            for entry in entries:
+                self._dispose(entry)
+
+    def terminate(self) -> None:
+        """Stop now: dispose every pool at once, ending the tasks still running.
+
+        Queued tasks are cancelled, running ones fail with
+        `PoolTerminatedError`; returns when the workers are gone. Idempotent.
+        """
+        entries = self._close()
+        for entry in entries:
+            entry.pool.terminate()
+            self._dispose(entry)
+
+    def shutdown_within(self, grace: float) -> None:
+        """Shut down, letting accepted work finish for up to ``grace`` seconds, then terminate."""
+        entries = self._close()
+        for entry in entries:
+            entry.pool.dispose(wait=False)
+        deadline = time.monotonic() + grace
+        while any(e.pool.unfinished_tasks for e in entries) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for entry in entries:
+            entry.pool.terminate()
+            self._dispose(entry)
+
+    def _close(self) -> list[_PoolEntry]:
+        """Refuse new leases, stop the supervisor; returns every pool to dispose."""
         with self._lock:
             self._shut_down = True
             entries = [*self._entries.values(), *self._retiring, *self._disposing]
@@ -655,15 +705,7 @@ class WorkerPoolManager:
                 self._disposing.add(entry)
         self._supervisor.stop()
         _live_managers.discard(self)
-        for entry in entries:
-            if cancel_futures:
-                entry.pool.shutdown(wait=False, cancel_futures=True)
-            else:
-                # Signal every pool first, so that their workers stop in parallel.
-                entry.pool.dispose(wait=False)
-        if wait:
-            for entry in entries:
-                self._dispose(entry)
+        return entries
 
     def __enter__(self) -> WorkerPoolManager:
         return self

@@ -44,6 +44,7 @@ from ._worker import (
 from .errors import (
     ArgumentUnpicklingError,
     PoolShutDownError,
+    PoolTerminatedError,
     ResultUnpicklingError,
     TaskKilledError,
     TaskTimeoutError,
@@ -103,6 +104,14 @@ class WorkerPool(Executor, abc.ABC):
 
         It runs on whichever thread finished the last task: keep it short.
         """
+
+    def terminate(self) -> None:
+        """Stop now: cancel queued tasks and end the running ones; wait for the workers.
+
+        The default cancels what has not started and waits for the rest;
+        `BaseWorkerPool` ends running tasks by ending their workers.
+        """
+        self.shutdown(wait=True, cancel_futures=True)
 
     @abc.abstractmethod
     def dispose(self, wait: bool = True) -> None:
@@ -231,6 +240,9 @@ def _load_outcome(ok: bool, data: bytes) -> tuple[bool, Any]:
     error.__cause__ = _remote_traceback(text)
     return False, error
 
+
+#: Pools that have started workers, for the Ctrl-C exit hook (_signals.py).
+_live_pools: weakref.WeakSet[BaseWorkerPool] = weakref.WeakSet()
 
 #: How many times a task torn down by other workers' deaths is sent again.
 MAX_ATTEMPTS = 3
@@ -366,6 +378,7 @@ class BaseWorkerPool(WorkerPool):
         self._kills: dict[int, int] = {}  # pid -> id of the task kill_task killed it for
         self._slot_dir: str | None = None  # made with the first executor
         self._blind_crashes = 0  # executors in a row that broke with no task running
+        self._terminating = False
         self._granted: int | None = None  # None: not granted piecemeal, all usable
         self._executor: _loky.LokyExecutor | None = None
         self._old_executors: list[_loky.LokyExecutor] = []  # broken or shut down, to join
@@ -524,6 +537,23 @@ class BaseWorkerPool(WorkerPool):
             time.sleep(0.001)
         return False
 
+    def terminate(self) -> None:
+        """Stop now: cancel queued tasks, end the workers, and return when they are gone.
+
+        Tasks that were running fail with `PoolTerminatedError` (they are not
+        sent again). Idempotent; `submit` afterwards raises.
+        """
+        with self._lock:
+            self._shut_down = True
+            self._terminating = True
+            self._not_full.notify_all()
+            pending = list(self._outstanding.values())
+        for future in pending:
+            future.cancel()
+        for pid in self.worker_pids():
+            _loky.kill_worker(pid)
+        self.dispose(wait=True)
+
     def map(
         self,
         fn: Callable[..., T],
@@ -652,6 +682,7 @@ class BaseWorkerPool(WorkerPool):
         if executor is None:
             self._join_finished_executors()
             if self._slot_dir is None:
+                _live_pools.add(self)
                 self._slot_dir = _make_slot_dir()
                 weakref.finalize(self, shutil.rmtree, self._slot_dir, ignore_errors=True)
             executor = self._executor = _loky.LokyExecutor(
@@ -686,6 +717,8 @@ class BaseWorkerPool(WorkerPool):
         with self._lock:
             lost, running = self._crash_report(executor)
             blind_crashes = self._blind_crashes
+        if self._terminating:
+            return PoolTerminatedError("the pool was terminated while this task was running")
         culprit = lost.get(future.task_id)
         if culprit is not None:
             return self._lost_error(future, *culprit)

@@ -1,0 +1,101 @@
+"""Signals and interpreter exit.
+
+* SIGTERM (how services are stopped): a manager created in the main thread
+  installs, once per process, a handler that lets accepted work finish and
+  its futures' callbacks run within ``shutdown_grace``, then ends the workers
+  still running and ends the process as SIGTERM would, or calls the handler
+  the application had set before.
+* Ctrl-C: a ``KeyboardInterrupt`` that ends the program must not leave it
+  waiting at exit for a backlog (loky's exit handler waits for every accepted
+  task). An exit hook that runs before loky's terminates every pool when the
+  program is ending on a KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any, Protocol
+
+from . import _loky
+
+logger = logging.getLogger("pool_manager")
+
+
+class _Stoppable(Protocol):
+    handles_signals: bool
+    shutdown_grace: float
+
+    def shutdown_within(self, grace: float) -> None: ...
+
+    def terminate(self) -> None: ...
+
+
+_lock = threading.Lock()
+_installed = False
+_previous: Any = None
+_managers: Callable[[], Iterable[_Stoppable]] = list
+_pools: Callable[[], Iterable[Any]] = list
+
+
+def configure(
+    managers: Callable[[], Iterable[_Stoppable]], pools: Callable[[], Iterable[Any]]
+) -> None:
+    """Tell this module where the live managers and pools are (no import cycle)."""
+    global _managers, _pools
+    _managers, _pools = managers, pools
+
+
+def install_sigterm_handler() -> bool:
+    """Install the SIGTERM handler once; False if not on the main thread."""
+    global _installed, _previous
+    with _lock:
+        if _installed:
+            return True
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        _previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _installed = True
+        return True
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    managers = [m for m in list(_managers()) if m.handles_signals]
+    if managers:
+        grace = max(m.shutdown_grace for m in managers)
+        logger.warning(
+            "SIGTERM: letting accepted work finish (up to %.1fs), then stopping workers", grace
+        )
+        deadline = time.monotonic() + grace
+        for manager in managers:
+            manager.shutdown_within(max(0.0, deadline - time.monotonic()))
+    previous = _previous
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_IGN:
+        return
+    else:  # SIG_DFL (or unknown): end as SIGTERM would
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _on_interpreter_exit() -> None:
+    # Python records an uncaught exception in sys.last_value (3.12: last_exc)
+    # before it shuts threads down and calls this.
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    if not isinstance(last, KeyboardInterrupt):
+        return  # a normal exit: accepted work finishes, as ProcessPoolExecutor does
+    for manager in list(_managers()):
+        manager.terminate()
+    for pool in list(_pools()):
+        pool.terminate()
+
+
+_loky.register_exit_hook(_on_interpreter_exit)

@@ -1,0 +1,187 @@
+"""SIGTERM with a grace period, chaining, opting out, and Ctrl-C, in a child interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .helpers import poll
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, Linux")
+
+PRELUDE = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    from pool_manager import WorkerPoolManager
+
+    def nap(seconds, tag):
+        time.sleep(seconds)
+        return tag
+
+    def record(path):
+        def callback(future):
+            with open(path, "a") as out:
+                out.write(f"{future.result()}\\n")
+        return callback
+    """
+)
+
+
+def _start(body: str, tmp_path: Path) -> tuple[subprocess.Popen[str], list[int]]:
+    script = tmp_path / "parent.py"
+    script.write_text(PRELUDE + textwrap.dedent(body))
+    stderr = (tmp_path / "stderr").open("w")
+    parent = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    stderr.close()
+    assert parent.stdout is not None
+    line = parent.stdout.readline()
+    if not line:
+        parent.wait(30)
+        raise AssertionError((tmp_path / "stderr").read_text())
+    return parent, json.loads(line)
+
+
+def _gone(pids: list[int]) -> bool:
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return not any(alive(pid) for pid in pids)
+
+
+def _finish(parent: subprocess.Popen[str], pids: list[int], timeout: float = 60) -> int:
+    try:
+        return parent.wait(timeout)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if not poll(lambda: _gone(pids), timeout=15):
+            for pid in pids:
+                if not _gone([pid]):
+                    psutil.Process(pid).kill()
+            raise AssertionError(f"workers left running: {pids}")
+
+
+def test_sigterm_lets_accepted_work_and_callbacks_finish_then_ends_as_sigterm(
+    tmp_path: Path,
+) -> None:
+    parent, pids = _start(
+        """
+        manager = WorkerPoolManager(2, 600, 3600, shutdown_grace=30)
+        pool, done = manager.get_pool("a", 2)
+        futures = [pool.submit(nap, 0.4, i) for i in range(6)]
+        for f in futures:
+            f.add_done_callback(record("done.txt"))
+        while not pool.worker_pids():
+            time.sleep(0.01)
+        print(json.dumps(pool.worker_pids()), flush=True)
+        time.sleep(120)
+        """,
+        tmp_path,
+    )
+    os.kill(parent.pid, signal.SIGTERM)
+    code = _finish(parent, pids)
+    assert code == -signal.SIGTERM
+    assert sorted((tmp_path / "done.txt").read_text().split()) == [str(i) for i in range(6)]
+
+
+def test_sigterm_ends_running_work_when_the_grace_period_runs_out(tmp_path: Path) -> None:
+    parent, pids = _start(
+        """
+        manager = WorkerPoolManager(1, 600, 3600, shutdown_grace=0.5)
+        pool, done = manager.get_pool("a", 1)
+        stuck = pool.submit(nap, 120, "never")
+        while not stuck.running():
+            time.sleep(0.01)
+        print(json.dumps(pool.worker_pids()), flush=True)
+        time.sleep(120)
+        """,
+        tmp_path,
+    )
+    started = time.monotonic()
+    os.kill(parent.pid, signal.SIGTERM)
+    assert _finish(parent, pids) == -signal.SIGTERM
+    assert time.monotonic() - started < 20  # the grace (0.5 s), not the task (120 s)
+
+
+def test_sigterm_chains_to_the_handler_the_application_set_before(tmp_path: Path) -> None:
+    parent, pids = _start(
+        """
+        def application_handler(signum, frame):
+            print("application handler ran", flush=True)
+            sys.exit(0)
+
+        signal.signal(signal.SIGTERM, application_handler)
+        manager = WorkerPoolManager(1, 600, 3600, shutdown_grace=30)
+        pool, done = manager.get_pool("a", 1)
+        future = pool.submit(nap, 0.3, "finished")
+        future.add_done_callback(record("done.txt"))
+        while not future.running():
+            time.sleep(0.01)
+        print(json.dumps(pool.worker_pids()), flush=True)
+        time.sleep(120)
+        """,
+        tmp_path,
+    )
+    os.kill(parent.pid, signal.SIGTERM)
+    assert parent.stdout is not None
+    assert _finish(parent, pids) == 0
+    assert "application handler ran" in parent.stdout.read()
+    assert (tmp_path / "done.txt").read_text().split() == ["finished"]
+
+
+def test_handle_signals_false_leaves_sigterm_to_the_application(tmp_path: Path) -> None:
+    parent, pids = _start(
+        """
+        manager = WorkerPoolManager(1, 600, 3600, handle_signals=False)
+        pool, done = manager.get_pool("a", 1)
+        stuck = pool.submit(nap, 120, "never")
+        while not stuck.running():
+            time.sleep(0.01)
+        print(json.dumps(pool.worker_pids()), flush=True)
+        time.sleep(120)
+        """,
+        tmp_path,
+    )
+    os.kill(parent.pid, signal.SIGTERM)
+    assert _finish(parent, pids) == -signal.SIGTERM  # at once; the watchdog ends the workers
+
+
+def test_ctrl_c_while_waiting_on_results_does_not_hang_at_exit(tmp_path: Path) -> None:
+    parent, pids = _start(
+        """
+        manager = WorkerPoolManager(2, 600, 3600, max_pending=None)
+        pool, done = manager.get_pool("a", 2)
+        futures = [pool.submit(nap, 60, i) for i in range(20)]
+        while not futures[0].running():
+            time.sleep(0.01)
+        print(json.dumps(pool.worker_pids()), flush=True)
+        futures[0].result()  # Ctrl-C arrives here
+        """,
+        tmp_path,
+    )
+    started = time.monotonic()
+    os.kill(parent.pid, signal.SIGINT)
+    code = _finish(parent, pids)
+    assert code != 0
+    assert "KeyboardInterrupt" in (tmp_path / "stderr").read_text()
+    assert time.monotonic() - started < 20  # not the 60 s tasks, nor the backlog
