@@ -57,7 +57,7 @@ from .manager import (
     SweepResult,
     WorkerPoolManager,
 )
-from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, WorkerPool
+from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TaskCounts, WorkerPool
 
 __version__ = "0.1.0"
 
@@ -76,6 +76,7 @@ __all__ = [
     "PoolStats",
     "ResultUnpicklingError",
     "SweepResult",
+    "TaskCounts",
     "TaskKilledError",
     "TaskTimeoutError",
     "TaskUnpicklingError",

@@ -33,7 +33,7 @@ from . import _signals, memory
 from . import pool as _pool_module
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from .errors import FactoryError, ManagerShutDownError
-from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, WorkerPool
+from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TaskCounts, WorkerPool
 from .supervisor import Supervisor
 
 __all__ = [
@@ -67,13 +67,15 @@ class PoolState(str, enum.Enum):
 class PoolStats(TypedDict):
     """One pool in `WorkerPoolManager.stats`."""
 
-    state: str
+    key: Hashable
+    state: str  #: a `PoolState` value
     workers: int  #: live worker processes
     worker_pids: list[int]
     worker_count: int  #: workers granted so far
     max_size: int
     leases: int
     unfinished_tasks: int
+    tasks: TaskCounts  #: submitted, running, queued, completed, failed, cancelled
     age: float  #: seconds since the pool was built
     idle_for: float  #: seconds since its last use (0 while leased or busy)
     memory: dict[int, memory.WorkerMemory]  #: per worker pid, at the last sample
@@ -86,9 +88,14 @@ class ManagerStats(TypedDict):
 
     pools: dict[Hashable, PoolStats]  #: the pools in the map, by key
     retiring: list[PoolStats]  #: retired pools still finishing their work
-    total_workers: int  #: live worker processes across all of them
+    pool_count: int  #: pools in the map
+    total_workers: int  #: live worker processes across all pools
+    total_leases: int
+    total_unfinished_tasks: int
     total_memory_rss: int  #: the workers' RSS at the last sample (bytes)
     memory_sampled_at: float | None  #: clock time of the last memory sample
+    last_sweep_at: float | None  #: clock time of the supervisor's last sweep
+    last_sweep_seconds: float | None  #: how long that sweep took (real seconds)
     shut_down: bool
 
 
@@ -250,6 +257,7 @@ class WorkerPoolManager:
         self._next_sample: float | None = None  # clock time; None: sample at once
         self._sampled_at: float | None = None
         self._samples_taken = 0
+        self._last_sweep: tuple[float, float] | None = None  # clock time, real seconds
 
         # _lock guards _entries, _building, _retiring, _disposing, _shut_down,
         # and every _PoolEntry's fields. Never held while a factory runs or a
@@ -484,6 +492,7 @@ class WorkerPoolManager:
         no lease and no unfinished work (blocking while its workers stop).
         Returns what it did and when the next check is due.
         """
+        started = time.perf_counter()
         expired: list[tuple[Hashable, float]] = []  # key, seconds unused
         retired: list[tuple[Hashable, float]] = []  # key, age
         due: list[_PoolEntry] = []
@@ -535,6 +544,8 @@ class WorkerPoolManager:
             and (next_deadline is None or sample_at < next_deadline)
         ):
             next_deadline = sample_at
+        with self._lock:
+            self._last_sweep = (now, time.perf_counter() - started)
         return SweepResult(
             [key for key, _ in expired],
             [key for key, _ in retired],
@@ -609,10 +620,10 @@ class WorkerPoolManager:
             ]
             shut_down = self._shut_down
             sampled_at = self._sampled_at
+            last_sweep = self._last_sweep
         pools: dict[Hashable, PoolStats] = {}
         retiring_stats: list[PoolStats] = []
-        total = 0
-        total_rss = 0
+        total = total_rss = total_leases = total_unfinished = 0
         for entry, state, leases, age, idle_for, sample in snapshot:
             pids = entry.pool.worker_pids()
             unfinished = entry.pool.unfinished_tasks
@@ -622,7 +633,10 @@ class WorkerPoolManager:
             uss_values = [m["uss"] for m in live.values()]
             uss = None if None in uss_values else sum(u for u in uss_values if u is not None)
             total_rss += rss
+            total_leases += leases
+            total_unfinished += unfinished
             stats = PoolStats(
+                key=entry.key,
                 state=state.value,
                 workers=len(pids),
                 worker_pids=pids,
@@ -630,6 +644,7 @@ class WorkerPoolManager:
                 max_size=entry.pool.max_size,
                 leases=leases,
                 unfinished_tasks=unfinished,
+                tasks=entry.pool.task_counts(),
                 age=age,
                 idle_for=idle_for if leases == 0 and unfinished == 0 else 0.0,
                 memory=live,
@@ -643,9 +658,14 @@ class WorkerPoolManager:
         return ManagerStats(
             pools=pools,
             retiring=retiring_stats,
+            pool_count=len(pools),
             total_workers=total,
+            total_leases=total_leases,
+            total_unfinished_tasks=total_unfinished,
             total_memory_rss=total_rss,
             memory_sampled_at=sampled_at,
+            last_sweep_at=last_sweep[0] if last_sweep else None,
+            last_sweep_seconds=last_sweep[1] if last_sweep else None,
             shut_down=shut_down,
         )
 

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import _RemoteTraceback
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from . import _loky
 from ._durations import Duration, to_bytes, to_count, to_seconds
@@ -53,7 +53,7 @@ from .errors import (
     WorkerPoolBrokenError,
 )
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "WorkerPool"]
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "TaskCounts", "WorkerPool"]
 
 T = TypeVar("T")
 
@@ -104,6 +104,21 @@ class WorkerPool(Executor, abc.ABC):
 
         It runs on whichever thread finished the last task: keep it short.
         """
+
+    def task_counts(self) -> TaskCounts:
+        """The pool's tasks: submitted, running, queued, completed, failed, cancelled.
+
+        The default knows only the unfinished tasks (counted as queued);
+        `BaseWorkerPool` counts them all.
+        """
+        return TaskCounts(
+            submitted=0,
+            running=0,
+            queued=self.unfinished_tasks,
+            completed=0,
+            failed=0,
+            cancelled=0,
+        )
 
     def terminate(self) -> None:
         """Stop now: cancel queued tasks and end the running ones; wait for the workers.
@@ -160,7 +175,7 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
         if inner is not self._inner:
             return
         if inner.cancelled():
-            self._pool._task_finished(self)
+            self._pool._task_finished(self, _CANCELLED)
             self._inner = self._executor = None
             Future.cancel(self)
             self.set_running_or_notify_cancel()
@@ -182,7 +197,7 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
         self._finish(False, error)
 
     def _finish(self, ok: bool, value: Any) -> None:
-        self._pool._task_finished(self)
+        self._pool._task_finished(self, _COMPLETED if ok else _FAILED)
         # Drop what ties this future to loky's (a reference cycle through the
         # callback) and to the executor, whose pipes would wait for the GC.
         self._payload = None
@@ -239,6 +254,20 @@ def _load_outcome(ok: bool, data: bytes) -> tuple[bool, Any]:
         return False, argument_failure
     error.__cause__ = _remote_traceback(text)
     return False, error
+
+
+_SUBMITTED, _COMPLETED, _FAILED, _CANCELLED = range(4)
+
+
+class TaskCounts(TypedDict):
+    """A pool's tasks, counted since it was built."""
+
+    submitted: int  #: accepted by submit (or map)
+    running: int  #: in a worker now
+    queued: int  #: accepted, not started
+    completed: int  #: finished with a result
+    failed: int  #: finished with an exception (the task's own, or a lost worker)
+    cancelled: int
 
 
 #: Pools that have started workers, for the Ctrl-C exit hook (_signals.py).
@@ -379,6 +408,7 @@ class BaseWorkerPool(WorkerPool):
         self._slot_dir: str | None = None  # made with the first executor
         self._blind_crashes = 0  # executors in a row that broke with no task running
         self._terminating = False
+        self._counts = [0, 0, 0, 0]  # submitted, completed, failed, cancelled
         self._granted: int | None = None  # None: not granted piecemeal, all usable
         self._executor: _loky.LokyExecutor | None = None
         self._old_executors: list[_loky.LokyExecutor] = []  # broken or shut down, to join
@@ -420,6 +450,25 @@ class BaseWorkerPool(WorkerPool):
     def add_idle_callback(self, callback: Callable[[], object]) -> None:
         with self._lock:
             self._idle_callbacks.append(callback)
+
+    def task_counts(self) -> TaskCounts:
+        # "Running" is read from the workers' slots: exact, ~5 µs a worker.
+        slot_dir = self._slot_dir
+        running = 0
+        if slot_dir is not None:
+            running = sum(1 for pid in self.worker_pids() if read_slot(slot_dir, pid)[0])
+        with self._lock:
+            submitted, completed, failed, cancelled = self._counts
+            unfinished = len(self._outstanding)
+        running = min(running, unfinished)
+        return TaskCounts(
+            submitted=submitted,
+            running=running,
+            queued=unfinished - running,
+            completed=completed,
+            failed=failed,
+            cancelled=cancelled,
+        )
 
     @property
     def is_shut_down(self) -> bool:
@@ -485,6 +534,7 @@ class BaseWorkerPool(WorkerPool):
                 raise PoolShutDownError("cannot schedule new futures after shutdown")
             executor = self._live_executor()
             self._outstanding[task_id] = future
+            self._counts[_SUBMITTED] += 1
         try:
             try:
                 inner = executor.submit(run_task, future._envelope())
@@ -494,7 +544,7 @@ class BaseWorkerPool(WorkerPool):
                     executor = self._live_executor()
                 inner = executor.submit(run_task, future._envelope())
         except BaseException as error:
-            self._task_finished(future)
+            self._task_finished(future, _SUBMITTED, -1)  # it was never accepted
             if isinstance(error, _loky.ShutdownExecutorError):
                 raise PoolShutDownError("cannot schedule new futures after shutdown") from None
             raise
@@ -829,8 +879,9 @@ class BaseWorkerPool(WorkerPool):
                 still_running.append(old)
         self._old_executors = still_running
 
-    def _task_finished(self, future: _TaskFuture) -> None:
+    def _task_finished(self, future: _TaskFuture, outcome: int, count: int = 1) -> None:
         with self._lock:
+            self._counts[outcome] += count
             self._outstanding.pop(future.task_id, None)
             if self._max_pending is not None:
                 self._not_full.notify()

@@ -754,3 +754,44 @@ def test_worker_limits_on_the_manager_reach_the_pools_it_builds(clock: FakeClock
         assert pids[0] == pids[1] != pids[2] == pids[3]
     with pytest.raises(ValueError, match="kill_worker_memory"):
         WorkerPoolManager(1, 1, 1, max_worker_memory="2GB", kill_worker_memory="1GB")
+
+
+def test_stats_count_each_pools_tasks_and_the_managers_totals(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    from .helpers import raise_value_error, touch_and_wait
+
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    with (
+        WorkerPoolManager(1, STALE, LIFETIME, clock=clock, max_pending=None) as manager,
+        manager.lease("a", 1) as pool,
+    ):
+        assert [pool.submit(square, i).result(timeout=60) for i in range(3)] == [0, 1, 4]
+        assert isinstance(pool.submit(raise_value_error, "x").exception(timeout=60), ValueError)
+        running = pool.submit(touch_and_wait, str(started), str(gate))
+        queued = [pool.submit(square, i) for i in range(8)]
+        assert poll(started.exists, timeout=60)
+        assert queued[-1].cancel()  # beyond loky's call queue: still cancellable
+        stats = manager.stats()
+        a = stats["pools"]["a"]
+        assert a["key"] == "a"
+        assert a["tasks"] == {
+            "submitted": 13,
+            "running": 1,
+            "queued": 7,
+            "completed": 3,
+            "failed": 1,
+            "cancelled": 1,
+        }
+        assert stats["pool_count"] == 1 and stats["total_leases"] == 1
+        assert stats["total_unfinished_tasks"] == 8
+        gate.touch()
+        assert running.result(timeout=60)
+        assert [f.result(timeout=60) for f in queued[:-1]] == [i * i for i in range(7)]
+        tasks = manager.stats()["pools"]["a"]["tasks"]
+        assert tasks["completed"] == 11 and tasks["running"] == tasks["queued"] == 0
+        clock.advance(1)
+        manager.sweep()
+        stats = manager.stats()
+        assert stats["last_sweep_at"] == clock.now
+        assert stats["last_sweep_seconds"] is not None and stats["last_sweep_seconds"] >= 0
