@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import enum
 import functools
+import heapq
 import itertools
 import logging
 import threading
@@ -120,6 +121,7 @@ class _PoolEntry:
     last_used: float
     leases: int = 0
     state: PoolState = PoolState.IDLE
+    serial: int = 0  #: tells this pool from a later one under the same key
     memory: dict[int, memory.WorkerMemory] = field(default_factory=dict)
 
     def idle(self) -> bool:
@@ -151,6 +153,7 @@ class _Lease:
         return f"<lease on {self._entry.key!r}, {state}>"
 
 
+_serials = itertools.count(1)
 _live_managers: weakref.WeakSet[WorkerPoolManager] = weakref.WeakSet()
 _signals.configure(lambda: list(_live_managers), lambda: list(_pool_module._live_pools))
 
@@ -268,6 +271,9 @@ class WorkerPoolManager:
         self._retiring: set[_PoolEntry] = set()
         self._disposing: set[_PoolEntry] = set()
         self._shut_down = False
+        # (clock time, tie-breaker, key, entry serial): when a pool is next worth a look.
+        self._deadlines: list[tuple[float, int, Hashable, int]] = []
+        self._deadline_order = itertools.count()
 
         grace = to_seconds("shutdown_grace", shutdown_grace)
         assert grace is not None
@@ -418,9 +424,12 @@ class WorkerPoolManager:
             shut_down = self._shut_down
             if not shut_down:
                 now = self._clock()
-                entry = _PoolEntry(key, pool, created=now, last_used=now, leases=1)
+                entry = _PoolEntry(
+                    key, pool, created=now, last_used=now, leases=1, serial=next(_serials)
+                )
                 entry.state = PoolState.LEASED
                 self._entries[key] = entry
+                self._push_deadline(entry, now + self._max_lifetime)
         if shut_down:
             pool.dispose(wait=True)
             shut_down_error = ManagerShutDownError(
@@ -445,6 +454,7 @@ class WorkerPoolManager:
                 return
             if entry.state is PoolState.LEASED:
                 entry.state = PoolState.IDLE
+            self._push_deadline(entry, entry.last_used + self._stale_after)
         self._supervisor.wake()
 
     def _pool_went_idle(self, entry: _PoolEntry) -> None:
@@ -453,7 +463,15 @@ class WorkerPoolManager:
             entry.last_used = self._clock()
             if entry.leases > 0:
                 return
+            self._push_deadline(entry, entry.last_used + self._stale_after)
         self._supervisor.wake()
+
+    def _push_deadline(self, entry: _PoolEntry, deadline: float) -> None:
+        """Schedule a check of ``entry`` at clock time ``deadline`` (holds _lock)."""
+        # Key and serial, not the entry: a disposed pool is not kept alive here.
+        heapq.heappush(
+            self._deadlines, (deadline, next(self._deadline_order), entry.key, entry.serial)
+        )
 
     def _retire_locked(self, entry: _PoolEntry) -> None:
         del self._entries[entry.key]
@@ -500,24 +518,27 @@ class WorkerPoolManager:
             if self._shut_down:
                 return SweepResult()
             now = self._clock()
-            next_deadline: float | None = None
-            for entry in list(self._entries.values()):
-                retire_at = entry.created + self._max_lifetime
-                if now >= retire_at:
+            # Only what is due: deadlines come off a heap, so a sweep costs the
+            # pools it acts on, not the number of keys. Entries are pushed
+            # again when their deadline moves (lazy invalidation).
+            deadlines = self._deadlines
+            while deadlines and deadlines[0][0] <= now:
+                _, _, key, serial = heapq.heappop(deadlines)
+                entry = self._entries.get(key)
+                if entry is None or entry.serial != serial:
+                    continue  # retired, expired or replaced since it was pushed
+                if now >= entry.created + self._max_lifetime:
                     self._retire_locked(entry)
                     retired.append((entry.key, now - entry.created))
-                    continue
-                deadline = retire_at
-                if entry.idle():
-                    stale_at = entry.last_used + self._stale_after
-                    if now >= stale_at:
+                elif entry.idle():
+                    if now >= entry.last_used + self._stale_after:
                         del self._entries[entry.key]
                         expired.append((entry.key, now - entry.last_used))
                         due.append(entry)
-                        continue
-                    deadline = min(deadline, stale_at)
-                if next_deadline is None or deadline < next_deadline:
-                    next_deadline = deadline
+                    else:
+                        self._push_deadline(entry, entry.last_used + self._stale_after)
+                # Leased or busy: releasing the lease or finishing the work pushes it.
+            next_deadline = deadlines[0][0] if deadlines else None
             for entry in list(self._retiring):
                 if entry.idle():
                     self._retiring.discard(entry)
