@@ -584,9 +584,11 @@ class WorkerPoolManager:
         unique = self._samples_taken % USS_EVERY == 0
         self._samples_taken += 1
         for entry in entries:
-            sample = memory.sample_workers(
-                entry.pool.worker_pids(), unique=unique, previous=entry.memory
-            )
+            pids = entry.pool.worker_pids()
+            if not pids and entry.idle():
+                # Its workers have all exited: release the executor's threads and pipes too.
+                entry.pool.release_idle_resources()
+            sample = memory.sample_workers(pids, unique=unique, previous=entry.memory)
             with self._lock:
                 entry.memory = sample
         with self._lock:

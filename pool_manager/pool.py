@@ -105,6 +105,14 @@ class WorkerPool(Executor, abc.ABC):
         It runs on whichever thread finished the last task: keep it short.
         """
 
+    def release_idle_resources(self) -> bool:
+        """Free what an idle pool holds beyond its own object; True if anything was freed.
+
+        The supervisor calls it at each memory sample for pools with no lease
+        and no unfinished work. The default frees nothing.
+        """
+        return False
+
     def task_counts(self) -> TaskCounts:
         """The pool's tasks: submitted, running, queued, completed, failed, cancelled.
 
@@ -450,6 +458,25 @@ class BaseWorkerPool(WorkerPool):
     def add_idle_callback(self, callback: Callable[[], object]) -> None:
         with self._lock:
             self._idle_callbacks.append(callback)
+
+    def release_idle_resources(self) -> bool:
+        """Close the executor once every worker has exited (idle timeout) and no task waits.
+
+        That frees its two threads, its pipes and its named semaphores; the
+        next submit builds a new one. An idle pool then costs only its Python
+        objects. Returns True if an executor was closed.
+        """
+        with self._lock:
+            executor = self._executor
+            if executor is None or self._outstanding or executor.worker_pids():
+                return False
+            executors = [executor, *self._old_executors]
+            self._executor = None
+            self._old_executors = []
+        for old in executors:
+            old.shutdown(wait=True)
+        multiprocessing.active_children()  # reap, as in _dispose
+        return True
 
     def task_counts(self) -> TaskCounts:
         # "Running" is read from the workers' slots: exact, ~5 µs a worker.

@@ -87,3 +87,29 @@ def test_min_available_memory_needs_sampling() -> None:
         WorkerPoolManager(1, 1, 1, memory_sample_interval=None, min_available_memory="1GB")
     with pytest.raises(ValueError):
         WorkerPoolManager(1, 1, 1, min_available_memory="lots")
+
+
+def test_an_idle_pool_whose_workers_exited_releases_its_threads_and_pipes() -> None:
+    import threading
+
+    def loky_threads() -> int:
+        return sum(
+            t.name.startswith(("ExecutorManagerThread", "QueueFeederThread"))
+            for t in threading.enumerate()
+        )
+
+    clock = FakeClock()
+    with WorkerPoolManager(
+        1, 600, 3600, clock=clock, memory_sample_interval=5, worker_idle_timeout=0.2
+    ) as manager:
+        baseline = loky_threads()
+        with manager.lease("a") as pool:
+            assert pool.submit(square, 3).result(timeout=60) == 9
+        assert loky_threads() == baseline + 2
+        assert poll(lambda: not pool.worker_pids(), timeout=30)  # the idle timeout
+        clock.advance(5)
+        manager.sweep()
+        assert poll(lambda: loky_threads() == baseline, timeout=30)
+        with manager.lease("a") as again:
+            assert again is pool
+            assert pool.submit(square, 4).result(timeout=60) == 16  # rebuilt on demand
