@@ -34,6 +34,8 @@ so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``).
 
 from __future__ import annotations
 
+import logging
+
 from .errors import (
     ArgumentUnpicklingError,
     FactoryError,
@@ -52,12 +54,15 @@ from .errors import (
 from .manager import (
     Factory,
     ManagerStats,
+    PoolEvent,
     PoolState,
     PoolStats,
     SweepResult,
     WorkerPoolManager,
 )
 from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TaskCounts, WorkerPool
+
+logging.getLogger("pool_manager").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
@@ -69,6 +74,7 @@ __all__ = [
     "FactoryError",
     "ManagerShutDownError",
     "ManagerStats",
+    "PoolEvent",
     "PoolManagerError",
     "PoolShutDownError",
     "PoolTerminatedError",

@@ -197,6 +197,7 @@ def _worker_loop(
             if not processes_management_lock.acquire(block=False):
                 continue
             processes_management_lock.release()
+            _worker.leaving_idle()
             call_item = None
         except BaseException:
             # The call item did not unpickle: tell the parent, which breaks the

@@ -44,8 +44,16 @@ ORPHAN_EXIT_CODE = 75  # its parent died
 DEADLINE_EXIT_CODE = 76  # its task ran past its deadline
 MEMORY_EXIT_CODE = 77  # it grew past kill_worker_memory
 
-#: Why a worker ended itself, as written in its slot.
-NO_REASON, DEADLINE, MEMORY = 0, 1, 2
+#: Why a worker ended itself, as written in its slot. The first two end a
+#: task (the worker is killed); the last three are clean exits between tasks.
+NO_REASON, DEADLINE, MEMORY, RECYCLED_TASKS, RECYCLED_MEMORY, IDLE = range(6)
+
+#: How the parent words a clean exit's reason.
+EXIT_REASONS = {
+    RECYCLED_TASKS: "max_tasks_per_worker",
+    RECYCLED_MEMORY: "max_worker_memory",
+    IDLE: "idle_timeout",
+}
 
 # The slot: the task running now (0: none), why the worker ended itself, and
 # a detail (the deadline in ms, or the memory size reached in bytes).
@@ -106,8 +114,14 @@ def _open_slot(slot_dir: str) -> None:
     finally:
         os.close(fd)
     _slot_path = path
-    # A worker that exits cleanly (idle timeout, recycling) removes its slot.
-    multiprocessing.util.Finalize(None, _remove, args=(path,), exitpriority=0)
+    # A worker that exits cleanly removes its slot, unless it says why it left
+    # (recycled, idle): the parent reads that, then removes it.
+    multiprocessing.util.Finalize(None, _finalize_slot, args=(path,), exitpriority=0)
+
+
+def _finalize_slot(path: str) -> None:
+    if _slot is None or _SLOT.unpack_from(_slot, 0)[1] == NO_REASON:
+        _remove(path)
 
 
 def _remove(path: str) -> None:
@@ -208,13 +222,27 @@ class _Watchdog:
 
 
 def should_retire() -> bool:
-    """After each task: has this worker done its share (tasks or memory)?"""
+    """After each task: has this worker done its share (tasks or memory)?
+
+    If so, the reason goes into the slot, for the parent's "recycled" event.
+    """
     global _tasks_done
     _tasks_done += 1
     limits = _limits
     if limits.max_tasks is not None and _tasks_done >= limits.max_tasks:
+        _set_slot(0, RECYCLED_TASKS, _tasks_done)
         return True
-    return limits.max_memory is not None and resident_memory() > limits.max_memory
+    if limits.max_memory is not None:
+        size = resident_memory()
+        if size > limits.max_memory:
+            _set_slot(0, RECYCLED_MEMORY, size)
+            return True
+    return False
+
+
+def leaving_idle() -> None:
+    """The worker leaves after its idle timeout: say so in the slot."""
+    _set_slot(0, IDLE, 0)
 
 
 # -- the task envelope ---------------------------------------------------------

@@ -80,8 +80,8 @@ class PoolStats(TypedDict):
     age: float  #: seconds since the pool was built
     idle_for: float  #: seconds since its last use (0 while leased or busy)
     memory: dict[int, memory.WorkerMemory]  #: per worker pid, at the last sample
-    memory_rss: int  #: sum of the workers' RSS at the last sample (bytes)
-    memory_uss: int | None  #: sum of their USS, where the OS gives it
+    memory_rss: int | None  #: the workers' RSS at the last sample (bytes); None if not sampled
+    memory_uss: int | None  #: their USS, where the OS gives it and it was read
 
 
 class ManagerStats(TypedDict):
@@ -90,6 +90,7 @@ class ManagerStats(TypedDict):
     pools: dict[Hashable, PoolStats]  #: the pools in the map, by key
     retiring: list[PoolStats]  #: retired pools still finishing their work
     pool_count: int  #: pools in the map
+    # The totals count retiring pools too (pool_count does not).
     total_workers: int  #: live worker processes across all pools
     total_leases: int
     total_unfinished_tasks: int
@@ -111,6 +112,27 @@ class SweepResult:
     next_deadline: float | None = None  #: clock time of the next check, if any
 
 
+@dataclass(frozen=True)
+class PoolEvent:
+    """Something that happened to a pool or one of its workers (see ``on_event``).
+
+    ``kind`` is one of ``pool_built``, ``pool_expired``, ``pool_retired``,
+    ``pool_disposed``, ``pool_relieved`` (disposed under memory pressure),
+    ``worker_started``, ``worker_recycled`` (``reason``: ``max_tasks_per_worker``
+    or ``max_worker_memory``), ``worker_exited`` (``reason``: ``idle_timeout``)
+    and ``worker_lost`` (``reason``: how it died, or ``task_timeout``,
+    ``kill_worker_memory``, ``kill_task``). Worker starts and clean exits are
+    noticed at the supervisor's memory samples; losses at once.
+    """
+
+    kind: str
+    key: Hashable
+    at: float  #: the manager's clock
+    pid: int | None = None
+    reason: str = ""
+    message: str = ""  #: the log line
+
+
 @dataclass(eq=False)
 class _PoolEntry:
     """The manager's record of one pool. All fields are guarded by the manager's lock."""
@@ -122,6 +144,7 @@ class _PoolEntry:
     leases: int = 0
     state: PoolState = PoolState.IDLE
     serial: int = 0  #: tells this pool from a later one under the same key
+    known_pids: frozenset[int] = frozenset()  #: workers seen at the last sample
     memory: dict[int, memory.WorkerMemory] = field(default_factory=dict)
 
     def idle(self) -> bool:
@@ -197,6 +220,11 @@ class WorkerPoolManager:
             within ``shutdown_grace`` seconds, then ends the workers still
             running and the process, as SIGTERM would (or calls the handler
             the application set before). False leaves signals alone.
+        on_event: called with a `PoolEvent` for each pool built, expired,
+            retired, disposed, and each worker started, recycled or lost (on
+            the supervisor's or a pool's thread: keep it short; exceptions
+            are logged). The same events are logged on the
+            ``"pool_manager"`` logger.
         clock: a monotonic clock in seconds; inject a fake one in tests and
             call `sweep` after moving it. (Task deadlines and memory limits
             are real time and real bytes, enforced in the workers.)
@@ -223,6 +251,7 @@ class WorkerPoolManager:
         min_available_memory: int | str | None = None,
         handle_signals: bool = True,
         shutdown_grace: Duration = 30.0,
+        on_event: Callable[[PoolEvent], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool_size = to_count("pool_size", pool_size, minimum=1)
@@ -254,6 +283,9 @@ class WorkerPoolManager:
         self._min_available = to_bytes("min_available_memory", min_available_memory)
         if self._min_available is not None and self._sample_every is None:
             raise ValueError("min_available_memory needs a memory_sample_interval")
+        if on_event is not None and not callable(on_event):
+            raise TypeError("on_event must be callable")
+        self._on_event = on_event
         if not callable(clock):
             raise TypeError("clock must be a callable returning seconds")
         self._clock = clock
@@ -381,7 +413,14 @@ class WorkerPoolManager:
             building.result()  # the builder's exception, if it failed; else lease it
 
         if retired_age is not None:
-            logger.info("pool for key %r retired after %.1fs", key, retired_age)
+            self._emit(
+                logging.INFO,
+                "pool_retired",
+                key,
+                "pool for key %r retired after %.1fs",
+                key,
+                retired_age,
+            )
         lease = _Lease(self, entry)
         try:
             entry.pool.grant_workers(send_size)
@@ -439,7 +478,16 @@ class WorkerPoolManager:
             raise shut_down_error
         pool.add_idle_callback(functools.partial(self._pool_went_idle, entry))
         building.set_result(None)
-        logger.debug("pool built for key %r (max_size=%d)", key, pool.max_size)
+        pool.add_worker_event_callback(functools.partial(self._on_worker_event, entry))
+        self._supervisor.wake()  # a new retirement deadline (and memory to sample)
+        self._emit(
+            logging.INFO,
+            "pool_built",
+            key,
+            "pool built for key %r (max_size=%d)",
+            key,
+            pool.max_size,
+        )
         return entry
 
     def _release(self, lease: _Lease) -> None:
@@ -465,6 +513,42 @@ class WorkerPoolManager:
                 return
             self._push_deadline(entry, entry.last_used + self._stale_after)
         self._supervisor.wake()
+
+    def _emit(
+        self,
+        level: int,
+        kind: str,
+        key: Hashable,
+        message: str,
+        *args: object,
+        pid: int | None = None,
+        reason: str = "",
+    ) -> None:
+        """Log an event and pass it to ``on_event``. Never holds _lock."""
+        logger.log(level, message, *args)
+        callback = self._on_event
+        if callback is None:
+            return
+        event = PoolEvent(
+            kind, key, self._clock(), pid, reason, message % args if args else message
+        )
+        try:
+            callback(event)
+        except Exception:
+            logger.exception("the on_event callback failed for %s", kind)
+
+    def _on_worker_event(self, entry: _PoolEntry, kind: str, pid: int, reason: str) -> None:
+        self._emit(
+            logging.WARNING,
+            kind,
+            entry.key,
+            "worker %d of the pool for key %r was lost: %s",
+            pid,
+            entry.key,
+            reason,
+            pid=pid,
+            reason=reason,
+        )
 
     def _push_deadline(self, entry: _PoolEntry, deadline: float) -> None:
         """Schedule a check of ``entry`` at clock time ``deadline`` (holds _lock)."""
@@ -547,9 +631,18 @@ class WorkerPoolManager:
                 entry.state = PoolState.DISPOSING
                 self._disposing.add(entry)
         for key, age in retired:
-            logger.info("pool for key %r retired after %.1fs", key, age)
+            self._emit(
+                logging.INFO, "pool_retired", key, "pool for key %r retired after %.1fs", key, age
+            )
         for key, unused in expired:
-            logger.info("pool for key %r expired after %.1fs unused", key, unused)
+            self._emit(
+                logging.INFO,
+                "pool_expired",
+                key,
+                "pool for key %r expired after %.1fs unused",
+                key,
+                unused,
+            )
         for entry in due:
             self._dispose(entry)
         relieved: list[Hashable] = []
@@ -591,6 +684,8 @@ class WorkerPoolManager:
             sample = memory.sample_workers(pids, unique=unique, previous=entry.memory)
             with self._lock:
                 entry.memory = sample
+                known, entry.known_pids = entry.known_pids, frozenset(pids)
+            self._worker_changes(entry, known, entry.known_pids)
         with self._lock:
             self._sampled_at = now
         if self._min_available is None:
@@ -605,12 +700,16 @@ class WorkerPoolManager:
                 del self._entries[victim.key]
                 victim.state = PoolState.DISPOSING
                 self._disposing.add(victim)
-            logger.warning(
+            self._emit(
+                logging.WARNING,
+                "pool_relieved",
+                victim.key,
                 "memory pressure: %.0f MB available, below min_available_memory=%.0f MB: "
                 "disposing the idle pool for key %r (least recently used)",
                 available / 1e6,
                 self._min_available / 1e6,
                 victim.key,
+                reason="min_available_memory",
             )
             self._dispose(victim)
             relieved.append(victim.key)
@@ -618,6 +717,37 @@ class WorkerPoolManager:
 
     def _supervised_sweep(self) -> float | None:
         return self.sweep().next_deadline
+
+    def _worker_changes(
+        self, entry: _PoolEntry, known: frozenset[int], now_alive: frozenset[int]
+    ) -> None:
+        """Events for the workers that started or left since the last sample."""
+        for pid in sorted(now_alive - known):
+            self._emit(
+                logging.DEBUG,
+                "worker_started",
+                entry.key,
+                "worker %d started for the pool for key %r",
+                pid,
+                entry.key,
+                pid=pid,
+            )
+        for pid in sorted(known - now_alive):
+            reason = entry.pool.worker_exit_reason(pid)
+            if reason is None:
+                continue  # lost (already reported) or stopped with its pool
+            kind = "worker_exited" if reason == "idle_timeout" else "worker_recycled"
+            self._emit(
+                logging.DEBUG if kind == "worker_exited" else logging.INFO,
+                kind,
+                entry.key,
+                "worker %d of the pool for key %r left (%s)",
+                pid,
+                entry.key,
+                reason,
+                pid=pid,
+                reason=reason,
+            )
 
     def _dispose(self, entry: _PoolEntry) -> None:
         try:
@@ -627,7 +757,7 @@ class WorkerPoolManager:
         with self._lock:
             entry.state = PoolState.DISPOSED
             self._disposing.discard(entry)
-        logger.debug("pool for key %r disposed", entry.key)
+        self._emit(logging.INFO, "pool_disposed", entry.key, "pool for key %r disposed", entry.key)
 
     # -- stats -----------------------------------------------------------
 
@@ -652,10 +782,11 @@ class WorkerPoolManager:
             unfinished = entry.pool.unfinished_tasks
             total += len(pids)
             live = {pid: sample[pid] for pid in pids if pid in sample}
-            rss = sum(m["rss"] for m in live.values())
+            # None, not 0, until every live worker has been sampled.
+            rss = sum(m["rss"] for m in live.values()) if len(live) == len(pids) else None
             uss_values = [m["uss"] for m in live.values()]
-            uss = None if None in uss_values else sum(u for u in uss_values if u is not None)
-            total_rss += rss
+            uss = None if rss is None or None in uss_values else sum(u or 0 for u in uss_values)
+            total_rss += rss or 0
             total_leases += leases
             total_unfinished += unfinished
             stats = PoolStats(

@@ -64,17 +64,17 @@ def sample_workers(
 ) -> dict[int, WorkerMemory]:
     """Measure each live process in ``pids``; the ones that are gone are left out.
 
-    With ``unique`` false, USS is not read again: each worker keeps the value
-    it had in ``previous`` (``None`` for a new one).
+    With ``unique`` false, USS is read only for workers not in ``previous``;
+    the others keep the value they had there.
     """
     samples: dict[int, WorkerMemory] = {}
     for pid in pids:
         try:
             rss = _rss(pid)
-            if unique:
-                uss = _uss(pid)
+            if unique or not previous or pid not in previous:
+                uss = _uss(pid)  # every time asked, and the first time a worker is seen
             else:
-                uss = previous[pid]["uss"] if previous and pid in previous else None
+                uss = previous[pid]["uss"]
         except (OSError, ValueError, IndexError, psutil.Error):
             continue  # the process is gone (or went while being read)
         samples[pid] = WorkerMemory(rss=rss, uss=uss)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import itertools
+import logging
 import multiprocessing
 import os
 import pickle
@@ -33,6 +34,7 @@ from . import _loky
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from ._worker import (
     DEADLINE,
+    EXIT_REASONS,
     MEMORY,
     WorkerLimits,
     dump_call,
@@ -51,11 +53,14 @@ from .errors import (
     WorkerLostError,
     WorkerMemoryError,
     WorkerPoolBrokenError,
+    describe_exit,
 )
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "TaskCounts", "WorkerPool"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("pool_manager")
 
 #: Seconds an idle worker process waits for work before it exits; the next
 #: submit starts it again. ``None`` keeps workers until the pool is disposed.
@@ -104,6 +109,19 @@ class WorkerPool(Executor, abc.ABC):
 
         It runs on whichever thread finished the last task: keep it short.
         """
+
+    def add_worker_event_callback(self, callback: Callable[[str, int, str], object]) -> None:
+        """Call ``callback(kind, pid, reason)`` when a worker is lost (``kind="worker_lost"``).
+
+        The default never calls it.
+        """
+
+    def worker_exit_reason(self, pid: int) -> str | None:
+        """Why worker ``pid``, now gone, left cleanly (e.g. ``"idle_timeout"``), if known.
+
+        Asked once per worker; the default knows nothing.
+        """
+        return None
 
     def release_idle_resources(self) -> bool:
         """Free what an idle pool holds beyond its own object; True if anything was freed.
@@ -293,7 +311,8 @@ def _make_slot_dir() -> str:
     """A private directory for the workers' slots, in memory where possible."""
     shm = "/dev/shm"
     where = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    return tempfile.mkdtemp(prefix="pool_manager-", dir=where)
+    # The parent's pid in the name tells whose it is (tests check for leaks).
+    return tempfile.mkdtemp(prefix=f"pool_manager-{os.getpid()}-", dir=where)
 
 
 def _remove_slot(slot_dir: str, pid: int) -> None:
@@ -417,6 +436,8 @@ class BaseWorkerPool(WorkerPool):
         self._blind_crashes = 0  # executors in a row that broke with no task running
         self._terminating = False
         self._counts = [0, 0, 0, 0]  # submitted, completed, failed, cancelled
+        self._worker_event_callbacks: list[Callable[[str, int, str], object]] = []
+        self._worker_events: list[tuple[str, int, str]] = []  # to emit outside _lock
         self._granted: int | None = None  # None: not granted piecemeal, all usable
         self._executor: _loky.LokyExecutor | None = None
         self._old_executors: list[_loky.LokyExecutor] = []  # broken or shut down, to join
@@ -458,6 +479,29 @@ class BaseWorkerPool(WorkerPool):
     def add_idle_callback(self, callback: Callable[[], object]) -> None:
         with self._lock:
             self._idle_callbacks.append(callback)
+
+    def add_worker_event_callback(self, callback: Callable[[str, int, str], object]) -> None:
+        with self._lock:
+            self._worker_event_callbacks.append(callback)
+
+    def worker_exit_reason(self, pid: int) -> str | None:
+        slot_dir = self._slot_dir
+        if slot_dir is None:
+            return None
+        _, reason, _ = read_slot(slot_dir, pid)
+        _remove_slot(slot_dir, pid)
+        return EXIT_REASONS.get(reason)
+
+    def _emit_worker_events(self) -> None:
+        with self._lock:
+            events, self._worker_events = self._worker_events, []
+            callbacks = list(self._worker_event_callbacks)
+        for kind, pid, reason in events:
+            for callback in callbacks:
+                try:
+                    callback(kind, pid, reason)
+                except Exception:  # a listener's bug must not fail tasks
+                    logger.exception("a worker event callback failed")
 
     def release_idle_resources(self) -> bool:
         """Close the executor once every worker has exited (idle timeout) and no task waits.
@@ -794,6 +838,7 @@ class BaseWorkerPool(WorkerPool):
         with self._lock:
             lost, running = self._crash_report(executor)
             blind_crashes = self._blind_crashes
+        self._emit_worker_events()
         if self._terminating:
             return PoolTerminatedError("the pool was terminated while this task was running")
         culprit = lost.get(future.task_id)
@@ -878,9 +923,19 @@ class BaseWorkerPool(WorkerPool):
                     running.add(task_id)
                 if pid in dead:
                     killed_for = self._kills.pop(pid, None)
+                    killed = bool(task_id) and killed_for == task_id
                     if task_id:
-                        killed = killed_for == task_id
                         lost[task_id] = (pid, dead[pid], killed, reason, detail)
+                    why = (
+                        "kill_task"
+                        if killed
+                        else "task_timeout"
+                        if reason == DEADLINE
+                        else "kill_worker_memory"
+                        if reason == MEMORY
+                        else describe_exit(dead[pid])
+                    )
+                    self._worker_events.append(("worker_lost", pid, why))
                     if slot_dir:
                         _remove_slot(slot_dir, pid)
             self._blind_crashes = 0 if running else self._blind_crashes + 1

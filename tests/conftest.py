@@ -25,8 +25,10 @@ def _fds() -> set[str]:
 
 
 def _slot_dirs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pool_manager-*"))) | set(
-        glob.glob("/dev/shm/pool_manager-*")
+    """The workers' slot directories of pools of this process."""
+    pattern = f"pool_manager-{os.getpid()}-*"
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), pattern))) | set(
+        glob.glob(os.path.join("/dev/shm", pattern))
     )
 
 

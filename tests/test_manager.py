@@ -663,7 +663,7 @@ def test_lifecycle_is_logged_and_a_handler_may_call_back_into_the_manager(
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-    messages = [message for message, _ in seen]
+    messages = [message for message, _ in seen if " expired " in message or " retired " in message]
     assert messages == [
         "pool for key 'idle' expired after 180.0s unused",
         "pool for key 'old' retired after 780.0s",
@@ -686,13 +686,14 @@ def test_supervisor_sleeps_until_woken_and_wakes_when_a_lease_is_released(
             return real_sweep()
 
         manager.sweep = counting_sweep  # type: ignore[method-assign]
-        _, done = manager.get_pool("a")
+        _, done = manager.get_pool("a")  # a new pool wakes the supervisor once
+        assert poll(lambda: len(sweeps) == 1, timeout=30)
         time.sleep(0.3)  # the fake clock stands still: no deadline is due
-        assert sweeps == []  # no polling
+        assert len(sweeps) == 1  # no polling
         done()  # releasing the last lease wakes the supervisor
-        assert poll(lambda: len(sweeps) >= 1, timeout=30)
+        assert poll(lambda: len(sweeps) == 2, timeout=30)
         time.sleep(0.3)
-        assert len(sweeps) == 1  # then it sleeps until the pool's deadline, STALE away
+        assert len(sweeps) == 2  # then it sleeps until the pool's deadline, STALE away
         assert "a" in manager
 
 
@@ -795,3 +796,14 @@ def test_stats_count_each_pools_tasks_and_the_managers_totals(
         stats = manager.stats()
         assert stats["last_sweep_at"] == clock.now
         assert stats["last_sweep_seconds"] is not None and stats["last_sweep_seconds"] >= 0
+
+
+def test_a_pool_leased_past_its_lifetime_is_retired_by_the_supervisor_alone() -> None:
+    # Real time: no get_pool or release after the build wakes the supervisor.
+    with WorkerPoolManager(1, 600, 0.3, memory_sample_interval=None) as manager:
+        pool, done = manager.get_pool("a")
+        assert poll(lambda: "a" not in manager, timeout=30)
+        assert manager.stats()["retiring"][0]["leases"] == 1
+        assert not pool.is_shut_down  # type: ignore[attr-defined]
+        done()
+        assert poll(lambda: pool.is_shut_down, timeout=30)  # type: ignore[attr-defined]

@@ -152,6 +152,7 @@ def test_memory_metrics_appear_once_every_worker_is_sampled() -> None:
         registry = registry_for(manager)
         with manager.lease("a", 2) as pool:
             assert pool.submit(square, 3).result(timeout=60) == 9
+        clock.advance(5)  # the next sample is due (the first came when the pool was built)
         manager.sweep()
 
         def sampled() -> bool:
