@@ -66,6 +66,20 @@ def install_sigterm_handler() -> bool:
         return True
 
 
+#: Seconds beyond ``shutdown_grace`` the SIGTERM handler waits for the
+#: shutdown before it ends the process regardless.
+SHUTDOWN_MARGIN = 5.0
+
+
+def _stop_all(managers: list[_Stoppable], grace: float) -> None:
+    deadline = time.monotonic() + grace
+    for manager in managers:
+        try:
+            manager.shutdown_within(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            logger.exception("SIGTERM: shutting a manager down failed")
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     managers = [m for m in list(_managers()) if m.handles_signals]
     if managers:
@@ -73,9 +87,15 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         logger.warning(
             "SIGTERM: letting accepted work finish (up to %.1fs), then stopping workers", grace
         )
-        deadline = time.monotonic() + grace
-        for manager in managers:
-            manager.shutdown_within(max(0.0, deadline - time.monotonic()))
+        # The work runs on a thread of its own: this handler interrupts the
+        # main thread wherever it was, possibly inside one of our locks. If
+        # the stopper cannot finish, the process ends anyway after the margin,
+        # and the workers follow by their watchdogs.
+        stopper = threading.Thread(
+            target=_stop_all, args=(managers, grace), name="pool_manager-sigterm", daemon=True
+        )
+        stopper.start()
+        stopper.join(grace + SHUTDOWN_MARGIN)
     previous = _previous
     if callable(previous):
         previous(signum, frame)

@@ -185,3 +185,25 @@ def test_ctrl_c_while_waiting_on_results_does_not_hang_at_exit(tmp_path: Path) -
     assert code != 0
     assert "KeyboardInterrupt" in (tmp_path / "stderr").read_text()
     assert time.monotonic() - started < 20  # not the 60 s tasks, nor the backlog
+
+
+def test_sigterm_while_the_main_thread_holds_a_manager_lock_still_ends_the_process(
+    tmp_path: Path,
+) -> None:
+    # The handler runs on the interrupted main thread: it must not take our
+    # locks there, or it would wait forever for itself.
+    parent, pids = _start(
+        """
+        manager = WorkerPoolManager(1, 600, 3600, shutdown_grace=0.5)
+        pool, done = manager.get_pool("a", 1)
+        pool.submit(nap, 0.01, "warm").result()
+        print(json.dumps(pool.worker_pids()), flush=True)
+        with manager._lock:
+            time.sleep(120)
+        """,
+        tmp_path,
+    )
+    started = time.monotonic()
+    os.kill(parent.pid, signal.SIGTERM)
+    assert _finish(parent, pids) == -signal.SIGTERM
+    assert time.monotonic() - started < 30  # grace + margin, not the 120 s sleep
