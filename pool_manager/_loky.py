@@ -288,6 +288,9 @@ class LokyExecutor:
             if executor._executor_manager_thread is None or not executor._pending_work_items:
                 return  # never submitted to: the first submit starts them
             executor._ensure_executor_running()
+            # The manager thread waits on the sentinels of the workers it knew:
+            # wake it so that it watches the new ones too (or a crash goes unseen).
+            executor._executor_manager_thread_wakeup.wakeup()
 
     def release_idle_worker(self) -> bool:
         """Ask one idle worker to leave cleanly (loky's shutdown message, ``None``).

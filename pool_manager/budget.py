@@ -112,7 +112,8 @@ class _Account:
     waiting_since: int | None = None  #: a ticket (see _plan): when it began to wait
     held_since: int = 0  #: a ticket: when it last got a worker
     # Filled in by each rebalance, from the pool:
-    demand: int = 0
+    demand: int = 0  #: workers it could use now: granted, and no more than its unfinished tasks
+    want: int = 0  #: workers it was granted (used while there is room)
     live: int = 0
     idle: int = 0
     retiring: int = 0
@@ -148,6 +149,7 @@ class WorkerBudget:
         self._ticket = itertools.count(1)
         self._waiting = 0
         self._short = 0  # pools allowed fewer workers than they could use
+        self._in_use = 0  # places taken, at the last rebalance
         # One rebalance at a time; a request during one makes it run again.
         self._rebalancing = threading.Lock()
         self._again = False
@@ -201,7 +203,11 @@ class WorkerBudget:
             if account is None:
                 return
             account.last_used = time.monotonic()
-        if wants_more:
+            # A full budget is rebalanced as tasks finish (a pool below its
+            # fair share is waiting): a submit need not pay for it, unless the
+            # pool has no worker at all.
+            worth_it = account.allowed == 0 or self._limit is None or self._in_use < self._limit
+        if wants_more and worth_it:
             self.rebalance()
 
     # -- rebalancing -------------------------------------------------------
@@ -232,7 +238,9 @@ class WorkerBudget:
         with self._lock:
             accounts = [a for a in self._accounts.values() if id(a) in info]
             for account in accounts:
-                account.demand, account.live, account.idle, account.retiring = info[id(account)]
+                (account.want, account.demand, account.live, account.idle, account.retiring) = info[
+                    id(account)
+                ]
                 account.actions = []
             changed = self._plan(accounts)
         # Shrink first, then grow: loky is called with no lock of ours held.
@@ -306,6 +314,9 @@ class WorkerBudget:
                 account.allowed -= unused
         hand_out(fair)
         hand_out(lambda a: a.demand)
+        # Room to spare: a pool with work gets all it was granted at once, as
+        # without a budget (its workers then take the tasks that come next).
+        hand_out(lambda a: a.want if a.demand > 0 else 0)
 
         # Rules 2 and 3: a pool below its fair share takes a busy worker's
         # place, unless workers already leaving will free enough of them.
@@ -354,6 +365,7 @@ class WorkerBudget:
                 account.waiting_since = None
         self._waiting = waiting
         self._short = sum(1 for a in accounts if a.allowed < a.demand)
+        self._in_use = sum(occupied(a) for a in accounts)
 
         changed = []
         for account in accounts:

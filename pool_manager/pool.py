@@ -564,8 +564,8 @@ class BaseWorkerPool(WorkerPool):
         budget.register(self)
         return True
 
-    def _budget_info(self) -> tuple[int, int, int, int]:
-        """(For the budget) workers it could use, live, idle, asked to leave."""
+    def _budget_info(self) -> tuple[int, int, int, int, int]:
+        """(For the budget) workers granted, it could use now, live, idle, asked to leave."""
         want = self.worker_count
         unfinished = len(self._outstanding)
         pids = self.worker_pids()
@@ -575,7 +575,7 @@ class BaseWorkerPool(WorkerPool):
         if slot_dir is not None:
             idle = sum(1 for pid in pids if not read_slot(slot_dir, pid)[0])
             retiring = change_retire_counter(slot_dir)
-        return min(want, unfinished), len(pids), idle, retiring
+        return want, min(want, unfinished), len(pids), idle, retiring
 
     def _budget_apply(self, actions: list[tuple[str, int]]) -> None:
         """(For the budget) take the new allowance; ask workers to leave. Never under its lock."""
@@ -685,7 +685,7 @@ class BaseWorkerPool(WorkerPool):
         future._attach(inner, executor)
         budget = self._budget
         if budget is not None:
-            wants_more = executor.workers < min(self.worker_count, len(self._outstanding))
+            wants_more = executor.workers < self.worker_count
             budget.submitted(self, wants_more)
         return future
 

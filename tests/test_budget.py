@@ -172,8 +172,8 @@ class _StandIn:
     def allowed(self) -> int:
         return self.budget.allowed(self)  # type: ignore[arg-type]
 
-    def _budget_info(self) -> tuple[int, int, int, int]:
-        return self.demand, self.live, 0, 0  # every live worker is busy
+    def _budget_info(self) -> tuple[int, int, int, int, int]:
+        return self.demand, self.demand, self.live, 0, 0  # every live worker is busy
 
     def _budget_apply(self, actions: list[tuple[str, int]]) -> None:
         self.applied.append(actions)
