@@ -305,13 +305,17 @@ class WorkerBudget:
         hand_out(fair)
         # Allowance a pool cannot use now (more than its unfinished work),
         # least recently used pool first, while some pool wants more.
-        for account in sorted(accounts, key=lambda a: (a.last_used, a.order)):
-            wanted = sum(max(0, a.demand - a.allowed) for a in accounts)
-            if wanted <= max(0, free()) + sum(max(0, a.live - a.allowed) for a in accounts):
-                break
-            unused = account.allowed - account.demand
-            if unused > 0:
-                account.allowed -= unused
+        # (Free places, and places that workers leaving will free.)
+        wanted = sum(max(0, a.demand - a.allowed) for a in accounts)
+        room = max(0, free()) + sum(max(0, a.live - a.allowed) for a in accounts)
+        if wanted > room:
+            for account in sorted(accounts, key=lambda a: (a.last_used, a.order)):
+                unused = account.allowed - account.demand
+                if unused > 0:
+                    account.allowed -= unused
+                    room += unused
+                    if wanted <= room:
+                        break
         hand_out(fair)
         hand_out(lambda a: a.demand)
         # Room to spare: a pool with work gets all it was granted at once, as
@@ -325,7 +329,10 @@ class WorkerBudget:
             (a for a in accounts if a.allowed < fair(a)),
             key=lambda a: (_first(a.waiting_since), a.order),
         )
+        no_donor = False
         for waiter in waiters:
+            if no_donor:
+                break  # donors only ever become fewer: the next waiters find none
             need = fair(waiter) - waiter.allowed
             covered = min(need, incoming)
             incoming -= covered
@@ -348,6 +355,7 @@ class WorkerBudget:
                         and a.live >= a.allowed
                     ]
                     if not holders:
+                        no_donor = True
                         break
                     donor = min(holders, key=lambda a: (a.held_since, a.order))
                 donor.allowed -= 1

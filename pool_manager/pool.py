@@ -572,8 +572,9 @@ class BaseWorkerPool(WorkerPool):
         slot_dir = self._slot_dir
         idle = len(pids)
         retiring = 0
-        if slot_dir is not None:
-            idle = sum(1 for pid in pids if not read_slot(slot_dir, pid)[0])
+        if slot_dir is not None and pids:  # (cheap for the many pools with no worker)
+            if unfinished:
+                idle = sum(1 for pid in pids if not read_slot(slot_dir, pid)[0])
             retiring = change_retire_counter(slot_dir)
         return want, min(want, unfinished), len(pids), idle, retiring
 
