@@ -263,13 +263,55 @@ class LokyExecutor:
         self.set_workers(workers)
 
     def set_workers(self, workers: int) -> None:
-        """Allow ``workers`` processes; they start on the next submit."""
-        if workers < 1:
-            raise ValueError("a loky executor needs at least one worker")
-        # Only ever raised after construction: lowering it under running
-        # workers would leave extra processes that loky no longer expects.
+        """Allow ``workers`` processes; they start on the next submit (or `start_workers`).
+
+        Lowering it stops no process: loky 3.7 only ever compares
+        ``len(processes) < _max_workers`` before starting one, so workers
+        above the new count live on until they leave (`release_idle_worker`,
+        the retire counter of ``_worker``, or their idle timeout) and are not
+        replaced. 0 (only under a worker budget) starts none: tasks wait.
+        """
+        if workers < 0:
+            raise ValueError("a loky executor cannot have a negative worker count")
         self._executor._max_workers = workers
         self._workers = workers
+
+    def start_workers(self) -> None:
+        """Start the workers allowed but not running, if this executor has work."""
+        executor = self._executor
+        # loky's submit starts its manager thread and the workers under this
+        # lock, reading the worker count then: either it has run (and we start
+        # what it did not), or it will see the new count.
+        with executor._flags.shutdown_lock:
+            if executor._flags.shutdown or executor._flags.broken is not None:
+                return
+            if executor._executor_manager_thread is None or not executor._pending_work_items:
+                return  # never submitted to: the first submit starts them
+            executor._ensure_executor_running()
+            # The manager thread waits on the sentinels of the workers it knew:
+            # wake it so that it watches the new ones too (or a crash goes unseen).
+            executor._executor_manager_thread_wakeup.wakeup()
+
+    def release_idle_worker(self) -> bool:
+        """Ask one idle worker to leave cleanly (loky's shutdown message, ``None``).
+
+        The worker that takes it leaves between tasks: no task is lost. Lower
+        the worker count first, or loky replaces it when work is pending.
+        Returns False if the message could not be queued (queue full, or the
+        executor not running).
+        """
+        executor = self._executor
+        thread = executor._executor_manager_thread
+        if thread is None or not thread.is_alive():
+            return False
+        with executor._flags.shutdown_lock:
+            if executor._flags.shutdown or executor._flags.broken is not None:
+                return False
+            try:
+                executor._call_queue.put_nowait(None)
+            except queue.Full:
+                return False
+        return True
 
     @property
     def workers(self) -> int:

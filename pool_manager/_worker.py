@@ -16,6 +16,7 @@ message.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import multiprocessing.util
 import os
@@ -46,14 +47,23 @@ MEMORY_EXIT_CODE = 77  # it grew past kill_worker_memory
 
 #: Why a worker ended itself, as written in its slot. The first two end a
 #: task (the worker is killed); the last three are clean exits between tasks.
-NO_REASON, DEADLINE, MEMORY, RECYCLED_TASKS, RECYCLED_MEMORY, IDLE = range(6)
+NO_REASON, DEADLINE, MEMORY, RECYCLED_TASKS, RECYCLED_MEMORY, IDLE, BUDGET = range(7)
 
 #: How the parent words a clean exit's reason.
 EXIT_REASONS = {
     RECYCLED_TASKS: "max_tasks_per_worker",
     RECYCLED_MEMORY: "max_worker_memory",
     IDLE: "idle_timeout",
+    BUDGET: "max_total_workers",
 }
+
+#: The file in a pool's slot directory that holds how many of its workers the
+#: parent asks to leave after their current task (the worker budget, see
+#: budget.py): one int64, changed under ``flock``.
+RETIRE_FILE = ".retire"
+_COUNTER = struct.Struct("<q")
+_retire_fd: int | None = None
+_retire_map: mmap.mmap | None = None
 
 # The slot: the task running now (0: none), why the worker ended itself, and
 # a detail (the deadline in ms, or the memory size reached in bytes).
@@ -98,6 +108,7 @@ def start_worker(
     _limits = limits
     if slot_dir is not None:
         _open_slot(slot_dir)
+        _open_retire_counter(slot_dir)
     _watchdog = _Watchdog(parent_pid, limits.kill_memory)
     threading.Thread(target=_watchdog.run, name="pool_manager-watchdog", daemon=True).start()
     if initializer is not None:
@@ -117,6 +128,63 @@ def _open_slot(slot_dir: str) -> None:
     # A worker that exits cleanly removes its slot, unless it says why it left
     # (recycled, idle): the parent reads that, then removes it.
     multiprocessing.util.Finalize(None, _finalize_slot, args=(path,), exitpriority=0)
+
+
+def _open_retire_counter(slot_dir: str) -> None:
+    global _retire_fd, _retire_map
+    try:
+        fd = os.open(os.path.join(slot_dir, RETIRE_FILE), os.O_RDWR)
+    except OSError:
+        return  # no budget file: this worker is never asked to leave
+    try:
+        _retire_map = mmap.mmap(fd, _COUNTER.size)
+    except (OSError, ValueError):
+        os.close(fd)
+        return
+    _retire_fd = fd
+
+
+def make_retire_counter(slot_dir: str) -> None:
+    """(Parent side) create the pool's retire counter, at zero."""
+    with open(os.path.join(slot_dir, RETIRE_FILE), "wb") as counter:
+        counter.write(_COUNTER.pack(0))
+
+
+def change_retire_counter(slot_dir: str, delta: int = 0, *, reset: bool = False) -> int:
+    """(Parent side) add ``delta`` to (or, with ``reset``, zero) the retire counter.
+
+    Returns the value before the change (0 if the file is missing).
+    """
+    try:
+        fd = os.open(os.path.join(slot_dir, RETIRE_FILE), os.O_RDWR)
+    except OSError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        data = os.pread(fd, _COUNTER.size, 0)
+        value = _COUNTER.unpack(data)[0] if len(data) == _COUNTER.size else 0
+        new = 0 if reset else max(0, value + delta)
+        if new != value:
+            os.pwrite(fd, _COUNTER.pack(new), 0)
+        return value
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def _take_retire_request() -> bool:
+    """(Worker side) if the parent asked a worker to leave, be that worker."""
+    counter = _retire_map
+    if counter is None or _retire_fd is None or _COUNTER.unpack_from(counter, 0)[0] <= 0:
+        return False  # the common case: one memory read, no lock
+    fcntl.flock(_retire_fd, fcntl.LOCK_EX)
+    try:
+        value = _COUNTER.unpack_from(counter, 0)[0]
+        if value <= 0:
+            return False
+        _COUNTER.pack_into(counter, 0, value - 1)
+        return True
+    finally:
+        fcntl.flock(_retire_fd, fcntl.LOCK_UN)
 
 
 def _finalize_slot(path: str) -> None:
@@ -214,6 +282,7 @@ class _Watchdog:
         if orphaned:
             if _slot_path is not None:
                 _remove(_slot_path)
+                _remove(os.path.join(os.path.dirname(_slot_path), RETIRE_FILE))
                 with contextlib.suppress(OSError):  # the last worker out removes the directory
                     os.rmdir(os.path.dirname(_slot_path))
         else:
@@ -224,7 +293,9 @@ class _Watchdog:
 def should_retire() -> bool:
     """After each task: has this worker done its share (tasks or memory)?
 
-    If so, the reason goes into the slot, for the parent's "recycled" event.
+    Or did the parent ask one of its workers to leave, to give its place in
+    the worker budget to another pool? If so, the reason goes into the slot,
+    for the parent's "recycled" or "exited" event.
     """
     global _tasks_done
     _tasks_done += 1
@@ -237,6 +308,9 @@ def should_retire() -> bool:
         if size > limits.max_memory:
             _set_slot(0, RECYCLED_MEMORY, size)
             return True
+    if _take_retire_request():
+        _set_slot(0, BUDGET, 0)
+        return True
     return False
 
 

@@ -33,6 +33,7 @@ from typing import Any, TypedDict
 from . import _signals, memory
 from . import pool as _pool_module
 from ._durations import Duration, to_bytes, to_count, to_seconds
+from .budget import BudgetStats, WorkerBudget, default_limit
 from .errors import FactoryError, ManagerShutDownError
 from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TaskCounts, WorkerPool
 from .supervisor import Supervisor
@@ -50,6 +51,10 @@ logger = logging.getLogger("pool_manager")
 
 #: USS is read at one memory sample in this many (it costs ~17x RSS to read).
 USS_EVERY = 6
+
+#: Seconds (of the clock) between two sweeps while a worker leaves to make room
+#: in the worker budget for another pool's.
+BUDGET_RECHECK = 0.005
 
 #: Builds the pool for a new key; called with the manager's ``pool_size``.
 Factory = Callable[[int], WorkerPool]
@@ -98,6 +103,7 @@ class ManagerStats(TypedDict):
     memory_sampled_at: float | None  #: clock time of the last memory sample
     last_sweep_at: float | None  #: clock time of the supervisor's last sweep
     last_sweep_seconds: float | None  #: how long that sweep took (real seconds)
+    budget: BudgetStats  #: the max_total_workers budget: limit, in use, waiting pools
     shut_down: bool
 
 
@@ -206,6 +212,12 @@ class WorkerPoolManager:
             ``None`` never blocks.
         worker_idle_timeout: seconds an idle worker process lives before it
             exits (it starts again on demand); ``None`` keeps it.
+        max_total_workers: the most worker processes allowed across all keys
+            (see `pool_manager.budget` for how workers move between pools
+            and the fairness rule). Default: `budget.default_limit`, two per
+            usable CPU. ``None``: no cap beyond each pool's ``pool_size``.
+            Pools from a custom factory are under it if they are
+            `BaseWorkerPool` instances that have not run work yet.
         max_tasks_per_worker, max_worker_memory, kill_worker_memory,
             task_timeout: worker limits of the pools the default factory
             builds (see `BaseWorkerPool`).
@@ -243,6 +255,7 @@ class WorkerPoolManager:
         *,
         max_pending: int | None = _UNSET,
         worker_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_total_workers: int | None = _UNSET,
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | str | None = None,
         kill_worker_memory: int | str | None = None,
@@ -268,6 +281,9 @@ class WorkerPoolManager:
         self._worker_idle_timeout = to_seconds(
             "worker_idle_timeout", worker_idle_timeout, allow_none=True
         )
+        if max_total_workers is self._UNSET:
+            max_total_workers = default_limit()
+        self._budget = WorkerBudget(max_total_workers)
         self._worker_options: dict[str, Any] = {
             "max_tasks_per_worker": max_tasks_per_worker,
             "max_worker_memory": max_worker_memory,
@@ -315,6 +331,7 @@ class WorkerPoolManager:
         self._supervisor = Supervisor(
             self._supervised_sweep, clock, name=f"pool_manager-supervisor-{id(self):x}"
         )
+        self._budget.on_leaving = self._supervisor.wake
         self._supervisor.start()
         _live_managers.add(self)
 
@@ -324,6 +341,11 @@ class WorkerPoolManager:
     def pool_size(self) -> int:
         """The most worker processes any one key's pool may use."""
         return self._pool_size
+
+    @property
+    def max_total_workers(self) -> int | None:
+        """The most worker processes across all keys (None: no cap)."""
+        return self._budget.limit
 
     @property
     def stale_pool_expiration(self) -> float:
@@ -476,6 +498,8 @@ class WorkerPoolManager:
             )
             building.set_exception(shut_down_error)
             raise shut_down_error
+        if self._budget.limit is not None and isinstance(pool, BaseWorkerPool):
+            pool.attach_budget(self._budget)
         pool.add_idle_callback(functools.partial(self._pool_went_idle, entry))
         building.set_result(None)
         pool.add_worker_event_callback(functools.partial(self._on_worker_event, entry))
@@ -658,6 +682,13 @@ class WorkerPoolManager:
             and (next_deadline is None or sample_at < next_deadline)
         ):
             next_deadline = sample_at
+        budget = self._budget
+        budget.rebalance()
+        if budget.in_transit:
+            # A worker is leaving to make room for another pool's: look again
+            # as soon as it has gone (in a few milliseconds).
+            soon = now + BUDGET_RECHECK
+            next_deadline = soon if next_deadline is None else min(next_deadline, soon)
         with self._lock:
             self._last_sweep = (now, time.perf_counter() - started)
         return SweepResult(
@@ -820,6 +851,7 @@ class WorkerPoolManager:
             memory_sampled_at=sampled_at,
             last_sweep_at=last_sweep[0] if last_sweep else None,
             last_sweep_seconds=last_sweep[1] if last_sweep else None,
+            budget=self._budget.stats(),
             shut_down=shut_down,
         )
 

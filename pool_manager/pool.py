@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import _RemoteTraceback
-from typing import Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from . import _loky
 from ._durations import Duration, to_bytes, to_count, to_seconds
@@ -37,7 +37,9 @@ from ._worker import (
     EXIT_REASONS,
     MEMORY,
     WorkerLimits,
+    change_retire_counter,
     dump_call,
+    make_retire_counter,
     read_slot,
     run_chunk,
     run_task,
@@ -55,6 +57,9 @@ from .errors import (
     WorkerPoolBrokenError,
     describe_exit,
 )
+
+if TYPE_CHECKING:
+    from .budget import WorkerBudget
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "TaskCounts", "WorkerPool"]
 
@@ -444,6 +449,7 @@ class BaseWorkerPool(WorkerPool):
         self._shut_down = False
         self._idle_callbacks: list[Callable[[], object]] = []
         self._dispose_lock = threading.Lock()
+        self._budget: WorkerBudget | None = None  # see attach_budget
 
     # -- WorkerPool ------------------------------------------------------
 
@@ -541,6 +547,64 @@ class BaseWorkerPool(WorkerPool):
             cancelled=cancelled,
         )
 
+    # -- the worker budget (budget.py) ---------------------------------------
+
+    def attach_budget(self, budget: WorkerBudget) -> bool:
+        """Run this pool's workers under ``budget`` (a manager's ``max_total_workers``).
+
+        Only before the pool's first submit; returns False (and changes
+        nothing) once it has run work, or if it already has a budget.
+        """
+        with self._lock:
+            if self._budget is not None or self._executor is not None or self._shut_down:
+                return False
+            if self._counts[_SUBMITTED]:
+                return False
+            self._budget = budget
+        budget.register(self)
+        return True
+
+    def _budget_info(self) -> tuple[int, int, int, int, int]:
+        """(For the budget) workers granted, it could use now, live, idle, asked to leave."""
+        want = self.worker_count
+        unfinished = len(self._outstanding)
+        pids = self.worker_pids()
+        slot_dir = self._slot_dir
+        idle = len(pids)
+        retiring = 0
+        if slot_dir is not None and pids:  # (cheap for the many pools with no worker)
+            if unfinished:
+                idle = sum(1 for pid in pids if not read_slot(slot_dir, pid)[0])
+            retiring = change_retire_counter(slot_dir)
+        return want, min(want, unfinished), len(pids), idle, retiring
+
+    def _budget_apply(self, actions: list[tuple[str, int]]) -> None:
+        """(For the budget) take the new allowance; ask workers to leave. Never under its lock."""
+        budget = self._budget
+        if budget is None:
+            return
+        with self._lock:
+            executor = self._executor
+            if executor is None:
+                return  # the next submit builds one with the new allowance
+            before = executor.workers
+            executor.set_workers(budget.allowed(self))
+            grew = executor.workers > before
+            slot_dir = self._slot_dir
+        for action, count in actions:
+            if action == "release":
+                for _ in range(count):
+                    if not executor.release_idle_worker():
+                        break
+            elif action == "retire" and count and slot_dir is not None:
+                change_retire_counter(slot_dir, count)
+            elif action == "reset" and slot_dir is not None:
+                value = change_retire_counter(slot_dir)
+                if value > count:
+                    change_retire_counter(slot_dir, count - value)
+        if grew or any(action == "start" for action, _ in actions):
+            executor.start_workers()
+
     @property
     def is_shut_down(self) -> bool:
         """True once `shutdown` or `dispose` was called."""
@@ -620,6 +684,10 @@ class BaseWorkerPool(WorkerPool):
                 raise PoolShutDownError("cannot schedule new futures after shutdown") from None
             raise
         future._attach(inner, executor)
+        budget = self._budget
+        if budget is not None:
+            wants_more = executor.workers < self.worker_count
+            budget.submitted(self, wants_more)
         return future
 
     def kill_task(self, future: Future[Any]) -> bool:
@@ -776,6 +844,8 @@ class BaseWorkerPool(WorkerPool):
                 self._executor = None
         for executor in executors:
             executor.shutdown(wait=wait)
+        if wait and self._budget is not None:
+            self._budget.unregister(self)  # its places return to the budget
         if wait and self._slot_dir is not None:
             shutil.rmtree(self._slot_dir, ignore_errors=True)
         if wait and executors:
@@ -796,6 +866,10 @@ class BaseWorkerPool(WorkerPool):
         if self._granted == 0:
             self._granted = 1  # a pool must be able to make progress
         workers = self.worker_count
+        budget = self._budget
+        if budget is not None:
+            # What the budget allows (its lock is innermost); 0: tasks wait.
+            workers = budget.allowed(self)
         executor = self._executor
         if executor is not None and executor.broken:
             self._old_executors.append(executor)
@@ -805,6 +879,7 @@ class BaseWorkerPool(WorkerPool):
             if self._slot_dir is None:
                 _live_pools.add(self)
                 self._slot_dir = _make_slot_dir()
+                make_retire_counter(self._slot_dir)
                 weakref.finalize(self, shutil.rmtree, self._slot_dir, ignore_errors=True)
             executor = self._executor = _loky.LokyExecutor(
                 max_size=self._max_size,
@@ -821,7 +896,7 @@ class BaseWorkerPool(WorkerPool):
                 ),
                 env=self._env,
             )
-        elif executor.workers < workers:
+        elif executor.workers < workers or (budget is not None and executor.workers != workers):
             executor.set_workers(workers)
         return executor
 
@@ -967,10 +1042,16 @@ class BaseWorkerPool(WorkerPool):
             self._outstanding.pop(future.task_id, None)
             if self._max_pending is not None:
                 self._not_full.notify()
-            if self._outstanding:
-                return
-            self._drained.notify_all()
-            callbacks = list(self._idle_callbacks)
+            budget = self._budget
+            went_idle = not self._outstanding
+            callbacks = []
+            if went_idle:
+                self._drained.notify_all()
+                callbacks = list(self._idle_callbacks)
+        # A pool waits for a worker (maybe this one's), or this pool's workers
+        # are now free for a pool that could use more.
+        if budget is not None and (budget.has_waiters or (went_idle and budget.has_shortfall)):
+            budget.rebalance()
         for callback in callbacks:
             callback()
 

@@ -53,6 +53,12 @@ def touch_and_wait(started: str, gate: str, timeout: float = 60.0) -> int:
     return os.getpid()
 
 
+def wait_then_square(gate: str, x: int, timeout: float = 60.0) -> int:
+    """Wait for ``gate`` (a file), then return ``x * x``."""
+    wait_for_path(gate, timeout)
+    return x * x
+
+
 def wait_for_count(directory: str, name: str, count: int, timeout: float = 60.0) -> int:
     """Drop a file in ``directory`` and wait until ``count`` tasks have done so.
 

@@ -22,7 +22,7 @@ PARENT = textwrap.dedent(
     import json, os, sys, time
     from pool_manager import WorkerPoolManager
 
-    manager = WorkerPoolManager(2, 600, 3600)
+    manager = WorkerPoolManager(2, 600, 3600, max_total_workers=None)
     pools = [manager.get_pool(key, 2)[0] for key in ("a", "b", "c")]
     for pool in pools:
         assert pool.submit(abs, -1).result() == 1

@@ -1,0 +1,410 @@
+"""The machine-wide worker budget: ``WorkerPoolManager(..., max_total_workers=N)``.
+
+Each key's pool is capped at ``pool_size`` workers; the budget caps them all
+together. Without it, ten keys of ``pool_size=2`` are twenty processes, on a
+machine with two cores.
+
+What is counted
+    Each pool has an *allowance*: the worker processes loky may run for it
+    (its executor's worker count). The budget keeps the sum of every pool's
+    allowance at or below ``N``, always; loky never starts a worker beyond
+    its pool's allowance. Live processes follow the allowance: during a
+    hand-over (below), the worker that gives its place away may still be
+    leaving (it exits within milliseconds of being told, or after the task it
+    is running) while the new one starts, so for that moment live processes
+    can exceed ``N`` by the hand-overs in flight.
+
+The default
+    ``max_total_workers`` defaults to ``DEFAULT_WORKERS_PER_CPU`` (2) times
+    the CPUs this process may use (`default_limit`): CPU-bound work gains
+    nothing from more, and two per CPU leave room for tasks that wait on I/O.
+    ``None``: no cap (each pool still keeps its ``pool_size``).
+
+Growing
+    A pool whose allowance is below what it could use (its granted
+    ``worker_count``, and no more than its unfinished tasks) asks the budget
+    on ``submit``. Room left in the budget is granted at once. When the
+    budget is full, it takes allowance that another pool cannot use now: a
+    pool with more allowance than unfinished tasks gives it up, least
+    recently used first (by last submit), and its surplus idle workers are
+    told to leave (loky's ``None`` message). If no allowance is unused, the
+    task waits in its pool's queue: it is never refused and never lost.
+
+The fairness rule (no key starves another)
+    Let ``P`` be the pools with unfinished work. Each has a *fair share* of
+    ``max(1, ceil(N / len(P)))`` workers, never more than it could use.
+
+    1. A pool below its fair share is *waiting*. Free or unused allowance
+       goes first to waiting pools, the longest waiting first; only then to
+       pools that could use more than their fair share.
+    2. When a pool is waiting and nothing is free, a pool above its fair
+       share (the most above first, then least recently used) gives one
+       worker back: it leaves after its current task (a per-pool retire
+       counter the worker reads after each task, see ``_worker.py``), and its
+       allowance passes to the waiting pool at once.
+    3. When more pools have work than ``N`` (each fair share is 1 and no pool
+       is above it), the pools take turns: at each rebalance while a pool
+       waits, the pool that has held its running worker longest (since an
+       earlier rebalance) gives it up after its current task and joins the
+       back of the queue, and the longest waiting pool gets the place. Every
+       pool with work therefore runs a task within about ``len(P) / N``
+       turns. (A turn may be a single task: under that much overload, each
+       hand-over costs a worker start, tens of milliseconds.)
+
+    So one key flooding its pool delays another key's single task by at
+    most the task its worker is running (plus starting a worker, tens of
+    milliseconds), however long the flood's backlog.
+
+When it runs
+    Rebalancing runs on ``submit`` (when the pool wants more), when a task
+    finishes while some pool is waiting, when a pool is disposed, and at
+    each supervisor sweep. It never blocks: if a rebalance is running on
+    another thread, that one runs again instead. The budget's own lock
+    guards only its bookkeeping; it is never held while a pool's lock is
+    taken or loky is called (the pools' locks may be held while it is taken:
+    it is the innermost lock).
+
+``manager.stats()["budget"]``: the limit, the allowance in use, the live
+workers, and the keys' pools waiting for a worker (`BudgetStats`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypedDict
+
+from . import _loky
+
+if TYPE_CHECKING:
+    from .pool import BaseWorkerPool
+
+__all__ = ["DEFAULT_WORKERS_PER_CPU", "BudgetStats", "WorkerBudget", "default_limit"]
+
+#: ``max_total_workers`` defaults to this many workers per usable CPU.
+DEFAULT_WORKERS_PER_CPU = 2
+
+
+def default_limit() -> int:
+    """The default ``max_total_workers``: `DEFAULT_WORKERS_PER_CPU` per usable CPU."""
+    return DEFAULT_WORKERS_PER_CPU * max(1, _loky.cpu_count())
+
+
+class BudgetStats(TypedDict):
+    """The worker budget, in `WorkerPoolManager.stats` (``"budget"``)."""
+
+    limit: int | None  #: max_total_workers (None: no cap)
+    in_use: int  #: the pools' allowances, plus workers leaving (never above limit)
+    pools: int  #: pools under the budget
+    waiting: int  #: pools below their fair share, with work waiting
+
+
+@dataclass(eq=False)
+class _Account:
+    pool: BaseWorkerPool
+    order: int  #: registration order, a tie-breaker
+    allowed: int = 0
+    last_used: float = 0.0  #: time.monotonic() of its last submit
+    waiting_since: int | None = None  #: a ticket (see _plan): when it began to wait
+    held_since: int = 0  #: a ticket: when it last got a worker
+    # Filled in by each rebalance, from the pool:
+    demand: int = 0  #: workers it could use now: granted, and no more than its unfinished tasks
+    want: int = 0  #: workers it was granted (used while there is room)
+    live: int = 0
+    idle: int = 0
+    retiring: int = 0
+    #: Its workers told to leave whose places are not free yet: counted
+    #: against the budget until they have exited.
+    transit: int = 0
+    actions: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _first(ticket: int | None) -> float:
+    return math.inf if ticket is None else ticket
+
+
+class WorkerBudget:
+    """At most ``limit`` worker processes allowed across the pools attached to it.
+
+    A manager owns one and attaches it to every `BaseWorkerPool` it leases;
+    see the module docstring for the rules. ``limit=None`` caps nothing.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int):
+                raise TypeError(f"max_total_workers must be an int or None, not {limit!r}")
+            if limit < 1:
+                raise ValueError(f"max_total_workers must be at least 1, not {limit}")
+        self._limit = limit
+        # _lock guards _accounts and every _Account's fields. The innermost
+        # lock: nothing else is acquired, and loky is never called, under it.
+        self._lock = threading.Lock()
+        self._accounts: dict[int, _Account] = {}  # by id(pool)
+        self._order = itertools.count()
+        self._ticket = itertools.count(1)
+        self._waiting = 0
+        self._short = 0  # pools allowed fewer workers than they could use
+        self._in_use = 0  # places taken, at the last rebalance
+        # One rebalance at a time; a request during one makes it run again.
+        self._rebalancing = threading.Lock()
+        self._again = False
+        #: Called (with no lock held) when a worker has been told to leave, so
+        #: that someone rebalances once it has gone: the manager's supervisor.
+        self.on_leaving: Callable[[], object] | None = None
+
+    @property
+    def limit(self) -> int | None:
+        return self._limit
+
+    @property
+    def has_waiters(self) -> bool:
+        return self._waiting > 0
+
+    @property
+    def has_shortfall(self) -> bool:
+        """Some pool could use more workers than it is allowed."""
+        return self._short > 0
+
+    @property
+    def in_transit(self) -> bool:
+        """Some worker told to leave has not exited yet: rebalance again soon."""
+        return any(a.transit for a in list(self._accounts.values()))
+
+    # -- the pools' side ---------------------------------------------------
+
+    def register(self, pool: BaseWorkerPool) -> None:
+        with self._lock:
+            self._accounts.setdefault(
+                id(pool), _Account(pool, next(self._order), last_used=time.monotonic())
+            )
+
+    def unregister(self, pool: BaseWorkerPool) -> None:
+        """The pool is disposed: its allowance returns to the budget."""
+        with self._lock:
+            account = self._accounts.pop(id(pool), None)
+        if account is not None and account.allowed:
+            self.rebalance()
+
+    def allowed(self, pool: BaseWorkerPool) -> int:
+        """The workers ``pool`` may run now (may be 0: its tasks wait)."""
+        with self._lock:
+            account = self._accounts.get(id(pool))
+            return account.allowed if account is not None else 0
+
+    def submitted(self, pool: BaseWorkerPool, wants_more: bool) -> None:
+        """``pool`` accepted a task; ``wants_more``: it could use more workers than allowed."""
+        with self._lock:
+            account = self._accounts.get(id(pool))
+            if account is None:
+                return
+            account.last_used = time.monotonic()
+            # A full budget is rebalanced as tasks finish (a pool below its
+            # fair share is waiting): a submit need not pay for it, unless the
+            # pool has no worker at all.
+            worth_it = account.allowed == 0 or self._limit is None or self._in_use < self._limit
+        if wants_more and worth_it:
+            self.rebalance()
+
+    # -- rebalancing -------------------------------------------------------
+
+    def rebalance(self) -> None:
+        """Apply the rules of the module docstring now (never blocks on another rebalance)."""
+        if self._limit is None:
+            return
+        while True:
+            self._again = True
+            if not self._rebalancing.acquire(blocking=False):
+                return  # the thread rebalancing now will run again
+            try:
+                while self._again:
+                    self._again = False
+                    self._rebalance_once()
+            finally:
+                self._rebalancing.release()
+            if not self._again:
+                return
+
+    def _rebalance_once(self) -> None:
+        with self._lock:
+            accounts = list(self._accounts.values())
+        # What each pool could use and runs now: read outside our lock (it
+        # takes each pool's lock in turn).
+        info = {id(a): a.pool._budget_info() for a in accounts}
+        with self._lock:
+            accounts = [a for a in self._accounts.values() if id(a) in info]
+            for account in accounts:
+                (account.want, account.demand, account.live, account.idle, account.retiring) = info[
+                    id(account)
+                ]
+                account.actions = []
+            changed = self._plan(accounts)
+        # Shrink first, then grow: loky is called with no lock of ours held.
+        leaving = False
+        for account in sorted(changed, key=lambda a: not a.actions or a.actions[0][0] == "start"):
+            account.pool._budget_apply(account.actions)
+            leaving = leaving or any(
+                n for kind, n in account.actions if kind in ("release", "retire")
+            )
+        callback = self.on_leaving
+        if leaving and callback is not None:
+            callback()
+
+    def _plan(self, accounts: list[_Account]) -> list[_Account]:
+        """Move allowance between pools (holds _lock). Returns the pools changed."""
+        assert self._limit is not None
+        # Tickets, not times: they order events within one plan too.
+        plan_started = next(self._ticket)
+
+        def ticket() -> int:
+            return next(self._ticket)
+
+        limit = self._limit
+        before = {id(a): a.allowed for a in accounts}
+        busy = [a for a in accounts if a.demand > 0]
+        share = max(1, math.ceil(limit / len(busy))) if busy else limit
+
+        def fair(account: _Account) -> int:
+            return min(account.demand, share)
+
+        for account in accounts:
+            # A worker told to leave frees its place once it has exited.
+            account.transit = min(account.transit, max(0, account.live - account.allowed))
+            if account.allowed < fair(account):
+                if account.waiting_since is None:
+                    account.waiting_since = ticket()
+            else:
+                account.waiting_since = None
+
+        def occupied(account: _Account) -> int:
+            # Its allowance, or its live workers if more (some are leaving).
+            return max(account.allowed + account.transit, account.live)
+
+        def free() -> int:
+            return limit - sum(occupied(a) for a in accounts)
+
+        def hand_out(cap: Callable[[_Account], int]) -> None:
+            needy = [a for a in accounts if a.allowed < cap(a)]
+            needy.sort(key=lambda a: (_first(a.waiting_since), a.order))
+            room = free()
+            progress = True
+            while room > 0 and progress:
+                progress = False
+                for account in needy:  # one at a time, in turn
+                    if room > 0 and account.allowed < cap(account):
+                        account.allowed += 1
+                        account.held_since = ticket()
+                        room -= 1
+                        progress = True
+
+        # Rule 1, with what is free.
+        hand_out(fair)
+        # Allowance a pool cannot use now (more than its unfinished work),
+        # least recently used pool first, while some pool wants more.
+        # (Free places, and places that workers leaving will free.)
+        wanted = sum(max(0, a.demand - a.allowed) for a in accounts)
+        room = max(0, free()) + sum(max(0, a.live - a.allowed) for a in accounts)
+        if wanted > room:
+            for account in sorted(accounts, key=lambda a: (a.last_used, a.order)):
+                unused = account.allowed - account.demand
+                if unused > 0:
+                    account.allowed -= unused
+                    room += unused
+                    if wanted <= room:
+                        break
+        hand_out(fair)
+        hand_out(lambda a: a.demand)
+        # Room to spare: a pool with work gets all it was granted at once, as
+        # without a budget (its workers then take the tasks that come next).
+        hand_out(lambda a: a.want if a.demand > 0 else 0)
+
+        # Rules 2 and 3: a pool below its fair share takes a busy worker's
+        # place, unless workers already leaving will free enough of them.
+        incoming = sum(max(0, occupied(a) - a.allowed) for a in accounts)
+        waiters = sorted(
+            (a for a in accounts if a.allowed < fair(a)),
+            key=lambda a: (_first(a.waiting_since), a.order),
+        )
+        no_donor = False
+        for waiter in waiters:
+            if no_donor:
+                break  # donors only ever become fewer: the next waiters find none
+            need = fair(waiter) - waiter.allowed
+            covered = min(need, incoming)
+            incoming -= covered
+            need -= covered
+            while need > 0:
+                over = [a for a in accounts if a.allowed > fair(a) and a is not waiter]
+                if over:
+                    donor = max(over, key=lambda a: (a.allowed - fair(a), -a.last_used))
+                else:
+                    # Taking turns: a pool whose workers have been running
+                    # since an earlier rebalance (so each has a task to finish
+                    # before it leaves), the longest holder first.
+                    holders = [
+                        a
+                        for a in accounts
+                        if a is not waiter
+                        and a.demand > 0
+                        and a.allowed >= fair(a) > 0
+                        and a.held_since < plan_started
+                        and a.live >= a.allowed
+                    ]
+                    if not holders:
+                        no_donor = True
+                        break
+                    donor = min(holders, key=lambda a: (a.held_since, a.order))
+                donor.allowed -= 1
+                need -= 1
+                if donor.allowed < fair(donor) and donor.waiting_since is None:
+                    donor.waiting_since = ticket()  # the back of the queue
+
+        waiting = 0
+        for account in accounts:
+            if account.allowed < fair(account):
+                waiting += 1
+                if account.waiting_since is None:
+                    account.waiting_since = ticket()
+            else:
+                account.waiting_since = None
+        self._waiting = waiting
+        self._short = sum(1 for a in accounts if a.allowed < a.demand)
+        self._in_use = sum(occupied(a) for a in accounts)
+
+        changed = []
+        for account in accounts:
+            old = before[id(account)]
+            actions: list[tuple[str, int]] = []
+            # Workers above the allowance leave: idle ones at once, busy ones
+            # after their task (less those already asked).
+            excess = account.live - account.allowed - account.transit
+            if excess > 0:
+                release = min(excess, account.idle)
+                retire = excess - release
+                account.transit += excess
+                actions = [("release", release), ("retire", retire)]
+            elif account.retiring > max(0, account.live - account.allowed):
+                # Workers left some other way (idle timeout): ask fewer.
+                actions = [("reset", max(0, account.live - account.allowed))]
+            elif account.allowed > account.live and account.demand > account.live:
+                # Allowed more than run, with work waiting: make sure they start.
+                actions = [("start", 0)]
+            if actions or account.allowed != old:
+                account.actions = actions
+                changed.append(account)
+        return changed
+
+    # -- stats ---------------------------------------------------------------
+
+    def stats(self) -> BudgetStats:
+        with self._lock:
+            return BudgetStats(
+                limit=self._limit,
+                in_use=sum(max(a.allowed + a.transit, a.live) for a in self._accounts.values()),
+                pools=len(self._accounts),
+                waiting=self._waiting,
+            )

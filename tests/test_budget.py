@@ -1,0 +1,222 @@
+"""The machine-wide worker budget (``max_total_workers``) and its fairness rule.
+
+Real workers, gated on files (no sleeps); the rule itself is also checked
+without processes, on stand-in pools.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pool_manager import WorkerPoolManager
+from pool_manager.budget import DEFAULT_WORKERS_PER_CPU, WorkerBudget, default_limit
+
+from .helpers import getpid, poll, square, touch_and_wait, wait_then_square
+
+
+def _manager(**options: Any) -> WorkerPoolManager:
+    options.setdefault("memory_sample_interval", None)
+    return WorkerPoolManager(2, 60, 600, **options)
+
+
+class _Sampler:
+    """Reads ``stats()["total_workers"]`` every few milliseconds; keeps the highest."""
+
+    def __init__(self, manager: WorkerPoolManager) -> None:
+        self.manager = manager
+        self.highest = 0
+        self.highest_in_use = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.003):
+            stats = self.manager.stats()
+            self.highest = max(self.highest, stats["total_workers"])
+            self.highest_in_use = max(self.highest_in_use, stats["budget"]["in_use"])
+
+    def __enter__(self) -> _Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_live_workers_across_keys_never_exceed_the_budget(tmp_path: Path) -> None:
+    with _manager(max_total_workers=2) as manager, _Sampler(manager) as sampler:
+        for key in ("a", "b", "c"):
+            started, gate = tmp_path / f"{key}.started", tmp_path / f"{key}.gate"
+            with manager.lease(key, 2) as pool:
+                future = pool.submit(touch_and_wait, str(started), str(gate))
+                assert poll(started.exists, timeout=30)
+                assert manager.stats()["total_workers"] <= 2
+                gate.touch()
+                assert future.result(timeout=30) in pool.worker_pids()
+            assert poll(lambda: manager.stats()["total_workers"] <= 2, timeout=30)
+            assert manager.stats()["budget"]["in_use"] <= 2
+        # Three keys each used a worker; only two ever lived at once.
+        assert sampler.highest <= 2
+        assert sampler.highest_in_use <= 2
+        stats = manager.stats()
+        assert stats["budget"]["limit"] == 2 and stats["budget"]["waiting"] == 0
+
+
+def test_a_pool_takes_the_least_recently_used_idle_worker(tmp_path: Path) -> None:
+    with _manager(max_total_workers=2) as manager:
+        with manager.lease("old") as old:
+            old_pid = old.submit(getpid).result(timeout=30)
+        with manager.lease("recent") as recent:
+            recent_pid = recent.submit(getpid).result(timeout=30)
+        assert manager.stats()["total_workers"] == 2  # the budget is full, both idle
+        with manager.lease("new") as new:
+            new_pid = new.submit(getpid).result(timeout=30)
+        assert new_pid not in (old_pid, recent_pid)
+        # The worker of "old", used least recently, left; "recent" kept its own.
+        assert poll(lambda: old.worker_pids() == [], timeout=30)
+        assert recent.worker_pids() == [recent_pid]
+        assert manager.stats()["total_workers"] == 2
+
+
+def test_one_key_flooding_does_not_starve_another(tmp_path: Path) -> None:
+    first_gate, backlog_gate = tmp_path / "first", tmp_path / "backlog"
+    with _manager(max_total_workers=2, max_pending=None) as manager:
+        a, done_a = manager.get_pool("A", 2)
+        b, done_b = manager.get_pool("B", 1)
+        try:
+            # A floods: its first two tasks hold both workers (the whole
+            # budget), and its backlog waits behind them.
+            started = [tmp_path / f"started-{i}" for i in range(2)]
+            firsts = [a.submit(touch_and_wait, str(s), str(first_gate)) for s in started]
+            backlog = [a.submit(wait_then_square, str(backlog_gate), i) for i in range(2, 30)]
+            assert poll(lambda: all(s.exists() for s in started), timeout=30)
+            assert len(a.worker_pids()) == 2
+
+            b_done_with_a_unfinished: list[int] = []
+            b_future = b.submit(square, 7)
+            b_future.add_done_callback(
+                lambda _: b_done_with_a_unfinished.append(a.unfinished_tasks)
+            )
+            assert manager.stats()["budget"]["waiting"] == 1  # B, until A gives a worker back
+            first_gate.touch()  # A's workers finish their task; one of them leaves for B
+            assert b_future.result(timeout=30) == 49
+            # B ran while A's backlog (gated until now) was not done.
+            assert b_done_with_a_unfinished and b_done_with_a_unfinished[0] == 28
+            assert manager.stats()["total_workers"] <= 2
+            backlog_gate.touch()
+            assert [f.result(timeout=30) for f in backlog] == [i * i for i in range(2, 30)]
+            assert all(isinstance(f.result(timeout=30), int) for f in firsts)
+            assert a.task_counts()["completed"] == 30
+        finally:
+            done_a()
+            done_b()
+
+
+def test_no_cap_with_none(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    with _manager(max_total_workers=None) as manager:
+        assert manager.max_total_workers is None
+        leases = [manager.get_pool(key, 2) for key in "abc"]
+        futures: list[Future[int]] = []
+        for index, (pool, _) in enumerate(leases):
+            for worker in range(2):
+                started = tmp_path / f"started-{index}-{worker}"
+                futures.append(pool.submit(touch_and_wait, str(started), str(gate)))
+        try:
+            # Six tasks run at once: three keys of two workers, no budget.
+            assert poll(lambda: len(list(tmp_path.glob("started-*"))) == 6, timeout=60)
+            assert manager.stats()["total_workers"] == 6
+            assert manager.stats()["budget"]["limit"] is None
+        finally:
+            gate.touch()
+            for future in futures:
+                future.result(timeout=30)
+            for _, done in leases:
+                done()
+
+
+def test_default_and_bad_values() -> None:
+    with _manager() as manager:
+        assert manager.max_total_workers == default_limit()
+        assert default_limit() >= DEFAULT_WORKERS_PER_CPU
+        assert default_limit() % DEFAULT_WORKERS_PER_CPU == 0
+    for bad in (0, -1):
+        with pytest.raises(ValueError):
+            _manager(max_total_workers=bad)
+    for wrong in (1.5, "2", True):
+        with pytest.raises(TypeError):
+            _manager(max_total_workers=wrong)
+
+
+# -- the rule, on stand-in pools (no processes) --------------------------------
+
+
+class _StandIn:
+    """What the budget reads from and tells a pool, with no workers behind it."""
+
+    def __init__(self, budget: WorkerBudget, demand: int) -> None:
+        self.budget = budget
+        self.demand = demand
+        self.live = 0
+        self.applied: list[list[tuple[str, int]]] = []
+        budget.register(self)  # type: ignore[arg-type]
+
+    @property
+    def allowed(self) -> int:
+        return self.budget.allowed(self)  # type: ignore[arg-type]
+
+    def _budget_info(self) -> tuple[int, int, int, int, int]:
+        return self.demand, self.demand, self.live, 0, 0  # every live worker is busy
+
+    def _budget_apply(self, actions: list[tuple[str, int]]) -> None:
+        self.applied.append(actions)
+
+    def settle(self) -> None:
+        """Its workers match its allowance (the leaving ones have left)."""
+        self.live = self.allowed
+
+
+@pytest.fixture
+def budget() -> Iterator[WorkerBudget]:
+    yield WorkerBudget(2)
+
+
+def test_rule_a_pool_above_its_fair_share_gives_a_worker_back(budget: WorkerBudget) -> None:
+    flood = _StandIn(budget, demand=2)
+    budget.rebalance()
+    flood.settle()
+    assert flood.allowed == 2
+    single = _StandIn(budget, demand=1)
+    budget.rebalance()
+    # The flood's allowance drops to its fair share; one busy worker is asked
+    # to leave after its task, and the place goes to the single task then.
+    assert flood.allowed == 1 and flood.applied[-1] == [("release", 0), ("retire", 1)]
+    assert single.allowed == 0 and budget.stats()["waiting"] == 1
+    assert budget.stats()["in_use"] == 2
+    flood.settle()
+    budget.rebalance()
+    assert single.allowed == 1 and budget.stats()["waiting"] == 0
+
+
+def test_rule_more_busy_pools_than_workers_take_turns() -> None:
+    budget = WorkerBudget(1)
+    pools = [_StandIn(budget, demand=5) for _ in range(3)]
+    turns: list[int] = []
+    for _ in range(12):  # each step: a rebalance, then the workers start or leave
+        budget.rebalance()
+        assert sum(pool.allowed for pool in pools) <= 1
+        assert budget.stats()["in_use"] <= 1
+        for pool in pools:
+            pool.settle()
+        holders = [i for i, pool in enumerate(pools) if pool.allowed]
+        if holders and (not turns or turns[-1] != holders[0]):
+            turns.append(holders[0])
+    # The one worker went round the three pools, in turn.
+    assert turns[:4] == [0, 1, 2, 0]
