@@ -135,17 +135,20 @@ def test_a_pool_granted_no_worker_still_runs_its_work(manager: WorkerPoolManager
 
 
 def test_granted_workers_grow_in_place_without_disturbing_running_ones(
-    manager: WorkerPoolManager,
+    manager: WorkerPoolManager, tmp_path: Path
 ) -> None:
+    from .helpers import wait_for_count
+
     with manager.lease("a", 1) as pool:
         first = pool.submit(getpid).result()
         assert pool.worker_pids() == [first]
         manager.get_pool("a", 2)[1]()
         assert pool.worker_count == 3
-        assert pool.submit(square, 2).result() == 4
-        # The budget may start the new workers just after the submit returns.
-        assert poll(lambda: len(pool.worker_pids()) == 3, timeout=30)
-        assert first in pool.worker_pids()
+        # Three tasks that return only when all three run at once: the pool
+        # must grow to three workers, keeping the first.
+        futures = [pool.submit(wait_for_count, str(tmp_path), "t", 3, 60) for _ in range(3)]
+        pids = {f.result(timeout=90) for f in futures}
+        assert len(pids) == 3 and first in pids
 
 
 # -- leases --------------------------------------------------------------------
