@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -46,6 +46,7 @@ __all__ = [
     "dumps",
     "kill_worker",
     "register_exit_hook",
+    "signals_blocked",
     "resolve_context",
 ]
 
@@ -125,6 +126,26 @@ def _run_exit_hooks() -> None:
 def _hooks_after_loky() -> None:
     with contextlib.suppress(RuntimeError):  # the interpreter is already shutting down
         threading._register_atexit(_run_exit_hooks)  # type: ignore[attr-defined]
+
+
+#: Signals our background threads never take: the kernel delivers a
+#: process-directed signal to any thread that does not block it, and Python
+#: runs its handler only in the main thread, which a signal that landed on
+#: another thread does not wake from a sleep or a blocking call.
+MAIN_THREAD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread for the block (threads started inherit it)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def kill_worker(pid: int) -> None:
@@ -319,7 +340,13 @@ class LokyExecutor:
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
         """Submit ``fn(*args)``; may start worker processes (tens of ms each)."""
-        future: Future[Any] = self._executor.submit(fn, *args)
+        if self._manager_thread is None:
+            # The first submit starts loky's threads: they inherit this
+            # thread's signal mask, so block SIGINT/SIGTERM for the moment.
+            with signals_blocked():
+                future: Future[Any] = self._executor.submit(fn, *args)
+        else:
+            future = self._executor.submit(fn, *args)
         if self._manager_thread is None:
             # Kept so that a later shutdown(wait=True) can still join it after
             # loky's own shutdown(wait=False) dropped its reference.

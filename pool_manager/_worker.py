@@ -105,6 +105,9 @@ def start_worker(
     """
     global _limits, _watchdog
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        # A worker started from a thread that blocks them inherits the mask.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _limits = limits
     if slot_dir is not None:
         _open_slot(slot_dir)

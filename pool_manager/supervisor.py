@@ -9,6 +9,7 @@ Each wake-up runs ``manager.sweep()``, the same checks a test runs by hand.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from collections.abc import Callable
 
@@ -61,6 +62,9 @@ class Supervisor:
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        # Leave SIGINT/SIGTERM to the main thread (see _loky.MAIN_THREAD_SIGNALS).
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         next_deadline: float | None = None
         while True:
             with self._wakeup:
