@@ -12,23 +12,26 @@ How a task and a pool's life flow through the parts::
       │                        leases, factories)          grant, backpressure)
       │                              ▲                           │ submit
       │                              │ sweep()                   ▼
-      │                        Supervisor thread          _loky.LokyExecutor
-      │                        (expiry, retirement,        (loky manager thread
-      │                         process teardown)           + queue feeder)
-      │                              │ dispose()                 │ cloudpickle
+      │                        Supervisor thread          pending queue ─▶ dispatch
+      │                        (expiry, retirement,        (batches, one socket
+      │                         process teardown)           per worker; cloudpickle)
+      │                              │ dispose()                 │
       │                              ▼                           ▼
-      └───────◀── future ◀──── _TaskFuture ◀── result ◀── worker processes
+      └───────◀── future ◀──── _TaskFuture ◀── I/O thread ◀── worker processes
+                                                              (forked from the
+                                                               fork server)
 
 - ``manager.py``: the map of ``_PoolEntry`` records, the ``_Lease`` objects
   that keep a pool alive, and ``sweep()``, which decides every transition.
 - ``supervisor.py``: one daemon thread per manager that runs ``sweep()`` at
   each deadline, and when a lease is released or a pool goes idle.
 - ``pool.py``: ``WorkerPool`` (what the manager needs) and ``BaseWorkerPool``
-  (one loky executor, workers granted piecemeal, backpressure, futures).
-- ``_loky.py``: the only module that imports loky.
+  (its workers, dispatch, backpressure, futures, crash isolation).
+- ``_process.py``: the fork server that starts workers, and the wire format.
+- ``_worker.py``: what runs in a worker (its loop, its watchdog).
 - ``errors.py``: every error a user can meet.
 
-Data flows one way (caller → manager → pool → loky → worker → future), and
+Data flows one way (caller → manager → pool → worker → future), and
 so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``).
 """
 

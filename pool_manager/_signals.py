@@ -5,14 +5,17 @@
   its futures' callbacks run within ``shutdown_grace``, then ends the workers
   still running and ends the process as SIGTERM would, or calls the handler
   the application had set before.
-* Ctrl-C: a ``KeyboardInterrupt`` that ends the program must not leave it
-  waiting at exit for a backlog (loky's exit handler waits for every accepted
-  task). An exit hook that runs before loky's terminates every pool when the
-  program is ending on a KeyboardInterrupt.
+* Interpreter exit: as with ``ProcessPoolExecutor``, accepted work finishes
+  before the interpreter exits, and no worker outlives it: an exit hook
+  (``threading._register_atexit``, which runs while threads still run) shuts
+  every live pool down and waits. But a ``KeyboardInterrupt`` that ends the
+  program must not leave it waiting for a backlog: then the hook terminates
+  every pool instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -22,8 +25,6 @@ import time
 from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any, Protocol
-
-from . import _loky
 
 logger = logging.getLogger("pool_manager")
 
@@ -111,11 +112,18 @@ def _on_interpreter_exit() -> None:
     # before it shuts threads down and calls this.
     last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
     if not isinstance(last, KeyboardInterrupt):
-        return  # a normal exit: accepted work finishes, as ProcessPoolExecutor does
+        # A normal exit: accepted work finishes, as ProcessPoolExecutor does.
+        for pool in list(_pools()):
+            try:
+                pool.shutdown(wait=True)
+            except Exception:
+                logger.exception("shutting a pool down at exit failed")
+        return
     for manager in list(_managers()):
         manager.terminate()
     for pool in list(_pools()):
         pool.terminate()
 
 
-_loky.register_exit_hook(_on_interpreter_exit)
+with contextlib.suppress(RuntimeError):  # (the interpreter is already shutting down)
+    threading._register_atexit(_on_interpreter_exit)  # type: ignore[attr-defined]

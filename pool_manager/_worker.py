@@ -1,37 +1,53 @@
 """Code that runs inside worker processes, and the task envelope both sides share.
 
-A task crosses to the worker as ``run_task(task_id, payload)``: ``payload``
-is the cloudpickled ``(fn, args, kwargs)``, loaded *inside* the task, so an
-argument that fails to unpickle fails that task alone (loky would break the
-whole executor). The result comes back pickled the same way, and the parent
-loads it per task, for the same reason.
+A worker is forked from the fork server (``_process.py``) and runs `serve`:
+it reads its ``INIT`` message (limits, initializer, environment), then
+batches of tasks, and answers each task with one message. A task crosses as
+``(task id, timeout, payload)``: ``payload`` is the cloudpickled ``(fn, args,
+kwargs)``, loaded *inside* the task, so an argument that fails to unpickle
+fails that task alone. The result comes back pickled, and the parent loads
+it per task, for the same reason.
 
-Each worker also keeps a *slot*: a small file-backed memory map in the
-pool's slot directory, named by the worker's pid, that holds the id of the
-task it is running (0 when idle). When a worker dies, the parent reads its
-slot to learn which task died with it: one memory store per task, no
-message.
+A watchdog thread ends the worker when its parent is gone, when a task runs
+past its deadline, or when the worker grows past ``kill_memory``; before it
+does, it tells the parent why (a ``DYING`` message), and the exit status
+says it again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import mmap
-import multiprocessing.util
+import io
+import multiprocessing
 import os
+import pickle
 import signal
-import struct
+import socket
+import sys
 import threading
 import time
 import traceback
+import types
+from collections import ChainMap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import cloudpickle
 
-from . import _loky
+from ._process import (
+    DYING,
+    EXIT,
+    INIT,
+    INIT_FAILED,
+    LEAVING,
+    MAIN_THREAD_SIGNALS,
+    TASKS,
+    TO_PARENT,
+    TO_WORKER,
+)
+from ._process import ERROR as _ERROR
+from ._process import RESULT as _RESULT
 
 #: Seconds between two checks of a worker's parent; a worker outlives a
 #: parent that died (even by SIGKILL) by at most about this long.
@@ -44,10 +60,10 @@ MEMORY_CHECK_INTERVAL = 0.05
 ORPHAN_EXIT_CODE = 75  # its parent died
 DEADLINE_EXIT_CODE = 76  # its task ran past its deadline
 MEMORY_EXIT_CODE = 77  # it grew past kill_worker_memory
+INIT_FAILED_EXIT_CODE = 78  # its initializer raised
 
-#: Why a worker ended itself, as written in its slot. The first two end a
-#: task (the worker is killed); the last three are clean exits between tasks.
-NO_REASON, DEADLINE, MEMORY, RECYCLED_TASKS, RECYCLED_MEMORY, IDLE, BUDGET = range(7)
+#: Why a worker ended itself (``DYING``) or left (``LEAVING``, ``EXIT``).
+NO_REASON, DEADLINE, MEMORY, RECYCLED_TASKS, RECYCLED_MEMORY, IDLE, BUDGET, SHUTDOWN = range(8)
 
 #: How the parent words a clean exit's reason.
 EXIT_REASONS = {
@@ -56,20 +72,6 @@ EXIT_REASONS = {
     IDLE: "idle_timeout",
     BUDGET: "max_total_workers",
 }
-
-#: The file in a pool's slot directory that holds how many of its workers the
-#: parent asks to leave after their current task (the worker budget, see
-#: budget.py): one int64, changed under ``flock``.
-RETIRE_FILE = ".retire"
-_COUNTER = struct.Struct("<q")
-_retire_fd: int | None = None
-_retire_map: mmap.mmap | None = None
-
-# The slot: the task running now (0: none), why the worker ended itself, and
-# a detail (the deadline in ms, or the memory size reached in bytes).
-_SLOT = struct.Struct("<qqq")
-_slot: mmap.mmap | None = None
-_slot_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,141 +83,112 @@ class WorkerLimits:
     kill_memory: int | None = None  #: end at once, failing the task, above (bytes)
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The ``INIT`` message: what a pool tells each new worker."""
+
+    limits: WorkerLimits
+    initializer: Callable[..., object] | None
+    initargs: tuple[Any, ...]
+    env: dict[str, str] | None
+    #: The parent's ``multiprocessing`` authentication key: with it, a
+    #: ``multiprocessing.Manager`` proxy passed to a task can connect.
+    authkey: bytes = b""
+
+
 _limits = WorkerLimits()
 _tasks_done = 0
 _watchdog: _Watchdog | None = None
+_sock: socket.socket | None = None
+_send_lock = threading.Lock()
 
 
-def start_worker(
-    parent_pid: int,
-    slot_dir: str | None,
-    limits: WorkerLimits,
-    initializer: Callable[..., object] | None,
-    initargs: tuple[Any, ...],
+def _send(
+    kind: int, body: bytes = b"", reason: int = 0, task_id: int = 0, value: float = 0.0
 ) -> None:
-    """Run first in every worker process, before the user's initializer.
-
-    * SIGINT is ignored: a Ctrl-C in a terminal reaches the whole process
-      group, and it is the parent's to handle (it stops the workers).
-    * The worker's slot is created (see the module docstring).
-    * A watchdog thread ends the process as soon as its parent is gone (loky's
-      workers never watch their parent, and ``PR_SET_PDEATHSIG`` fires when
-      the spawning *thread* exits, not the process), when a task runs past
-      its deadline, or when the worker grows past ``kill_memory``.
-    """
-    global _limits, _watchdog
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        # A worker started from a thread that blocks them inherits the mask.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    _limits = limits
-    if slot_dir is not None:
-        _open_slot(slot_dir)
-        _open_retire_counter(slot_dir)
-    _watchdog = _Watchdog(parent_pid, limits.kill_memory)
-    threading.Thread(target=_watchdog.run, name="pool_manager-watchdog", daemon=True).start()
-    if initializer is not None:
-        initializer(*initargs)
+    """One message to the parent (from the main thread, or the watchdog's last words)."""
+    assert _sock is not None
+    header = TO_PARENT.pack(len(body), kind, reason, task_id, value)
+    with _send_lock:
+        if len(body) < 65536:
+            _sock.sendall(header + body)
+        else:
+            _sock.sendall(header)
+            _sock.sendall(body)
 
 
-def _open_slot(slot_dir: str) -> None:
-    global _slot, _slot_path
-    path = os.path.join(slot_dir, str(os.getpid()))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def serve(sock: socket.socket) -> NoReturn:
+    """A worker's life: ``INIT``, then tasks until ``EXIT`` (or a limit, or the parent's end)."""
+    global _sock, _limits, _watchdog
+    code = 0
     try:
-        os.ftruncate(fd, _SLOT.size)
-        _slot = mmap.mmap(fd, _SLOT.size)
-    finally:
-        os.close(fd)
-    _slot_path = path
-    # A worker that exits cleanly removes its slot, unless it says why it left
-    # (recycled, idle): the parent reads that, then removes it.
-    multiprocessing.util.Finalize(None, _finalize_slot, args=(path,), exitpriority=0)
+        _sock = sock
+        reader = sock.makefile("rb", buffering=1 << 16)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        message = _read_message(reader)
+        if message is None or message[0] != INIT:
+            os._exit(0)
+        config: WorkerConfig = pickle.loads(message[2])
+        if config.env:
+            os.environ.update(config.env)
+        if config.authkey:
+            multiprocessing.current_process().authkey = config.authkey
+        _limits = config.limits
+        _watchdog = _Watchdog(os.getppid(), config.limits.kill_memory)
+        threading.Thread(target=_watchdog.run, name="pool_manager-watchdog", daemon=True).start()
+        if config.initializer is not None:
+            try:
+                config.initializer(*config.initargs)
+            except BaseException as error:
+                text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+                sys.stderr.write(f"pool_manager: a worker's initializer failed:\n{text}")
+                _send(INIT_FAILED, text.encode("utf-8", "replace"))
+                code = INIT_FAILED_EXIT_CODE
+                return _exit(code)
+        _serve_tasks(reader)
+    except BaseException:  # the parent has gone (a broken socket), or a bug: leave
+        code = 1
+    return _exit(code)
 
 
-def _open_retire_counter(slot_dir: str) -> None:
-    global _retire_fd, _retire_map
-    try:
-        fd = os.open(os.path.join(slot_dir, RETIRE_FILE), os.O_RDWR)
-    except OSError:
-        return  # no budget file: this worker is never asked to leave
-    try:
-        _retire_map = mmap.mmap(fd, _COUNTER.size)
-    except (OSError, ValueError):
-        os.close(fd)
-        return
-    _retire_fd = fd
+def _exit(code: int) -> NoReturn:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
-def make_retire_counter(slot_dir: str) -> None:
-    """(Parent side) create the pool's retire counter, at zero."""
-    with open(os.path.join(slot_dir, RETIRE_FILE), "wb") as counter:
-        counter.write(_COUNTER.pack(0))
+def _read_message(reader: io.BufferedReader) -> tuple[int, int, bytes] | None:
+    header = reader.read(TO_WORKER.size)
+    if len(header) < TO_WORKER.size:
+        return None
+    length, kind = TO_WORKER.unpack(header)
+    body = reader.read(length) if length else b""
+    if len(body) < length:
+        return None
+    return kind, 0, body
 
 
-def change_retire_counter(slot_dir: str, delta: int = 0, *, reset: bool = False) -> int:
-    """(Parent side) add ``delta`` to (or, with ``reset``, zero) the retire counter.
-
-    Returns the value before the change (0 if the file is missing).
-    """
-    try:
-        fd = os.open(os.path.join(slot_dir, RETIRE_FILE), os.O_RDWR)
-    except OSError:
-        return 0
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        data = os.pread(fd, _COUNTER.size, 0)
-        value = _COUNTER.unpack(data)[0] if len(data) == _COUNTER.size else 0
-        new = 0 if reset else max(0, value + delta)
-        if new != value:
-            os.pwrite(fd, _COUNTER.pack(new), 0)
-        return value
-    finally:
-        os.close(fd)  # closing drops the lock
-
-
-def _take_retire_request() -> bool:
-    """(Worker side) if the parent asked a worker to leave, be that worker."""
-    counter = _retire_map
-    if counter is None or _retire_fd is None or _COUNTER.unpack_from(counter, 0)[0] <= 0:
-        return False  # the common case: one memory read, no lock
-    fcntl.flock(_retire_fd, fcntl.LOCK_EX)
-    try:
-        value = _COUNTER.unpack_from(counter, 0)[0]
-        if value <= 0:
-            return False
-        _COUNTER.pack_into(counter, 0, value - 1)
-        return True
-    finally:
-        fcntl.flock(_retire_fd, fcntl.LOCK_UN)
-
-
-def _finalize_slot(path: str) -> None:
-    if _slot is None or _SLOT.unpack_from(_slot, 0)[1] == NO_REASON:
-        _remove(path)
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _set_slot(task_id: int, reason: int = NO_REASON, detail: int = 0) -> None:
-    if _slot is not None:
-        _SLOT.pack_into(_slot, 0, task_id, reason, detail)
-
-
-def read_slot(slot_dir: str, pid: int) -> tuple[int, int, int]:
-    """(Parent side) worker ``pid``'s slot: (task id, reason, detail); zeros if unknown."""
-    try:
-        with open(os.path.join(slot_dir, str(pid)), "rb") as slot:
-            data = slot.read(_SLOT.size)
-    except OSError:
-        return (0, NO_REASON, 0)
-    if len(data) != _SLOT.size:
-        return (0, NO_REASON, 0)
-    task_id, reason, detail = _SLOT.unpack(data)
-    return task_id, reason, detail
+def _serve_tasks(reader: io.BufferedReader) -> None:
+    while True:
+        message = _read_message(reader)
+        if message is None:
+            return  # the parent is gone
+        kind, _, body = message
+        if kind == EXIT:
+            return
+        if kind != TASKS:
+            continue
+        for task_id, timeout, payload in pickle.loads(body):
+            started = time.perf_counter()
+            ok, data = run_task(task_id, payload, timeout)
+            elapsed = time.perf_counter() - started
+            _send(_RESULT if ok else _ERROR, data, task_id=task_id, value=elapsed)
+            del data
+            reason, detail = _should_retire()
+            if reason:
+                _send(LEAVING, reason=reason, value=detail)
+                return
 
 
 def resident_memory() -> int:
@@ -235,9 +208,9 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 class _Watchdog:
     """The worker's second thread: parent, deadline and hard memory checks.
 
-    It ends the process with ``os._exit`` after writing why in the slot, while
-    holding ``_lock``: the main thread takes that lock to start or finish a
-    task, so the task named in the slot is the one that was judged.
+    It ends the process with ``os._exit``, after telling the parent why,
+    while holding ``_lock``: the main thread takes that lock to start or
+    finish a task, so the task it names is the one that was judged.
     """
 
     def __init__(self, parent_pid: int, kill_memory: int | None) -> None:
@@ -251,7 +224,6 @@ class _Watchdog:
     def task_started(self, task_id: int, timeout: float | None) -> None:
         with self._lock:
             self._task_id = task_id
-            _set_slot(task_id)
             if timeout is not None:
                 self._timeout = timeout
                 self._deadline = time.monotonic() + timeout
@@ -261,9 +233,10 @@ class _Watchdog:
         with self._lock:
             self._task_id = 0
             self._deadline = None
-            _set_slot(0)
 
     def run(self) -> None:
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
         with self._lock:
             while True:
                 wait = PARENT_CHECK_INTERVAL
@@ -273,60 +246,68 @@ class _Watchdog:
                     wait = min(wait, max(0.0, self._deadline - time.monotonic()))
                 self._lock.wait(wait)
                 if os.getppid() != self._parent_pid:
-                    self._end(ORPHAN_EXIT_CODE, NO_REASON, 0, orphaned=True)
+                    os._exit(ORPHAN_EXIT_CODE)
                 if self._deadline is not None and time.monotonic() >= self._deadline:
-                    self._end(DEADLINE_EXIT_CODE, DEADLINE, int(self._timeout * 1000))
+                    self._end(DEADLINE_EXIT_CODE, DEADLINE, self._timeout)
                 if self._kill_memory is not None:
                     size = resident_memory()
                     if size > self._kill_memory:
                         self._end(MEMORY_EXIT_CODE, MEMORY, size)
 
-    def _end(self, exit_code: int, reason: int, detail: int, *, orphaned: bool = False) -> None:
-        if orphaned:
-            if _slot_path is not None:
-                _remove(_slot_path)
-                _remove(os.path.join(os.path.dirname(_slot_path), RETIRE_FILE))
-                with contextlib.suppress(OSError):  # the last worker out removes the directory
-                    os.rmdir(os.path.dirname(_slot_path))
-        else:
-            _set_slot(self._task_id, reason, detail)
+    def _end(self, exit_code: int, reason: int, detail: float) -> NoReturn:
+        # Last words, unless the main thread is stuck sending a large result.
+        if _send_lock.acquire(timeout=1.0):
+            _send_lock.release()
+            with contextlib.suppress(OSError):
+                _send(DYING, reason=reason, task_id=self._task_id, value=detail)
         os._exit(exit_code)
 
 
-def should_retire() -> bool:
+def _should_retire() -> tuple[int, float]:
     """After each task: has this worker done its share (tasks or memory)?
 
-    Or did the parent ask one of its workers to leave, to give its place in
-    the worker budget to another pool? If so, the reason goes into the slot,
-    for the parent's "recycled" or "exited" event.
+    Returns (reason, detail), reason 0 if not.
     """
     global _tasks_done
     _tasks_done += 1
     limits = _limits
     if limits.max_tasks is not None and _tasks_done >= limits.max_tasks:
-        _set_slot(0, RECYCLED_TASKS, _tasks_done)
-        return True
+        return RECYCLED_TASKS, _tasks_done
     if limits.max_memory is not None:
         size = resident_memory()
         if size > limits.max_memory:
-            _set_slot(0, RECYCLED_MEMORY, size)
-            return True
-    if _take_retire_request():
-        _set_slot(0, BUDGET, 0)
-        return True
-    return False
-
-
-def leaving_idle() -> None:
-    """The worker leaves after its idle timeout: say so in the slot."""
-    _set_slot(0, IDLE, 0)
+            return RECYCLED_MEMORY, size
+    return 0, 0.0
 
 
 # -- the task envelope ---------------------------------------------------------
 
 
+def _reduce_method(method: types.MethodType) -> tuple[Any, tuple[Any, str]]:
+    # By reference, as the standard pickle does: cloudpickle would copy the
+    # function by value and lose its source file (and a traceback's lines).
+    return getattr, (method.__self__, method.__func__.__name__)
+
+
+class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+    dispatch_table = ChainMap(
+        {types.MethodType: _reduce_method}, cloudpickle.CloudPickler.dispatch_table
+    )
+
+
 def _dumps(obj: object) -> bytes:
-    return _loky.dumps(obj)
+    """cloudpickle (lambdas, closures, ``__main__``'s functions go by value)."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def dump_result(obj: object) -> bytes:
+    """Pickle a task's result: the standard pickle first (fast), cloudpickle if it must."""
+    try:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return _dumps(obj)
 
 
 def dump_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -353,7 +334,7 @@ def run_task(task_id: int, payload: bytes, timeout: float | None = None) -> tupl
             return False, _dump_error(error)
         del fn, args, kwargs
         try:
-            return True, _dumps(result)
+            return True, dump_result(result)
         except BaseException as error:
             return False, _dump_error(error, pickling_result=True)
     finally:
@@ -380,3 +361,13 @@ def _dump_error(
 def run_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[Any]:
     """Run ``fn`` over one chunk of ``map`` arguments, in order."""
     return [fn(*args) for args in chunk]
+
+
+def run_chunk_single(fn: Callable[[Any], Any], chunk: Iterable[Any]) -> list[Any]:
+    """`run_chunk` for a ``map`` over one iterable (no argument tuples to build)."""
+    return list(map(fn, chunk))
+
+
+def dump_config(config: WorkerConfig) -> bytes:
+    """(Parent side) pickle a pool's ``INIT`` message body."""
+    return _dumps(config)

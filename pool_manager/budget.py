@@ -5,14 +5,14 @@ together. Without it, ten keys of ``pool_size=2`` are twenty processes, on a
 machine with two cores.
 
 What is counted
-    Each pool has an *allowance*: the worker processes loky may run for it
-    (its executor's worker count). The budget keeps the sum of every pool's
-    allowance at or below ``N``, always; loky never starts a worker beyond
-    its pool's allowance. Live processes follow the allowance: during a
-    hand-over (below), the worker that gives its place away may still be
-    leaving (it exits within milliseconds of being told, or after the task it
-    is running) while the new one starts, so for that moment live processes
-    can exceed ``N`` by the hand-overs in flight.
+    Each pool has an *allowance*: the worker processes it may run. The
+    budget keeps the sum of every pool's allowance at or below ``N``,
+    always; a pool never starts a worker beyond its allowance. Live
+    processes follow the allowance: during a hand-over (below), the worker
+    that gives its place away may still be leaving (it exits within
+    milliseconds of being told, or after the task it is running) while the
+    new one starts, so for that moment live processes can exceed ``N`` by the
+    hand-overs in flight.
 
 The default
     ``max_total_workers`` defaults to ``DEFAULT_WORKERS_PER_CPU`` (2) times
@@ -27,7 +27,7 @@ Growing
     budget is full, it takes allowance that another pool cannot use now: a
     pool with more allowance than unfinished tasks gives it up, least
     recently used first (by last submit), and its surplus idle workers are
-    told to leave (loky's ``None`` message). If no allowance is unused, the
+    told to leave (an ``EXIT`` message). If no allowance is unused, the
     task waits in its pool's queue: it is never refused and never lost.
 
 The fairness rule (no key starves another)
@@ -39,8 +39,8 @@ The fairness rule (no key starves another)
        pools that could use more than their fair share.
     2. When a pool is waiting and nothing is free, a pool above its fair
        share (the most above first, then least recently used) gives one
-       worker back: it leaves after its current task (a per-pool retire
-       counter the worker reads after each task, see ``_worker.py``), and its
+       worker back: it leaves after its current task (the pool sends it
+       ``EXIT`` when that task's result arrives), and its
        allowance passes to the waiting pool at once.
     3. When more pools have work than ``N`` (each fair share is 1 and no pool
        is above it), the pools take turns: at each rebalance while a pool
@@ -61,7 +61,7 @@ When it runs
     each supervisor sweep. It never blocks: if a rebalance is running on
     another thread, that one runs again instead. The budget's own lock
     guards only its bookkeeping; it is never held while a pool's lock is
-    taken or loky is called (the pools' locks may be held while it is taken:
+    taken (the pools' locks may be held while it is taken:
     it is the innermost lock).
 
 ``manager.stats()["budget"]``: the limit, the allowance in use, the live
@@ -78,7 +78,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypedDict
 
-from . import _loky
+from . import _process
 
 if TYPE_CHECKING:
     from .pool import BaseWorkerPool
@@ -91,7 +91,7 @@ DEFAULT_WORKERS_PER_CPU = 2
 
 def default_limit() -> int:
     """The default ``max_total_workers``: `DEFAULT_WORKERS_PER_CPU` per usable CPU."""
-    return DEFAULT_WORKERS_PER_CPU * max(1, _loky.cpu_count())
+    return DEFAULT_WORKERS_PER_CPU * max(1, _process.cpu_count())
 
 
 class BudgetStats(TypedDict):
@@ -142,7 +142,7 @@ class WorkerBudget:
                 raise ValueError(f"max_total_workers must be at least 1, not {limit}")
         self._limit = limit
         # _lock guards _accounts and every _Account's fields. The innermost
-        # lock: nothing else is acquired, and loky is never called, under it.
+        # lock: nothing else is acquired under it.
         self._lock = threading.Lock()
         self._accounts: dict[int, _Account] = {}  # by id(pool)
         self._order = itertools.count()
@@ -243,7 +243,7 @@ class WorkerBudget:
                 ]
                 account.actions = []
             changed = self._plan(accounts)
-        # Shrink first, then grow: loky is called with no lock of ours held.
+        # Shrink first, then grow, with no lock of ours held.
         leaving = False
         for account in sorted(changed, key=lambda a: not a.actions or a.actions[0][0] == "start"):
             account.pool._budget_apply(account.actions)

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from . import _signals, memory
+from . import _process, _signals, memory
 from . import pool as _pool_module
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from .budget import BudgetStats, WorkerBudget, default_limit
@@ -189,9 +189,9 @@ _signals.configure(lambda: list(_live_managers), lambda: list(_pool_module._live
 
 @atexit.register
 def _shutdown_forgotten_managers() -> None:
-    # By now loky's own exit hook has let accepted work finish (as
-    # ProcessPoolExecutor does at exit); this stops the supervisors and joins
-    # whatever is left, so that no worker outlives the interpreter.
+    # By now the pools' exit hook (_signals.py) has let accepted work finish
+    # (as ProcessPoolExecutor does at exit); this stops the supervisors and
+    # joins whatever is left, so that no worker outlives the interpreter.
     for manager in list(_live_managers):
         manager.shutdown(wait=True)
 
@@ -334,6 +334,11 @@ class WorkerPoolManager:
         self._budget.on_leaving = self._supervisor.wake
         self._supervisor.start()
         _live_managers.add(self)
+        # The fork server starts now, in the background (its own interpreter
+        # boots while the application goes on), so that a new key's first
+        # worker is a fork away, not an interpreter start.
+        _process.acquire_server()
+        self._holds_server = True
 
     # -- configuration ---------------------------------------------------
 
@@ -911,6 +916,10 @@ class WorkerPoolManager:
                 self._disposing.add(entry)
         self._supervisor.stop()
         _live_managers.discard(self)
+        with self._lock:
+            holds_server, self._holds_server = self._holds_server, False
+        if holds_server:
+            _process.release_server()  # stopped once the pools have let it go too
         return entries
 
     def __enter__(self) -> WorkerPoolManager:

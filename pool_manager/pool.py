@@ -1,12 +1,32 @@
 """A pool of worker processes for one key: the ``WorkerPool`` interface and
-``BaseWorkerPool``, its implementation on one loky executor.
+``BaseWorkerPool``, its implementation.
 
 A pool knows nothing of keys, leases or expiry (that is the manager's job).
-It owns: the worker processes (through ``_loky.LokyExecutor``), how many of
-them it may use (``grant_workers``), backpressure, and the futures it hands
-out. Every future it returns is a ``_TaskFuture`` chained to loky's own, so
-the pool's count of unfinished work drops *before* a waiter on the future
-wakes: a caller that has its result and releases its lease sees an idle pool.
+It owns: its worker processes (forked from the fork server, ``_process.py``),
+how many of them it may run (``grant_workers``, the worker budget), its queue
+of tasks, backpressure, and the futures it hands out.
+
+How a task travels::
+
+    submit ──▶ pending queue ──▶ dispatch ──▶ worker socket ──▶ worker
+      │        (cancellable)     (a batch     (one message      (runs the batch
+      │                           per worker)  per batch)        in order)
+      ▼                                                             │
+    future ◀── the pool's I/O thread ◀──── one message per result ◀─┘
+
+Dispatch runs wherever something changes (a submit, a result, a worker
+start or exit) under the pool's lock, and never blocks: sockets are
+non-blocking, and what does not fit is flushed by the I/O thread. An idle
+worker gets a task straight from ``submit``. When tasks queue up, a worker
+gets several in one message, and a few more than it is running (enough for
+about a millisecond of work, by the measured task time), so that it never
+waits for the parent between tasks.
+
+Each pool has one I/O thread while it has live workers: it reads results,
+flushes output, learns of worker exits from the fork server's status pipes,
+and retires workers idle past ``idle_timeout``. A worker that dies takes
+only the task it was running; the tasks sent to it but not started go back
+to the front of the queue.
 """
 
 from __future__ import annotations
@@ -15,35 +35,51 @@ import abc
 import contextlib
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
-import shutil
-import tempfile
+import selectors
+import signal
+import socket
 import threading
 import time
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import _RemoteTraceback
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
-from . import _loky
+from . import _process
 from ._durations import Duration, to_bytes, to_count, to_seconds
+from ._process import (
+    DYING,
+    ERROR,
+    EXIT,
+    INIT,
+    INIT_FAILED,
+    LEAVING,
+    RESULT,
+    STATUS,
+    TASKS,
+    TO_PARENT,
+    TO_WORKER,
+)
 from ._worker import (
+    BUDGET,
     DEADLINE,
     EXIT_REASONS,
+    IDLE,
     MEMORY,
+    SHUTDOWN,
+    WorkerConfig,
     WorkerLimits,
-    change_retire_counter,
     dump_call,
-    make_retire_counter,
-    read_slot,
+    dump_config,
     run_chunk,
-    run_task,
-    start_worker,
+    run_chunk_single,
 )
 from .errors import (
     ArgumentUnpicklingError,
@@ -70,6 +106,28 @@ logger = logging.getLogger("pool_manager")
 #: Seconds an idle worker process waits for work before it exits; the next
 #: submit starts it again. ``None`` keeps workers until the pool is disposed.
 DEFAULT_IDLE_TIMEOUT: float = 300.0
+
+#: The start methods ``mp_context`` may name (for ``ProcessPoolExecutor``
+#: compatibility): every worker starts from the fork server whatever is named.
+START_METHODS = ("fork", "forkserver", "spawn", "loky", "loky_init_main")
+
+#: Dispatch: tasks sent to a worker ahead of the one it runs cover about this
+#: many seconds of work (by the pool's measured task time) ...
+PREFETCH_SECONDS = 0.001
+#: ... never more than this many tasks in a worker's hands, nor in one message.
+MAX_DEPTH = 64
+#: Tasks longer than this (seconds, measured) are sent one at a time.
+LONG_TASK = 0.02
+
+#: How many workers in a row may end before finishing a task (a failing
+#: initializer, workers killed as they start) before the queued tasks fail.
+MAX_ATTEMPTS = 3
+
+#: ``map`` with no chunk size: a sized input is cut in about this many
+#: chunks per worker; an unsized one in chunks of about this many seconds.
+CHUNKS_PER_WORKER = 16
+TARGET_CHUNK_SECONDS = 0.01
+MAX_CHUNK = 65536
 
 
 class WorkerPool(Executor, abc.ABC):
@@ -170,13 +228,11 @@ class WorkerPool(Executor, abc.ABC):
 
 
 class _TaskFuture(Future):  # type: ignore[type-arg]
-    """The future `BaseWorkerPool.submit` returns, chained to loky's.
+    """The future `BaseWorkerPool.submit` returns.
 
-    It settles only after the pool has counted the task as finished, and it
-    cancels through to loky (only a task that has not started can be
-    cancelled, as with any ``concurrent.futures`` executor). When a sibling
-    worker's crash tears its task down, the pool sends it again and chains
-    this future to the new attempt.
+    It settles only after the pool has counted the task as finished. Until
+    the task is dispatched to a worker it can be cancelled; once dispatched
+    it is *running*, as a ``ProcessPoolExecutor`` task in its call queue.
     """
 
     def __init__(
@@ -186,71 +242,74 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
         self._pool = pool
         self.task_id = task_id
         self._timeout = timeout
-        self.attempts = 1
         self._payload: bytes | None = payload  # kept until settled, to send again
-        self._inner: Future[Any] | None = None
-        self._executor: _loky.LokyExecutor | None = None
+        self._dispatched = False  # set_running_or_notify_cancel() was called
+        self._dropped = False  # cancelled before dispatch, or abandoned (kill_task)
+        #: The worker's run time of the task, in seconds, once it has run.
+        self.run_time: float | None = None
 
-    def _envelope(self) -> tuple[int, bytes, float | None]:
-        """`run_task`'s arguments for this task."""
-        assert self._payload is not None
-        return (self.task_id, self._payload, self._timeout)
-
-    def _attach(self, inner: Future[Any], executor: _loky.LokyExecutor) -> None:
-        self._inner = inner
-        self._executor = executor
-        inner.add_done_callback(self._settle)
-
-    def _settle(self, inner: Future[Any]) -> None:
-        # Runs in loky's manager thread (or in cancel()): count first, then wake.
-        if inner is not self._inner:
-            return
-        if inner.cancelled():
-            self._pool._task_finished(self, _CANCELLED)
-            self._inner = self._executor = None
-            Future.cancel(self)
-            self.set_running_or_notify_cancel()
-            return
-        error = inner.exception()
-        if error is None:
-            ok, data = inner.result()
-            self._finish(*_load_outcome(ok, data))
-        elif isinstance(error, _loky.BrokenProcessPool):
-            assert self._executor is not None
-            lost = self._pool._worker_crashed(self, self._executor)
-            if lost is not None:
-                self._finish(False, lost)
-        else:
-            self._finish(False, error)
-
-    def _abandon(self, error: BaseException) -> None:
-        self._inner = None  # a later settle of the old attempt is ignored
-        self._finish(False, error)
+    def _envelope(self) -> tuple[int, float | None, bytes | None]:
+        return (self.task_id, self._timeout, self._payload)
 
     def _finish(self, ok: bool, value: Any) -> None:
-        self._pool._task_finished(self, _COMPLETED if ok else _FAILED)
-        # Drop what ties this future to loky's (a reference cycle through the
-        # callback) and to the executor, whose pipes would wait for the GC.
         self._payload = None
-        self._inner = self._executor = None
         if ok:
             self.set_result(value)
         else:
             self.set_exception(value)
 
     def cancel(self) -> bool:
-        inner = self._inner
-        if inner is None:
-            # Still inside submit(), on its way to loky: too late to stop.
-            return self.cancelled()
-        if self.done():
-            return super().cancel()
-        # A successful cancel of the inner future runs _settle synchronously.
-        return inner.cancel() and self.cancelled()
+        return self._pool._cancel(self)
 
-    def running(self) -> bool:
-        inner = self._inner
-        return super().running() or (inner is not None and inner.running() and not self.done())
+
+class _Worker:
+    """The pool's side of one worker process (guarded by the pool's lock,
+    but for the receive buffer, which only the I/O thread touches)."""
+
+    __slots__ = (
+        "assigned",
+        "dying",
+        "idle_since",
+        "init_failed",
+        "inbuf",
+        "leaving",
+        "outbuf",
+        "pid",
+        "registered",
+        "sent",
+        "sock",
+        "sock_done",
+        "status",
+        "status_done",
+        "status_fd",
+        "writing",
+        "finished_tasks",
+    )
+
+    def __init__(self, pid: int, sock: socket.socket, status_fd: int, now: float) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.status_fd = status_fd
+        self.inbuf = bytearray()
+        self.outbuf: deque[memoryview] = deque()
+        #: Tasks sent and not answered, in the order sent (so the first is
+        #: the one running).
+        self.assigned: deque[_TaskFuture] = deque()
+        self.sent = 0
+        self.finished_tasks = 0
+        self.idle_since = now
+        self.leaving: int | None = None  # why it was told to leave, or said it leaves
+        self.dying: tuple[int, int, float] | None = None  # reason, task id, detail
+        self.init_failed: str | None = None
+        self.registered = False
+        self.writing = False
+        self.sock_done = False
+        self.status_done = False
+        self.status: int | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status_done and (self.sock_done or self.status is not None)
 
 
 def _remote_traceback(text: str) -> BaseException:
@@ -268,8 +327,8 @@ def _load_outcome(ok: bool, data: bytes) -> tuple[bool, Any]:
             f"the task ran, but its {what} failed to unpickle in the parent process: "
             f"{type(unpickling_error).__name__}: {unpickling_error}"
         )
-        # Its traceback as text: the frames themselves would pin loky's manager
-        # thread, and with it the executor's pipes, until a garbage collection.
+        # Its traceback as text: the frames themselves would pin the pool's
+        # I/O thread's locals until a garbage collection.
         text = "".join(traceback.format_exception(unpickling_error))
         result_failure.__cause__ = _remote_traceback(text)
         return False, result_failure
@@ -301,28 +360,12 @@ class TaskCounts(TypedDict):
     cancelled: int
 
 
-#: Pools that have started workers, for the Ctrl-C exit hook (_signals.py).
+#: Pools that have started workers, for the exit hooks (_signals.py).
 _live_pools: weakref.WeakSet[BaseWorkerPool] = weakref.WeakSet()
 
-#: How many times a task torn down by other workers' deaths is sent again.
-MAX_ATTEMPTS = 3
 
-
-def _megabytes(size: int) -> str:
+def _megabytes(size: float) -> str:
     return f"{size / 1e6:.1f} MB"
-
-
-def _make_slot_dir() -> str:
-    """A private directory for the workers' slots, in memory where possible."""
-    shm = "/dev/shm"
-    where = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    # The parent's pid in the name tells whose it is (tests check for leaks).
-    return tempfile.mkdtemp(prefix=f"pool_manager-{os.getpid()}-", dir=where)
-
-
-def _remove_slot(slot_dir: str, pid: int) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(slot_dir, str(pid)))
 
 
 def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
@@ -333,6 +376,46 @@ def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
         return future.result(end_time - time.monotonic())
     finally:
         future.cancel()
+
+
+def _resolve_start_method(mp_context: object) -> str | None:
+    """Check a ``ProcessPoolExecutor``-style ``mp_context``; returns its start method."""
+    if mp_context is None:
+        return None
+    if isinstance(mp_context, str):
+        method = mp_context
+    else:
+        get_start_method = getattr(mp_context, "get_start_method", None)
+        if not callable(get_start_method):
+            raise TypeError(
+                "mp_context must be None, a start method name or a multiprocessing "
+                f"context, not {type(mp_context).__name__}"
+            )
+        method = get_start_method()
+    if method not in START_METHODS:
+        raise ValueError(
+            f"mp_context start method {method!r} is not supported; use one of "
+            f"{', '.join(START_METHODS)} (workers always start from the fork server)"
+        )
+    return str(method)
+
+
+def _known_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """How many calls ``map`` makes, if every iterable knows its length."""
+    lengths = []
+    for iterable in iterables:
+        if not isinstance(iterable, Sized):
+            return None
+        try:
+            lengths.append(len(iterable))
+        except TypeError:
+            return None
+    return min(lengths) if lengths else 0
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 class BaseWorkerPool(WorkerPool):
@@ -348,15 +431,17 @@ class BaseWorkerPool(WorkerPool):
             Default: the CPUs this process may use.
         initializer, initargs: run ``initializer(*initargs)`` once in each
             worker process, to give it its own state (a model, a connection).
-        mp_context: a start method name or ``multiprocessing`` context; its
-            start method is used through loky. Default: loky's own.
+        mp_context: accepted for ``ProcessPoolExecutor`` compatibility (a
+            start method name or ``multiprocessing`` context, checked); every
+            worker is forked from the fork server whatever it names, so a
+            worker never inherits the parent's threads or state.
         max_pending: backpressure. ``None`` (the default) never blocks, like
             ``ProcessPoolExecutor``; an int ``n`` blocks ``submit`` while the
             granted workers are busy and ``n`` more tasks wait.
         idle_timeout: seconds an idle worker waits before it exits (it is
             started again on demand); ``None`` keeps workers alive.
-        env: environment variables set in each worker before it imports
-            anything.
+        env: environment variables set in each worker before its
+            initializer and tasks run (and before they import anything).
         max_tasks_per_worker: a worker is replaced (cleanly, between tasks)
             after this many tasks. ``max_tasks_per_child`` is accepted as
             another name for it, as ``ProcessPoolExecutor`` calls it.
@@ -395,7 +480,7 @@ class BaseWorkerPool(WorkerPool):
             raise TypeError("give max_size or its alias max_workers, not both")
         size = max_size if max_size is not None else max_workers
         if size is None:
-            size = _loky.cpu_count()
+            size = _process.cpu_count()
         elif isinstance(size, bool) or not isinstance(size, int):
             raise TypeError(f"max_workers must be an int, not {type(size).__name__}")
         elif size <= 0:
@@ -425,31 +510,52 @@ class BaseWorkerPool(WorkerPool):
         self._max_size: int = size
         self._max_pending = max_pending
         self._idle_timeout = to_seconds("idle_timeout", idle_timeout, allow_none=True)
-        self._context = _loky.resolve_context(mp_context)
-        self._initializer = initializer
-        self._initargs = initargs
-        self._env = dict(env) if env is not None else None
+        self._start_method = _resolve_start_method(mp_context)
+        config = WorkerConfig(
+            self._limits,
+            initializer,
+            initargs,
+            dict(env) if env is not None else None,
+            bytes(multiprocessing.current_process().authkey),
+        )
+        try:
+            body = dump_config(config)
+        except Exception as error:
+            raise TypeError(
+                f"the initializer, initargs and env must be picklable: {error}"
+            ) from error
+        self._init_message = TO_WORKER.pack(len(body), INIT) + body
 
         # _lock guards everything below; the conditions share it.
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)  # backpressure waiters
-        self._drained = threading.Condition(self._lock)  # waiters for no outstanding work
-        self._outstanding: dict[int, _TaskFuture] = {}  # by task id
-        self._task_ids = itertools.count(1)  # 0 means "no task" in a worker's slot
+        self._drained = threading.Condition(self._lock)  # waiters for no unfinished work
+        self._io_done = threading.Condition(self._lock)  # waiters for the I/O thread's end
+        self._outstanding: dict[int, _TaskFuture] = {}  # unfinished, by task id
+        self._pending: deque[_TaskFuture] = deque()  # accepted, not dispatched
+        self._workers: dict[int, _Worker] = {}  # live (leaving included), by pid
+        self._task_ids = itertools.count(1)
         self._kills: dict[int, int] = {}  # pid -> id of the task kill_task killed it for
-        self._slot_dir: str | None = None  # made with the first executor
-        self._blind_crashes = 0  # executors in a row that broke with no task running
+        self._exit_reasons: dict[int, str] = {}  # pid -> why it left cleanly, until asked
+        self._fruitless = 0  # workers in a row that ended without finishing a task
+        self._estimate: float | None = None  # a task's run time, averaged (seconds)
         self._terminating = False
         self._counts = [0, 0, 0, 0]  # submitted, completed, failed, cancelled
         self._worker_event_callbacks: list[Callable[[str, int, str], object]] = []
         self._worker_events: list[tuple[str, int, str]] = []  # to emit outside _lock
         self._granted: int | None = None  # None: not granted piecemeal, all usable
-        self._executor: _loky.LokyExecutor | None = None
-        self._old_executors: list[_loky.LokyExecutor] = []  # broken or shut down, to join
         self._shut_down = False
         self._idle_callbacks: list[Callable[[], object]] = []
         self._dispose_lock = threading.Lock()
         self._budget: WorkerBudget | None = None  # see attach_budget
+        self._allowed: int | None = None  # the budget's allowance (None: no budget)
+        self._retire_requests = 0  # workers the budget asked to leave after their task
+        self._holds_server = False  # a hold on the fork server (see _process)
+        self._server: _process.ForkServer | None = None
+        self._io_thread: threading.Thread | None = None
+        self._last_io_thread: threading.Thread | None = None
+        self._wake_fd: int | None = None  # the I/O thread's wake-up pipe
+        self._io_changes: list[_Worker] = []  # for the I/O thread: new, or output waiting
 
     # -- WorkerPool ------------------------------------------------------
 
@@ -471,6 +577,7 @@ class BaseWorkerPool(WorkerPool):
         to_count("send_size", count, minimum=0)
         with self._lock:
             self._granted = min(self._max_size, (self._granted or 0) + count)
+            self._dispatch()
             return self._granted
 
     @property
@@ -479,8 +586,7 @@ class BaseWorkerPool(WorkerPool):
 
     def worker_pids(self) -> list[int]:
         with self._lock:
-            executors = [*self._old_executors, *([self._executor] if self._executor else [])]
-        return [pid for executor in executors for pid in executor.worker_pids()]
+            return list(self._workers)
 
     def add_idle_callback(self, callback: Callable[[], object]) -> None:
         with self._lock:
@@ -491,18 +597,15 @@ class BaseWorkerPool(WorkerPool):
             self._worker_event_callbacks.append(callback)
 
     def worker_exit_reason(self, pid: int) -> str | None:
-        slot_dir = self._slot_dir
-        if slot_dir is None:
-            return None
-        _, reason, _ = read_slot(slot_dir, pid)
-        _remove_slot(slot_dir, pid)
-        return EXIT_REASONS.get(reason)
+        with self._lock:
+            return self._exit_reasons.pop(pid, None)
 
     def _emit_worker_events(self) -> None:
         with self._lock:
             events, self._worker_events = self._worker_events, []
             callbacks = list(self._worker_event_callbacks)
         for kind, pid, reason in events:
+            logger.debug("worker %d: %s (%s)", pid, kind, reason)
             for callback in callbacks:
                 try:
                     callback(kind, pid, reason)
@@ -510,33 +613,22 @@ class BaseWorkerPool(WorkerPool):
                     logger.exception("a worker event callback failed")
 
     def release_idle_resources(self) -> bool:
-        """Close the executor once every worker has exited (idle timeout) and no task waits.
+        """Let go of the fork server once every worker has exited and no task waits.
 
-        That frees its two threads, its pipes and its named semaphores; the
-        next submit builds a new one. An idle pool then costs only its Python
-        objects. Returns True if an executor was closed.
+        (The pool's I/O thread ends by itself when its last worker exits.) An
+        idle pool then costs only its Python objects; the next submit starts
+        workers again. Returns True if anything was released.
         """
         with self._lock:
-            executor = self._executor
-            if executor is None or self._outstanding or executor.worker_pids():
+            if self._outstanding or self._workers:
                 return False
-            executors = [executor, *self._old_executors]
-            self._executor = None
-            self._old_executors = []
-        for old in executors:
-            old.shutdown(wait=True)
-        multiprocessing.active_children()  # reap, as in _dispose
-        return True
+        return self._drop_server()
 
     def task_counts(self) -> TaskCounts:
-        # "Running" is read from the workers' slots: exact, ~5 µs a worker.
-        slot_dir = self._slot_dir
-        running = 0
-        if slot_dir is not None:
-            running = sum(1 for pid in self.worker_pids() if read_slot(slot_dir, pid)[0])
         with self._lock:
             submitted, completed, failed, cancelled = self._counts
             unfinished = len(self._outstanding)
+            running = sum(1 for w in self._workers.values() if w.assigned)
         running = min(running, unfinished)
         return TaskCounts(
             submitted=submitted,
@@ -556,54 +648,41 @@ class BaseWorkerPool(WorkerPool):
         nothing) once it has run work, or if it already has a budget.
         """
         with self._lock:
-            if self._budget is not None or self._executor is not None or self._shut_down:
-                return False
-            if self._counts[_SUBMITTED]:
+            if self._budget is not None or self._shut_down or self._counts[_SUBMITTED]:
                 return False
             self._budget = budget
+            self._allowed = 0
         budget.register(self)
         return True
 
     def _budget_info(self) -> tuple[int, int, int, int, int]:
         """(For the budget) workers granted, it could use now, live, idle, asked to leave."""
         want = self.worker_count
-        unfinished = len(self._outstanding)
-        pids = self.worker_pids()
-        slot_dir = self._slot_dir
-        idle = len(pids)
-        retiring = 0
-        if slot_dir is not None and pids:  # (cheap for the many pools with no worker)
-            if unfinished:
-                idle = sum(1 for pid in pids if not read_slot(slot_dir, pid)[0])
-            retiring = change_retire_counter(slot_dir)
-        return want, min(want, unfinished), len(pids), idle, retiring
+        with self._lock:
+            unfinished = len(self._outstanding)
+            live = len(self._workers)
+            idle = sum(1 for w in self._workers.values() if not w.assigned and w.leaving is None)
+            retiring = self._retire_requests
+        return want, min(want, unfinished), live, idle, retiring
 
     def _budget_apply(self, actions: list[tuple[str, int]]) -> None:
         """(For the budget) take the new allowance; ask workers to leave. Never under its lock."""
         budget = self._budget
         if budget is None:
             return
+        allowed = budget.allowed(self)
         with self._lock:
-            executor = self._executor
-            if executor is None:
-                return  # the next submit builds one with the new allowance
-            before = executor.workers
-            executor.set_workers(budget.allowed(self))
-            grew = executor.workers > before
-            slot_dir = self._slot_dir
-        for action, count in actions:
-            if action == "release":
-                for _ in range(count):
-                    if not executor.release_idle_worker():
-                        break
-            elif action == "retire" and count and slot_dir is not None:
-                change_retire_counter(slot_dir, count)
-            elif action == "reset" and slot_dir is not None:
-                value = change_retire_counter(slot_dir)
-                if value > count:
-                    change_retire_counter(slot_dir, count - value)
-        if grew or any(action == "start" for action, _ in actions):
-            executor.start_workers()
+            self._allowed = allowed
+            for action, count in actions:
+                if action == "release":
+                    idle = [w for w in self._workers.values() if not w.assigned and not w.leaving]
+                    for worker in idle[:count]:
+                        self._retire(worker, BUDGET)
+                elif action == "retire":
+                    self._retire_requests += count
+                elif action == "reset":
+                    self._retire_requests = min(self._retire_requests, count)
+            self._dispatch()
 
     @property
     def is_shut_down(self) -> bool:
@@ -616,8 +695,8 @@ class BaseWorkerPool(WorkerPool):
         """Schedule ``fn(*args, **kwargs)`` in a worker process.
 
         Returns a ``concurrent.futures.Future``. Blocks while the pool is full
-        (only when ``max_pending`` is set). The first submit starts the worker
-        processes (tens of milliseconds each).
+        (only when ``max_pending`` is set). The first submit starts a worker
+        process (a few milliseconds: it is forked from the fork server).
 
         Raises:
             TypeError: ``fn`` is not callable.
@@ -646,7 +725,6 @@ class BaseWorkerPool(WorkerPool):
     ) -> Future[T]:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        task_id = next(self._task_ids)
         try:
             payload = dump_call(fn, args, kwargs)
         except Exception as error:
@@ -660,71 +738,62 @@ class BaseWorkerPool(WorkerPool):
                 failure.__cause__ = error
             failed.set_exception(failure)
             return failed
-        future = _TaskFuture(self, task_id, payload, timeout)
         with self._lock:
             if self._max_pending is not None:
                 while not self._shut_down and len(self._outstanding) >= self._capacity():
                     self._not_full.wait()
             if self._shut_down:
                 raise PoolShutDownError("cannot schedule new futures after shutdown")
-            executor = self._live_executor()
+            task_id = next(self._task_ids)
+            future = _TaskFuture(self, task_id, payload, timeout)
             self._outstanding[task_id] = future
             self._counts[_SUBMITTED] += 1
-        try:
-            try:
-                inner = executor.submit(run_task, future._envelope())
-            except _loky.BrokenProcessPool:
-                # A worker died since the last submit: start afresh, once.
-                with self._lock:
-                    executor = self._live_executor()
-                inner = executor.submit(run_task, future._envelope())
-        except BaseException as error:
-            self._task_finished(future, _SUBMITTED, -1)  # it was never accepted
-            if isinstance(error, _loky.ShutdownExecutorError):
-                raise PoolShutDownError("cannot schedule new futures after shutdown") from None
-            raise
-        future._attach(inner, executor)
-        budget = self._budget
-        if budget is not None:
-            wants_more = executor.workers < self.worker_count
-            budget.submitted(self, wants_more)
+            self._pending.append(future)
+            self._dispatch()
+            wants_more = self._budget is not None and self._pending and self._wants_workers()
+        if wants_more:
+            assert self._budget is not None
+            self._budget.submitted(self, True)
         return future
 
     def kill_task(self, future: Future[Any]) -> bool:
         """Stop a task now: cancel it if it has not started, else kill its worker.
 
         Killing the worker fails only that task, with `TaskKilledError`; the
-        pool starts a replacement and its other tasks are unaffected (tasks
-        torn down with sibling workers run again). Returns False if the task
-        had already finished.
+        pool starts a replacement and its other tasks are unaffected (those
+        sent to that worker but not started go back to the queue). Returns
+        False if the task had already finished.
 
         Raises:
             ValueError: ``future`` did not come from this pool's ``submit``.
         """
         if not isinstance(future, _TaskFuture) or future._pool is not self:
             raise ValueError("kill_task takes a future returned by this pool's submit()")
-        grace = time.monotonic() + 0.1
-        while not future.done():
-            if future.cancel():
-                return True
-            pid = self._worker_running(future.task_id)
-            if pid is not None:
-                with self._lock:
-                    self._kills[pid] = future.task_id
-                _loky.kill_worker(pid)
-                return True
-            if time.monotonic() > grace:
-                # Queued in loky's call queue, where it can no longer be
-                # cancelled: fail it now and drop whatever it does later.
-                future._abandon(
-                    TaskKilledError(
-                        "the task was killed before it started; it may still run "
-                        "once in a worker, and that result is dropped"
-                    )
-                )
-                return True
-            time.sleep(0.001)
-        return False
+        if future.cancel():
+            return True
+        abandoned = False
+        with self._lock:
+            if future.done() or future._dropped:
+                return False
+            for worker in self._workers.values():
+                if future in worker.assigned:
+                    if worker.assigned[0] is future:
+                        # It is running (or about to): end its worker.
+                        self._kills[worker.pid] = future.task_id
+                        _kill(worker.pid)
+                        return True
+                    break
+            # Sent to a worker behind another task, where it can no longer be
+            # taken back: fail it now and drop whatever it does later.
+            future._dropped = abandoned = True
+            self._outstanding.pop(future.task_id, None)
+        if abandoned:
+            error = TaskKilledError(
+                "the task was killed before it started; it may still run once in a worker, "
+                "and that result is dropped"
+            )
+            self._finish_tasks([(future, False, error)])
+        return True
 
     def terminate(self) -> None:
         """Stop now: cancel queued tasks, end the workers, and return when they are gone.
@@ -736,11 +805,12 @@ class BaseWorkerPool(WorkerPool):
             self._shut_down = True
             self._terminating = True
             self._not_full.notify_all()
-            pending = list(self._outstanding.values())
+            pending = list(self._pending)
+            pids = list(self._workers)
         for future in pending:
             future.cancel()
-        for pid in self.worker_pids():
-            _loky.kill_worker(pid)
+        for pid in pids:
+            _kill(pid)
         self.dispose(wait=True)
 
     def map(
@@ -748,37 +818,62 @@ class BaseWorkerPool(WorkerPool):
         fn: Callable[..., T],
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
     ) -> Iterator[T]:
         """Return an iterator of ``fn`` over the iterables, in order.
 
-        As ``Executor.map``, with one difference for a bounded pool
-        (``max_pending`` set): it submits only as many tasks as the pool can
-        hold and submits the rest as results are consumed, so an unbounded
-        input is never read ahead. ``chunksize > 1`` sends that many calls per
-        task. ``timeout`` counts from this call.
+        As ``Executor.map``, with an automatic ``chunksize`` when none is
+        given: an input with a length is cut into about
+        ``CHUNKS_PER_WORKER`` chunks per worker; an input without one (a
+        generator) is read a bounded window ahead, in chunks sized by the
+        measured time of each call, and more is read as results are
+        consumed, so an unbounded input never fills memory. A bounded pool
+        (``max_pending`` set) also submits only what it can hold. ``timeout``
+        counts from this call.
 
         Raises:
             ValueError: ``chunksize`` < 1.
             TimeoutError: (on iteration) a result was not ready in time.
             Exception: (on iteration) whatever ``fn`` raised.
         """
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-            raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
+        if chunksize is not None:
+            if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+                raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
+            if chunksize < 1:
+                raise ValueError("chunksize must be >= 1.")
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         end_time = None if timeout is None else timeout + time.monotonic()
-        calls: Iterator[tuple[Any, ...]] = zip(*iterables)
-        if chunksize > 1:
-            chunks = iter(lambda: tuple(itertools.islice(calls, chunksize)), ())
-            tasks: Iterator[Future[Any]] = (self.submit(run_chunk, fn, c) for c in chunks)
+        length = _known_length(iterables)
+        workers = max(1, self.worker_count)
+        single = len(iterables) == 1
+        calls: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables)
+        runner: Callable[..., list[Any]] = run_chunk_single if single else run_chunk
+        window: int | None = None
+        if self._max_pending is not None:
+            window = max(1, self._capacity())
+        elif length is None:
+            window = max(8, 4 * workers)
+        sizer = _ChunkSizer(chunksize, length, workers)
+        if sizer.fixed == 1:
+            if single:
+                tasks: Iterator[Future[Any]] = (self.submit(fn, arg) for arg in calls)
+            else:
+                tasks = (self.submit(fn, *args) for args in calls)
+            chunked = False
         else:
-            tasks = (self.submit(fn, *args) for args in calls)
-        window = None if self._max_pending is None else max(1, self._capacity())
+
+            def chunk_tasks() -> Iterator[Future[Any]]:
+                while True:
+                    chunk = list(itertools.islice(calls, sizer.next_size()))
+                    if not chunk:
+                        return
+                    yield self.submit(runner, fn, chunk)
+
+            tasks = chunk_tasks()
+            chunked = True
         submitted: deque[Future[Any]] = deque(itertools.islice(tasks, window))
-        return self._map_results(submitted, tasks, end_time, chunked=chunksize > 1)
+        return self._map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer)
 
     @staticmethod
     def _map_results(
@@ -787,15 +882,20 @@ class BaseWorkerPool(WorkerPool):
         end_time: float | None,
         *,
         chunked: bool,
+        sizer: _ChunkSizer,
     ) -> Iterator[Any]:
         # A generator of its own, so that map() submits its first window now.
         # It keeps no reference to a result it has handed out (nor to its
         # future), as Executor.map does: results go out by list.pop().
         try:
             while submitted:
-                results = _result_or_cancel(submitted.popleft(), end_time)
+                future = submitted.popleft()
+                results = _result_or_cancel(future, end_time)
                 if not chunked:
                     results = [results]
+                else:
+                    sizer.observe(len(results), getattr(future, "run_time", None))
+                del future
                 # Keep the pool fed before handing the result out.
                 submitted.extend(itertools.islice(tasks, 1))
                 results.reverse()
@@ -810,14 +910,14 @@ class BaseWorkerPool(WorkerPool):
 
         With ``cancel_futures``, tasks that have not started are cancelled.
         With ``wait``, blocks until accepted work is done and the worker
-        processes and helper threads are gone; otherwise returns at once and
-        the work still finishes. Calls `dispose`, so a subclass's shared data
-        is released too. Idempotent.
+        processes and the pool's thread are gone; otherwise returns at once
+        and the work still finishes. Calls `dispose`, so a subclass's shared
+        data is released too. Idempotent.
         """
         if cancel_futures:
             with self._lock:
                 self._shut_down = True
-                pending = list(self._outstanding.values())
+                pending = list(self._pending)
             for future in pending:
                 future.cancel()
         self.dispose(wait=wait)
@@ -832,108 +932,509 @@ class BaseWorkerPool(WorkerPool):
         with self._lock:
             self._shut_down = True
             self._not_full.notify_all()  # blocked submitters raise PoolShutDownError
-            if not wait:
-                executors = [self._executor] if self._executor is not None else []
-            else:
+            if wait:
                 while self._outstanding:
                     self._drained.wait()
-                executors = [*self._old_executors]
-                if self._executor is not None:
-                    executors.append(self._executor)
-                self._old_executors = []
-                self._executor = None
-        for executor in executors:
-            executor.shutdown(wait=wait)
-        if wait and self._budget is not None:
+            if not self._outstanding:
+                self._retire_all()
+            if not wait:
+                return
+            while self._io_thread is not None:
+                self._io_done.wait()
+            thread = self._last_io_thread
+        if thread is not None:
+            thread.join()
+        self._drop_server()
+        _live_pools.discard(self)
+        if self._budget is not None:
             self._budget.unregister(self)  # its places return to the budget
-        if wait and self._slot_dir is not None:
-            shutil.rmtree(self._slot_dir, ignore_errors=True)
-        if wait and executors:
-            # loky kills the workers of a broken executor without joining
-            # them, so each stays in multiprocessing's table of children,
-            # holding its sentinel pipe, until something reaps it (the next
-            # process start does). Reap them now: "they are gone" means gone.
-            multiprocessing.active_children()
 
-    # -- internals -------------------------------------------------------
+    # -- dispatch (all under _lock) ------------------------------------------
 
     def _capacity(self) -> int:
         assert self._max_pending is not None
         return max(1, self.worker_count) + self._max_pending
 
-    def _live_executor(self) -> _loky.LokyExecutor:
-        """The executor to submit to, built or grown as needed. Holds _lock."""
+    def _worker_limit(self) -> int:
         if self._granted == 0:
             self._granted = 1  # a pool must be able to make progress
-        workers = self.worker_count
-        budget = self._budget
-        if budget is not None:
-            # What the budget allows (its lock is innermost); 0: tasks wait.
-            workers = budget.allowed(self)
-        executor = self._executor
-        if executor is not None and executor.broken:
-            self._old_executors.append(executor)
-            executor = self._executor = None
-        if executor is None:
-            self._join_finished_executors()
-            if self._slot_dir is None:
-                _live_pools.add(self)
-                self._slot_dir = _make_slot_dir()
-                make_retire_counter(self._slot_dir)
-                weakref.finalize(self, shutil.rmtree, self._slot_dir, ignore_errors=True)
-            executor = self._executor = _loky.LokyExecutor(
-                max_size=self._max_size,
-                workers=workers,
-                idle_timeout=self._idle_timeout,
-                context=self._context,
-                initializer=start_worker,
-                initargs=(
-                    os.getpid(),
-                    self._slot_dir,
-                    self._limits,
-                    self._initializer,
-                    self._initargs,
-                ),
-                env=self._env,
+        allowed = self._allowed
+        return self.worker_count if allowed is None else allowed
+
+    def _wants_workers(self) -> bool:
+        """(For the budget) it could use more workers than it is allowed."""
+        active = sum(1 for w in self._workers.values() if w.leaving is None)
+        return active < min(self.worker_count, len(self._outstanding))
+
+    def _depth(self) -> int:
+        """How many tasks a worker may hold (the one it runs, and those queued behind)."""
+        estimate = self._estimate
+        if estimate is None or estimate >= LONG_TASK:
+            return 1
+        return min(MAX_DEPTH, 1 + math.ceil(PREFETCH_SECONDS / max(estimate, 1e-6)))
+
+    def _dispatch(self) -> None:
+        """Hand queued tasks to workers, starting workers as allowed."""
+        pending = self._pending
+        if not pending or self._terminating:
+            return
+        limit = self._worker_limit()
+        depth = self._depth()
+        max_tasks = self._limits.max_tasks
+        while pending:
+            worker = None
+            active = 0
+            best = None
+            for candidate in self._workers.values():
+                if candidate.leaving is not None:
+                    continue
+                active += 1
+                held = len(candidate.assigned)
+                if held >= depth or (max_tasks is not None and candidate.sent >= max_tasks):
+                    continue
+                if best is None or held < len(best.assigned):
+                    best = candidate
+            if best is not None and not best.assigned:
+                worker = best  # an idle worker
+            elif active < limit:
+                worker = self._start_worker()
+                if worker is None:
+                    worker = best
+                else:
+                    active += 1
+            else:
+                worker = best
+            if worker is None:
+                return
+            room = depth - len(worker.assigned)
+            if max_tasks is not None:
+                room = min(room, max_tasks - worker.sent)
+            share = math.ceil(len(pending) / max(1, active))
+            count = max(1, min(room, share, MAX_DEPTH))
+            batch = []
+            while pending and len(batch) < count:
+                future = pending.popleft()
+                if future._dropped:
+                    continue
+                if not future._dispatched:
+                    if not future.set_running_or_notify_cancel():
+                        continue
+                    future._dispatched = True
+                batch.append(future)
+            if batch:
+                self._send_tasks(worker, batch)
+
+    def _send_tasks(self, worker: _Worker, batch: list[_TaskFuture]) -> None:
+        worker.assigned.extend(batch)
+        worker.sent += len(batch)
+        body = pickle.dumps([f._envelope() for f in batch], pickle.HIGHEST_PROTOCOL)
+        self._send(worker, TO_WORKER.pack(len(body), TASKS), body)
+
+    def _send(self, worker: _Worker, *parts: bytes) -> None:
+        """Send without blocking; what does not fit now, the I/O thread sends."""
+        if worker.sock_done:
+            return
+        if not worker.outbuf:
+            try:
+                sent = worker.sock.sendmsg(parts)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return  # the worker is gone: the I/O thread will see it
+            for part in parts:
+                if sent >= len(part):
+                    sent -= len(part)
+                    continue
+                worker.outbuf.append(memoryview(part)[sent:])
+                sent = 0
+        else:
+            worker.outbuf.extend(memoryview(part) for part in parts)
+        if worker.outbuf and not worker.writing:
+            self._io_changes.append(worker)
+            self._wake()
+
+    def _retire(self, worker: _Worker, reason: int) -> None:
+        """Tell ``worker`` to leave once it has run what it holds."""
+        if worker.leaving is None:
+            worker.leaving = reason
+            self._send(worker, TO_WORKER.pack(0, EXIT))
+
+    def _retire_all(self) -> None:
+        for worker in list(self._workers.values()):
+            self._retire(worker, SHUTDOWN)
+
+    def _start_worker(self) -> _Worker | None:
+        """Fork a new worker from the fork server; None if that failed (logged)."""
+        try:
+            if self._server is None:
+                self._server = _process.acquire_server()
+                self._holds_server = True
+            try:
+                pid, sock, status_fd = self._server.start_worker()
+            except _process.ForkServerGone:
+                self._server = _process.acquire_server(replace=self._server)
+                pid, sock, status_fd = self._server.start_worker()
+        except OSError:
+            logger.exception("could not start a worker process")
+            return None
+        sock.setblocking(False)
+        worker = _Worker(pid, sock, status_fd, time.monotonic())
+        self._workers[pid] = worker
+        _live_pools.add(self)
+        self._send(worker, self._init_message)
+        self._io_changes.append(worker)
+        if self._io_thread is None:
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(read_fd, False)
+            os.set_blocking(write_fd, False)
+            self._wake_fd = write_fd
+            thread = threading.Thread(
+                target=self._io_loop, args=(read_fd,), name="pool_manager-io", daemon=True
             )
-        elif executor.workers < workers or (budget is not None and executor.workers != workers):
-            executor.set_workers(workers)
-        return executor
+            with _process.signals_blocked():
+                thread.start()
+            self._io_thread = self._last_io_thread = thread
+        else:
+            self._wake()
+        return worker
 
-    def _worker_crashed(
-        self, future: _TaskFuture, executor: _loky.LokyExecutor
-    ) -> BaseException | None:
-        """A worker of ``executor`` died and loky failed ``future`` with the rest.
+    def _wake(self) -> None:
+        if self._wake_fd is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_fd, b"\0")
 
-        Runs in loky's manager thread, before loky kills the surviving
-        workers, so the dead ones are exactly the culprits. Returns the error
-        that ``future`` fails with if it was running in a dead worker (or has
-        been torn down too often); otherwise sends it again and returns None.
-        """
+    def _drop_server(self) -> bool:
         with self._lock:
-            lost, running = self._crash_report(executor)
-            blind_crashes = self._blind_crashes
-        self._emit_worker_events()
+            if self._workers or not self._holds_server:
+                return False
+            self._holds_server = False
+            self._server = None
+        _process.release_server()
+        return True
+
+    def _cancel(self, future: _TaskFuture) -> bool:
+        with self._lock:
+            if future._dispatched or future.done() or future._dropped:
+                return Future.cancel(future)
+            future._dropped = True
+            self._outstanding.pop(future.task_id, None)
+        self._finish_tasks([(future, None, None)])
+        return True
+
+    # -- the I/O thread -------------------------------------------------------
+
+    def _io_loop(self, wake_read: int) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(wake_read, selectors.EVENT_READ, None)
+        try:
+            while True:
+                with self._lock:
+                    self._apply_io_changes(selector)
+                    if not self._workers:
+                        # Nothing left to watch: a later worker starts a new thread.
+                        self._io_thread = None
+                        wake_write, self._wake_fd = self._wake_fd, None
+                        self._io_done.notify_all()
+                        shut_down = self._shut_down
+                        break
+                    timeout = self._expire_idle_workers()
+                events = selector.select(timeout)
+                messages: list[tuple[_Worker, int, int, int, float, bytes]] = []
+                ended: list[_Worker] = []
+                for key, mask in events:
+                    worker = key.data
+                    if worker is None:
+                        with contextlib.suppress(OSError):
+                            while os.read(wake_read, 4096):
+                                pass
+                        continue
+                    if key.fileobj is worker.sock:
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(worker, selector)
+                        if mask & selectors.EVENT_READ:
+                            self._receive(worker, messages, selector)
+                    elif self._read_status(worker, selector):
+                        # Its exit status comes after all it wrote: read the rest.
+                        self._receive(worker, messages, selector, final=True)
+                    if worker is not None and worker.ended and worker not in ended:
+                        ended.append(worker)
+                if messages or ended:
+                    self._handle(messages, ended)
+        finally:
+            selector.close()
+            os.close(wake_read)
+        if wake_write is not None:
+            os.close(wake_write)
+        if shut_down:
+            self._drop_server()
+
+    def _apply_io_changes(self, selector: selectors.BaseSelector) -> None:
+        for worker in self._io_changes:
+            if worker.sock_done:
+                continue
+            events = selectors.EVENT_READ
+            if worker.outbuf:
+                events |= selectors.EVENT_WRITE
+            if not worker.registered:
+                worker.registered = True
+                selector.register(worker.sock, events, worker)
+                selector.register(worker.status_fd, selectors.EVENT_READ, worker)
+            elif worker.writing != bool(worker.outbuf):
+                selector.modify(worker.sock, events, worker)
+            worker.writing = bool(worker.outbuf)
+        self._io_changes.clear()
+
+    def _flush(self, worker: _Worker, selector: selectors.BaseSelector) -> None:
+        with self._lock:
+            outbuf = worker.outbuf
+            while outbuf:
+                try:
+                    sent = worker.sock.send(outbuf[0])
+                except BlockingIOError:
+                    return
+                except OSError:
+                    outbuf.clear()
+                    break
+                if sent < len(outbuf[0]):
+                    outbuf[0] = outbuf[0][sent:]
+                    return
+                outbuf.popleft()
+            if worker.writing and not worker.sock_done:
+                worker.writing = False
+                selector.modify(worker.sock, selectors.EVENT_READ, worker)
+
+    def _receive(
+        self,
+        worker: _Worker,
+        messages: list[tuple[_Worker, int, int, int, float, bytes]],
+        selector: selectors.BaseSelector,
+        final: bool = False,
+    ) -> None:
+        """Read what ``worker`` sent; with ``final`` (it has exited), all of it."""
+        if worker.sock_done:
+            return
+        inbuf = worker.inbuf
+        while True:
+            try:
+                data = worker.sock.recv(1 << 18)
+            except BlockingIOError:
+                if final:
+                    self._close_socket(worker, selector)
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self._close_socket(worker, selector)
+                break
+            inbuf += data
+            if len(data) < 1 << 18 and not final:
+                break
+        size = TO_PARENT.size
+        offset = 0
+        while len(inbuf) - offset >= size:
+            length, kind, reason, task_id, value = TO_PARENT.unpack_from(inbuf, offset)
+            end = offset + size + length
+            if len(inbuf) < end:
+                break
+            messages.append(
+                (worker, kind, reason, task_id, value, bytes(inbuf[offset + size : end]))
+            )
+            offset = end
+        if offset:
+            del inbuf[:offset]
+
+    def _close_socket(self, worker: _Worker, selector: selectors.BaseSelector) -> None:
+        with self._lock:
+            worker.sock_done = True
+            worker.outbuf.clear()
+            if worker.registered:
+                with contextlib.suppress(KeyError, ValueError):
+                    selector.unregister(worker.sock)
+            worker.sock.close()
+
+    def _read_status(self, worker: _Worker, selector: selectors.BaseSelector) -> bool:
+        """Read ``worker``'s exit status from the fork server; True once it is known."""
+        try:
+            data = os.read(worker.status_fd, STATUS.size)
+        except BlockingIOError:
+            return False
+        if len(data) == STATUS.size:
+            worker.status = STATUS.unpack(data)[0]
+        selector.unregister(worker.status_fd)
+        os.close(worker.status_fd)
+        worker.status_done = True
+        return True
+
+    def _expire_idle_workers(self) -> float | None:
+        """Retire workers idle past ``idle_timeout``; seconds until the next is due."""
+        if self._idle_timeout is None:
+            return None
+        now = time.monotonic()
+        due: float | None = None
+        for worker in self._workers.values():
+            if worker.assigned or worker.leaving is not None:
+                continue
+            deadline = worker.idle_since + self._idle_timeout
+            if deadline <= now:
+                self._retire(worker, IDLE)
+            elif due is None or deadline - now < due:
+                due = deadline - now
+        return due
+
+    def _handle(
+        self, messages: list[tuple[_Worker, int, int, int, float, bytes]], ended: list[_Worker]
+    ) -> None:
+        """Settle the tasks that finished, and deal with the workers that ended."""
+        results: list[tuple[_TaskFuture, bool, bytes, float]] = []
+        failures: list[tuple[_TaskFuture, bool | None, Any]] = []
+        with self._lock:
+            now = time.monotonic()
+            for worker, kind, reason, task_id, value, body in messages:
+                if kind in (RESULT, ERROR):
+                    assigned = worker.assigned
+                    future = None
+                    if assigned and assigned[0].task_id == task_id:
+                        future = assigned.popleft()
+                    else:
+                        for candidate in assigned:
+                            if candidate.task_id == task_id:
+                                future = candidate
+                                assigned.remove(candidate)
+                                break
+                    worker.finished_tasks += 1
+                    self._fruitless = 0
+                    estimate = self._estimate
+                    self._estimate = value if estimate is None else 0.8 * estimate + 0.2 * value
+                    if not assigned:
+                        worker.idle_since = now
+                        if self._retire_requests and worker.leaving is None:
+                            self._retire_requests -= 1
+                            self._retire(worker, BUDGET)
+                    if future is not None and self._outstanding.pop(task_id, None) is not None:
+                        future.run_time = value
+                        results.append((future, kind == RESULT, body, value))
+                elif kind == LEAVING:
+                    worker.leaving = reason
+                elif kind == DYING:
+                    worker.dying = (reason, task_id, value)
+                elif kind == INIT_FAILED:
+                    worker.init_failed = body.decode("utf-8", "replace")
+            for worker in ended:
+                self._worker_ended(worker, failures)
+            self._dispatch()
+            if self._shut_down and not self._outstanding:
+                self._retire_all()
+            budget_changed = bool(ended) and self._budget is not None
+        done: list[tuple[_TaskFuture, bool | None, Any]] = [
+            (future, *_load_outcome(ok, body)) for future, ok, body, _ in results
+        ]
+        done.extend(failures)
+        if done:
+            self._finish_tasks(done)
+        if ended:
+            self._emit_worker_events()
+        if budget_changed:
+            assert self._budget is not None
+            self._budget.rebalance()
+
+    def _worker_ended(
+        self, worker: _Worker, failures: list[tuple[_TaskFuture, bool | None, Any]]
+    ) -> None:
+        """``worker`` has exited (holds _lock): fail what died with it, queue the rest."""
+        self._workers.pop(worker.pid, None)
+        if not worker.sock_done:
+            worker.sock_done = True
+            worker.sock.close()
+        tasks = [f for f in worker.assigned if not f.done() and not f._dropped]
+        worker.assigned.clear()
+        killed_for = self._kills.pop(worker.pid, None)
+        pid, exitcode = worker.pid, worker.status
+
+        def fail(future: _TaskFuture, error: BaseException) -> None:
+            if self._outstanding.pop(future.task_id, None) is not None:
+                failures.append((future, False, error))
+
         if self._terminating:
-            return PoolTerminatedError("the pool was terminated while this task was running")
-        culprit = lost.get(future.task_id)
+            for future in tasks:
+                fail(
+                    future,
+                    PoolTerminatedError("the pool was terminated while this task was running"),
+                )
+            return
+        if worker.init_failed is not None:
+            self._fruitless += 1
+            self._worker_events.append(("worker_lost", pid, "initializer failed"))
+            self._requeue(tasks)
+            if self._fruitless >= MAX_ATTEMPTS:
+                self._fail_queued(
+                    WorkerPoolBrokenError(
+                        f"the pool's initializer failed in {self._fruitless} worker processes in "
+                        f"a row; the task was not run. The last failure:\n{worker.init_failed}"
+                    ),
+                    failures,
+                )
+            return
+        if worker.dying is None and worker.leaving is not None and exitcode in (0, None):
+            # A clean exit: nothing it held had started.
+            self._requeue(tasks)
+            reason = EXIT_REASONS.get(worker.leaving)
+            if reason is not None:
+                self._exit_reasons[pid] = reason
+                while len(self._exit_reasons) > 1000:  # nobody asks: forget the oldest
+                    del self._exit_reasons[next(iter(self._exit_reasons))]
+            return
+        # Lost: the task it was running dies with it.
+        culprit = None
+        reason_code, detail = 0, 0.0
+        if worker.dying is not None:
+            reason_code, dying_task, detail = worker.dying
+            culprit = next((f for f in tasks if f.task_id == dying_task), None)
+        elif killed_for is not None:
+            culprit = next((f for f in tasks if f.task_id == killed_for), None)
+        elif tasks and worker.leaving is None:
+            culprit = tasks[0]
+        killed = culprit is not None and killed_for == culprit.task_id
         if culprit is not None:
-            return self._lost_error(future, *culprit)
-        if blind_crashes >= MAX_ATTEMPTS:
-            return WorkerPoolBrokenError(
-                f"the pool's workers died {blind_crashes} times in a row before running any "
-                "task (a failing initializer, or a worker killed as it starts?); the task "
-                "was not run"
+            tasks.remove(culprit)
+            fail(culprit, self._lost_error(culprit, pid, exitcode, killed, reason_code, detail))
+        why = (
+            "kill_task"
+            if killed
+            else "task_timeout"
+            if reason_code == DEADLINE
+            else "kill_worker_memory"
+            if reason_code == MEMORY
+            else describe_exit(exitcode)
+        )
+        self._worker_events.append(("worker_lost", pid, why))
+        if worker.finished_tasks == 0 and culprit is None:
+            self._fruitless += 1
+        self._requeue(tasks)
+        if self._fruitless >= MAX_ATTEMPTS and self._pending:
+            self._fail_queued(
+                WorkerPoolBrokenError(
+                    f"the pool's workers died {self._fruitless} times in a row before running "
+                    "any task (killed as they start?); the task was not run"
+                ),
+                failures,
             )
-        if future.task_id not in running:
-            return self._send_again(future)  # it had not started: no harm done
-        if future.attempts >= MAX_ATTEMPTS:
-            return WorkerPoolBrokenError(
-                f"the task was torn down {future.attempts} times by other workers dying; "
-                "it was not run again"
-            )
-        future.attempts += 1
-        return self._send_again(future)
+
+    def _requeue(self, tasks: list[_TaskFuture]) -> None:
+        """Put tasks sent to a worker that left back at the front of the queue."""
+        self._pending.extendleft(reversed(tasks))
+
+    def _fail_queued(
+        self, error: BaseException, failures: list[tuple[_TaskFuture, bool | None, Any]]
+    ) -> None:
+        self._fruitless = 0
+        pending, self._pending = self._pending, deque()
+        for future in pending:
+            if not future._dropped and self._outstanding.pop(future.task_id, None) is not None:
+                if not future._dispatched:
+                    future._dispatched = future.set_running_or_notify_cancel()
+                    if not future._dispatched:
+                        continue
+                failures.append((future, False, error))
 
     def _lost_error(
         self,
@@ -942,13 +1443,13 @@ class BaseWorkerPool(WorkerPool):
         exitcode: int | None,
         killed: bool,
         reason: int,
-        detail: int,
+        detail: float,
     ) -> BaseException:
         """The error for a task that died with its worker, by how the worker died."""
         if killed:
             return TaskKilledError.for_worker(pid, exitcode)
         if reason == DEADLINE:
-            timeout = detail / 1000
+            timeout = detail
             return TaskTimeoutError(
                 f"the task ran past its {timeout:g}s deadline; its worker process {pid} was "
                 "ended and replaced",
@@ -963,97 +1464,43 @@ class BaseWorkerPool(WorkerPool):
                 "ended and replaced",
                 pid=pid,
                 limit=limit,
-                size=detail,
+                size=int(detail),
             )
         return WorkerLostError.for_worker(pid, exitcode)
 
-    def _send_again(self, future: _TaskFuture) -> BaseException | None:
-        try:
-            with self._lock:
-                replacement = self._live_executor()
-            inner = replacement.submit(run_task, future._envelope())
-        except BaseException as error:
-            return error
-        future._attach(inner, replacement)
-        return None
+    def _finish_tasks(self, done: list[tuple[_TaskFuture, bool | None, Any]]) -> None:
+        """Count finished tasks, then settle their futures (``ok`` None: cancelled).
 
-    def _crash_report(
-        self, executor: _loky.LokyExecutor
-    ) -> tuple[dict[int, tuple[int, int | None, bool, int, int]], set[int]]:
-        """What ``executor``'s workers were doing when it broke (holds _lock).
-
-        Returns the tasks lost with the dead workers (task id -> pid, exit
-        code, killed by kill_task) and the ids of every task a worker was
-        running, dead or alive. Worked out once per broken executor.
+        Each has already left ``_outstanding``: a waiter woken by its future
+        sees the pool without it.
         """
-        report = executor.crash_report
-        if report is None:
-            slot_dir = self._slot_dir
-            lost: dict[int, tuple[int, int | None, bool, int, int]] = {}
-            running: set[int] = set()
-            dead = executor.dead_workers()
-            for pid in [*dead, *executor.worker_pids()]:
-                task_id, reason, detail = read_slot(slot_dir, pid) if slot_dir else (0, 0, 0)
-                if task_id:
-                    running.add(task_id)
-                if pid in dead:
-                    killed_for = self._kills.pop(pid, None)
-                    killed = bool(task_id) and killed_for == task_id
-                    if task_id:
-                        lost[task_id] = (pid, dead[pid], killed, reason, detail)
-                    why = (
-                        "kill_task"
-                        if killed
-                        else "task_timeout"
-                        if reason == DEADLINE
-                        else "kill_worker_memory"
-                        if reason == MEMORY
-                        else describe_exit(dead[pid])
-                    )
-                    self._worker_events.append(("worker_lost", pid, why))
-                    if slot_dir:
-                        _remove_slot(slot_dir, pid)
-            self._blind_crashes = 0 if running else self._blind_crashes + 1
-            report = executor.crash_report = (lost, running)
-        return report
-
-    def _worker_running(self, task_id: int) -> int | None:
-        """The pid of the worker running ``task_id`` now, if any."""
-        slot_dir = self._slot_dir
-        if slot_dir is None:
-            return None
-        for pid in self.worker_pids():
-            if read_slot(slot_dir, pid)[0] == task_id:
-                return pid
-        return None
-
-    def _join_finished_executors(self) -> None:
-        still_running = []
-        for old in self._old_executors:
-            if old.finished:
-                old.shutdown(wait=True)  # quick: its manager thread has exited
-            else:
-                still_running.append(old)
-        self._old_executors = still_running
-
-    def _task_finished(self, future: _TaskFuture, outcome: int, count: int = 1) -> None:
         with self._lock:
-            self._counts[outcome] += count
-            self._outstanding.pop(future.task_id, None)
+            counts = self._counts
+            for _, ok, _ in done:
+                counts[_CANCELLED if ok is None else _COMPLETED if ok else _FAILED] += 1
             if self._max_pending is not None:
-                self._not_full.notify()
+                self._not_full.notify_all()
             budget = self._budget
             went_idle = not self._outstanding
-            callbacks = []
+            callbacks: list[Callable[[], object]] = []
             if went_idle:
                 self._drained.notify_all()
                 callbacks = list(self._idle_callbacks)
+                if self._shut_down:
+                    self._retire_all()
         # A pool waits for a worker (maybe this one's), or this pool's workers
         # are now free for a pool that could use more.
         if budget is not None and (budget.has_waiters or (went_idle and budget.has_shortfall)):
             budget.rebalance()
         for callback in callbacks:
             callback()
+        for future, ok, value in done:
+            if ok is None:
+                future._payload = None
+                Future.cancel(future)
+                future.set_running_or_notify_cancel()
+            else:
+                future._finish(ok, value)
 
     def __repr__(self) -> str:
         state = "shut down" if self._shut_down else "open"
@@ -1061,3 +1508,28 @@ class BaseWorkerPool(WorkerPool):
             f"<{type(self).__name__} {state} workers={self.worker_count}/{self._max_size} "
             f"unfinished={self.unfinished_tasks}>"
         )
+
+
+class _ChunkSizer:
+    """``map``'s chunk size: fixed, cut from a known length, or measured as it goes."""
+
+    def __init__(self, chunksize: int | None, length: int | None, workers: int) -> None:
+        self.fixed = chunksize
+        if chunksize is None and length is not None:
+            self.fixed = max(1, min(MAX_CHUNK, -(-length // (workers * CHUNKS_PER_WORKER))))
+        self._size = 1
+        self._per_call: float | None = None
+
+    def next_size(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        size = self._size
+        if self._per_call is None:
+            self._size = min(MAX_CHUNK, size * 2)  # ramp up until the first measure
+        return size
+
+    def observe(self, calls: int, run_time: float | None) -> None:
+        if self.fixed is not None or not calls or run_time is None:
+            return
+        self._per_call = run_time / calls
+        self._size = max(1, min(MAX_CHUNK, int(TARGET_CHUNK_SECONDS / max(self._per_call, 1e-7))))

@@ -62,7 +62,7 @@ class Supervisor:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        # Leave SIGINT/SIGTERM to the main thread (see _loky.MAIN_THREAD_SIGNALS).
+        # Leave SIGINT/SIGTERM to the main thread (see _process.signals_blocked).
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         next_deadline: float | None = None

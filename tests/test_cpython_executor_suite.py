@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import multiprocessing
 import sys
 import sysconfig
 import textwrap
@@ -37,7 +38,7 @@ import unittest
 
 import pytest
 
-from pool_manager import BaseWorkerPool, _loky
+from pool_manager import BaseWorkerPool
 
 _FILE_NAME = "test_concurrent_futures.py"
 _MODULE_NAME = "_cpython_test_concurrent_futures"
@@ -145,12 +146,12 @@ class _BaseWorkerPoolMixin(cf.ExecutorMixin):
     """CPython's ProcessPool*Mixin, for BaseWorkerPool and loky's start method."""
 
     executor_type = BaseWorkerPool
-    ctx = "loky"
+    ctx = "forkserver"
 
     def get_context(self):  # type: ignore[no-untyped-def]
-        # A loky context: BaseWorkerPool accepts it as mp_context, and its
-        # Semaphore/Queue/Manager are what the tests share with the workers.
-        return _loky.resolve_context(self.ctx)
+        # BaseWorkerPool accepts it as mp_context (its workers always come
+        # from the fork server); its Manager is what the tests share with them.
+        return multiprocessing.get_context(self.ctx)
 
 
 # Adapted tests. CPython's versions run `python -c` scripts that do

@@ -8,6 +8,7 @@ import os
 import pickle
 import sys
 import threading
+import time
 import traceback
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -102,6 +103,15 @@ def test_construction_starts_no_process() -> None:
         after = {c.pid for c in psutil.Process().children(recursive=True)}
         assert after == before and pool.worker_pids() == []
         pool.submit(square, 1).result()
+        # As ProcessPoolExecutor: a worker starts when a task finds none idle.
+        assert len(pool.worker_pids()) == 1
+
+
+def test_workers_start_as_work_needs_them(tmp_path: Path) -> None:
+    with BaseWorkerPool(3) as pool:
+        # Three tasks that can only finish together need three workers.
+        futures = [pool.submit(wait_for_count, str(tmp_path), f"t{i}", 3) for i in range(3)]
+        assert len({f.result(timeout=60) for f in futures}) == 3
         assert len(pool.worker_pids()) == 3
 
 
@@ -267,7 +277,7 @@ def test_map_on_a_bounded_pool_reads_an_unbounded_input_lazily() -> None:
     consumed = itertools.count()
     counter = iter(lambda: next(consumed), None)
     with BaseWorkerPool(2, max_pending=2) as pool:
-        results = pool.map(square, counter)
+        results = pool.map(square, counter, chunksize=1)
         first = list(itertools.islice(results, 10))
         assert first == [i * i for i in range(10)]
         # Read at most the pool's capacity (2 workers + 2 pending) ahead.
@@ -275,18 +285,33 @@ def test_map_on_a_bounded_pool_reads_an_unbounded_input_lazily() -> None:
         results.close()  # type: ignore[attr-defined]
 
 
-def test_map_on_an_unbounded_pool_submits_eagerly_like_executor_map(
-    pool: BaseWorkerPool,
-) -> None:
-    read = []
+def test_map_reads_an_input_without_a_length_a_bounded_window_ahead() -> None:
+    consumed = itertools.count()
+    counter = iter(lambda: next(consumed), None)  # endless, and no len()
+    with BaseWorkerPool(2) as pool:
+        results = pool.map(square, counter)
+        assert list(itertools.islice(results, 1000)) == [i * i for i in range(1000)]
+        time.sleep(0.2)
+        # A window of chunks, each sized to ~10 ms of calls: far from endless.
+        assert next(consumed) < 2_000_000
+        results.close()  # type: ignore[attr-defined]
+        assert next(consumed) < 2_000_000
 
-    def source() -> object:
-        for i in range(30):
-            read.append(i)
-            yield i
 
-    results = pool.map(square, source())
-    assert len(read) == 30  # all submitted at the call, before iteration
+def test_map_without_a_chunksize_cuts_a_sized_input_into_chunks(pool: BaseWorkerPool) -> None:
+    before = pool.task_counts()["submitted"]
+    assert list(pool.map(add, range(10_000), range(10_000))) == [2 * i for i in range(10_000)]
+    tasks = pool.task_counts()["submitted"] - before
+    assert 1 < tasks <= 2 * 16  # CHUNKS_PER_WORKER chunks per worker, not one task a call
+    assert list(pool.map(square, range(10), chunksize=1)) == [i * i for i in range(10)]
+    assert pool.task_counts()["submitted"] - before == tasks + 10
+
+
+def test_map_of_a_sized_input_submits_eagerly_like_executor_map(pool: BaseWorkerPool) -> None:
+    before = pool.task_counts()["submitted"]
+    results = pool.map(square, list(range(30)), chunksize=1)
+    # All submitted at the call, before iteration: a map nobody iterates still runs.
+    assert pool.task_counts()["submitted"] - before == 30
     assert list(results) == [i * i for i in range(30)]
 
 
@@ -331,11 +356,11 @@ def test_idle_workers_exit_and_come_back_on_demand() -> None:
     with BaseWorkerPool(2, idle_timeout=0.3) as pool:
         assert pool.submit(square, 2).result(timeout=60) == 4
         pids = pool.worker_pids()
-        assert len(pids) == 2
+        assert len(pids) == 1
         assert poll(lambda: not pool.worker_pids(), timeout=30)
         assert poll(lambda: not any(psutil.pid_exists(pid) for pid in pids), timeout=30)
         assert pool.submit(square, 3).result(timeout=60) == 9
-        assert len(pool.worker_pids()) == 2
+        assert len(pool.worker_pids()) == 1 and pool.worker_pids() != pids
 
 
 # -- backpressure ---------------------------------------------------------------

@@ -1,0 +1,348 @@
+"""Worker processes: how they start, and the wire between a pool and each one.
+
+Starting: a fork server
+    Every worker is forked from a *fork server*: one small Python process per
+    parent process, started with ``subprocess`` when the first pool (or
+    manager) needs it. It imports this package and cloudpickle, nothing of
+    the application's, and it has a single thread, so forking it is safe
+    where forking the parent (threads holding locks) is not. A fork costs a
+    few milliseconds, not the tens of a fresh interpreter, and the workers
+    share the server's memory pages until they write to them.
+
+    The server holds, for each worker, the write end of a *status pipe*: when
+    it has reaped the worker, it writes the worker's exit status there (as
+    ``Popen.returncode`` words it: negative for a signal) and closes it. The
+    pool reads it to learn that, and how, a worker ended. When the parent
+    goes away (its end of the control socket closes) the server kills its
+    workers and exits.
+
+The wire: one Unix stream socket per worker
+    Messages are framed by a fixed header and a body. Parent to worker:
+    ``TO_WORKER`` (body length, kind). Worker to parent: ``TO_PARENT`` (body
+    length, kind, reason, task id, value). Tasks travel in batches (one
+    message, many tasks) when they queue up; results travel one message per
+    task, so a worker that dies has reported every task it finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+__all__ = [
+    "TO_PARENT",
+    "TO_WORKER",
+    "ForkServer",
+    "ForkServerGone",
+    "acquire_server",
+    "cpu_count",
+    "release_server",
+    "signals_blocked",
+]
+
+# -- the wire ------------------------------------------------------------------
+
+#: Parent → worker header: body length, kind.
+TO_WORKER = struct.Struct("<QB")
+INIT, TASKS, EXIT = 1, 2, 3
+
+#: Worker → parent header: body length, kind, reason, task id, value.
+TO_PARENT = struct.Struct("<QBBqd")
+#: A task's result (value: its run time in seconds); its failure; the worker
+#: leaves cleanly (reason, value: detail); the worker is ending itself while
+#: a task runs (reason, task id, value: detail); the initializer failed.
+RESULT, ERROR, LEAVING, DYING, INIT_FAILED = 1, 2, 3, 4, 5
+
+#: An exit status, as the fork server writes it to a status pipe.
+STATUS = struct.Struct("<i")
+_PID = struct.Struct("<q")
+
+
+def cpu_count() -> int:
+    """The CPUs this process may use: its affinity, and its cgroup's CPU quota."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, int(quota + 0.999)))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 ``cpu.max``, or v1 CFS quota), if limited."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as cpu_max:
+            quota, period = cpu_max.read().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as quota_file:
+            quota_us = int(quota_file.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as period_file:
+            period_us = int(period_file.read())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+#: Signals left to the main thread: our threads start with them blocked.
+MAIN_THREAD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Block SIGINT/SIGTERM in this thread for the block (threads started inherit it).
+
+    A signal delivered to a helper thread runs its Python handler on the main
+    thread, but does not wake the main thread from a blocking call: so our
+    threads never take them.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# -- the fork server, parent side -------------------------------------------------
+
+
+class ForkServerGone(OSError):
+    """The fork server exited (or was killed): start a new one."""
+
+
+_BOOT = "import sys; sys.path[:] = {path!r}; from pool_manager._process import serve; serve({fd})"
+
+
+class ForkServer:
+    """A handle on the fork server process (see the module docstring).
+
+    `start_worker` may be called from any thread; each call takes a few
+    milliseconds (the server forks and answers with the pid).
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        self._lock = threading.Lock()
+        self._control = ours
+        code = _BOOT.format(path=list(sys.path), fd=theirs.fileno())
+        try:
+            with signals_blocked():
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.pid = self._process.pid
+        self.gone = False
+
+    def start_worker(self) -> tuple[int, socket.socket, int]:
+        """Fork a worker: returns its pid, the pool's end of its socket, its status pipe.
+
+        The worker waits for its ``INIT`` message on the socket.
+
+        Raises:
+            ForkServerGone: the server is not running any more.
+            OSError: the fork failed (the server is fine).
+        """
+        ours, theirs = socket.socketpair()
+        status_read, status_write = os.pipe()
+        try:
+            with self._lock:
+                if self.gone:
+                    raise ForkServerGone("the fork server has exited")
+                try:
+                    socket.send_fds(self._control, [b"F"], [theirs.fileno(), status_write])
+                    reply = _recv_exactly(self._control, _PID.size)
+                except OSError as error:
+                    self.gone = True
+                    raise ForkServerGone(f"the fork server has exited: {error}") from error
+                if reply is None:
+                    self.gone = True
+                    raise ForkServerGone("the fork server has exited")
+        except BaseException:
+            ours.close()
+            os.close(status_read)
+            raise
+        finally:
+            theirs.close()
+            os.close(status_write)
+        pid = _PID.unpack(reply)[0]
+        if pid <= 0:
+            ours.close()
+            os.close(status_read)
+            raise OSError(-pid, f"could not start a worker process: {os.strerror(-pid)}")
+        os.set_blocking(status_read, False)
+        return pid, ours, status_read
+
+    def stop(self) -> None:
+        """Close the control socket (the server exits) and reap the server."""
+        with self._lock:
+            self.gone = True
+            self._control.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+# One fork server per process, shared by its pools and managers, and stopped
+# when the last of them lets it go (so that nothing is left after shutdown).
+_server_lock = threading.Lock()
+_server: ForkServer | None = None
+_holders = 0
+
+
+def acquire_server(replace: ForkServer | None = None) -> ForkServer:
+    """Hold the process's fork server (starting it if needed); pair with `release_server`.
+
+    ``replace``: a server found gone; a new one is started in its place
+    (without taking another hold).
+    """
+    global _server, _holders
+    old = None
+    with _server_lock:
+        if replace is None:
+            _holders += 1
+        if _server is None or _server.gone or _server is replace:
+            old, _server = _server, ForkServer()
+        server = _server
+    if old is not None:
+        old.stop()
+    return server
+
+
+def release_server() -> None:
+    """Let go of the fork server; the last holder stops it."""
+    global _server, _holders
+    with _server_lock:
+        _holders -= 1
+        if _holders > 0 or _server is None:
+            return
+        server, _server = _server, None
+    server.stop()
+
+
+def _forget_server_in_child() -> None:
+    # A process forked from ours (by the application) starts its own server.
+    global _server, _holders, _server_lock
+    _server, _holders, _server_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_server_in_child)
+
+
+# -- the fork server, server side ----------------------------------------------
+
+
+def serve(control_fd: int) -> None:
+    """The fork server's main loop (runs in the server process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MAIN_THREAD_SIGNALS)
+    from . import _worker  # preloaded: every worker has it, and cloudpickle, from the start
+
+    control = socket.socket(fileno=control_fd)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    children: dict[int, int] = {}  # pid -> the write end of its status pipe
+    try:
+        while True:
+            readable, _, _ = select.select([control, wake_read], [], [])
+            if wake_read in readable:
+                with contextlib.suppress(OSError):
+                    while os.read(wake_read, 512):
+                        pass
+                _reap(children)
+            if control in readable:
+                try:
+                    message, fds, _, _ = socket.recv_fds(control, 1, 2)
+                except OSError:
+                    break
+                if not message or len(fds) != 2:
+                    for fd in fds:
+                        os.close(fd)
+                    break  # the parent has gone, or let us go
+                worker_fd, status_fd = fds
+                try:
+                    pid = os.fork()
+                except OSError as error:
+                    os.close(worker_fd)
+                    os.close(status_fd)
+                    control.sendall(_PID.pack(-(error.errno or 1)))
+                    continue
+                if pid == 0:
+                    try:
+                        signal.set_wakeup_fd(-1)
+                        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                        for fd in (wake_read, wake_write, status_fd, *children.values()):
+                            os.close(fd)
+                        control.close()
+                        _worker.serve(socket.socket(fileno=worker_fd))
+                    finally:
+                        os._exit(70)
+                os.close(worker_fd)
+                children[pid] = status_fd
+                control.sendall(_PID.pack(pid))
+    finally:
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for pid, status_fd in list(children.items()):
+            with contextlib.suppress(ChildProcessError):
+                _, status = os.waitpid(pid, 0)
+                with contextlib.suppress(OSError):
+                    os.write(status_fd, STATUS.pack(os.waitstatus_to_exitcode(status)))
+            os.close(status_fd)
+    os._exit(0)
+
+
+def _reap(children: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        status_fd = children.pop(pid, None)
+        if status_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(status_fd, STATUS.pack(os.waitstatus_to_exitcode(status)))
+            os.close(status_fd)
