@@ -58,8 +58,9 @@ INIT, TASKS, EXIT = 1, 2, 3
 TO_PARENT = struct.Struct("<QBBqd")
 #: A task's result (value: its run time in seconds); its failure; the worker
 #: leaves cleanly (reason, value: detail); the worker is ending itself while
-#: a task runs (reason, task id, value: detail); the initializer failed.
-RESULT, ERROR, LEAVING, DYING, INIT_FAILED = 1, 2, 3, 4, 5
+#: a task runs (reason, task id, value: detail); the initializer failed; the
+#: worker is ready for tasks (its initializer has run).
+RESULT, ERROR, LEAVING, DYING, INIT_FAILED, READY = 1, 2, 3, 4, 5, 6
 
 #: An exit status, as the fork server writes it to a status pipe.
 STATUS = struct.Struct("<i")

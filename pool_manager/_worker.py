@@ -42,6 +42,7 @@ from ._process import (
     INIT_FAILED,
     LEAVING,
     MAIN_THREAD_SIGNALS,
+    READY,
     TASKS,
     TO_PARENT,
     TO_WORKER,
@@ -145,6 +146,7 @@ def serve(sock: socket.socket) -> NoReturn:
                 _send(INIT_FAILED, text.encode("utf-8", "replace"))
                 code = INIT_FAILED_EXIT_CODE
                 return _exit(code)
+        _send(READY)
         _serve_tasks(reader)
     except BaseException:  # the parent has gone (a broken socket), or a bug: leave
         code = 1

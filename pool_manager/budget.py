@@ -241,6 +241,10 @@ class WorkerBudget:
                 (account.want, account.demand, account.live, account.idle, account.retiring) = info[
                     id(account)
                 ]
+                # Each submit stamps its pool (no lock on that hot path).
+                account.last_used = max(
+                    account.last_used, getattr(account.pool, "last_submit", 0.0)
+                )
                 account.actions = []
             changed = self._plan(accounts)
         # Shrink first, then grow, with no lock of ours held.

@@ -61,6 +61,7 @@ from ._process import (
     INIT,
     INIT_FAILED,
     LEAVING,
+    READY,
     RESULT,
     STATUS,
     TASKS,
@@ -275,6 +276,7 @@ class _Worker:
         "leaving",
         "outbuf",
         "pid",
+        "ready",
         "registered",
         "sent",
         "sock",
@@ -301,6 +303,7 @@ class _Worker:
         self.leaving: int | None = None  # why it was told to leave, or said it leaves
         self.dying: tuple[int, int, float] | None = None  # reason, task id, detail
         self.init_failed: str | None = None
+        self.ready = False  # its initializer has run: it takes tasks from here on
         self.registered = False
         self.writing = False
         self.sock_done = False
@@ -548,6 +551,8 @@ class BaseWorkerPool(WorkerPool):
         self._idle_callbacks: list[Callable[[], object]] = []
         self._dispose_lock = threading.Lock()
         self._budget: WorkerBudget | None = None  # see attach_budget
+        #: time.monotonic() of the last submit (the budget's "least recently used").
+        self.last_submit = 0.0
         self._allowed: int | None = None  # the budget's allowance (None: no budget)
         self._retire_requests = 0  # workers the budget asked to leave after their task
         self._holds_server = False  # a hold on the fork server (see _process)
@@ -684,6 +689,23 @@ class BaseWorkerPool(WorkerPool):
                     self._retire_requests = min(self._retire_requests, count)
             self._dispatch()
 
+    # ProcessPoolExecutor's private views of its workers, which code (and
+    # CPython's own tests) read.
+
+    @property
+    def _max_workers(self) -> int:
+        return self._max_size
+
+    @property
+    def _processes(self) -> dict[int, _ProcessView]:
+        """The workers that take tasks, by pid (as ``ProcessPoolExecutor._processes``)."""
+        with self._lock:
+            return {
+                pid: _ProcessView(worker)
+                for pid, worker in self._workers.items()
+                if worker.leaving is None
+            }
+
     @property
     def is_shut_down(self) -> bool:
         """True once `shutdown` or `dispose` was called."""
@@ -745,15 +767,23 @@ class BaseWorkerPool(WorkerPool):
             if self._shut_down:
                 raise PoolShutDownError("cannot schedule new futures after shutdown")
             task_id = next(self._task_ids)
+            self.last_submit = time.monotonic()
             future = _TaskFuture(self, task_id, payload, timeout)
             self._outstanding[task_id] = future
             self._counts[_SUBMITTED] += 1
             self._pending.append(future)
-            self._dispatch()
-            wants_more = self._budget is not None and self._pending and self._wants_workers()
-        if wants_more:
-            assert self._budget is not None
-            self._budget.submitted(self, True)
+            budget = self._budget
+            # Under a budget, a pool that could use another worker asks for
+            # it before dispatching: else its workers would take every task
+            # queued (prefetch) and it would never grow.
+            ask = budget is not None and self._wants_workers()
+            if not ask:
+                self._dispatch()
+        if ask:
+            assert budget is not None
+            budget.submitted(self, True)
+            with self._lock:
+                self._dispatch()
         return future
 
     def kill_task(self, future: Future[Any]) -> bool:
@@ -1317,6 +1347,8 @@ class BaseWorkerPool(WorkerPool):
                     worker.leaving = reason
                 elif kind == DYING:
                     worker.dying = (reason, task_id, value)
+                elif kind == READY:
+                    worker.ready = True
                 elif kind == INIT_FAILED:
                     worker.init_failed = body.decode("utf-8", "replace")
             for worker in ended:
@@ -1391,7 +1423,7 @@ class BaseWorkerPool(WorkerPool):
             culprit = next((f for f in tasks if f.task_id == dying_task), None)
         elif killed_for is not None:
             culprit = next((f for f in tasks if f.task_id == killed_for), None)
-        elif tasks and worker.leaving is None:
+        elif tasks and worker.leaving is None and worker.ready:
             culprit = tasks[0]
         killed = culprit is not None and killed_for == culprit.task_id
         if culprit is not None:
@@ -1508,6 +1540,33 @@ class BaseWorkerPool(WorkerPool):
             f"<{type(self).__name__} {state} workers={self.worker_count}/{self._max_size} "
             f"unfinished={self.unfinished_tasks}>"
         )
+
+
+class _ProcessView:
+    """A worker seen as a ``multiprocessing.Process`` (pid, is_alive, join, terminate)."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self._worker = worker
+        self.pid = worker.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._worker.status if self._worker.ended else None
+
+    def is_alive(self) -> bool:
+        return not self._worker.ended
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._worker.ended and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.005)
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        _kill(self.pid)
 
 
 class _ChunkSizer:

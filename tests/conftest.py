@@ -20,8 +20,20 @@ def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _multiprocessing_resource_tracker() -> Iterator[None]:
+    """Start multiprocessing's resource tracker once: it lives as long as the interpreter.
+
+    (Tests that start a ``multiprocessing`` process, a ``Manager`` say, start it.)
+    """
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    yield
+
+
 @pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
+def no_leaks(_multiprocessing_resource_tracker: None) -> Iterator[None]:
     """Fail a test that leaves a child process, a thread or a descriptor behind."""
     children = _children()
     threads = set(threading.enumerate())

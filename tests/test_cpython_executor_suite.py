@@ -8,7 +8,9 @@ finds ``test_concurrent_futures.py`` (``$CPYTHON_CF_TEST_FILE``, else the runnin
 interpreter's ``test`` package, else Debian's ``libpython3.11-testsuite`` at
 ``/usr/lib/python3.11/test``), loads it under a private module name, and builds
 one ``unittest.TestCase`` per process-pool test mixin with
-``executor_type = BaseWorkerPool`` and loky's default ("loky") start method.
+``executor_type = BaseWorkerPool`` and the "spawn" context (what the tests
+share with workers, a ``Manager``, comes from it; the workers themselves
+always start from the fork server).
 If the file is absent the whole module is skipped, saying how to get it.
 
 Worker processes must find the CPython module's task functions (``mul``,
@@ -28,8 +30,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import multiprocessing
+import os
 import sys
 import sysconfig
 import textwrap
@@ -143,10 +145,10 @@ for _name, _obj in list(vars(cf).items()):
 
 
 class _BaseWorkerPoolMixin(cf.ExecutorMixin):
-    """CPython's ProcessPool*Mixin, for BaseWorkerPool and loky's start method."""
+    """CPython's ProcessPool*Mixin, for BaseWorkerPool."""
 
     executor_type = BaseWorkerPool
-    ctx = "forkserver"
+    ctx = "spawn"
 
     def get_context(self):  # type: ignore[no-untyped-def]
         # BaseWorkerPool accepts it as mp_context (its workers always come
@@ -254,25 +256,25 @@ SKIPPED: dict[str, str] = {
     "ExecutorDeadlockTest.test_error_during_result_unpickle_in_result_handler": _ISOLATED,
     "ExecutorDeadlockTest.test_exit_during_result_unpickle_in_result_handler": _ISOLATED,
     # Pokes ProcessPoolExecutor internals that BaseWorkerPool does not have.
-    "ProcessPoolShutdownTest.test_processes_terminate": "reads executor._processes",
-    "ProcessPoolExecutorTest.test_killed_child": "reads executor._processes",
-    "ProcessPoolExecutorTest.test_saturation": "reads executor._processes and _max_workers",
-    "ProcessPoolExecutorTest.test_idle_process_reuse_one": (
-        "reads executor._processes; also, loky starts every worker on the first "
-        "submit rather than on demand"
+    "ProcessPoolShutdownTest.test_processes_terminate": (
+        "passes a multiprocessing.Semaphore as a task's argument, which only a process "
+        "that multiprocessing itself starts may inherit"
     ),
-    "ProcessPoolExecutorTest.test_idle_process_reuse_multiple": (
-        "reads executor._processes; also, loky starts every worker on the first "
-        "submit rather than on demand"
+    "ProcessPoolExecutorTest.test_killed_child": (
+        "expects every later submit to fail after a worker is killed, while BaseWorkerPool "
+        "by design fails only the killed worker's task and starts a new worker"
+    ),
+    "ProcessPoolExecutorTest.test_saturation": (
+        "passes a multiprocessing.Semaphore as a task's argument, which only a process "
+        "that multiprocessing itself starts may inherit"
     ),
     "ExecutorDeadlockTest.test_shutdown_deadlock_pickle": (
         "joins executor._executor_manager_thread"
     ),
     "FailingInitializerMixin.test_initializer": (
         "polls executor._broken, expects the failure logged on the stdlib "
-        "'concurrent.futures' logger (loky logs on its own), and expects every "
-        "later submit to fail, while BaseWorkerPool by design starts new workers "
-        "on the next submit after a break"
+        "'concurrent.futures' logger, and expects every later submit to fail, while "
+        "BaseWorkerPool by design starts new workers on the next submit after a break"
     ),
     # Not about executor_type at all: they build futures.ProcessPoolExecutor
     # themselves and then read its _processes/_call_queue/_executor_manager_thread.
@@ -286,12 +288,8 @@ SKIPPED: dict[str, str] = {
         "constructs futures.ProcessPoolExecutor itself and reads its internals"
     ),
     # A ProcessPoolExecutor feature BaseWorkerPool does not offer.
-    "ProcessPoolExecutorTest.test_max_tasks_per_child": (
-        "reads executor._processes (max_tasks_per_child itself is pinned in "
-        "tests/test_worker_health.py)"
-    ),
     "ProcessPoolExecutorTest.test_max_tasks_per_child_defaults_to_spawn_context": (
-        "reads executor._mp_context (loky picks the start method, not max_tasks_per_child)"
+        "reads executor._mp_context (workers always start from the fork server)"
     ),
 }
 

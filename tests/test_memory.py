@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -93,24 +94,26 @@ def test_min_available_memory_needs_sampling() -> None:
 def test_an_idle_pool_whose_workers_exited_releases_its_threads_and_pipes() -> None:
     import threading
 
-    def loky_threads() -> int:
-        return sum(
-            t.name.startswith(("ExecutorManagerThread", "QueueFeederThread"))
-            for t in threading.enumerate()
-        )
+    def io_threads() -> int:
+        return sum(t.name == "pool_manager-io" for t in threading.enumerate())
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
 
     clock = FakeClock()
     with WorkerPoolManager(
         1, 600, 3600, clock=clock, memory_sample_interval=5, worker_idle_timeout=0.2
     ) as manager:
-        baseline = loky_threads()
+        baseline, baseline_fds = io_threads(), fds()
         with manager.lease("a") as pool:
             assert pool.submit(square, 3).result(timeout=60) == 9
-        assert loky_threads() == baseline + 2
+            assert io_threads() == baseline + 1 and fds() > baseline_fds
         assert poll(lambda: not pool.worker_pids(), timeout=30)  # the idle timeout
+        # The pool's I/O thread ends with its last worker, and its pipes close.
+        assert poll(lambda: io_threads() == baseline, timeout=30)
+        assert poll(lambda: fds() == baseline_fds, timeout=30)
         clock.advance(5)
         manager.sweep()
-        assert poll(lambda: loky_threads() == baseline, timeout=30)
         with manager.lease("a") as again:
             assert again is pool
             assert pool.submit(square, 4).result(timeout=60) == 16  # rebuilt on demand

@@ -91,7 +91,7 @@ def test_an_argument_that_fails_to_unpickle_in_the_worker_fails_only_its_task() 
         assert "failed to unpickle in the worker" in str(error)
         assert "bad argument" in str(error) and "load_fails" in str(error.__cause__)
         assert [f.result(timeout=60) for f in after] == [i * i for i in range(10)]
-        assert set(pool.worker_pids()) == pids  # nothing broke: the same workers
+        assert pids <= set(pool.worker_pids())  # nothing broke: the same workers live on
 
 
 def test_a_result_that_fails_to_unpickle_in_the_parent_fails_only_its_task() -> None:
@@ -105,7 +105,7 @@ def test_a_result_that_fails_to_unpickle_in_the_parent_fails_only_its_task() -> 
         assert "failed to unpickle in the parent" in str(error)
         assert "bad result" in str(error)
         assert [f.result(timeout=60) for f in after] == [i * i for i in range(10)]
-        assert set(pool.worker_pids()) == pids
+        assert pids <= set(pool.worker_pids())
 
 
 def test_an_exception_that_cannot_be_pickled_is_described_instead() -> None:
