@@ -285,13 +285,13 @@ def serve(control_fd: int) -> None:
     children: dict[int, int] = {}  # pid -> the write end of its status pipe
     try:
         while True:
-            readable, _, _ = select.select([control, wake_read], [], [])
+            readable, _, _ = select.select([control.fileno(), wake_read], [], [])
             if wake_read in readable:
                 with contextlib.suppress(OSError):
                     while os.read(wake_read, 512):
                         pass
                 _reap(children)
-            if control in readable:
+            if control.fileno() in readable:
                 try:
                     message, fds, _, _ = socket.recv_fds(control, 1, 2)
                 except OSError:

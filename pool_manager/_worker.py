@@ -31,7 +31,7 @@ import types
 from collections import ChainMap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import cloudpickle
 
@@ -124,11 +124,11 @@ def serve(sock: socket.socket) -> NoReturn:
     code = 0
     try:
         _sock = sock
-        reader = sock.makefile("rb", buffering=1 << 16)
+        reader: BinaryIO = sock.makefile("rb", buffering=1 << 16)  # type: ignore[assignment]
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         message = _read_message(reader)
         if message is None or message[0] != INIT:
-            os._exit(0)
+            _exit(0)
         config: WorkerConfig = pickle.loads(message[2])
         if config.env:
             os.environ.update(config.env)
@@ -145,12 +145,12 @@ def serve(sock: socket.socket) -> NoReturn:
                 sys.stderr.write(f"pool_manager: a worker's initializer failed:\n{text}")
                 _send(INIT_FAILED, text.encode("utf-8", "replace"))
                 code = INIT_FAILED_EXIT_CODE
-                return _exit(code)
+                _exit(code)
         _send(READY)
         _serve_tasks(reader)
     except BaseException:  # the parent has gone (a broken socket), or a bug: leave
         code = 1
-    return _exit(code)
+    _exit(code)
 
 
 def _exit(code: int) -> NoReturn:
@@ -160,7 +160,7 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _read_message(reader: io.BufferedReader) -> tuple[int, int, bytes] | None:
+def _read_message(reader: BinaryIO) -> tuple[int, int, bytes] | None:
     header = reader.read(TO_WORKER.size)
     if len(header) < TO_WORKER.size:
         return None
@@ -171,7 +171,7 @@ def _read_message(reader: io.BufferedReader) -> tuple[int, int, bytes] | None:
     return kind, 0, body
 
 
-def _serve_tasks(reader: io.BufferedReader) -> None:
+def _serve_tasks(reader: BinaryIO) -> None:
     while True:
         message = _read_message(reader)
         if message is None:

@@ -1041,7 +1041,7 @@ class BaseWorkerPool(WorkerPool):
                 room = min(room, max_tasks - worker.sent)
             share = math.ceil(len(pending) / max(1, active))
             count = max(1, min(room, share, MAX_DEPTH))
-            batch = []
+            batch: list[_TaskFuture] = []
             while pending and len(batch) < count:
                 future = pending.popleft()
                 if future._dropped:
