@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-import loky
+
 
 from pool_manager import WorkerPoolManager
 
@@ -116,7 +116,7 @@ def main() -> int:
     print(
         f"{args.batches} batches x {args.tasks} tasks of {args.task_ms} ms, {args.keys} keys, "
         f"{args.threads} caller threads, pool_size={args.pool_size}; "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, loky {loky.__version__}\n"
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}\n"
     )
     print("| runner | median s | min s | max s | time / pool_manager's |")
     print("|---|---|---|---|---|")

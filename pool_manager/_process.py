@@ -38,10 +38,13 @@ import threading
 from collections.abc import Iterator
 
 __all__ = [
+    "TASKS_META",
     "TO_PARENT",
     "TO_WORKER",
     "ForkServer",
     "ForkServerGone",
+    "Message",
+    "MessageReader",
     "acquire_server",
     "cpu_count",
     "release_server",
@@ -61,6 +64,81 @@ TO_PARENT = struct.Struct("<QBBqd")
 #: a task runs (reason, task id, value: detail); the initializer failed; the
 #: worker is ready for tasks (its initializer has run).
 RESULT, ERROR, LEAVING, DYING, INIT_FAILED, READY = 1, 2, 3, 4, 5, 6
+
+#: A ``TASKS`` body: the length of a pickled list of (task id, timeout,
+#: payload length), that list, then the payloads one after another (so a
+#: large argument is sent from the bytes it was pickled into, not copied).
+TASKS_META = struct.Struct("<I")
+
+#: A message from a worker, as the pool's reader hands it over.
+Message = tuple[int, int, int, float, "bytes | bytearray"]  # kind, reason, task id, value, body
+
+#: Bodies at least this large are read straight into a buffer of their size.
+_LARGE_BODY = 1 << 16
+_CHUNK = 1 << 18
+
+
+class MessageReader:
+    """Reads ``TO_PARENT`` messages from one worker's non-blocking socket."""
+
+    __slots__ = ("_body", "_filled", "_head", "_buffer")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._body: bytearray | None = None  # a large body being read in place
+        self._filled = 0
+        self._head: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+
+    def read(self, sock: socket.socket, out: list[Message], drain: bool = False) -> bool:
+        """Read what is there (``drain``: until none is left); False at end of stream."""
+        while True:
+            body = self._body
+            try:
+                if body is not None:
+                    with memoryview(body) as view:
+                        count = sock.recv_into(view[self._filled :])
+                    if count:
+                        self._filled += count
+                        if self._filled == len(body):
+                            out.append((*self._head, body))
+                            self._body = None
+                        continue
+                    return False
+                data = sock.recv(_CHUNK)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            self._buffer += data
+            self._parse(out)
+            if len(data) < _CHUNK and not drain:
+                return True
+
+    def _parse(self, out: list[Message]) -> None:
+        buffer = self._buffer
+        size = TO_PARENT.size
+        offset = 0
+        while len(buffer) - offset >= size:
+            length, kind, reason, task_id, value = TO_PARENT.unpack_from(buffer, offset)
+            start = offset + size
+            end = start + length
+            if len(buffer) < end:
+                if length >= _LARGE_BODY:
+                    # Read the rest straight into a buffer of its own.
+                    body = bytearray(length)
+                    have = len(buffer) - start
+                    body[:have] = buffer[start:]
+                    self._body, self._filled = body, have
+                    self._head = (kind, reason, task_id, value)
+                    offset = len(buffer)
+                break
+            out.append((kind, reason, task_id, value, bytes(buffer[start:end])))
+            offset = end
+        if offset:
+            del buffer[:offset]
+
 
 #: An exit status, as the fork server writes it to a status pipe.
 STATUS = struct.Struct("<i")

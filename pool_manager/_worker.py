@@ -44,6 +44,7 @@ from ._process import (
     MAIN_THREAD_SIGNALS,
     READY,
     TASKS,
+    TASKS_META,
     TO_PARENT,
     TO_WORKER,
 )
@@ -181,12 +182,21 @@ def _serve_tasks(reader: BinaryIO) -> None:
             return
         if kind != TASKS:
             continue
-        for task_id, timeout, payload in pickle.loads(body):
+        (meta_length,) = TASKS_META.unpack_from(body)
+        meta_end = TASKS_META.size + meta_length
+        offset = meta_end
+        view = memoryview(body)
+        tasks = []
+        for task_id, timeout, length in pickle.loads(view[TASKS_META.size : meta_end]):
+            tasks.append((task_id, timeout, view[offset : offset + length]))
+            offset += length
+        del body, view
+        for task_id, timeout, payload in tasks:
             started = time.perf_counter()
             ok, data = run_task(task_id, payload, timeout)
             elapsed = time.perf_counter() - started
             _send(_RESULT if ok else _ERROR, data, task_id=task_id, value=elapsed)
-            del data
+            del data, payload
             reason, detail = _should_retire()
             if reason:
                 _send(LEAVING, reason=reason, value=detail)
@@ -317,7 +327,9 @@ def dump_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
     return _dumps((fn, args, kwargs))
 
 
-def run_task(task_id: int, payload: bytes, timeout: float | None = None) -> tuple[bool, bytes]:
+def run_task(
+    task_id: int, payload: bytes | memoryview, timeout: float | None = None
+) -> tuple[bool, bytes]:
     """Run one task in the worker; returns ``(ok, pickled result or exception)``.
 
     ``timeout``: seconds the task may run before the watchdog ends the worker.

@@ -65,8 +65,9 @@ from ._process import (
     RESULT,
     STATUS,
     TASKS,
-    TO_PARENT,
+    TASKS_META,
     TO_WORKER,
+    Message,
 )
 from ._worker import (
     BUDGET,
@@ -249,9 +250,6 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
         #: The worker's run time of the task, in seconds, once it has run.
         self.run_time: float | None = None
 
-    def _envelope(self) -> tuple[int, float | None, bytes | None]:
-        return (self.task_id, self._timeout, self._payload)
-
     def _finish(self, ok: bool, value: Any) -> None:
         self._payload = None
         if ok:
@@ -265,14 +263,14 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
 
 class _Worker:
     """The pool's side of one worker process (guarded by the pool's lock,
-    but for the receive buffer, which only the I/O thread touches)."""
+    but for its reader, which only the I/O thread touches)."""
 
     __slots__ = (
         "assigned",
         "dying",
         "idle_since",
         "init_failed",
-        "inbuf",
+        "reader",
         "leaving",
         "outbuf",
         "pid",
@@ -292,7 +290,7 @@ class _Worker:
         self.pid = pid
         self.sock = sock
         self.status_fd = status_fd
-        self.inbuf = bytearray()
+        self.reader = _process.MessageReader()
         self.outbuf: deque[memoryview] = deque()
         #: Tasks sent and not answered, in the order sent (so the first is
         #: the one running).
@@ -320,7 +318,7 @@ def _remote_traceback(text: str) -> BaseException:
     return _RemoteTraceback(f'\n"""\n{text}"""')  # type: ignore[arg-type]
 
 
-def _load_outcome(ok: bool, data: bytes) -> tuple[bool, Any]:
+def _load_outcome(ok: bool, data: bytes | bytearray) -> tuple[bool, Any]:
     """Turn `run_task`'s reply into ``(ok, result or exception)``, in the parent."""
     try:
         loaded = pickle.loads(data)
@@ -1057,8 +1055,14 @@ class BaseWorkerPool(WorkerPool):
     def _send_tasks(self, worker: _Worker, batch: list[_TaskFuture]) -> None:
         worker.assigned.extend(batch)
         worker.sent += len(batch)
-        body = pickle.dumps([f._envelope() for f in batch], pickle.HIGHEST_PROTOCOL)
-        self._send(worker, TO_WORKER.pack(len(body), TASKS), body)
+        payloads = [f._payload or b"" for f in batch]
+        meta = pickle.dumps(
+            [(f.task_id, f._timeout, len(p)) for f, p in zip(batch, payloads)],
+            pickle.HIGHEST_PROTOCOL,
+        )
+        length = TASKS_META.size + len(meta) + sum(len(p) for p in payloads)
+        head = TO_WORKER.pack(length, TASKS) + TASKS_META.pack(len(meta)) + meta
+        self._send(worker, head, *payloads)
 
     def _send(self, worker: _Worker, *parts: bytes) -> None:
         """Send without blocking; what does not fit now, the I/O thread sends."""
@@ -1169,7 +1173,7 @@ class BaseWorkerPool(WorkerPool):
                         break
                     timeout = self._expire_idle_workers()
                 events = selector.select(timeout)
-                messages: list[tuple[_Worker, int, int, int, float, bytes]] = []
+                messages: list[tuple[_Worker, Message]] = []
                 ended: list[_Worker] = []
                 for key, mask in events:
                     worker = key.data
@@ -1236,42 +1240,18 @@ class BaseWorkerPool(WorkerPool):
     def _receive(
         self,
         worker: _Worker,
-        messages: list[tuple[_Worker, int, int, int, float, bytes]],
+        messages: list[tuple[_Worker, Message]],
         selector: selectors.BaseSelector,
         final: bool = False,
     ) -> None:
         """Read what ``worker`` sent; with ``final`` (it has exited), all of it."""
         if worker.sock_done:
             return
-        inbuf = worker.inbuf
-        while True:
-            try:
-                data = worker.sock.recv(1 << 18)
-            except BlockingIOError:
-                if final:
-                    self._close_socket(worker, selector)
-                break
-            except OSError:
-                data = b""
-            if not data:
-                self._close_socket(worker, selector)
-                break
-            inbuf += data
-            if len(data) < 1 << 18 and not final:
-                break
-        size = TO_PARENT.size
-        offset = 0
-        while len(inbuf) - offset >= size:
-            length, kind, reason, task_id, value = TO_PARENT.unpack_from(inbuf, offset)
-            end = offset + size + length
-            if len(inbuf) < end:
-                break
-            messages.append(
-                (worker, kind, reason, task_id, value, bytes(inbuf[offset + size : end]))
-            )
-            offset = end
-        if offset:
-            del inbuf[:offset]
+        received: list[Message] = []
+        open_ = worker.reader.read(worker.sock, received, drain=final)
+        messages.extend((worker, message) for message in received)
+        if not open_ or final:
+            self._close_socket(worker, selector)
 
     def _close_socket(self, worker: _Worker, selector: selectors.BaseSelector) -> None:
         with self._lock:
@@ -1311,15 +1291,13 @@ class BaseWorkerPool(WorkerPool):
                 due = deadline - now
         return due
 
-    def _handle(
-        self, messages: list[tuple[_Worker, int, int, int, float, bytes]], ended: list[_Worker]
-    ) -> None:
+    def _handle(self, messages: list[tuple[_Worker, Message]], ended: list[_Worker]) -> None:
         """Settle the tasks that finished, and deal with the workers that ended."""
-        results: list[tuple[_TaskFuture, bool, bytes, float]] = []
+        results: list[tuple[_TaskFuture, bool, bytes | bytearray, float]] = []
         failures: list[tuple[_TaskFuture, bool | None, Any]] = []
         with self._lock:
             now = time.monotonic()
-            for worker, kind, reason, task_id, value, body in messages:
+            for worker, (kind, reason, task_id, value, body) in messages:
                 if kind in (RESULT, ERROR):
                     assigned = worker.assigned
                     future = None
