@@ -83,15 +83,32 @@ from . import _process
 if TYPE_CHECKING:
     from .pool import BaseWorkerPool
 
-__all__ = ["DEFAULT_WORKERS_PER_CPU", "BudgetStats", "WorkerBudget", "default_limit"]
+__all__ = [
+    "DEFAULT_WORKERS_PER_CPU",
+    "MIN_DEFAULT_WORKERS",
+    "BudgetStats",
+    "BusySlots",
+    "WorkerBudget",
+    "default_busy_limit",
+    "default_limit",
+]
 
-#: ``max_total_workers`` defaults to this many workers per usable CPU.
-DEFAULT_WORKERS_PER_CPU = 2
+#: ``max_total_workers`` defaults to this many worker processes per usable
+#: CPU, and at least ``MIN_DEFAULT_WORKERS``: an idle worker forked from the
+#: fork server costs about 2 MB of its own memory, and a warm one spares the
+#: next task of its key a start.
+DEFAULT_WORKERS_PER_CPU = 4
+MIN_DEFAULT_WORKERS = 32
 
 
 def default_limit() -> int:
-    """The default ``max_total_workers``: `DEFAULT_WORKERS_PER_CPU` per usable CPU."""
-    return DEFAULT_WORKERS_PER_CPU * max(1, _process.cpu_count())
+    """The default ``max_total_workers``: see `DEFAULT_WORKERS_PER_CPU`."""
+    return max(MIN_DEFAULT_WORKERS, DEFAULT_WORKERS_PER_CPU * max(1, _process.cpu_count()))
+
+
+def default_busy_limit() -> int:
+    """The default ``max_busy_workers``: one per usable CPU."""
+    return max(1, _process.cpu_count())
 
 
 class BudgetStats(TypedDict):
@@ -101,6 +118,9 @@ class BudgetStats(TypedDict):
     in_use: int  #: the pools' allowances, plus workers leaving (never above limit)
     pools: int  #: pools under the budget
     waiting: int  #: pools below their fair share, with work waiting
+    busy_limit: int | None  #: max_busy_workers (None: no cap)
+    busy: int  #: workers running tasks now (or handed a place to)
+    busy_waiting: int  #: pools with tasks queued, waiting for a place to run them
 
 
 @dataclass(eq=False)
@@ -404,11 +424,108 @@ class WorkerBudget:
 
     # -- stats ---------------------------------------------------------------
 
-    def stats(self) -> BudgetStats:
+    def stats(self, busy: BusySlots | None = None) -> BudgetStats:
+        busy_limit, busy_now, busy_waiting = busy.counts() if busy is not None else (None, 0, 0)
         with self._lock:
             return BudgetStats(
                 limit=self._limit,
                 in_use=sum(max(a.allowed + a.transit, a.live) for a in self._accounts.values()),
                 pools=len(self._accounts),
                 waiting=self._waiting,
+                busy_limit=busy_limit,
+                busy=busy_now,
+                busy_waiting=busy_waiting,
             )
+
+
+class BusySlots:
+    """At most ``limit`` workers running tasks at once, across the pools that share it.
+
+    ``max_total_workers`` caps the processes alive (memory); this caps the
+    processes working (CPU), so that many keys' warm pools never
+    oversubscribe the machine. A worker takes a place when it is handed
+    work while idle, and gives it back when it has run all it was handed.
+    A pool that finds no place free waits in line (first come, first
+    served); a place given back goes to the first pool in line. While a pool
+    waits, no worker elsewhere is handed more work than it already holds, so
+    the places go round the pools with work one task (or one small batch) at
+    a time: no key starves another.
+
+    The lock is innermost: pools call in holding their own lock, and the
+    pool a place is handed to is told (`BaseWorkerPool._place_granted`) with
+    no lock held.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int):
+                raise TypeError(f"max_busy_workers must be an int or None, not {limit!r}")
+            if limit < 1:
+                raise ValueError(f"max_busy_workers must be at least 1, not {limit}")
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._busy = 0  # places taken, including those handed to a pool in line
+        self._line: dict[int, BaseWorkerPool] = {}  # id(pool) -> pool, in order of arrival
+        self._handed: dict[int, int] = {}  # id(pool) -> places handed to it, not taken yet
+
+    @property
+    def limit(self) -> int | None:
+        return self._limit
+
+    @property
+    def has_waiters(self) -> bool:
+        return bool(self._line)
+
+    def others_waiting(self, pool: BaseWorkerPool) -> bool:
+        """Some pool other than ``pool`` waits for a place (a racy read: a hint)."""
+        line = self._line
+        return len(line) > (1 if id(pool) in line else 0)
+
+    def counts(self) -> tuple[int | None, int, int]:
+        """(limit, places taken, pools in line)."""
+        with self._lock:
+            return self._limit, self._busy, len(self._line)
+
+    def take(self, pool: BaseWorkerPool) -> bool:
+        """A place for one of ``pool``'s workers; False puts ``pool`` in line."""
+        with self._lock:
+            handed = self._handed.get(id(pool), 0)
+            if handed:
+                if handed == 1:
+                    del self._handed[id(pool)]
+                else:
+                    self._handed[id(pool)] = handed - 1
+                return True
+            if self._limit is None or (self._busy < self._limit and not self._line):
+                self._busy += 1
+                return True
+            self._line.setdefault(id(pool), pool)
+            return False
+
+    def give_back(self, pool: BaseWorkerPool, count: int = 1) -> list[BaseWorkerPool]:
+        """``pool`` frees ``count`` places (and any handed to it but not taken).
+
+        Returns the pools now handed a place: call `_place_granted` on each,
+        with no lock held.
+        """
+        with self._lock:
+            count += self._handed.pop(id(pool), 0)
+            self._busy -= count
+            return self._hand_out()
+
+    def leave(self, pool: BaseWorkerPool) -> list[BaseWorkerPool]:
+        """``pool`` needs no place any more (disposed): out of line, handed places back."""
+        with self._lock:
+            self._line.pop(id(pool), None)
+            self._busy -= self._handed.pop(id(pool), 0)
+            return self._hand_out()
+
+    def _hand_out(self) -> list[BaseWorkerPool]:
+        granted = []
+        while self._line and (self._limit is None or self._busy < self._limit):
+            key = next(iter(self._line))
+            waiter = self._line.pop(key)
+            self._handed[key] = self._handed.get(key, 0) + 1
+            self._busy += 1
+            granted.append(waiter)
+        return granted

@@ -33,7 +33,7 @@ from typing import Any, TypedDict
 from . import _process, _signals, memory
 from . import pool as _pool_module
 from ._durations import Duration, to_bytes, to_count, to_seconds
-from .budget import BudgetStats, WorkerBudget, default_limit
+from .budget import BudgetStats, BusySlots, WorkerBudget, default_busy_limit, default_limit
 from .errors import FactoryError, ManagerShutDownError
 from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TaskCounts, WorkerPool
 from .supervisor import Supervisor
@@ -212,11 +212,16 @@ class WorkerPoolManager:
             ``None`` never blocks.
         worker_idle_timeout: seconds an idle worker process lives before it
             exits (it starts again on demand); ``None`` keeps it.
-        max_total_workers: the most worker processes allowed across all keys
-            (see `pool_manager.budget` for how workers move between pools
-            and the fairness rule). Default: `budget.default_limit`, two per
-            usable CPU. ``None``: no cap beyond each pool's ``pool_size``.
-            Pools from a custom factory are under it if they are
+        max_total_workers: the most worker processes alive across all keys
+            (memory; see `pool_manager.budget` for how workers move between
+            pools and the fairness rule). Default: `budget.default_limit`,
+            four per usable CPU and at least 32. ``None``: no cap beyond each
+            pool's ``pool_size``.
+        max_busy_workers: the most worker processes running tasks at once
+            across all keys (CPU): many keys' warm pools never oversubscribe
+            the machine, and the places go round the keys with work (see
+            `budget.BusySlots`). Default: one per usable CPU. ``None``: no
+            cap. Pools from a custom factory are under both caps if they are
             `BaseWorkerPool` instances that have not run work yet.
         max_tasks_per_worker, max_worker_memory, kill_worker_memory,
             task_timeout: worker limits of the pools the default factory
@@ -256,6 +261,7 @@ class WorkerPoolManager:
         max_pending: int | None = _UNSET,
         worker_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         max_total_workers: int | None = _UNSET,
+        max_busy_workers: int | None = _UNSET,
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | str | None = None,
         kill_worker_memory: int | str | None = None,
@@ -284,6 +290,9 @@ class WorkerPoolManager:
         if max_total_workers is self._UNSET:
             max_total_workers = default_limit()
         self._budget = WorkerBudget(max_total_workers)
+        if max_busy_workers is self._UNSET:
+            max_busy_workers = default_busy_limit()
+        self._busy = BusySlots(max_busy_workers)
         self._worker_options: dict[str, Any] = {
             "max_tasks_per_worker": max_tasks_per_worker,
             "max_worker_memory": max_worker_memory,
@@ -349,8 +358,13 @@ class WorkerPoolManager:
 
     @property
     def max_total_workers(self) -> int | None:
-        """The most worker processes across all keys (None: no cap)."""
+        """The most worker processes alive across all keys (None: no cap)."""
         return self._budget.limit
+
+    @property
+    def max_busy_workers(self) -> int | None:
+        """The most worker processes running tasks at once across all keys (None: no cap)."""
+        return self._busy.limit
 
     @property
     def stale_pool_expiration(self) -> float:
@@ -503,8 +517,8 @@ class WorkerPoolManager:
             )
             building.set_exception(shut_down_error)
             raise shut_down_error
-        if self._budget.limit is not None and isinstance(pool, BaseWorkerPool):
-            pool.attach_budget(self._budget)
+        if isinstance(pool, BaseWorkerPool):
+            pool.attach_budget(self._budget, self._busy)
         pool.add_idle_callback(functools.partial(self._pool_went_idle, entry))
         building.set_result(None)
         pool.add_worker_event_callback(functools.partial(self._on_worker_event, entry))
@@ -856,7 +870,7 @@ class WorkerPoolManager:
             memory_sampled_at=sampled_at,
             last_sweep_at=last_sweep[0] if last_sweep else None,
             last_sweep_seconds=last_sweep[1] if last_sweep else None,
-            budget=self._budget.stats(),
+            budget=self._budget.stats(self._busy),
             shut_down=shut_down,
         )
 

@@ -97,7 +97,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .budget import WorkerBudget
+    from .budget import BusySlots, WorkerBudget
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "TaskCounts", "WorkerPool"]
 
@@ -120,6 +120,12 @@ PREFETCH_SECONDS = 0.001
 MAX_DEPTH = 64
 #: Tasks longer than this (seconds, measured) are sent one at a time.
 LONG_TASK = 0.02
+
+#: Under ``max_busy_workers``, while another pool waits for a place, a worker
+#: is handed more work only this many seconds after it took its place (then
+#: it gives the place up once it has run what it holds): a time slice, so
+#: that a hand-over's idle moment is paid once per slice, not once per task.
+BUSY_QUANTUM = 0.02
 
 #: How many workers in a row may end before finishing a task (a failing
 #: initializer, workers killed as they start) before the queued tasks fail.
@@ -274,6 +280,8 @@ class _Worker:
         "leaving",
         "outbuf",
         "pid",
+        "holds_place",
+        "place_since",
         "ready",
         "registered",
         "sent",
@@ -302,6 +310,8 @@ class _Worker:
         self.dying: tuple[int, int, float] | None = None  # reason, task id, detail
         self.init_failed: str | None = None
         self.ready = False  # its initializer has run: it takes tasks from here on
+        self.holds_place = False  # a place under max_busy_workers (BusySlots)
+        self.place_since = 0.0  # time.monotonic() it took that place
         self.registered = False
         self.writing = False
         self.sock_done = False
@@ -412,6 +422,12 @@ def _known_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
         except TypeError:
             return None
     return min(lengths) if lengths else 0
+
+
+def _grant_places(pools: list[BaseWorkerPool]) -> None:
+    """Tell each pool handed a place under ``max_busy_workers`` (no lock held)."""
+    for pool in pools:
+        pool._place_granted()
 
 
 def _kill(pid: int) -> None:
@@ -552,6 +568,8 @@ class BaseWorkerPool(WorkerPool):
         #: time.monotonic() of the last submit (the budget's "least recently used").
         self.last_submit = 0.0
         self._allowed: int | None = None  # the budget's allowance (None: no budget)
+        self._busy_slots: BusySlots | None = None  # max_busy_workers (see attach_budget)
+        self._places_to_return = 0  # places of workers that went idle, to give back
         self._retire_requests = 0  # workers the budget asked to leave after their task
         self._holds_server = False  # a hold on the fork server (see _process)
         self._server: _process.ForkServer | None = None
@@ -581,7 +599,10 @@ class BaseWorkerPool(WorkerPool):
         with self._lock:
             self._granted = min(self._max_size, (self._granted or 0) + count)
             self._dispatch()
-            return self._granted
+            granted = self._granted
+        if self._places_to_return:
+            self._return_places()
+        return granted
 
     @property
     def unfinished_tasks(self) -> int:
@@ -644,18 +665,24 @@ class BaseWorkerPool(WorkerPool):
 
     # -- the worker budget (budget.py) ---------------------------------------
 
-    def attach_budget(self, budget: WorkerBudget) -> bool:
-        """Run this pool's workers under ``budget`` (a manager's ``max_total_workers``).
+    def attach_budget(self, budget: WorkerBudget | None, busy: BusySlots | None = None) -> bool:
+        """Run this pool's workers under a manager's ``max_total_workers`` (``budget``)
+        and ``max_busy_workers`` (``busy``).
 
         Only before the pool's first submit; returns False (and changes
-        nothing) once it has run work, or if it already has a budget.
+        nothing) once it has run work, or if it already has them.
         """
         with self._lock:
-            if self._budget is not None or self._shut_down or self._counts[_SUBMITTED]:
+            if self._budget is not None or self._busy_slots is not None:
                 return False
-            self._budget = budget
-            self._allowed = 0
-        budget.register(self)
+            if self._shut_down or self._counts[_SUBMITTED]:
+                return False
+            if budget is not None and budget.limit is not None:
+                self._budget = budget
+                self._allowed = 0
+            self._busy_slots = busy if busy is not None and busy.limit is not None else None
+        if self._budget is not None:
+            self._budget.register(self)
         return True
 
     def _budget_info(self) -> tuple[int, int, int, int, int]:
@@ -686,6 +713,8 @@ class BaseWorkerPool(WorkerPool):
                 elif action == "reset":
                     self._retire_requests = min(self._retire_requests, count)
             self._dispatch()
+        if self._places_to_return:
+            self._return_places()
 
     # ProcessPoolExecutor's private views of its workers, which code (and
     # CPython's own tests) read.
@@ -782,6 +811,8 @@ class BaseWorkerPool(WorkerPool):
             budget.submitted(self, True)
             with self._lock:
                 self._dispatch()
+        if self._places_to_return:
+            self._return_places()
         return future
 
     def kill_task(self, future: Future[Any]) -> bool:
@@ -974,6 +1005,9 @@ class BaseWorkerPool(WorkerPool):
             thread.join()
         self._drop_server()
         _live_pools.discard(self)
+        if self._busy_slots is not None:
+            self._return_places()
+            _grant_places(self._busy_slots.leave(self))
         if self._budget is not None:
             self._budget.unregister(self)  # its places return to the budget
 
@@ -1002,17 +1036,43 @@ class BaseWorkerPool(WorkerPool):
         return min(MAX_DEPTH, 1 + math.ceil(PREFETCH_SECONDS / max(estimate, 1e-6)))
 
     def _dispatch(self) -> None:
-        """Hand queued tasks to workers, starting workers as allowed."""
+        """Hand queued tasks to workers, starting workers as allowed.
+
+        Under ``max_busy_workers`` (`BusySlots`), an idle worker needs a place
+        before it is handed work, and while another pool waits for a place no
+        busy worker is handed more than it holds.
+        """
         pending = self._pending
-        if not pending or self._terminating:
-            return
+        if pending and not self._terminating:
+            self._dispatch_pending(pending)
+        busy = self._busy_slots
+        if busy is not None:
+            for worker in self._workers.values():
+                if worker.holds_place and not worker.assigned:
+                    worker.holds_place = False
+                    self._places_to_return += 1
+
+    def _dispatch_pending(self, pending: deque[_TaskFuture]) -> None:
         limit = self._worker_limit()
         depth = self._depth()
         max_tasks = self._limits.max_tasks
+        busy = self._busy_slots
+        others_wait = busy is not None and busy.others_waiting(self)
+        now = time.monotonic()
+        if others_wait:
+            # Its time slice over, an idle worker's place goes to the line.
+            for worker in self._workers.values():
+                if (
+                    worker.holds_place
+                    and not worker.assigned
+                    and now - worker.place_since >= BUSY_QUANTUM
+                ):
+                    worker.holds_place = False
+                    self._places_to_return += 1
         while pending:
-            worker = None
             active = 0
-            best = None
+            idle = None
+            best = None  # the least loaded busy worker with room
             for candidate in self._workers.values():
                 if candidate.leaving is not None:
                     continue
@@ -1020,15 +1080,28 @@ class BaseWorkerPool(WorkerPool):
                 held = len(candidate.assigned)
                 if held >= depth or (max_tasks is not None and candidate.sent >= max_tasks):
                     continue
-                if best is None or held < len(best.assigned):
+                if not held:
+                    if idle is None or candidate.holds_place:
+                        idle = candidate
+                elif (not others_wait or now - candidate.place_since < BUSY_QUANTUM) and (
+                    best is None or held < len(best.assigned)
+                ):
                     best = candidate
-            if best is not None and not best.assigned:
-                worker = best  # an idle worker
-            elif active < limit:
+            worker = None
+            if idle is not None:
+                if self._take_place(idle):
+                    worker = idle
+                else:
+                    return  # in line for a place: a busy worker takes no more
+            elif active < limit and (busy is None or busy.take(self)):
                 worker = self._start_worker()
                 if worker is None:
+                    if busy is not None:
+                        self._places_to_return += 1
                     worker = best
                 else:
+                    worker.holds_place = busy is not None
+                    worker.place_since = now
                     active += 1
             else:
                 worker = best
@@ -1051,6 +1124,32 @@ class BaseWorkerPool(WorkerPool):
                 batch.append(future)
             if batch:
                 self._send_tasks(worker, batch)
+
+    def _take_place(self, worker: _Worker) -> bool:
+        """A place under ``max_busy_workers`` for idle ``worker`` (True without a cap)."""
+        busy = self._busy_slots
+        if busy is None or worker.holds_place:
+            return True
+        if busy.take(self):
+            worker.holds_place = True
+            worker.place_since = time.monotonic()
+            return True
+        return False
+
+    def _return_places(self) -> None:
+        """Give back the places of workers that went idle (call with no lock held)."""
+        busy = self._busy_slots
+        if busy is None:
+            return
+        with self._lock:
+            count, self._places_to_return = self._places_to_return, 0
+        _grant_places(busy.give_back(self, count))
+
+    def _place_granted(self) -> None:
+        """(For `BusySlots`) a place was handed to this pool: use it, or hand it on."""
+        with self._lock:
+            self._dispatch()
+        self._return_places()
 
     def _send_tasks(self, worker: _Worker, batch: list[_TaskFuture]) -> None:
         worker.assigned.extend(batch)
@@ -1339,6 +1438,8 @@ class BaseWorkerPool(WorkerPool):
             (future, *_load_outcome(ok, body)) for future, ok, body, _ in results
         ]
         done.extend(failures)
+        if self._places_to_return:
+            self._return_places()
         if done:
             self._finish_tasks(done)
         if ended:
@@ -1352,6 +1453,9 @@ class BaseWorkerPool(WorkerPool):
     ) -> None:
         """``worker`` has exited (holds _lock): fail what died with it, queue the rest."""
         self._workers.pop(worker.pid, None)
+        if worker.holds_place:
+            worker.holds_place = False
+            self._places_to_return += 1
         if not worker.sock_done:
             worker.sock_done = True
             worker.sock.close()

@@ -1,4 +1,4 @@
-"""The machine-wide worker budget (``max_total_workers``) and its fairness rule.
+"""The machine-wide caps (``max_total_workers``, ``max_busy_workers``) and their fairness.
 
 Real workers, gated on files (no sleeps); the rule itself is also checked
 without processes, on stand-in pools.
@@ -15,13 +15,20 @@ from typing import Any
 import pytest
 
 from pool_manager import WorkerPoolManager
-from pool_manager.budget import DEFAULT_WORKERS_PER_CPU, WorkerBudget, default_limit
+from pool_manager.budget import (
+    DEFAULT_WORKERS_PER_CPU,
+    MIN_DEFAULT_WORKERS,
+    WorkerBudget,
+    default_busy_limit,
+    default_limit,
+)
 
 from .helpers import getpid, poll, square, touch_and_wait, wait_then_square
 
 
 def _manager(**options: Any) -> WorkerPoolManager:
     options.setdefault("memory_sample_interval", None)
+    options.setdefault("max_busy_workers", None)  # (its own tests set it)
     return WorkerPoolManager(2, 60, 600, **options)
 
 
@@ -143,16 +150,86 @@ def test_no_cap_with_none(tmp_path: Path) -> None:
 
 
 def test_default_and_bad_values() -> None:
-    with _manager() as manager:
+    with WorkerPoolManager(2, 60, 600, memory_sample_interval=None) as manager:
         assert manager.max_total_workers == default_limit()
-        assert default_limit() >= DEFAULT_WORKERS_PER_CPU
-        assert default_limit() % DEFAULT_WORKERS_PER_CPU == 0
-    for bad in (0, -1):
-        with pytest.raises(ValueError):
-            _manager(max_total_workers=bad)
-    for wrong in (1.5, "2", True):
-        with pytest.raises(TypeError):
-            _manager(max_total_workers=wrong)
+        assert default_limit() >= max(MIN_DEFAULT_WORKERS, DEFAULT_WORKERS_PER_CPU)
+        assert manager.max_busy_workers == default_busy_limit() >= 1
+    for option in ("max_total_workers", "max_busy_workers"):
+        for bad in (0, -1):
+            with pytest.raises(ValueError):
+                _manager(**{option: bad})
+        for wrong in (1.5, "2", True):
+            with pytest.raises(TypeError):
+                _manager(**{option: wrong})
+
+
+# -- max_busy_workers: how many run at once -------------------------------------
+
+
+def test_busy_workers_across_keys_never_exceed_max_busy_workers(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    highest = [0]
+    with _manager(max_total_workers=None, max_busy_workers=2) as manager:
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.003):
+                highest[0] = max(highest[0], manager.stats()["budget"]["busy"])
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        leases = [manager.get_pool(key, 2) for key in "abc"]
+        futures: list[Future[int]] = []
+        try:
+            for index, (pool, _) in enumerate(leases):
+                for worker in range(2):
+                    started = tmp_path / f"started-{index}-{worker}"
+                    futures.append(pool.submit(touch_and_wait, str(started), str(gate)))
+            # Six tasks that could run at once, but two places: two run.
+            assert poll(lambda: len(list(tmp_path.glob("started-*"))) == 2, timeout=60)
+            budget = manager.stats()["budget"]
+            assert budget["busy"] == 2 and budget["busy_limit"] == 2
+            assert budget["busy_waiting"] >= 1
+            assert len(list(tmp_path.glob("started-*"))) == 2
+        finally:
+            gate.touch()
+            results = [future.result(timeout=60) for future in futures]
+            stop.set()
+            sampler.join()
+            for _, done in leases:
+                done()
+        assert len(results) == 6 and len(list(tmp_path.glob("started-*"))) == 6
+        assert highest[0] <= 2
+        assert manager.stats()["budget"]["busy"] == 0
+
+
+def test_a_key_flooding_does_not_starve_another_of_a_place_to_run(tmp_path: Path) -> None:
+    first_gate, backlog_gate = tmp_path / "first", tmp_path / "backlog"
+    with _manager(max_total_workers=None, max_busy_workers=2, max_pending=None) as manager:
+        a, done_a = manager.get_pool("A", 2)
+        b, done_b = manager.get_pool("B", 1)
+        try:
+            # A floods: its first two tasks take both places, its backlog waits.
+            started = [tmp_path / f"started-{i}" for i in range(2)]
+            firsts = [a.submit(touch_and_wait, str(s), str(first_gate)) for s in started]
+            backlog = [a.submit(wait_then_square, str(backlog_gate), i) for i in range(2, 30)]
+            assert poll(lambda: all(s.exists() for s in started), timeout=30)
+
+            b_done_with_a_unfinished: list[int] = []
+            b_future = b.submit(square, 7)
+            b_future.add_done_callback(
+                lambda _: b_done_with_a_unfinished.append(a.unfinished_tasks)
+            )
+            assert manager.stats()["budget"]["busy_waiting"] == 1  # B
+            first_gate.touch()  # A's workers finish; a place goes to B, not to A's backlog
+            assert b_future.result(timeout=30) == 49
+            assert b_done_with_a_unfinished and b_done_with_a_unfinished[0] >= 27
+            backlog_gate.touch()
+            assert [f.result(timeout=30) for f in backlog] == [i * i for i in range(2, 30)]
+            assert all(isinstance(f.result(timeout=30), int) for f in firsts)
+        finally:
+            done_a()
+            done_b()
 
 
 # -- the rule, on stand-in pools (no processes) --------------------------------

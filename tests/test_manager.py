@@ -136,11 +136,14 @@ def test_a_pool_granted_no_worker_still_runs_its_work(manager: WorkerPoolManager
 
 
 def test_granted_workers_grow_in_place_without_disturbing_running_ones(
-    manager: WorkerPoolManager, tmp_path: Path
+    clock: FakeClock, tmp_path: Path
 ) -> None:
     from .helpers import wait_for_count
 
-    with manager.lease("a", 1) as pool:
+    manager = WorkerPoolManager(
+        4, STALE, LIFETIME, clock=clock, memory_sample_interval=None, max_busy_workers=None
+    )
+    with manager, manager.lease("a", 1) as pool:
         first = pool.submit(getpid).result()
         assert pool.worker_pids() == [first]
         manager.get_pool("a", 2)[1]()
