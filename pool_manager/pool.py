@@ -988,6 +988,11 @@ class BaseWorkerPool(WorkerPool):
             self._dispose(wait)
 
     def _dispose(self, wait: bool) -> None:
+        if wait and threading.current_thread() is self._io_thread:
+            # From a future's callback, which runs on the pool's I/O thread:
+            # waiting for that thread would wait forever. The work still
+            # finishes and the workers still stop, as with wait=False.
+            wait = False
         with self._lock:
             self._shut_down = True
             self._not_full.notify_all()  # blocked submitters raise PoolShutDownError

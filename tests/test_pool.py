@@ -495,3 +495,17 @@ def test_a_worker_killed_from_outside_heals_on_the_next_submit() -> None:
                 return False
 
         assert poll(works, timeout=30)
+
+
+def test_shutdown_from_a_future_callback_does_not_wait_for_itself() -> None:
+    pool = BaseWorkerPool(1)
+    called = threading.Event()
+
+    def shut_down(_: object) -> None:
+        pool.shutdown(wait=True)  # runs on the pool's I/O thread
+        called.set()
+
+    pool.submit(square, 3).add_done_callback(shut_down)
+    assert called.wait(timeout=60)
+    pool.shutdown(wait=True)  # from here it waits, and the workers are gone
+    assert pool.worker_pids() == []
