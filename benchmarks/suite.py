@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -336,6 +337,29 @@ def run_sample(measure: Measure, library: str, params: dict[str, Any]) -> dict[s
 
 
 # -- the machine --------------------------------------------------------------
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(wall, machine's busy CPU seconds, this suite's own CPU seconds) now.
+
+    Busy counts steal time too: a virtual CPU the host gave to someone else.
+    The suite's own time includes every process it started and reaped.
+    """
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        own += usage.ru_utime + usage.ru_stime
+    return time.perf_counter(), busy, own
+
+
+def other_work(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Share of the machine's CPU time that other processes used between two snapshots."""
+    wall = after[0] - before[0]
+    foreign = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, foreign / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
 
 
 def cpu_model() -> str:
@@ -724,6 +748,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{kp['per_batch_batches']} batches and scaled to {kp['batches']} (its workers "
             "import only the suite's small measure module, not an application)."
         )
+    shares = report["other_work_share"]
+    if shares:
+        lines.append(
+            "- other processes' share of the machine's CPU time during each measure "
+            "(a shared machine; more than a few % means the figures are noisier): "
+            + ", ".join(f"{name} {share:.0%}" for name, share in shares.items())
+            + "."
+        )
     for name, rounds in report["rounds_cut_by_budget"].items():
         lines.append(
             f"- {name}: {rounds} round(s) only: the run had used its time budget "
@@ -851,10 +883,12 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {}
     cut: dict[str, int] = {}  # measure -> rounds run, when the time budget cut it short
+    contention: dict[str, float] = {}  # measure -> share of CPU other processes used
     done = 0
     try:
         for measure, libraries, repeat, params in plan:
             samples: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libraries}
+            before = cpu_snapshot()
             for round_ in range(repeat):
                 if round_ and time.perf_counter() - started > args.budget:
                     cut[measure.name] = round_
@@ -878,6 +912,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
             results[measure.name] = {lib: summarize(samples[lib]) for lib in libraries}
+            contention[measure.name] = other_work(before, cpu_snapshot())
     except (KeyboardInterrupt, SystemExit):
         print("interrupted: no report written", file=sys.stderr)
         raise
@@ -890,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "titles": titles,
         "rounds_cut_by_budget": cut,
+        "other_work_share": contention,
         "ratios": ratio_table(results, titles),
         "goals": goals(results),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
