@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from suite_tasks import burn, echo, ident, is_tracker, nap, noop, timed_burn
+from suite_tasks import burn, cpu_burn, echo, ident, is_tracker, nap, noop, timed_burn
 
 Waiter = Callable[[], Any]
 Result = dict[str, Any]
@@ -437,29 +437,36 @@ def echo_payload(library: str, p: dict[str, Any]) -> Result:
 def efficiency(library: str, p: dict[str, Any]) -> Result:
     """% of the ideal: (tasks × one task's time / workers) / wall time.
 
-    One task's time is measured in this process, three times just before the
-    parallel run and three times just after, and the fastest of the six is
-    used: the work's cost on this machine now, not at calibration (a shared
-    machine drifts), and never inflated by a slow moment, so the figure does
-    not pass 100% by luck.
+    One task's time is measured in this process, five times just before the
+    parallel run and five times just after, and their mean is used: the
+    work's cost on this machine now rather than at calibration (a shared
+    virtual machine drifts, and one run of the loop can differ from the next
+    by a fifth). The jitter that remains can put a sample above 100%.
+
+    Also ``cpu_value``: the CPU time the tasks got, measured in the workers,
+    over workers × wall time. Jitter of the host slows a task's CPU time and
+    the wall time alike, so this one shows the time workers spent without a
+    task, or sharing their CPU with the pool's own threads.
     """
     iterations, tasks, workers = p["iterations"], p["tasks"], p["workers"]
-    singles = [timed_burn(iterations) for _ in range(3)]
+    singles = [timed_burn(iterations) for _ in range(5)]
     if library == "raw":
-        wall = raw_parallel_burn(iterations, tasks, workers)
+        wall, cpu = raw_parallel_burn(iterations, tasks, workers)
     else:
         with running(library, workers) as pool:
             warm(pool, workers)
             started = time.perf_counter()
-            for wait in [pool.submit(burn, iterations) for _ in range(tasks)]:
-                wait()
+            waits = [pool.submit(cpu_burn, iterations) for _ in range(tasks)]
+            cpu = sum(wait() for wait in waits)
             wall = time.perf_counter() - started
-    singles += [timed_burn(iterations) for _ in range(3)]
-    single = min(singles)
+    singles += [timed_burn(iterations) for _ in range(5)]
+    single = statistics.mean(singles)
     return {
         "value": 100 * tasks * single / workers / wall,
+        "cpu_value": 100 * cpu / workers / wall,
         "single_task_s": single,
         "single_task_samples_s": singles,
+        "tasks_cpu_s": cpu,
         "wall_s": wall,
         "nominal_value": 100 * tasks * p["calibrated_s"] / workers / wall,
     }
@@ -642,8 +649,8 @@ def raw_echo(p: dict[str, Any]) -> Result:
     return {"value": size / 1e6 / statistics.median(times)}
 
 
-def raw_parallel_burn(iterations: int, tasks: int, workers: int) -> float:
-    """Wall seconds for ``workers`` forked processes to share ``tasks`` burns."""
+def raw_parallel_burn(iterations: int, tasks: int, workers: int) -> tuple[float, float]:
+    """Wall seconds for ``workers`` forked processes to share ``tasks`` burns, and their CPU."""
     go_r, go_w = os.pipe()
     pids = []
 
@@ -655,6 +662,7 @@ def raw_parallel_burn(iterations: int, tasks: int, workers: int) -> float:
 
         return run
 
+    cpu = 0.0
     try:
         for w in range(workers):
             pids.append(_forked(child(tasks // workers + (w < tasks % workers))))
@@ -662,7 +670,8 @@ def raw_parallel_burn(iterations: int, tasks: int, workers: int) -> float:
         started = time.perf_counter()
         os.write(go_w, b"x" * workers)
         for pid in pids:
-            os.waitpid(pid, 0)
+            _, _, usage = os.wait4(pid, 0)
+            cpu += usage.ru_utime + usage.ru_stime
         wall = time.perf_counter() - started
         pids.clear()
     finally:
@@ -670,7 +679,7 @@ def raw_parallel_burn(iterations: int, tasks: int, workers: int) -> float:
             _reap(pid)
         os.close(go_r)
         os.close(go_w)
-    return wall
+    return wall, cpu
 
 
 MEASURES: dict[str, Callable[[str, dict[str, Any]], Result]] = {

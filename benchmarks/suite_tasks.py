@@ -44,6 +44,13 @@ def burn(iterations: int) -> int:
     return total
 
 
+def cpu_burn(iterations: int) -> float:
+    """`burn`, returning the CPU seconds it took in the thread that ran it."""
+    started = time.thread_time()
+    burn(iterations)
+    return time.thread_time() - started
+
+
 def timed_burn(iterations: int) -> float:
     """Seconds that ``burn(iterations)`` takes in this process."""
     started = time.perf_counter()
