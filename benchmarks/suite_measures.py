@@ -650,35 +650,40 @@ def raw_echo(p: dict[str, Any]) -> Result:
 
 
 def raw_parallel_burn(iterations: int, tasks: int, workers: int) -> tuple[float, float]:
-    """Wall seconds for ``workers`` forked processes to share ``tasks`` burns, and their CPU."""
-    go_r, go_w = os.pipe()
+    """Wall seconds for ``workers`` forked processes to run ``tasks`` burns, and their CPU.
+
+    Each process takes the next task as it finishes one (a byte from a pipe
+    holding one byte per task), as a pool's workers do, so that one slower
+    process does not leave the other idle at the end.
+    """
+    tasks_r, tasks_w = os.pipe()
     pids = []
 
-    def child(share: int) -> Callable[[], None]:
-        def run() -> None:
-            os.read(go_r, 1)
-            for _ in range(share):
-                burn(iterations)
-
-        return run
+    def child() -> None:
+        os.close(tasks_w)
+        while os.read(tasks_r, 1):
+            burn(iterations)
 
     cpu = 0.0
     try:
-        for w in range(workers):
-            pids.append(_forked(child(tasks // workers + (w < tasks % workers))))
+        for _ in range(workers):
+            pids.append(_forked(child))
         time.sleep(0.05)
         started = time.perf_counter()
-        os.write(go_w, b"x" * workers)
-        for pid in pids:
+        os.write(tasks_w, b"x" * tasks)
+        os.close(tasks_w)
+        tasks_w = -1
+        for pid in pids[:]:
             _, _, usage = os.wait4(pid, 0)
+            pids.remove(pid)
             cpu += usage.ru_utime + usage.ru_stime
         wall = time.perf_counter() - started
-        pids.clear()
     finally:
         for pid in pids:
             _reap(pid)
-        os.close(go_r)
-        os.close(go_w)
+        os.close(tasks_r)
+        if tasks_w >= 0:
+            os.close(tasks_w)
     return wall, cpu
 
 
