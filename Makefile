@@ -25,9 +25,21 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check pool_manager tests benchmarks
 	$(BIN)/mypy
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_keyed_batches.py
-	$(BIN)/python benchmarks/bench_supervisor.py
+# The benchmark suite runs in an environment of its own, with the peers it
+# measures pool_manager against (benchmarks/requirements.txt). Options go in
+# BENCH_ARGS, e.g. `make bench BENCH_ARGS=--quick` (see benchmarks/README.md).
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
+BENCH_ARGS  ?=
+
+$(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-e . -r benchmarks/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,720 @@
+"""One sample of one measure for one library, in a process of its own.
+
+`suite.py` runs this script once per (measure, library, round), so every
+sample starts from a fresh interpreter: a cold start is really cold, and no
+library's threads, trackers or workers linger into another's figures.
+
+    python benchmarks/suite_measures.py MEASURE LIBRARY --params JSON --result FILE
+
+The sample goes to FILE as JSON: ``{"value": float | null, "note": str, ...}``;
+``value`` is null when the measure does not apply to the library, and
+``note`` says why. Each pool is shut down in a ``finally`` block; whatever
+outlives this process is killed by `suite.py` (it runs this script in a
+process group of its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import multiprocessing
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import psutil
+from suite_tasks import burn, cpu_burn, echo, ident, is_tracker, nap, noop, timed_burn
+
+Waiter = Callable[[], Any]
+Result = dict[str, Any]
+
+
+class NotApplicable(Exception):
+    """The measure has no meaning for this library; the message says why."""
+
+
+# -- the libraries, behind one small interface ------------------------------
+
+
+class Pool:
+    """A library's process pool as the measures use it.
+
+    ``submit`` returns a function that waits for the result; ``map`` returns
+    the results as a list (``chunksize=None``: the library's automatic chunk
+    size, if it has one).
+    """
+
+    name = "?"
+    auto_chunksize = True  # map(..., chunksize=None) picks a chunk size
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Waiter:
+        raise NotImplementedError
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> list[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def worker_pids(self) -> list[int]:
+        """Worker pids: by default the children of this process that are not trackers."""
+        return [child.pid for child in _worker_children()]
+
+
+class PoolManagerPool(Pool):
+    name = "pool_manager"
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        from pool_manager import BaseWorkerPool
+
+        self._cls = BaseWorkerPool
+        self._pool: Any = None
+
+    def start(self) -> None:
+        self._pool = self._cls(self.workers)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Waiter:
+        return self._pool.submit(fn, *args).result  # type: ignore[no-any-return]
+
+    @property
+    def auto_chunksize(self) -> bool:  # type: ignore[override]
+        return pool_manager_has_auto_chunksize()
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> list[Any]:
+        if chunksize is None:
+            return list(self._pool.map(fn, items))
+        return list(self._pool.map(fn, items, chunksize=chunksize))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def worker_pids(self) -> list[int]:
+        return list(self._pool.worker_pids())
+
+
+def pool_manager_has_auto_chunksize() -> bool:
+    """Whether pool_manager's ``map`` picks a chunk size itself (its default is None)."""
+    from pool_manager import BaseWorkerPool
+
+    parameter = inspect.signature(BaseWorkerPool.map).parameters.get("chunksize")
+    return parameter is not None and parameter.default is None
+
+
+class ExecutorPool(Pool):
+    """``concurrent.futures.ProcessPoolExecutor`` with a given start method."""
+
+    auto_chunksize = False
+
+    def __init__(self, workers: int, method: str = "fork") -> None:
+        super().__init__(workers)
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.name = f"ProcessPoolExecutor ({method})"
+        self._cls = ProcessPoolExecutor
+        self._context = multiprocessing.get_context(method)
+        self._pool: Any = None
+
+    def start(self) -> None:
+        self._pool = self._cls(self.workers, mp_context=self._context)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Waiter:
+        return self._pool.submit(fn, *args).result  # type: ignore[no-any-return]
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> list[Any]:
+        return list(self._pool.map(fn, items, chunksize=chunksize))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class LokyPool(ExecutorPool):
+    name = "loky"
+
+    def __init__(self, workers: int) -> None:
+        Pool.__init__(self, workers)
+        import loky
+
+        self._loky = loky
+        self._pool = None
+
+    def start(self) -> None:
+        self._pool = self._loky.ProcessPoolExecutor(self.workers)
+
+
+class PebblePool(Pool):
+    name = "pebble"
+    auto_chunksize = False
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        import pebble
+
+        self._cls = pebble.ProcessPool
+        self._pool: Any = None
+
+    def start(self) -> None:
+        self._pool = self._cls(self.workers, context=multiprocessing.get_context("fork"))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Waiter:
+        return self._pool.schedule(fn, args=args).result  # type: ignore[no-any-return]
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> list[Any]:
+        return list(self._pool.map(fn, items, chunksize=chunksize).result())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join(timeout=30)
+            if self._pool.active:
+                self._pool.stop()
+                self._pool.join(timeout=10)
+
+
+class MpirePool(Pool):
+    name = "mpire"
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        import mpire
+
+        self._cls = mpire.WorkerPool  # type: ignore[attr-defined]
+        self._pool: Any = None
+
+    def start(self) -> None:
+        self._pool = self._cls(n_jobs=self.workers, start_method="fork", keep_alive=True)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Waiter:
+        return self._pool.apply_async(fn, args=args).get  # type: ignore[no-any-return]
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> list[Any]:
+        # chunk_size=None: mpire's own chunking (four chunks per worker).
+        return list(self._pool.map(fn, items, chunk_size=chunksize))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.stop_and_join()
+            self._pool.terminate()
+
+
+class MultiprocessingPool(Pool):
+    name = "multiprocessing.Pool"
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self._context = multiprocessing.get_context("fork")
+        self._pool: Any = None
+
+    def start(self) -> None:
+        self._pool = self._context.Pool(self.workers)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Waiter:
+        return self._pool.apply_async(fn, args).get  # type: ignore[no-any-return]
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> list[Any]:
+        # chunksize=None: Pool.map's own chunking (about four chunks per worker).
+        return self._pool.map(fn, items, chunksize)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+
+
+POOLS: dict[str, Callable[[int], Pool]] = {
+    "pool_manager": PoolManagerPool,
+    "ppe": lambda workers: ExecutorPool(workers, "fork"),
+    "ppe_spawn": lambda workers: ExecutorPool(workers, "spawn"),
+    "loky": LokyPool,
+    "pebble": PebblePool,
+    "mpire": MpirePool,
+    "mp_pool": MultiprocessingPool,
+}
+
+
+@contextmanager
+def running(library: str, workers: int) -> Iterator[Pool]:
+    """A started pool of ``library``, shut down on the way out, whatever happens."""
+    if library not in POOLS:
+        raise NotApplicable(f"no pool named {library!r}")
+    pool = POOLS[library](workers)
+    try:
+        pool.start()
+        yield pool
+    finally:
+        pool.close()
+
+
+def _worker_children() -> list[psutil.Process]:
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if not is_tracker(child.cmdline()):
+                children.append(child)
+        except psutil.Error:
+            continue
+    return children
+
+
+def warm(pool: Pool, workers: int) -> None:
+    """Start every worker (several naps at once), then run a few no-ops."""
+    for wait in [pool.submit(nap, 0.1) for _ in range(workers)]:
+        wait()
+    for wait in [pool.submit(noop) for _ in range(20)]:
+        wait()
+
+
+# -- pool_manager's manager, whatever shape its lease takes -----------------
+
+
+@contextmanager
+def leased(manager: Any, key: str, send_size: int) -> Iterator[Any]:
+    """The pool of ``key``, released on the way out.
+
+    Works with each lease shape ``get_pool`` has had: a ``(pool, done)``
+    pair, a pool with ``done()``, or a context manager.
+    """
+    if "send_size" in inspect.signature(manager.get_pool).parameters:
+        lease = manager.get_pool(key, send_size=send_size)
+    else:
+        lease = manager.get_pool(key)
+    if isinstance(lease, tuple):
+        pool, done = lease
+        try:
+            yield pool
+        finally:
+            done()
+    elif callable(getattr(lease, "done", None)):
+        try:
+            yield lease
+        finally:
+            lease.done()
+    else:
+        with lease as pool:
+            yield pool
+
+
+def new_manager(workers: int) -> Any:
+    from pool_manager import WorkerPoolManager
+
+    return WorkerPoolManager(workers, 600, 3600)
+
+
+def manager_info(manager: Any) -> dict[str, Any]:
+    return {"max_total_workers": getattr(manager, "max_total_workers", "?")}
+
+
+# -- the measures -----------------------------------------------------------
+
+
+def round_trip(library: str, p: dict[str, Any]) -> Result:
+    """Median µs of one no-op's submit → result on a warm pool."""
+    if library == "raw":
+        return raw_round_trip(p)
+    with running(library, p["workers"]) as pool:
+        warm(pool, p["workers"])
+        times = []
+        for _ in range(p["calls"]):
+            started = time.perf_counter()
+            pool.submit(noop)()
+            times.append(time.perf_counter() - started)
+    return {"value": statistics.median(times) * 1e6, "calls": len(times)}
+
+
+def submit_many(library: str, p: dict[str, Any]) -> Result:
+    """No-op tasks per second, all submitted at once, then all waited for."""
+    with running(library, p["workers"]) as pool:
+        warm(pool, p["workers"])
+        started = time.perf_counter()
+        waits = [pool.submit(noop) for _ in range(p["tasks"])]
+        for wait in waits:
+            wait()
+        elapsed = time.perf_counter() - started
+    return {"value": p["tasks"] / elapsed, "seconds": elapsed}
+
+
+def mapped(library: str, p: dict[str, Any]) -> Result:
+    """Items per second through ``map`` (``chunksize`` None: the library's own)."""
+    items, chunksize = p["items"], p["chunksize"]
+    if chunksize is None and library in POOLS and not POOLS[library](0).auto_chunksize:
+        raise NotApplicable("n/a (no automatic chunk size)")
+    with running(library, p["workers"]) as pool:
+        warm(pool, p["workers"])
+        started = time.perf_counter()
+        out = pool.map(ident, range(items), chunksize)
+        elapsed = time.perf_counter() - started
+    if len(out) != items or out[-1] != items - 1:
+        raise AssertionError(f"map returned {len(out)} items, wanted {items}")
+    return {"value": items / elapsed, "seconds": elapsed, "chunksize": chunksize}
+
+
+def cold_start(library: str, p: dict[str, Any]) -> Result:
+    """ms from constructing a pool (library imported) to its first result."""
+    if library not in POOLS:
+        raise NotApplicable(f"no pool named {library!r}")
+    pool = POOLS[library](p["workers"])  # imports the library, outside the clock
+    try:
+        started = time.perf_counter()
+        pool.start()
+        pool.submit(noop)()
+        elapsed = time.perf_counter() - started
+    finally:
+        pool.close()
+    return {"value": elapsed * 1e3}
+
+
+def cold_new_key(library: str, p: dict[str, Any]) -> Result:
+    """ms from ``get_pool`` of a new key, in a manager that served another key, to a result."""
+    if library != "pool_manager":
+        raise NotApplicable("pool_manager only")
+    manager = new_manager(p["workers"])
+    try:
+        with leased(manager, "first-key", p["workers"]) as pool:
+            pool.submit(noop).result()
+        started = time.perf_counter()
+        with leased(manager, "new-key", p["workers"]) as pool:
+            pool.submit(noop).result()
+            elapsed = time.perf_counter() - started
+    finally:
+        manager.shutdown(wait=True)
+    return {"value": elapsed * 1e3} | manager_info(manager)
+
+
+def cached_key(library: str, p: dict[str, Any]) -> Result:
+    """Median µs of ``get_pool`` of a cached, warm key + one no-op's result + release."""
+    if library != "pool_manager":
+        raise NotApplicable("pool_manager only")
+    manager = new_manager(p["workers"])
+    try:
+        with leased(manager, "key", p["workers"]) as pool:
+            for future in [pool.submit(nap, 0.1) for _ in range(p["workers"])]:
+                future.result()
+        times = []
+        for _ in range(p["calls"]):
+            started = time.perf_counter()
+            with leased(manager, "key", p["workers"]) as pool:
+                pool.submit(noop).result()
+            times.append(time.perf_counter() - started)
+    finally:
+        manager.shutdown(wait=True)
+    return {"value": statistics.median(times) * 1e6, "calls": len(times)}
+
+
+def echo_payload(library: str, p: dict[str, Any]) -> Result:
+    """MB/s: a payload's size over its round trip to a worker and back (median)."""
+    if library == "raw":
+        return raw_echo(p)
+    data = os.urandom(p["bytes"])
+    with running(library, p["workers"]) as pool:
+        warm(pool, p["workers"])
+        pool.submit(echo, data)()
+        times = []
+        for _ in range(p["echoes"]):
+            started = time.perf_counter()
+            back = pool.submit(echo, data)()
+            times.append(time.perf_counter() - started)
+            if len(back) != len(data):
+                raise AssertionError("echo returned a different payload")
+    return {"value": p["bytes"] / 1e6 / statistics.median(times)}
+
+
+def efficiency(library: str, p: dict[str, Any]) -> Result:
+    """% of the ideal: (tasks × one task's time / workers) / wall time.
+
+    One task's time is measured in this process, five times just before the
+    parallel run and five times just after, and their mean is used: the
+    work's cost on this machine now rather than at calibration (a shared
+    virtual machine drifts, and one run of the loop can differ from the next
+    by a fifth). The jitter that remains can put a sample above 100%.
+
+    Also ``cpu_value``: the CPU time the tasks got, measured in the workers,
+    over workers × wall time. Jitter of the host slows a task's CPU time and
+    the wall time alike, so this one shows the time workers spent without a
+    task, or sharing their CPU with the pool's own threads.
+    """
+    iterations, tasks, workers = p["iterations"], p["tasks"], p["workers"]
+    singles = [timed_burn(iterations) for _ in range(5)]
+    if library == "raw":
+        wall, cpu = raw_parallel_burn(iterations, tasks, workers)
+    else:
+        with running(library, workers) as pool:
+            warm(pool, workers)
+            started = time.perf_counter()
+            waits = [pool.submit(cpu_burn, iterations) for _ in range(tasks)]
+            cpu = sum(wait() for wait in waits)
+            wall = time.perf_counter() - started
+    singles += [timed_burn(iterations) for _ in range(5)]
+    single = statistics.mean(singles)
+    return {
+        "value": 100 * tasks * single / workers / wall,
+        "cpu_value": 100 * cpu / workers / wall,
+        "single_task_s": single,
+        "single_task_samples_s": singles,
+        "tasks_cpu_s": cpu,
+        "wall_s": wall,
+        "nominal_value": 100 * tasks * p["calibrated_s"] / workers / wall,
+    }
+
+
+def idle_uss(library: str, p: dict[str, Any]) -> Result:
+    """Median USS (MB) of a pool's idle workers, after each ran a task."""
+    with running(library, p["workers"]) as pool:
+        warm(pool, p["workers"])
+        time.sleep(p["settle"])
+        sizes = []
+        for pid in pool.worker_pids():
+            try:
+                sizes.append(psutil.Process(pid).memory_full_info().uss / 1e6)
+            except psutil.Error:
+                continue
+    if not sizes:
+        raise AssertionError("no live worker found")
+    return {"value": statistics.median(sizes), "workers_seen": len(sizes)}
+
+
+# -- the keyed-batches workload (goal 1) --------------------------------------
+
+
+def keyed_batches(library: str, p: dict[str, Any]) -> Result:
+    """Seconds for the batches: each takes its key's pool and runs small CPU tasks."""
+    workers, tasks, iterations = p["workers"], p["tasks"], p["iterations_1ms"]
+    batches, extra = p["batches"], {}
+
+    def run(batch: Callable[[str], None], count: int) -> float:
+        keys = [f"tenant-{i % p['keys']}" for i in range(count)]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(p["threads"]) as callers:
+            list(callers.map(batch, keys))
+        return time.perf_counter() - started
+
+    if library == "pool_manager":
+        manager = new_manager(workers)
+        extra = manager_info(manager)
+        try:
+
+            def keyed(key: str) -> None:
+                with leased(manager, key, workers) as pool:
+                    for future in [pool.submit(burn, iterations) for _ in range(tasks)]:
+                        future.result()
+
+            seconds = run(keyed, batches)
+        finally:
+            manager.shutdown(wait=True)
+    elif library == "ppe":
+        with running("ppe", workers) as shared:
+
+            def one_pool(key: str) -> None:
+                for wait in [shared.submit(burn, iterations) for _ in range(tasks)]:
+                    wait()
+
+            seconds = run(one_pool, batches)
+        extra = {"runner": "one shared ProcessPoolExecutor (fork) for all keys"}
+    elif library == "ppe_spawn":
+
+        def fresh(key: str) -> None:
+            with running("ppe_spawn", workers) as executor:
+                for wait in [executor.submit(burn, iterations) for _ in range(tasks)]:
+                    wait()
+
+        count = p["per_batch_batches"]
+        seconds = run(fresh, count) * batches / count
+        extra = {
+            "runner": "a spawn-started ProcessPoolExecutor per batch",
+            "batches_run": count,
+            "scaled_to": batches,
+        }
+    else:
+        raise NotApplicable("not run for this library")
+    return {"value": seconds} | extra
+
+
+# -- the raw limits: two processes and a pipe --------------------------------
+
+
+def _pin(cpu: int) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[cpu % len(cpus)]})
+
+
+def _read_exactly(fd: int, view: memoryview) -> None:
+    with open(fd, "rb", buffering=0, closefd=False) as reader:
+        got = 0
+        while got < len(view):
+            n = reader.readinto(view[got:])
+            if not n:
+                raise EOFError("pipe closed")
+            got += n
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _forked(child: Callable[[], None]) -> int:
+    """Fork a child that runs ``child`` and exits at once, whatever happens."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            child()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _reap(pid: int) -> None:
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def raw_round_trip(p: dict[str, Any]) -> Result:
+    """One byte to another process (on another core) and back, through two pipes."""
+    child_read, parent_write = os.pipe()
+    parent_read, child_write = os.pipe()
+    calls = p["calls"]
+
+    def child() -> None:
+        _pin(1)
+        for _ in range(calls + 100):
+            os.read(child_read, 1)
+            os.write(child_write, b"x")
+
+    pid = _forked(child)
+    try:
+        _pin(0)
+        times = []
+        for i in range(calls + 100):
+            started = time.perf_counter()
+            os.write(parent_write, b"x")
+            os.read(parent_read, 1)
+            if i >= 100:
+                times.append(time.perf_counter() - started)
+    finally:
+        _reap(pid)
+        for fd in (child_read, parent_write, parent_read, child_write):
+            os.close(fd)
+    return {"value": statistics.median(times) * 1e6, "calls": calls, "cross_core": True}
+
+
+def raw_echo(p: dict[str, Any]) -> Result:
+    """A payload through a pipe to another process and back through another pipe."""
+    size, echoes = p["bytes"], p["echoes"]
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+
+    def child() -> None:
+        _pin(1)
+        buffer = memoryview(bytearray(size))
+        for _ in range(echoes + 1):
+            _read_exactly(down_r, buffer)
+            _write_all(up_w, buffer)
+
+    pid = _forked(child)
+    try:
+        _pin(0)
+        data = os.urandom(size)
+        back = memoryview(bytearray(size))
+        times = []
+        for i in range(echoes + 1):
+            started = time.perf_counter()
+            _write_all(down_w, data)
+            _read_exactly(up_r, back)
+            if i:
+                times.append(time.perf_counter() - started)
+    finally:
+        _reap(pid)
+        for fd in (down_r, down_w, up_r, up_w):
+            os.close(fd)
+    return {"value": size / 1e6 / statistics.median(times)}
+
+
+def raw_parallel_burn(iterations: int, tasks: int, workers: int) -> tuple[float, float]:
+    """Wall seconds for ``workers`` forked processes to run ``tasks`` burns, and their CPU.
+
+    Each process takes the next task as it finishes one (a byte from a pipe
+    holding one byte per task), as a pool's workers do, so that one slower
+    process does not leave the other idle at the end.
+    """
+    tasks_r, tasks_w = os.pipe()
+    pids = []
+
+    def child() -> None:
+        os.close(tasks_w)
+        while os.read(tasks_r, 1):
+            burn(iterations)
+
+    cpu = 0.0
+    try:
+        for _ in range(workers):
+            pids.append(_forked(child))
+        time.sleep(0.05)
+        started = time.perf_counter()
+        os.write(tasks_w, b"x" * tasks)
+        os.close(tasks_w)
+        tasks_w = -1
+        for pid in pids[:]:
+            _, _, usage = os.wait4(pid, 0)
+            pids.remove(pid)
+            cpu += usage.ru_utime + usage.ru_stime
+        wall = time.perf_counter() - started
+    finally:
+        for pid in pids:
+            _reap(pid)
+        os.close(tasks_r)
+        if tasks_w >= 0:
+            os.close(tasks_w)
+    return wall, cpu
+
+
+MEASURES: dict[str, Callable[[str, dict[str, Any]], Result]] = {
+    "round_trip": round_trip,
+    "submit_many": submit_many,
+    "map": mapped,
+    "cold_start": cold_start,
+    "cold_new_key": cold_new_key,
+    "cached_key": cached_key,
+    "echo": echo_payload,
+    "efficiency": efficiency,
+    "idle_uss": idle_uss,
+    "keyed_batches": keyed_batches,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("measure", choices=sorted(MEASURES))
+    parser.add_argument("library")
+    parser.add_argument("--params", type=json.loads, default={})
+    parser.add_argument("--result", type=Path, required=True)
+    args = parser.parse_args()
+    try:
+        result = MEASURES[args.measure](args.library, args.params)
+    except NotApplicable as why:
+        result = {"value": None, "note": str(why)}
+    args.result.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

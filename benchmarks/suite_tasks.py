@@ -1,0 +1,79 @@
+"""The functions the suite's worker processes run, and a helper its scripts share.
+
+They live in a module of their own, importable by name in every worker (the
+suite puts ``benchmarks/`` on ``PYTHONPATH``), so that every library sends
+them by reference: a function defined in ``__main__`` would be pickled by
+value by cloudpickle-based libraries (loky, pool_manager) and by reference
+by the others, which would skew the per-task figures.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def noop() -> None:
+    """A task that does nothing: the per-task cost of a pool, and nothing else."""
+
+
+def ident(value: int) -> int:
+    """A no-op that takes and returns one item, for ``map``."""
+    return value
+
+
+def echo(data: bytes) -> bytes:
+    """Return the argument: a payload's way to the worker and back."""
+    return data
+
+
+def nap(seconds: float) -> None:
+    """Sleep; a few of these at once make every worker of a pool start."""
+    time.sleep(seconds)
+
+
+def burn(iterations: int) -> int:
+    """Pure-Python CPU work: ``iterations`` turns of an integer loop.
+
+    Its length is calibrated in iterations, not in clock time: a task that
+    spins until a deadline would finish on time even when it shares a core,
+    and would hide a pool that starts more processes than there are cores.
+    """
+    total = 0
+    for i in range(iterations):
+        total = (total + i * i) & 0xFFFFFFFF
+    return total
+
+
+def cpu_burn(iterations: int) -> float:
+    """`burn`, returning the CPU seconds it took in the thread that ran it."""
+    started = time.thread_time()
+    burn(iterations)
+    return time.thread_time() - started
+
+
+def timed_burn(iterations: int) -> float:
+    """Seconds that ``burn(iterations)`` takes in this process."""
+    started = time.perf_counter()
+    burn(iterations)
+    return time.perf_counter() - started
+
+
+def calibrate(seconds: float, *, samples: int = 5) -> tuple[int, float]:
+    """Iterations of `burn` that take ``seconds`` here, and the median time they took."""
+    probe = 200_000
+    timed_burn(probe)  # warm up
+    per_iteration = min(timed_burn(probe) for _ in range(3)) / probe
+    iterations = max(1, round(seconds / per_iteration))
+    median = 0.0
+    for attempt in range(4):  # refine: the probe is short, the real task is not
+        times = sorted(timed_burn(iterations) for _ in range(samples))
+        median = times[len(times) // 2]
+        if abs(median - seconds) / seconds < 0.02 or attempt == 3:
+            break
+        iterations = max(1, round(iterations * seconds / median))
+    return iterations, median
+
+
+def is_tracker(cmdline: list[str]) -> bool:
+    """Whether a process is multiprocessing's or loky's resource tracker."""
+    return "_tracker import main" in " ".join(cmdline)
