@@ -317,7 +317,10 @@ def new_manager(workers: int) -> Any:
 
 
 def manager_info(manager: Any) -> dict[str, Any]:
-    return {"max_total_workers": getattr(manager, "max_total_workers", "?")}
+    return {
+        "max_total_workers": getattr(manager, "max_total_workers", "?"),
+        "max_busy_workers": getattr(manager, "max_busy_workers", "?"),
+    }
 
 
 # -- the measures -----------------------------------------------------------
