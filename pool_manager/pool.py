@@ -127,6 +127,10 @@ LONG_TASK = 0.02
 #: that a hand-over's idle moment is paid once per slice, not once per task.
 BUSY_QUANTUM = 0.02
 
+#: Tasks shorter than this (seconds, measured) let a worker give its place
+#: under ``max_busy_workers`` up as it starts its last one (see _dispatch).
+SHORT_TASK = 0.005
+
 #: How many workers in a row may end before finishing a task (a failing
 #: initializer, workers killed as they start) before the queued tasks fail.
 MAX_ATTEMPTS = 3
@@ -1029,8 +1033,14 @@ class BaseWorkerPool(WorkerPool):
         return self.worker_count if allowed is None else allowed
 
     def _wants_workers(self) -> bool:
-        """(For the budget) it could use more workers than it is allowed."""
+        """(For the budget) it could use more workers than it is allowed now.
+
+        Not when its allowance has room (it starts workers itself), nor when
+        the allowance is unused for want of a place under ``max_busy_workers``.
+        """
         active = sum(1 for w in self._workers.values() if w.leaving is None)
+        if active < (self._allowed or 0):
+            return False
         return active < min(self.worker_count, len(self._outstanding))
 
     def _depth(self) -> int:
@@ -1051,11 +1061,26 @@ class BaseWorkerPool(WorkerPool):
         if pending and not self._terminating:
             self._dispatch_pending(pending)
         busy = self._busy_slots
-        if busy is not None:
-            for worker in self._workers.values():
-                if worker.holds_place and not worker.assigned:
-                    worker.holds_place = False
-                    self._places_to_return += 1
+        if busy is None:
+            return
+        # Places go back when a worker has nothing left to run, or, for short
+        # tasks, as it runs the last one it will be handed (none are queued,
+        # or its time slice is over while another pool waits): the next pool's
+        # worker starts while it finishes, so the hand-over leaves no CPU idle.
+        estimate = self._estimate
+        short = estimate is not None and estimate < SHORT_TASK
+        expired = 0.0
+        if short and pending and busy.others_waiting(self):
+            expired = time.monotonic() - BUSY_QUANTUM
+        for worker in self._workers.values():
+            if not worker.holds_place:
+                continue
+            held = len(worker.assigned)
+            if held == 0 or (
+                held == 1 and short and (not pending or worker.place_since <= expired)
+            ):
+                worker.holds_place = False
+                self._places_to_return += 1
 
     def _dispatch_pending(self, pending: deque[_TaskFuture]) -> None:
         limit = self._worker_limit()
@@ -1088,9 +1113,13 @@ class BaseWorkerPool(WorkerPool):
                 if not held:
                     if idle is None or candidate.holds_place:
                         idle = candidate
-                elif (not others_wait or now - candidate.place_since < BUSY_QUANTUM) and (
-                    best is None or held < len(best.assigned)
-                ):
+                elif (
+                    busy is None
+                    or (
+                        candidate.holds_place
+                        and (not others_wait or now - candidate.place_since < BUSY_QUANTUM)
+                    )
+                ) and (best is None or held < len(best.assigned)):
                     best = candidate
             worker = None
             if idle is not None:
