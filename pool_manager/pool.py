@@ -120,6 +120,8 @@ PREFETCH_SECONDS = 0.001
 MAX_DEPTH = 64
 #: Tasks longer than this (seconds, measured) are sent one at a time.
 LONG_TASK = 0.02
+#: Kinds of task whose run time a pool keeps (see _task_kind).
+MAX_TASK_KINDS = 256
 
 #: Under ``max_busy_workers``, while another pool waits for a place, a worker
 #: is handed more work only this many seconds after it took its place (then
@@ -259,6 +261,8 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
         self._dropped = False  # cancelled before dispatch, or abandoned (kill_task)
         #: The worker's run time of the task, in seconds, once it has run.
         self.run_time: float | None = None
+        #: What kind of task it is, for the pool's estimate of its run time.
+        self.kind: object = None
 
     def _finish(self, ok: bool, value: Any) -> None:
         self._payload = None
@@ -428,6 +432,21 @@ def _known_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
     return min(lengths) if lengths else 0
 
 
+def _task_kind(fn: Callable[..., Any], args: tuple[Any, ...]) -> object:
+    """Tasks of one kind take about as long: the same code (for ``map``'s
+    chunks, the code mapped)."""
+    if (fn is run_chunk or fn is run_chunk_single) and args:
+        return ("chunk", _task_kind(args[0], ()))
+    kind = getattr(fn, "__code__", None)
+    if kind is not None:
+        return kind
+    try:
+        hash(fn)
+    except TypeError:
+        return type(fn)
+    return fn
+
+
 def _grant_places(pools: list[BaseWorkerPool]) -> None:
     """Tell each pool handed a place under ``max_busy_workers`` (no lock held)."""
     for pool in pools:
@@ -559,7 +578,8 @@ class BaseWorkerPool(WorkerPool):
         self._kills: dict[int, int] = {}  # pid -> id of the task kill_task killed it for
         self._exit_reasons: dict[int, str] = {}  # pid -> why it left cleanly, until asked
         self._fruitless = 0  # workers in a row that ended without finishing a task
-        self._estimate: float | None = None  # a task's run time, averaged (seconds)
+        #: Each kind of task's run time, averaged (seconds), by `_task_kind`.
+        self._estimates: dict[object, float] = {}
         self._terminating = False
         self._counts = [0, 0, 0, 0]  # submitted, completed, failed, cancelled
         self._worker_event_callbacks: list[Callable[[str, int, str], object]] = []
@@ -791,6 +811,7 @@ class BaseWorkerPool(WorkerPool):
                 failure.__cause__ = error
             failed.set_exception(failure)
             return failed
+        kind = _task_kind(fn, args)
         with self._lock:
             if self._max_pending is not None:
                 while not self._shut_down and len(self._outstanding) >= self._capacity():
@@ -800,6 +821,7 @@ class BaseWorkerPool(WorkerPool):
             task_id = next(self._task_ids)
             self.last_submit = time.monotonic()
             future = _TaskFuture(self, task_id, payload, timeout)
+            future.kind = kind
             self._outstanding[task_id] = future
             self._counts[_SUBMITTED] += 1
             self._pending.append(future)
@@ -1043,9 +1065,13 @@ class BaseWorkerPool(WorkerPool):
             return False
         return active < min(self.worker_count, len(self._outstanding))
 
-    def _depth(self) -> int:
-        """How many tasks a worker may hold (the one it runs, and those queued behind)."""
-        estimate = self._estimate
+    def _depth(self, kind: object) -> int:
+        """How many tasks of ``kind`` a worker may hold (the one it runs, and more).
+
+        One until that kind's run time is known: a pool warmed by other tasks
+        does not hand out a backlog of long ones in advance.
+        """
+        estimate = self._estimates.get(kind)
         if estimate is None or estimate >= LONG_TASK:
             return 1
         return min(MAX_DEPTH, 1 + math.ceil(PREFETCH_SECONDS / max(estimate, 1e-6)))
@@ -1067,15 +1093,15 @@ class BaseWorkerPool(WorkerPool):
         # tasks, as it runs the last one it will be handed (none are queued,
         # or its time slice is over while another pool waits): the next pool's
         # worker starts while it finishes, so the hand-over leaves no CPU idle.
-        estimate = self._estimate
-        short = estimate is not None and estimate < SHORT_TASK
         expired = 0.0
-        if short and pending and busy.others_waiting(self):
+        if pending and busy.others_waiting(self):
             expired = time.monotonic() - BUSY_QUANTUM
+        estimates = self._estimates
         for worker in self._workers.values():
             if not worker.holds_place:
                 continue
             held = len(worker.assigned)
+            short = held == 1 and estimates.get(worker.assigned[0].kind, 1.0) < SHORT_TASK
             if held == 0 or (
                 held == 1 and short and (not pending or worker.place_since <= expired)
             ):
@@ -1084,22 +1110,22 @@ class BaseWorkerPool(WorkerPool):
 
     def _dispatch_pending(self, pending: deque[_TaskFuture]) -> None:
         limit = self._worker_limit()
-        depth = self._depth()
         max_tasks = self._limits.max_tasks
         busy = self._busy_slots
         others_wait = busy is not None and busy.others_waiting(self)
         now = time.monotonic()
         if others_wait:
             # Its time slice over, an idle worker's place goes to the line.
-            for worker in self._workers.values():
+            for idle_worker in self._workers.values():
                 if (
-                    worker.holds_place
-                    and not worker.assigned
-                    and now - worker.place_since >= BUSY_QUANTUM
+                    idle_worker.holds_place
+                    and not idle_worker.assigned
+                    and now - idle_worker.place_since >= BUSY_QUANTUM
                 ):
-                    worker.holds_place = False
+                    idle_worker.holds_place = False
                     self._places_to_return += 1
         while pending:
+            depth = self._depth(pending[0].kind)
             active = 0
             idle = None
             best = None  # the least loaded busy worker with room
@@ -1444,8 +1470,14 @@ class BaseWorkerPool(WorkerPool):
                                 break
                     worker.finished_tasks += 1
                     self._fruitless = 0
-                    estimate = self._estimate
-                    self._estimate = value if estimate is None else 0.8 * estimate + 0.2 * value
+                    if future is not None:
+                        estimates = self._estimates
+                        estimate = estimates.get(future.kind)
+                        if estimate is None and len(estimates) >= MAX_TASK_KINDS:
+                            del estimates[next(iter(estimates))]  # the oldest kind
+                        estimates[future.kind] = (
+                            value if estimate is None else 0.8 * estimate + 0.2 * value
+                        )
                     if not assigned:
                         worker.idle_since = now
                         if self._retire_requests and worker.leaving is None:

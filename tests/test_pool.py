@@ -35,6 +35,7 @@ from .helpers import (
     poll,
     raise_keyboard_interrupt,
     raise_value_error,
+    sleep_and_return_pid,
     square,
     touch_and_wait,
     wait_for_count,
@@ -509,3 +510,15 @@ def test_shutdown_from_a_future_callback_does_not_wait_for_itself() -> None:
     assert called.wait(timeout=60)
     pool.shutdown(wait=True)  # from here it waits, and the workers are gone
     assert pool.worker_pids() == []
+
+
+def test_a_pool_warmed_by_short_tasks_does_not_hand_out_long_ones_in_advance() -> None:
+    with BaseWorkerPool(2) as pool:
+        # Many tiny tasks: the pool learns they are short and sends them in batches.
+        assert list(pool.map(square, range(500), chunksize=1)) == [i * i for i in range(500)]
+        # A new kind of task (its run time unknown) goes one per worker: the
+        # rest stay queued, so they can still be cancelled.
+        slow = [pool.submit(sleep_and_return_pid, 0.5) for _ in range(6)]
+        assert slow[-1].cancel() and slow[-2].cancel()
+        pids = [f.result(timeout=60) for f in slow[:4]]
+        assert len(set(pids)) == 2  # both workers took turns at them
