@@ -28,8 +28,6 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-
-
 from pool_manager import WorkerPoolManager
 
 
