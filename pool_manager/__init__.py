@@ -37,33 +37,36 @@ so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``).
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    ArgumentUnpicklingError,
-    FactoryError,
-    ManagerShutDownError,
-    PoolManagerError,
-    PoolShutDownError,
-    PoolTerminatedError,
-    ResultUnpicklingError,
-    TaskKilledError,
-    TaskTimeoutError,
-    TaskUnpicklingError,
-    WorkerLostError,
-    WorkerMemoryError,
-    WorkerPoolBrokenError,
-)
-from .manager import (
-    Factory,
-    ManagerStats,
-    PoolEvent,
-    PoolState,
-    PoolStats,
-    SweepResult,
-    WorkerPoolManager,
-)
-from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TaskCounts, WorkerPool
+if TYPE_CHECKING:
+    from .errors import (
+        ArgumentUnpicklingError,
+        FactoryError,
+        ManagerShutDownError,
+        PoolManagerError,
+        PoolShutDownError,
+        PoolTerminatedError,
+        ResultUnpicklingError,
+        TaskKilledError,
+        TaskTimeoutError,
+        TaskUnpicklingError,
+        WorkerLostError,
+        WorkerMemoryError,
+        WorkerPoolBrokenError,
+    )
+    from .manager import (
+        Factory,
+        ManagerStats,
+        PoolEvent,
+        PoolState,
+        PoolStats,
+        SweepResult,
+        WorkerPoolManager,
+    )
+    from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TaskCounts, WorkerPool
 
 logging.getLogger("pool_manager").addHandler(logging.NullHandler())
 
@@ -96,3 +99,46 @@ __all__ = [
     "WorkerPoolManager",
     "__version__",
 ]
+
+#: Where each public name lives. They are imported on first use: the fork
+#: server (``_process.py``) imports this package to reach its own module and
+#: ``_worker``, and should not pay for the manager, the pools and psutil.
+_HOMES = {
+    "ArgumentUnpicklingError": "errors",
+    "FactoryError": "errors",
+    "ManagerShutDownError": "errors",
+    "PoolManagerError": "errors",
+    "PoolShutDownError": "errors",
+    "PoolTerminatedError": "errors",
+    "ResultUnpicklingError": "errors",
+    "TaskKilledError": "errors",
+    "TaskTimeoutError": "errors",
+    "TaskUnpicklingError": "errors",
+    "WorkerLostError": "errors",
+    "WorkerMemoryError": "errors",
+    "WorkerPoolBrokenError": "errors",
+    "Factory": "manager",
+    "ManagerStats": "manager",
+    "PoolEvent": "manager",
+    "PoolState": "manager",
+    "PoolStats": "manager",
+    "SweepResult": "manager",
+    "WorkerPoolManager": "manager",
+    "DEFAULT_IDLE_TIMEOUT": "pool",
+    "BaseWorkerPool": "pool",
+    "TaskCounts": "pool",
+    "WorkerPool": "pool",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

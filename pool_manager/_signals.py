@@ -45,12 +45,16 @@ _managers: Callable[[], Iterable[_Stoppable]] = list
 _pools: Callable[[], Iterable[Any]] = list
 
 
-def configure(
-    managers: Callable[[], Iterable[_Stoppable]], pools: Callable[[], Iterable[Any]]
-) -> None:
-    """Tell this module where the live managers and pools are (no import cycle)."""
-    global _managers, _pools
-    _managers, _pools = managers, pools
+def configure_managers(managers: Callable[[], Iterable[_Stoppable]]) -> None:
+    """Tell this module where the live managers are (no import cycle)."""
+    global _managers
+    _managers = managers
+
+
+def configure_pools(pools: Callable[[], Iterable[Any]]) -> None:
+    """Tell this module where the live pools are (no import cycle)."""
+    global _pools
+    _pools = pools
 
 
 def install_sigterm_handler() -> bool:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from . import _process, _signals, memory
-from . import pool as _pool_module
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from .budget import BudgetStats, BusySlots, WorkerBudget, default_busy_limit, default_limit
 from .errors import FactoryError, ManagerShutDownError
@@ -184,7 +183,7 @@ class _Lease:
 
 _serials = itertools.count(1)
 _live_managers: weakref.WeakSet[WorkerPoolManager] = weakref.WeakSet()
-_signals.configure(lambda: list(_live_managers), lambda: list(_pool_module._live_pools))
+_signals.configure_managers(lambda: list(_live_managers))
 
 
 @atexit.register

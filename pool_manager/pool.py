@@ -52,7 +52,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures.process import _RemoteTraceback
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
-from . import _process
+from . import _process, _signals
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from ._process import (
     DYING,
@@ -381,6 +381,7 @@ class TaskCounts(TypedDict):
 
 #: Pools that have started workers, for the exit hooks (_signals.py).
 _live_pools: weakref.WeakSet[BaseWorkerPool] = weakref.WeakSet()
+_signals.configure_pools(lambda: list(_live_pools))
 
 
 def _megabytes(size: float) -> str:
