@@ -119,6 +119,31 @@ _TOTAL_GAUGES: tuple[tuple[str, str, Callable[[ManagerStats], float | None]], ..
         "How long the supervisor's last sweep took.",
         lambda s: s["last_sweep_seconds"],
     ),
+    (
+        "workers_limit",
+        "max_total_workers: the most worker processes alive across keys (absent: no cap).",
+        lambda s: s["budget"]["limit"],
+    ),
+    (
+        "pools_waiting_for_workers",
+        "Pools below their fair share of max_total_workers, with work waiting.",
+        lambda s: s["budget"]["waiting"],
+    ),
+    (
+        "busy_workers",
+        "Places under max_busy_workers taken: workers running tasks (or handed a place).",
+        lambda s: s["budget"]["busy"],
+    ),
+    (
+        "busy_workers_limit",
+        "max_busy_workers: the most workers running tasks at once (absent: no cap).",
+        lambda s: s["budget"]["busy_limit"],
+    ),
+    (
+        "pools_waiting_for_busy_place",
+        "Pools with tasks queued, in line for a place under max_busy_workers.",
+        lambda s: s["budget"]["busy_waiting"],
+    ),
 )
 
 

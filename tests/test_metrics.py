@@ -204,3 +204,26 @@ def test_without_prometheus_client_the_import_error_names_the_extra(
         importlib.import_module("pool_manager.metrics")
     assert isinstance(caught.value.__cause__, ImportError)
     assert "pool_manager.metrics" not in sys.modules  # a later import tries again
+
+
+def test_the_caps_across_keys_are_reported(tmp_path: Path) -> None:
+    started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
+    with WorkerPoolManager(
+        1, 600, 3600, memory_sample_interval=None, max_total_workers=8, max_busy_workers=1
+    ) as manager:
+        registry = registry_for(manager)
+        with manager.lease("a") as a, manager.lease("b") as b:
+            blocker = a.submit(touch_and_wait, started, gate)
+            assert poll(lambda: Path(started).exists())
+            waiting = b.submit(square, 4)  # no place left: "b" waits in line
+            _, samples = scrape(registry)
+            Path(gate).touch()
+            assert blocker.result(timeout=60) > 0 and waiting.result(timeout=60) == 16
+        _, after = scrape(registry)
+
+    assert value(samples, "pool_manager_workers_limit") == 8
+    assert value(samples, "pool_manager_busy_workers_limit") == 1
+    assert value(samples, "pool_manager_busy_workers") == 1
+    assert value(samples, "pool_manager_pools_waiting_for_busy_place") == 1
+    assert value(after, "pool_manager_busy_workers") == 0
+    assert value(after, "pool_manager_pools_waiting_for_busy_place") == 0
