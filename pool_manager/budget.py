@@ -15,9 +15,11 @@ What is counted
     hand-overs in flight.
 
 The default
-    ``max_total_workers`` defaults to ``DEFAULT_WORKERS_PER_CPU`` (2) times
-    the CPUs this process may use (`default_limit`): CPU-bound work gains
-    nothing from more, and two per CPU leave room for tasks that wait on I/O.
+    ``max_total_workers`` defaults to ``DEFAULT_WORKERS_PER_CPU`` (4) times
+    the CPUs this process may use, and at least ``MIN_DEFAULT_WORKERS`` (32)
+    (`default_limit`): it caps memory, and an idle worker forked from the
+    fork server costs about 3 MB, while a warm one spares its key a start.
+    CPU is capped apart, by ``max_busy_workers`` (`BusySlots`, below).
     ``None``: no cap (each pool still keeps its ``pool_size``).
 
 Growing

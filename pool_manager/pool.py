@@ -462,8 +462,8 @@ def _kill(pid: int) -> None:
 class BaseWorkerPool(WorkerPool):
     """A process pool for one key, and a drop-in ``ProcessPoolExecutor``.
 
-    ``BaseWorkerPool(4)`` behaves like ``ProcessPoolExecutor(4)``: four
-    worker processes, started on the first submit, fed in order.
+    ``BaseWorkerPool(4)`` behaves like ``ProcessPoolExecutor(4)``: up to four
+    worker processes, started as tasks find none idle, fed in order.
     Submissions travel with cloudpickle, so lambdas and closures work.
 
     Args:
