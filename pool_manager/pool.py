@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -438,6 +439,8 @@ def _task_kind(fn: Callable[..., Any], args: tuple[Any, ...]) -> object:
     chunks, the code mapped)."""
     if (fn is run_chunk or fn is run_chunk_single) and args:
         return ("chunk", _task_kind(args[0], ()))
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     kind = getattr(fn, "__code__", None)
     if kind is not None:
         return kind
