@@ -106,17 +106,31 @@ _send_lock = threading.Lock()
 
 
 def _send(
-    kind: int, body: bytes = b"", reason: int = 0, task_id: int = 0, value: float = 0.0
+    kind: int,
+    body: bytes = b"",
+    reason: int = 0,
+    task_id: int = 0,
+    value: float = 0.0,
+    *,
+    wait: float = -1,
 ) -> None:
-    """One message to the parent (from the main thread, or the watchdog's last words)."""
+    """One message to the parent (from the main thread, or the watchdog's last words).
+
+    ``wait``: seconds to wait for another thread's message to go out first
+    (-1: as long as it takes); past that, nothing is sent.
+    """
     assert _sock is not None
     header = TO_PARENT.pack(len(body), kind, reason, task_id, value)
-    with _send_lock:
+    if not _send_lock.acquire(timeout=wait):
+        return
+    try:
         if len(body) < 65536:
             _sock.sendall(header + body)
         else:
             _sock.sendall(header)
             _sock.sendall(body)
+    finally:
+        _send_lock.release()
 
 
 def serve(sock: socket.socket) -> NoReturn:
@@ -130,7 +144,7 @@ def serve(sock: socket.socket) -> NoReturn:
         message = _read_message(reader)
         if message is None or message[0] != INIT:
             _exit(0)
-        config: WorkerConfig = pickle.loads(message[2])
+        config: WorkerConfig = pickle.loads(message[1])
         if config.env:
             os.environ.update(config.env)
         if config.authkey:
@@ -161,7 +175,7 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _read_message(reader: BinaryIO) -> tuple[int, int, bytes] | None:
+def _read_message(reader: BinaryIO) -> tuple[int, bytes] | None:
     header = reader.read(TO_WORKER.size)
     if len(header) < TO_WORKER.size:
         return None
@@ -169,7 +183,7 @@ def _read_message(reader: BinaryIO) -> tuple[int, int, bytes] | None:
     body = reader.read(length) if length else b""
     if len(body) < length:
         return None
-    return kind, 0, body
+    return kind, body
 
 
 def _serve_tasks(reader: BinaryIO) -> None:
@@ -177,7 +191,7 @@ def _serve_tasks(reader: BinaryIO) -> None:
         message = _read_message(reader)
         if message is None:
             return  # the parent is gone
-        kind, _, body = message
+        kind, body = message
         if kind == EXIT:
             return
         if kind != TASKS:
@@ -268,10 +282,8 @@ class _Watchdog:
 
     def _end(self, exit_code: int, reason: int, detail: float) -> NoReturn:
         # Last words, unless the main thread is stuck sending a large result.
-        if _send_lock.acquire(timeout=1.0):
-            _send_lock.release()
-            with contextlib.suppress(OSError):
-                _send(DYING, reason=reason, task_id=self._task_id, value=detail)
+        with contextlib.suppress(OSError):
+            _send(DYING, reason=reason, task_id=self._task_id, value=detail, wait=1.0)
         os._exit(exit_code)
 
 

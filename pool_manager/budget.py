@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypedDict
 
 from . import _process
+from ._durations import to_count
 
 if TYPE_CHECKING:
     from .pool import BaseWorkerPool
@@ -157,12 +158,7 @@ class WorkerBudget:
     """
 
     def __init__(self, limit: int | None) -> None:
-        if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, int):
-                raise TypeError(f"max_total_workers must be an int or None, not {limit!r}")
-            if limit < 1:
-                raise ValueError(f"max_total_workers must be at least 1, not {limit}")
-        self._limit = limit
+        self._limit = None if limit is None else to_count("max_total_workers", limit, minimum=1)
         # _lock guards _accounts and every _Account's fields. The innermost
         # lock: nothing else is acquired under it.
         self._lock = threading.Lock()
@@ -459,12 +455,7 @@ class BusySlots:
     """
 
     def __init__(self, limit: int | None) -> None:
-        if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, int):
-                raise TypeError(f"max_busy_workers must be an int or None, not {limit!r}")
-            if limit < 1:
-                raise ValueError(f"max_busy_workers must be at least 1, not {limit}")
-        self._limit = limit
+        self._limit = None if limit is None else to_count("max_busy_workers", limit, minimum=1)
         self._lock = threading.Lock()
         self._busy = 0  # places taken, including those handed to a pool in line
         self._line: dict[int, BaseWorkerPool] = {}  # id(pool) -> pool, in order of arrival

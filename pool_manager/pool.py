@@ -599,7 +599,7 @@ class BaseWorkerPool(WorkerPool):
         self._busy_slots: BusySlots | None = None  # max_busy_workers (see attach_budget)
         self._places_to_return = 0  # places of workers that went idle, to give back
         self._retire_requests = 0  # workers the budget asked to leave after their task
-        self._holds_server = False  # a hold on the fork server (see _process)
+        #: The fork server this pool holds (see _process), from its first worker start.
         self._server: _process.ForkServer | None = None
         self._io_thread: threading.Thread | None = None
         self._last_io_thread: threading.Thread | None = None
@@ -860,7 +860,6 @@ class BaseWorkerPool(WorkerPool):
             raise ValueError("kill_task takes a future returned by this pool's submit()")
         if future.cancel():
             return True
-        abandoned = False
         with self._lock:
             if future.done() or future._dropped:
                 return False
@@ -874,14 +873,13 @@ class BaseWorkerPool(WorkerPool):
                     break
             # Sent to a worker behind another task, where it can no longer be
             # taken back: fail it now and drop whatever it does later.
-            future._dropped = abandoned = True
+            future._dropped = True
             self._outstanding.pop(future.task_id, None)
-        if abandoned:
-            error = TaskKilledError(
-                "the task was killed before it started; it may still run once in a worker, "
-                "and that result is dropped"
-            )
-            self._finish_tasks([(future, False, error)])
+        error = TaskKilledError(
+            "the task was killed before it started; it may still run once in a worker, "
+            "and that result is dropped"
+        )
+        self._finish_tasks([(future, False, error)])
         return True
 
     def terminate(self) -> None:
@@ -1265,7 +1263,6 @@ class BaseWorkerPool(WorkerPool):
         try:
             if self._server is None:
                 self._server = _process.acquire_server()
-                self._holds_server = True
             try:
                 pid, sock, status_fd = self._server.start_worker()
             except _process.ForkServerGone:
@@ -1302,9 +1299,8 @@ class BaseWorkerPool(WorkerPool):
 
     def _drop_server(self) -> bool:
         with self._lock:
-            if self._workers or not self._holds_server:
+            if self._workers or self._server is None:
                 return False
-            self._holds_server = False
             self._server = None
         _process.release_server()
         return True
@@ -1456,7 +1452,7 @@ class BaseWorkerPool(WorkerPool):
 
     def _handle(self, messages: list[tuple[_Worker, Message]], ended: list[_Worker]) -> None:
         """Settle the tasks that finished, and deal with the workers that ended."""
-        results: list[tuple[_TaskFuture, bool, bytes | bytearray, float]] = []
+        results: list[tuple[_TaskFuture, bool, bytes | bytearray]] = []
         failures: list[tuple[_TaskFuture, bool | None, Any]] = []
         with self._lock:
             now = time.monotonic()
@@ -1489,7 +1485,7 @@ class BaseWorkerPool(WorkerPool):
                             self._retire(worker, BUDGET)
                     if future is not None and self._outstanding.pop(task_id, None) is not None:
                         future.run_time = value
-                        results.append((future, kind == RESULT, body, value))
+                        results.append((future, kind == RESULT, body))
                 elif kind == LEAVING:
                     worker.leaving = reason
                 elif kind == DYING:
@@ -1505,7 +1501,7 @@ class BaseWorkerPool(WorkerPool):
                 self._retire_all()
             budget_changed = bool(ended) and self._budget is not None
         done: list[tuple[_TaskFuture, bool | None, Any]] = [
-            (future, *_load_outcome(ok, body)) for future, ok, body, _ in results
+            (future, *_load_outcome(ok, body)) for future, ok, body in results
         ]
         done.extend(failures)
         if self._places_to_return:

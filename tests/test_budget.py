@@ -33,12 +33,13 @@ def _manager(**options: Any) -> WorkerPoolManager:
 
 
 class _Sampler:
-    """Reads ``stats()["total_workers"]`` every few milliseconds; keeps the highest."""
+    """Reads ``stats()`` every few milliseconds; keeps the highest live, in-use and busy."""
 
     def __init__(self, manager: WorkerPoolManager) -> None:
         self.manager = manager
         self.highest = 0
         self.highest_in_use = 0
+        self.highest_busy = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
 
@@ -47,6 +48,7 @@ class _Sampler:
             stats = self.manager.stats()
             self.highest = max(self.highest, stats["total_workers"])
             self.highest_in_use = max(self.highest_in_use, stats["budget"]["in_use"])
+            self.highest_busy = max(self.highest_busy, stats["budget"]["busy"])
 
     def __enter__(self) -> _Sampler:
         self._thread.start()
@@ -168,38 +170,28 @@ def test_default_and_bad_values() -> None:
 
 def test_busy_workers_across_keys_never_exceed_max_busy_workers(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    highest = [0]
     with _manager(max_total_workers=None, max_busy_workers=2) as manager:
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.wait(0.003):
-                highest[0] = max(highest[0], manager.stats()["budget"]["busy"])
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
         leases = [manager.get_pool(key, 2) for key in "abc"]
         futures: list[Future[int]] = []
-        try:
-            for index, (pool, _) in enumerate(leases):
-                for worker in range(2):
-                    started = tmp_path / f"started-{index}-{worker}"
-                    futures.append(pool.submit(touch_and_wait, str(started), str(gate)))
-            # Six tasks that could run at once, but two places: two run.
-            assert poll(lambda: len(list(tmp_path.glob("started-*"))) == 2, timeout=60)
-            budget = manager.stats()["budget"]
-            assert budget["busy"] == 2 and budget["busy_limit"] == 2
-            assert budget["busy_waiting"] >= 1
-            assert len(list(tmp_path.glob("started-*"))) == 2
-        finally:
-            gate.touch()
-            results = [future.result(timeout=60) for future in futures]
-            stop.set()
-            sampler.join()
-            for _, done in leases:
-                done()
+        with _Sampler(manager) as sampler:
+            try:
+                for index, (pool, _) in enumerate(leases):
+                    for worker in range(2):
+                        started = tmp_path / f"started-{index}-{worker}"
+                        futures.append(pool.submit(touch_and_wait, str(started), str(gate)))
+                # Six tasks that could run at once, but two places: two run.
+                assert poll(lambda: len(list(tmp_path.glob("started-*"))) == 2, timeout=60)
+                budget = manager.stats()["budget"]
+                assert budget["busy"] == 2 and budget["busy_limit"] == 2
+                assert budget["busy_waiting"] >= 1
+                assert len(list(tmp_path.glob("started-*"))) == 2
+            finally:
+                gate.touch()
+                results = [future.result(timeout=60) for future in futures]
+                for _, done in leases:
+                    done()
         assert len(results) == 6 and len(list(tmp_path.glob("started-*"))) == 6
-        assert highest[0] <= 2
+        assert sampler.highest_busy <= 2
         assert manager.stats()["budget"]["busy"] == 0
 
 
