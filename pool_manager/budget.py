@@ -442,12 +442,13 @@ class BusySlots:
     ``max_total_workers`` caps the processes alive (memory); this caps the
     processes working (CPU), so that many keys' warm pools never
     oversubscribe the machine. A worker takes a place when it is handed
-    work while idle, and gives it back when it has run all it was handed.
-    A pool that finds no place free waits in line (first come, first
-    served); a place given back goes to the first pool in line. While a pool
-    waits, no worker elsewhere is handed more work than it already holds, so
-    the places go round the pools with work one task (or one small batch) at
-    a time: no key starves another.
+    work while idle, and gives it back when it has run all it was handed
+    and its pool has no more on the way. A pool that finds no place free
+    waits in line (first come, first served); a place given back goes to
+    the first pool in line. While a pool waits, a worker elsewhere is
+    handed more work only within a time slice of its place (20 ms, see
+    ``pool.BUSY_QUANTUM``), so the places go round the pools with work and
+    no key starves another.
 
     The lock is innermost: pools call in holding their own lock, and the
     pool a place is handed to is told (`BaseWorkerPool._place_granted`) with

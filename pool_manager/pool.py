@@ -116,7 +116,7 @@ START_METHODS = ("fork", "forkserver", "spawn", "loky", "loky_init_main")
 
 #: Dispatch: tasks sent to a worker ahead of the one it runs cover about this
 #: many seconds of work (by the pool's measured task time) ...
-PREFETCH_SECONDS = 0.001
+PREFETCH_SECONDS = 0.002
 #: ... never more than this many tasks in a worker's hands, nor in one message.
 MAX_DEPTH = 64
 #: Tasks longer than this (seconds, measured) are sent one at a time.
@@ -129,10 +129,6 @@ MAX_TASK_KINDS = 256
 #: it gives the place up once it has run what it holds): a time slice, so
 #: that a hand-over's idle moment is paid once per slice, not once per task.
 BUSY_QUANTUM = 0.02
-
-#: Tasks shorter than this (seconds, measured) let a worker give its place
-#: under ``max_busy_workers`` up as it starts its last one (see _dispatch).
-SHORT_TASK = 0.005
 
 #: How many workers in a row may end before finishing a task (a failing
 #: initializer, workers killed as they start) before the queued tasks fail.
@@ -573,6 +569,7 @@ class BaseWorkerPool(WorkerPool):
         # _lock guards everything below; the conditions share it.
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)  # backpressure waiters
+        self._blocked_submits = 0  # submit calls waiting on _not_full
         self._drained = threading.Condition(self._lock)  # waiters for no unfinished work
         self._io_done = threading.Condition(self._lock)  # waiters for the I/O thread's end
         self._outstanding: dict[int, _TaskFuture] = {}  # unfinished, by task id
@@ -819,7 +816,11 @@ class BaseWorkerPool(WorkerPool):
         with self._lock:
             if self._max_pending is not None:
                 while not self._shut_down and len(self._outstanding) >= self._capacity():
-                    self._not_full.wait()
+                    self._blocked_submits += 1
+                    try:
+                        self._not_full.wait()
+                    finally:
+                        self._blocked_submits -= 1
             if self._shut_down:
                 raise PoolShutDownError("cannot schedule new futures after shutdown")
             task_id = next(self._task_ids)
@@ -1082,31 +1083,22 @@ class BaseWorkerPool(WorkerPool):
         """Hand queued tasks to workers, starting workers as allowed.
 
         Under ``max_busy_workers`` (`BusySlots`), an idle worker needs a place
-        before it is handed work, and while another pool waits for a place no
-        busy worker is handed more than it holds.
+        before it is handed work; while another pool waits for a place, a
+        worker is handed more only within its time slice (`BUSY_QUANTUM`).
         """
         pending = self._pending
         if pending and not self._terminating:
             self._dispatch_pending(pending)
-        busy = self._busy_slots
-        if busy is None:
+        if self._busy_slots is None:
             return
-        # Places go back when a worker has nothing left to run, or, for short
-        # tasks, as it runs the last one it will be handed (none are queued,
-        # or its time slice is over while another pool waits): the next pool's
-        # worker starts while it finishes, so the hand-over leaves no CPU idle.
-        expired = 0.0
-        if pending and busy.others_waiting(self):
-            expired = time.monotonic() - BUSY_QUANTUM
-        estimates = self._estimates
+        # A place goes back when its worker has run all it was handed and no
+        # more work is on its way: none queued, and no ``submit`` blocked by
+        # backpressure (it will add a task as soon as it wakes). Giving it
+        # up between two tasks of a batch would cost a hand-over per task.
+        if pending or self._blocked_submits:
+            return
         for worker in self._workers.values():
-            if not worker.holds_place:
-                continue
-            held = len(worker.assigned)
-            short = held == 1 and estimates.get(worker.assigned[0].kind, 1.0) < SHORT_TASK
-            if held == 0 or (
-                held == 1 and short and (not pending or worker.place_since <= expired)
-            ):
+            if worker.holds_place and not worker.assigned:
                 worker.holds_place = False
                 self._places_to_return += 1
 
@@ -1151,10 +1143,9 @@ class BaseWorkerPool(WorkerPool):
                     best = candidate
             worker = None
             if idle is not None:
-                if self._take_place(idle):
-                    worker = idle
-                else:
-                    return  # in line for a place: a busy worker takes no more
+                # Without a place, it waits in line; a busy worker within
+                # its time slice may still take more.
+                worker = idle if self._take_place(idle) else best
             elif active < limit and (busy is None or busy.take(self)):
                 worker = self._start_worker()
                 if worker is None:

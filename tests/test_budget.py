@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import pool_manager.pool as pool_module
 from pool_manager import WorkerPoolManager
 from pool_manager.budget import (
     DEFAULT_WORKERS_PER_CPU,
@@ -222,6 +223,88 @@ def test_a_key_flooding_does_not_starve_another_of_a_place_to_run(tmp_path: Path
         finally:
             done_a()
             done_b()
+
+
+@pytest.fixture
+def long_time_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A place's time slice that never runs out during the test (no timing)."""
+    monkeypatch.setattr(pool_module, "BUSY_QUANTUM", 3600.0)
+
+
+@pytest.mark.usefixtures("long_time_slice")
+def test_a_busy_worker_within_its_slice_is_handed_more_while_its_sibling_waits(
+    tmp_path: Path,
+) -> None:
+    gate_b, gate_a = tmp_path / "gate-b", tmp_path / "gate-a"
+    with _manager(max_total_workers=None, max_busy_workers=2, max_pending=None) as manager:
+        a, done_a = manager.get_pool("A", 2)
+        b, done_b = manager.get_pool("B", 1)
+        c, done_c = manager.get_pool("C", 1)
+        try:
+            # A starts both its workers and learns that `square` is short.
+            warm = [tmp_path / f"warm-{i}" for i in range(2)]
+            opened = tmp_path / "warm-gate"
+            both = [a.submit(touch_and_wait, str(w), str(opened)) for w in warm]
+            assert poll(lambda: all(w.exists() for w in warm), timeout=30)
+            opened.touch()
+            assert len({f.result(timeout=30) for f in both}) == 2  # two workers
+            warmed = [a.submit(square, i) for i in range(20)]
+            assert [f.result(timeout=30) for f in warmed] == [i * i for i in range(20)]
+            # B and A take the two places; C waits in line.
+            b_task = b.submit(touch_and_wait, str(tmp_path / "b"), str(gate_b))
+            assert poll(lambda: (tmp_path / "b").exists(), timeout=30)
+            a_task = a.submit(touch_and_wait, str(tmp_path / "a"), str(gate_a))
+            assert poll(lambda: (tmp_path / "a").exists(), timeout=30)
+            c_task = c.submit(square, 3)
+            assert poll(lambda: manager.stats()["budget"]["busy_waiting"] == 1, timeout=30)
+            # A's idle worker finds no place, yet its busy one (in its slice)
+            # is handed A's short tasks ahead, so none wait in A's queue.
+            shorts = [a.submit(square, i) for i in range(40)]
+            with a._lock:
+                queued = len(a._pending)
+            assert queued == 0
+            gate_a.touch()
+            assert [f.result(timeout=30) for f in shorts] == [i * i for i in range(40)]
+            assert not c_task.done()  # A kept its place through its slice
+            gate_b.touch()
+            assert c_task.result(timeout=30) == 9
+            assert a_task.result(timeout=30) and b_task.result(timeout=30)
+        finally:
+            gate_a.touch()
+            gate_b.touch()
+            done_a()
+            done_b()
+            done_c()
+
+
+@pytest.mark.usefixtures("long_time_slice")
+def test_a_pool_keeps_its_place_while_backpressure_holds_its_next_task(tmp_path: Path) -> None:
+    gate_c, gate_a = tmp_path / "gate-c", tmp_path / "gate-a"
+    with _manager(max_total_workers=None, max_busy_workers=1, max_pending=0) as manager:
+        a, done_a = manager.get_pool("A", 1)
+        c, done_c = manager.get_pool("C", 1)
+        try:
+            first = a.submit(touch_and_wait, str(tmp_path / "a"), str(gate_a))
+            assert poll(lambda: (tmp_path / "a").exists(), timeout=30)
+            c_task = c.submit(touch_and_wait, str(tmp_path / "c"), str(gate_c))
+            assert poll(lambda: manager.stats()["budget"]["busy_waiting"] == 1, timeout=30)
+            # A's second submit blocks (one worker, max_pending=0) until the
+            # first task ends; its place waits for it instead of going to C.
+            second: list[Future[int]] = []
+            submitter = threading.Thread(target=lambda: second.append(a.submit(square, 5)))
+            submitter.start()
+            assert poll(lambda: a._blocked_submits == 1, timeout=30)
+            gate_a.touch()
+            submitter.join(timeout=30)
+            assert second and second[0].result(timeout=30) == 25
+            assert first.result(timeout=30) and not (tmp_path / "c").exists()
+            gate_c.touch()
+            assert c_task.result(timeout=30)
+        finally:
+            gate_a.touch()
+            gate_c.touch()
+            done_a()
+            done_c()
 
 
 # -- the rule, on stand-in pools (no processes) --------------------------------
