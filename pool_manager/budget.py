@@ -446,7 +446,7 @@ class BusySlots:
     and its pool has no more on the way. A pool that finds no place free
     waits in line (first come, first served); a place given back goes to
     the first pool in line. While a pool waits, a worker elsewhere is
-    handed more work only within a time slice of its place (20 ms, see
+    handed more work only within a time slice of its place (40 ms, see
     ``pool.BUSY_QUANTUM``), so the places go round the pools with work and
     no key starves another.
 

@@ -128,7 +128,7 @@ MAX_TASK_KINDS = 256
 #: is handed more work only this many seconds after it took its place (then
 #: it gives the place up once it has run what it holds): a time slice, so
 #: that a hand-over's idle moment is paid once per slice, not once per task.
-BUSY_QUANTUM = 0.02
+BUSY_QUANTUM = 0.04
 
 #: How many workers in a row may end before finishing a task (a failing
 #: initializer, workers killed as they start) before the queued tasks fail.
