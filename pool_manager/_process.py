@@ -143,6 +143,8 @@ class MessageReader:
 #: An exit status, as the fork server writes it to a status pipe.
 STATUS = struct.Struct("<i")
 _PID = struct.Struct("<q")
+#: The fork server's first byte to the parent: booted, ready to fork.
+SERVER_READY = b"R"
 
 
 def cpu_count() -> int:
@@ -235,6 +237,32 @@ class ForkServer:
             theirs.close()
         self.pid = self._process.pid
         self.gone = False
+        self._ready = False  # its READY byte has been read
+
+    def wait_ready(self) -> None:
+        """Wait until the server has booted (its imports done) and can fork at once.
+
+        Raises:
+            ForkServerGone: it exited before it was ready.
+        """
+        with self._lock:
+            self._await_ready()
+
+    def _await_ready(self) -> None:
+        # (holds _lock) The first byte on the control socket says it is ready.
+        if self._ready:
+            return
+        if self.gone:
+            raise ForkServerGone("the fork server has exited")
+        try:
+            reply = _recv_exactly(self._control, 1)
+        except OSError as error:
+            self.gone = True
+            raise ForkServerGone(f"the fork server has exited: {error}") from error
+        if reply != SERVER_READY:
+            self.gone = True
+            raise ForkServerGone("the fork server exited as it started")
+        self._ready = True
 
     def start_worker(self) -> tuple[int, socket.socket, int]:
         """Fork a worker: returns its pid, the pool's end of its socket, its status pipe.
@@ -249,8 +277,7 @@ class ForkServer:
         status_read, status_write = os.pipe()
         try:
             with self._lock:
-                if self.gone:
-                    raise ForkServerGone("the fork server has exited")
+                self._await_ready()
                 try:
                     socket.send_fds(self._control, [b"F"], [theirs.fileno(), status_write])
                     reply = _recv_exactly(self._control, _PID.size)
@@ -361,6 +388,7 @@ def serve(control_fd: int) -> None:
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     children: dict[int, int] = {}  # pid -> the write end of its status pipe
+    control.sendall(SERVER_READY)
     try:
         while True:
             readable, _, _ = select.select([control.fileno(), wake_read], [], [])

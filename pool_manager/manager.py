@@ -342,11 +342,17 @@ class WorkerPoolManager:
         self._budget.on_leaving = self._supervisor.wake
         self._supervisor.start()
         _live_managers.add(self)
-        # The fork server starts now, in the background (its own interpreter
-        # boots while the application goes on), so that a new key's first
-        # worker is a fork away, not an interpreter start.
-        _process.acquire_server()
+        # The fork server starts now, and the manager waits for it (about
+        # 50 ms, once per process): a new key's first worker is then a fork
+        # away, and no pool waits for an interpreter to boot while it holds
+        # its lock. A server that fails to start is logged; the pools try
+        # again when they need a worker.
+        server = _process.acquire_server()
         self._holds_server = True
+        try:
+            server.wait_ready()
+        except OSError:
+            logger.warning("the fork server did not start; pools will try again", exc_info=True)
 
     # -- configuration ---------------------------------------------------
 
