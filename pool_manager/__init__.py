@@ -67,6 +67,7 @@ if TYPE_CHECKING:
         WorkerPoolManager,
     )
     from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TaskCounts, WorkerPool
+    from .progress import as_completed
 
 logging.getLogger("pool_manager").addHandler(logging.NullHandler())
 
@@ -98,6 +99,7 @@ __all__ = [
     "WorkerPoolBrokenError",
     "WorkerPoolManager",
     "__version__",
+    "as_completed",
 ]
 
 #: Where each public name lives. They are imported on first use: the fork
@@ -128,6 +130,7 @@ _HOMES = {
     "BaseWorkerPool": "pool",
     "TaskCounts": "pool",
     "WorkerPool": "pool",
+    "as_completed": "progress",
 }
 
 

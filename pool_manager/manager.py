@@ -16,6 +16,7 @@ hand with a fake clock.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import enum
 import functools
 import heapq
@@ -24,9 +25,9 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -491,6 +492,30 @@ class WorkerPoolManager:
         finally:
             done()
 
+    @asynccontextmanager
+    async def lease_async(
+        self, key: Hashable, send_size: int = 1, factory: Factory | None = None
+    ) -> AsyncIterator[WorkerPool]:
+        """``async with manager.lease_async(key) as pool:`` — `lease` for asyncio.
+
+        The lease is taken on a thread (`get_pool` may wait while another
+        thread builds the key's pool), so the event loop never blocks; it is
+        released on the way out, also when the task is cancelled. Use
+        ``await pool.run(fn, ...)`` inside.
+        """
+        import asyncio  # (on first use: the package itself never needs it)
+
+        pool, done = await asyncio.to_thread(
+            self.get_pool_with_factory,
+            key,
+            send_size,
+            factory if factory is not None else self.default_factory,
+        )
+        try:
+            yield pool
+        finally:
+            done()
+
     def _build(self, key: Hashable, factory: Factory, building: Future[None]) -> _PoolEntry:
         try:
             pool = factory(self._pool_size)
@@ -522,6 +547,9 @@ class WorkerPoolManager:
             )
             building.set_exception(shut_down_error)
             raise shut_down_error
+        if pool.name is None:
+            with contextlib.suppress(AttributeError):
+                pool.name = str(key)
         if isinstance(pool, BaseWorkerPool):
             pool.attach_budget(self._budget, self._busy)
         pool.add_idle_callback(functools.partial(self._pool_went_idle, entry))

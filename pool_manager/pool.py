@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import _RemoteTraceback
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypedDict, TypeVar
 
 from . import _process, _signals
 from ._durations import Duration, to_bytes, to_count, to_seconds
@@ -98,11 +98,14 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .budget import BusySlots, WorkerBudget
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "TaskCounts", "WorkerPool"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 logger = logging.getLogger("pool_manager")
 
@@ -147,6 +150,38 @@ class WorkerPool(Executor, abc.ABC):
     Factories return instances of this class; in practice a subclass of
     `BaseWorkerPool`. Everything here is safe to call from any thread.
     """
+
+    #: A label for progress bars and logs: a manager sets it to ``str(key)``
+    #: on the pools it builds.
+    name: str | None = None
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)``; returns its ``Future`` (``Executor.submit``)."""
+        raise NotImplementedError
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``await pool.run(fn, *args, **kwargs)``: submit, and await the result.
+
+        Never blocks the event loop: a pool full under backpressure is
+        waited for on a thread. Cancelling the awaiting task cancels the
+        submission if it has not started (a started task runs to its end;
+        see `BaseWorkerPool.kill_task`).
+
+        Raises:
+            Exception: whatever ``fn`` raised, or the pool's own errors.
+        """
+        import asyncio  # (on first use: the package itself never needs it)
+
+        future = self._submit_nowait(fn, args, kwargs)
+        if future is None:
+            future = await _submit_on_a_thread(self, fn, args, kwargs)
+        return await asyncio.wrap_future(future)
+
+    def _submit_nowait(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Future[T] | None:
+        """`submit`, or None if it would block (the default: it might, so None)."""
+        return None
 
     @property
     @abc.abstractmethod
@@ -236,6 +271,26 @@ class WorkerPool(Executor, abc.ABC):
         worker processes and helper threads are gone. Subclasses that hold
         shared data release it here, after calling ``super().dispose(wait)``.
         """
+
+
+async def _submit_on_a_thread(
+    pool: WorkerPool, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Future[T]:
+    """`WorkerPool.submit` on a thread, for `WorkerPool.run` (a submit that may block)."""
+    import asyncio
+
+    submitting = asyncio.ensure_future(asyncio.to_thread(pool.submit, fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(submitting)
+    except asyncio.CancelledError:
+        # The awaiting task was cancelled; its submission, once made, is too.
+        submitting.add_done_callback(_cancel_submitted)
+        raise
+
+
+def _cancel_submitted(submitting: asyncio.Future[Future[Any]]) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        submitting.result().cancel()
 
 
 class _TaskFuture(Future):  # type: ignore[type-arg]
@@ -765,7 +820,7 @@ class BaseWorkerPool(WorkerPool):
 
     # -- Executor --------------------------------------------------------
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)`` in a worker process.
 
         Returns a ``concurrent.futures.Future``. Blocks while the pool is full
@@ -776,10 +831,17 @@ class BaseWorkerPool(WorkerPool):
             TypeError: ``fn`` is not callable.
             PoolShutDownError: (a ``RuntimeError``) the pool is shut down.
         """
-        return self._submit(self._task_timeout, fn, args, kwargs)
+        future = self._submit(self._task_timeout, fn, args, kwargs)
+        assert future is not None
+        return future
+
+    def _submit_nowait(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Future[T] | None:
+        return self._submit(self._task_timeout, fn, args, kwargs, block=False)
 
     def submit_with_timeout(
-        self, timeout: Duration | None, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+        self, timeout: Duration | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> Future[T]:
         """`submit` with a deadline: ``timeout`` seconds once the task starts.
 
@@ -788,7 +850,9 @@ class BaseWorkerPool(WorkerPool):
         ``None`` means no deadline (the pool's ``task_timeout`` is not used).
         """
         seconds = to_seconds("timeout", timeout, allow_none=True)
-        return self._submit(seconds, fn, args, kwargs)
+        future = self._submit(seconds, fn, args, kwargs)
+        assert future is not None
+        return future
 
     def _submit(
         self,
@@ -796,7 +860,10 @@ class BaseWorkerPool(WorkerPool):
         fn: Callable[..., T],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> Future[T]:
+        *,
+        block: bool = True,
+    ) -> Future[T] | None:
+        """Submit; with ``block`` False, None instead of waiting for room."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         try:
@@ -816,6 +883,8 @@ class BaseWorkerPool(WorkerPool):
         with self._lock:
             if self._max_pending is not None:
                 while not self._shut_down and len(self._outstanding) >= self._capacity():
+                    if not block:
+                        return None
                     self._blocked_submits += 1
                     try:
                         self._not_full.wait()
@@ -907,6 +976,7 @@ class BaseWorkerPool(WorkerPool):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int | None = None,
+        progress: bool | str = False,
     ) -> Iterator[T]:
         """Return an iterator of ``fn`` over the iterables, in order.
 
@@ -919,8 +989,14 @@ class BaseWorkerPool(WorkerPool):
         (``max_pending`` set) also submits only what it can hold. ``timeout``
         counts from this call.
 
+        ``progress`` (True, or the bar's description) draws a tqdm progress
+        bar (the extra ``pool-manager[progress]``) that advances as results
+        are handed out, described by the pool's `name` (a manager's key);
+        its total is the input's length when it has one.
+
         Raises:
             ValueError: ``chunksize`` < 1.
+            ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
             TimeoutError: (on iteration) a result was not ready in time.
             Exception: (on iteration) whatever ``fn`` raised.
         """
@@ -933,6 +1009,11 @@ class BaseWorkerPool(WorkerPool):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         end_time = None if timeout is None else timeout + time.monotonic()
         length = _known_length(iterables)
+        bar = None
+        if progress:
+            from .progress import describe, progress_bar
+
+            bar = progress_bar(length, describe(progress, self.name), "item")
         workers = max(1, self.worker_count)
         single = len(iterables) == 1
         calls: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables)
@@ -960,8 +1041,18 @@ class BaseWorkerPool(WorkerPool):
 
             tasks = chunk_tasks()
             chunked = True
-        submitted: deque[Future[Any]] = deque(itertools.islice(tasks, window))
-        return self._map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer)
+        try:
+            submitted: deque[Future[Any]] = deque(itertools.islice(tasks, window))
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        results = self._map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer)
+        if bar is None:
+            return results
+        from .progress import counted_items
+
+        return counted_items(results, bar)
 
     @staticmethod
     def _map_results(

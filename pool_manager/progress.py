@@ -1,0 +1,97 @@
+"""Progress bars for maps and futures, drawn by tqdm (the extra ``pool-manager[progress]``).
+
+``pool.map(fn, items, progress=True)`` draws a bar that advances as `map`
+hands results out (in order), described by the pool's name (a manager names
+each pool after its key). `as_completed` is ``concurrent.futures.as_completed``
+with the same option. Without tqdm installed, asking for progress raises
+``ModuleNotFoundError`` naming the extra; without asking, tqdm is never
+imported.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeVar
+
+__all__ = ["PROGRESS_EXTRA", "ProgressBar", "as_completed", "progress_bar"]
+
+T = TypeVar("T")
+
+#: What to install for progress bars.
+PROGRESS_EXTRA = "pool-manager[progress]"
+
+
+class ProgressBar(Protocol):
+    """What this package uses of a ``tqdm`` bar."""
+
+    def update(self, n: float | None = 1) -> bool | None: ...
+
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int | None, description: str | None, unit: str) -> ProgressBar:
+    """A new tqdm bar (``tqdm.auto``: a widget in a notebook, text elsewhere).
+
+    Raises:
+        ModuleNotFoundError: tqdm is not installed (the message names the extra).
+    """
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as error:
+        raise ModuleNotFoundError(
+            f"progress bars need tqdm: pip install '{PROGRESS_EXTRA}' (or pip install tqdm)",
+            name="tqdm",
+        ) from error
+    bar: ProgressBar = tqdm(total=total, desc=description, unit=unit)
+    return bar
+
+
+def describe(progress: bool | str, default: str | None) -> str | None:
+    """The bar's description: ``progress`` if it is a string, else ``default``."""
+    return progress if isinstance(progress, str) else default
+
+
+def as_completed(
+    futures: Iterable[Future[T]],
+    timeout: float | None = None,
+    *,
+    progress: bool | str = False,
+    total: int | None = None,
+) -> Iterator[Future[T]]:
+    """``concurrent.futures.as_completed``, with a progress bar if ``progress``.
+
+    ``progress`` is True or the bar's description. The bar counts the
+    futures as they are handed out; ``total`` defaults to their number. The
+    bar is created at once (a missing tqdm fails here, not on iteration) and
+    closed when the iteration ends, however it ends.
+
+    Raises:
+        ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
+        TimeoutError: (on iteration) as ``concurrent.futures.as_completed``.
+    """
+    futures = list(futures)
+    if not progress:
+        return concurrent.futures.as_completed(futures, timeout)
+    bar = progress_bar(len(futures) if total is None else total, describe(progress, None), "task")
+    return _counted(concurrent.futures.as_completed(futures, timeout), bar)
+
+
+def _counted(futures: Iterator[Future[T]], bar: ProgressBar) -> Iterator[Future[T]]:
+    try:
+        for future in futures:
+            bar.update(1)
+            yield future
+    finally:
+        bar.close()
+
+
+def counted_items(results: Iterator[Any], bar: ProgressBar) -> Iterator[Any]:
+    """Yield ``results``, advancing ``bar`` by one for each; close it at the end."""
+    try:
+        for result in results:
+            bar.update(1)
+            yield result
+    finally:
+        bar.close()

@@ -1,0 +1,125 @@
+"""Progress bars: ``map(..., progress=...)`` and ``pool_manager.as_completed``.
+
+Two ways: with tqdm itself (its text on stderr), and with a stand-in
+``tqdm.auto`` module that records what the library asked of the bar.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pool_manager import BaseWorkerPool, WorkerPoolManager, as_completed
+
+from .helpers import square
+
+
+class _RecordingBar:
+    made: list[_RecordingBar] = []
+
+    def __init__(self, total: int | None = None, desc: str | None = None, unit: str = "") -> None:
+        self.total, self.desc, self.unit = total, desc, unit
+        self.n = 0
+        self.closed = False
+        _RecordingBar.made.append(self)
+
+    def update(self, n: float | None = 1) -> None:
+        self.n += int(n or 0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[_RecordingBar]]:
+    fake = types.ModuleType("tqdm.auto")
+    fake.tqdm = _RecordingBar  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
+    _RecordingBar.made = []
+    yield _RecordingBar.made
+
+
+def test_map_progress_counts_every_item_and_names_the_key(recorded: list[Any]) -> None:
+    with WorkerPoolManager(2, 60, 600) as manager, manager.lease("tenant-7", 2) as pool:
+        assert list(pool.map(square, range(50), progress=True)) == [i * i for i in range(50)]
+        assert list(pool.map(square, range(5), chunksize=2, progress="squares")) == [
+            0,
+            1,
+            4,
+            9,
+            16,
+        ]
+    first, second = recorded
+    assert (first.total, first.desc, first.unit, first.n, first.closed) == (
+        50,
+        "tenant-7",
+        "item",
+        50,
+        True,
+    )
+    assert (second.desc, second.n, second.closed) == ("squares", 5, True)
+
+
+def test_map_progress_on_an_input_without_a_length_has_no_total(recorded: list[Any]) -> None:
+    with BaseWorkerPool(1) as pool:
+        assert sum(pool.map(square, (i for i in range(20)), progress=True)) == sum(
+            i * i for i in range(20)
+        )
+    (bar,) = recorded
+    assert bar.total is None and bar.n == 20 and bar.desc is None
+
+
+def test_a_map_left_early_closes_its_bar(recorded: list[Any]) -> None:
+    with BaseWorkerPool(1) as pool:
+        results = pool.map(square, range(100), chunksize=1, progress=True)
+        assert next(results) == 0
+        results.close()  # the caller stops iterating
+    (bar,) = recorded
+    assert bar.n == 1 and bar.closed
+
+
+def test_as_completed_with_progress(recorded: list[Any]) -> None:
+    with BaseWorkerPool(2) as pool:
+        futures = [pool.submit(square, i) for i in range(12)]
+        done = list(as_completed(futures, timeout=30, progress="batch"))
+    assert set(done) == set(futures)
+    (bar,) = recorded
+    assert (bar.total, bar.desc, bar.unit, bar.n, bar.closed) == (12, "batch", "task", 12, True)
+
+
+def test_as_completed_without_progress_needs_no_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with BaseWorkerPool(1) as pool:
+        futures = [pool.submit(square, i) for i in range(4)]
+        assert sorted(f.result() for f in as_completed(futures, timeout=30)) == [0, 1, 4, 9]
+
+
+def test_asking_for_progress_without_tqdm_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails as if not installed
+    with BaseWorkerPool(1) as pool:
+        with pytest.raises(ModuleNotFoundError, match=r"pool-manager\[progress\]"):
+            pool.map(square, range(3), progress=True)
+        assert pool.task_counts()["submitted"] == 0  # nothing was sent
+        future = pool.submit(square, 2)
+        with pytest.raises(ModuleNotFoundError, match=r"pool-manager\[progress\]"):
+            as_completed([future], progress=True)
+        assert future.result(timeout=30) == 4
+
+
+def test_the_real_tqdm_draws_the_bar_on_stderr(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tqdm = pytest.importorskip("tqdm", reason="the progress extra (tqdm) is not installed")
+    # tqdm's own monitor thread outlives the bar (it is tqdm's, for the
+    # process); the leak check would count it, so it is not started here.
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)
+    with WorkerPoolManager(1, 60, 600) as manager, manager.lease("invoices") as pool:
+        assert list(pool.map(square, range(8), progress=True)) == [i * i for i in range(8)]
+    err = capsys.readouterr().err
+    assert "invoices" in err and "8/8" in err
