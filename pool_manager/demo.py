@@ -35,6 +35,7 @@ import psutil
 
 from .manager import ManagerStats, PoolStats, WorkerPoolManager
 from .pool import WorkerPool
+from .progress import PROGRESS_EXTRA
 
 __all__ = [
     "Settings",
@@ -265,6 +266,23 @@ def _run_tenant_batch(
     )
 
 
+def _progress_step(console: _Console, manager: WorkerPoolManager, settings: Settings) -> None:
+    """One more tenant's batch, with a progress bar (on stderr) when tqdm is installed."""
+    lo, hi = next(iter(settings.tenant_ranges.values()))
+    ranges = split_range(lo, hi, settings.chunks)
+    try:
+        import tqdm  # noqa: F401  (only to know whether the bar can be drawn)
+    except ImportError:
+        console.say(
+            f"  (pip install '{PROGRESS_EXTRA}' to see pool.map(..., progress=True) draw a bar)"
+        )
+        return
+    console.say("  tenant-progress: the same count with pool.map(..., progress=True):")
+    with manager.lease("tenant-progress", send_size=manager.pool_size) as pool:
+        counted = pool.map(count_primes, *zip(*ranges), progress=True)
+        console.say(f"  tenant-progress: {sum(counted)} primes in [{lo}, {hi})")
+
+
 def _part_one(console: _Console, settings: Settings, pool_size: int, seen_pids: set[int]) -> None:
     tenants = settings.tenant_ranges
     console.say(
@@ -290,6 +308,7 @@ def _part_one(console: _Console, settings: Settings, pool_size: int, seen_pids: 
                 f" worker pids {sorted(result.pids)})"
             )
         console.say(f"  all tenants done in {elapsed:.2f}s (worker start-up included)")
+        _progress_step(console, manager, settings)
         console.say("  manager.stats():")
         for line in format_stats(manager.stats()):
             console.say(line)

@@ -183,6 +183,31 @@ class WorkerPool(Executor, abc.ABC):
         """`submit`, or None if it would block (the default: it might, so None)."""
         return None
 
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: bool | str = False,
+    ) -> Iterator[T]:
+        """``Executor.map``, with a progress bar if ``progress`` (see `BaseWorkerPool.map`).
+
+        Raises:
+            ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
+        """
+        if not progress:
+            return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+        from .progress import counted_items, describe, progress_bar
+
+        bar = progress_bar(_known_length(iterables), describe(progress, self.name), "item")
+        try:
+            results = super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+        except BaseException:
+            bar.close()
+            raise
+        return counted_items(results, bar)
+
     @property
     @abc.abstractmethod
     def max_size(self) -> int:

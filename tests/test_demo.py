@@ -34,14 +34,22 @@ def test_split_range_covers_the_range() -> None:
     assert split_range(0, 2, 5) == [(0, 1), (1, 2)]
 
 
-def test_quick_demo(capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_demo(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    tqdm = pytest.importorskip("tqdm", reason="the progress extra (tqdm) is not installed")
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)  # (tqdm's thread outlives its bars)
     assert run_demo(quick=True, pool_size=2) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
 
     ranges = settings_for(quick=True).tenant_ranges
     assert len(ranges) >= 3
     for tenant, (lo, hi) in ranges.items():
         assert f"{tenant}: {sieve_count(lo, hi)} primes in [{lo}, {hi})" in out, out
+    # The same count again, drawn with a progress bar (on stderr) named after its key.
+    lo, hi = next(iter(ranges.values()))
+    assert f"tenant-progress: {sieve_count(lo, hi)} primes in [{lo}, {hi})" in out, out
+    chunks = settings_for(quick=True).chunks
+    assert "tenant-progress" in captured.err and f"{chunks}/{chunks}" in captured.err
 
     # The manager's own log lines, and what the demo saw happen.
     assert "pool for key 'dormant' expired" in out, out

@@ -6,16 +6,21 @@ Two ways: with tqdm itself (its text on stderr), and with a stand-in
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import types
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
 
 import pytest
 
-from pool_manager import BaseWorkerPool, WorkerPoolManager, as_completed
+from pool_manager import BaseWorkerPool, WorkerPool, WorkerPoolManager, as_completed
 
 from .helpers import square
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class _RecordingBar:
@@ -123,3 +128,44 @@ def test_the_real_tqdm_draws_the_bar_on_stderr(
         assert list(pool.map(square, range(8), progress=True)) == [i * i for i in range(8)]
     err = capsys.readouterr().err
     assert "invoices" in err and "8/8" in err
+
+
+class _ThreadPool(WorkerPool):
+    """A minimal `WorkerPool` of threads: what `WorkerPool` itself gives a custom pool."""
+
+    def __init__(self) -> None:
+        self._threads = ThreadPoolExecutor(2)
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return self._threads.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._threads.shutdown(wait, cancel_futures=cancel_futures)
+
+    max_size = worker_count = 2
+
+    def grant_workers(self, count: int) -> int:
+        return 2
+
+    unfinished_tasks = 0
+
+    def worker_pids(self) -> list[int]:
+        return []
+
+    def add_idle_callback(self, callback: Callable[[], object]) -> None:
+        pass
+
+    def dispose(self, wait: bool = True) -> None:
+        self.shutdown(wait)
+
+
+def test_any_worker_pool_maps_with_progress_and_runs_awaitables(recorded: list[Any]) -> None:
+    pool = _ThreadPool()
+    pool.name = "custom"
+    try:
+        assert list(pool.map(square, range(6), progress=True)) == [i * i for i in range(6)]
+        assert asyncio.run(pool.run(square, 9)) == 81  # submitted on a thread (may block)
+    finally:
+        pool.dispose()
+    (bar,) = recorded
+    assert (bar.total, bar.desc, bar.n, bar.closed) == (6, "custom", 6, True)
