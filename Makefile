@@ -39,7 +39,7 @@ $(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BENCH_VENV)/bin/python benchmarks/suite.py $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python -m pool_manager bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

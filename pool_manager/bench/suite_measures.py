@@ -4,7 +4,7 @@
 sample starts from a fresh interpreter: a cold start is really cold, and no
 library's threads, trackers or workers linger into another's figures.
 
-    python benchmarks/suite_measures.py MEASURE LIBRARY --params JSON --result FILE
+    python pool_manager/bench/suite_measures.py MEASURE LIBRARY --params JSON --result FILE
 
 The sample goes to FILE as JSON: ``{"value": float | null, "note": str, ...}``;
 ``value`` is null when the measure does not apply to the library, and

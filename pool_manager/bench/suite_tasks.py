@@ -1,7 +1,7 @@
 """The functions the suite's worker processes run, and a helper its scripts share.
 
 They live in a module of their own, importable by name in every worker (the
-suite puts ``benchmarks/`` on ``PYTHONPATH``), so that every library sends
+suite puts its own directory on ``PYTHONPATH``), so that every library sends
 them by reference: a function defined in ``__main__`` would be pickled by
 value by cloudpickle-based libraries (loky, pool_manager) and by reference
 by the others, which would skew the per-task figures.
