@@ -13,7 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 __all__ = ["PROGRESS_EXTRA", "ProgressBar", "as_completed", "progress_bar"]
 
@@ -75,23 +75,14 @@ def as_completed(
     if not progress:
         return concurrent.futures.as_completed(futures, timeout)
     bar = progress_bar(len(futures) if total is None else total, describe(progress, None), "task")
-    return _counted(concurrent.futures.as_completed(futures, timeout), bar)
+    return counted_items(concurrent.futures.as_completed(futures, timeout), bar)
 
 
-def _counted(futures: Iterator[Future[T]], bar: ProgressBar) -> Iterator[Future[T]]:
+def counted_items(items: Iterator[T], bar: ProgressBar) -> Iterator[T]:
+    """Yield ``items``, advancing ``bar`` by one for each; close it at the end."""
     try:
-        for future in futures:
+        for item in items:
             bar.update(1)
-            yield future
-    finally:
-        bar.close()
-
-
-def counted_items(results: Iterator[Any], bar: ProgressBar) -> Iterator[Any]:
-    """Yield ``results``, advancing ``bar`` by one for each; close it at the end."""
-    try:
-        for result in results:
-            bar.update(1)
-            yield result
+            yield item
     finally:
         bar.close()
