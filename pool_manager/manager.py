@@ -833,14 +833,20 @@ class WorkerPoolManager:
             )
 
     def _dispose(self, entry: _PoolEntry) -> None:
+        # Two threads may dispose one pool (a sweep, and a shutdown that waits
+        # for what the sweep is disposing): both wait for it, one reports it.
         try:
             entry.pool.dispose(wait=True)
         except Exception:
             logger.exception("disposing the pool for key %r failed", entry.key)
         with self._lock:
+            first = entry.state is not PoolState.DISPOSED
             entry.state = PoolState.DISPOSED
             self._disposing.discard(entry)
-        self._emit(logging.INFO, "pool_disposed", entry.key, "pool for key %r disposed", entry.key)
+        if first:
+            self._emit(
+                logging.INFO, "pool_disposed", entry.key, "pool for key %r disposed", entry.key
+            )
 
     # -- stats -----------------------------------------------------------
 

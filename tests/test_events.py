@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import pool_manager
-from pool_manager import PoolEvent, WorkerPoolManager
+from pool_manager import BaseWorkerPool, PoolEvent, WorkerPoolManager
 
 from .helpers import FakeClock, exit_process, getpid, poll, square
 
@@ -113,3 +113,36 @@ def test_a_failing_on_event_callback_is_logged_and_changes_nothing(
     assert "the on_event callback failed for pool_built" in caplog.text
     with pytest.raises(TypeError, match="on_event"):
         WorkerPoolManager(1, 60, 600, on_event="not callable")  # type: ignore[arg-type]
+
+
+def test_a_pool_disposed_by_a_sweep_and_a_shutdown_at_once_is_reported_once() -> None:
+    clock = FakeClock()
+    recorder = Recorder()
+    disposing, gate = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    class SlowToDispose(BaseWorkerPool):
+        def dispose(self, wait: bool = True) -> None:
+            calls.append(1)
+            disposing.set()
+            assert gate.wait(30)
+            super().dispose(wait)
+
+    manager = WorkerPoolManager(
+        1, 60, 600, clock=clock, on_event=recorder, memory_sample_interval=None
+    )
+    try:
+        manager.get_pool_with_factory("slow", 1, SlowToDispose)[1]()
+        clock.advance(60)
+        sweeping = threading.Thread(target=manager.sweep)  # expires it, disposes it
+        sweeping.start()
+        assert disposing.wait(30)
+        closing = threading.Thread(target=manager.shutdown)  # waits for that pool too
+        closing.start()
+        assert poll(lambda: len(calls) == 2, timeout=30)
+    finally:
+        gate.set()
+        for thread in (sweeping, closing):
+            thread.join(30)
+        manager.shutdown()
+    assert recorder.kinds("slow") == ["pool_built", "pool_expired", "pool_disposed"]
