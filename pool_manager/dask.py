@@ -254,6 +254,8 @@ class DaskWorkerPool(WorkerPool):
         with self._lock:
             self._granted = min(self._max_size, (self._granted or 0) + count)
             granted = self._granted
+            if self._max_pending is not None:
+                self._not_full.notify_all()  # the pool holds more now
         self._dispatch()
         return granted
 

@@ -171,12 +171,19 @@ def test_a_manager_subclass_can_make_dask_its_default_factory(
         assert pool.submit(square, 5).result(timeout=60) == 25
 
 
-def test_keyword_arguments_reach_the_task_not_dask(client: Client) -> None:
+def test_arguments_travel_as_with_client_submit(client: Client) -> None:
     pool = DaskWorkerPool(client, 1)
     try:
         # "key" and "workers" are Client.submit options; here they are fn's.
         future = pool.submit(dict, key="k", workers="w", pure=True)
         assert future.result(timeout=60) == {"key": "k", "workers": "w", "pure": True}
+        # A Dask future as an argument: Dask passes its result.
+        three = client.submit(square, 3, pure=False)
+        assert pool.submit(add, three, 1).result(timeout=60) == 10
+        # An argument Dask cannot pickle fails its own future; the pool goes on.
+        unpicklable = pool.submit(square, threading.Lock())
+        assert isinstance(unpicklable.exception(timeout=60), Exception)
+        assert pool.submit(square, 4).result(timeout=60) == 16
     finally:
         pool.dispose()
 
