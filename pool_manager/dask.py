@@ -44,11 +44,13 @@ builtins, and toolz comes with Dask).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Executor, Future
@@ -147,6 +149,23 @@ def _describe_lost(error: BaseException) -> WorkerLostError:
     return lost
 
 
+#: Dask pools not yet disposed, for the exit hook below.
+_live_pools: weakref.WeakSet[DaskWorkerPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_accepted_work_at_exit() -> None:
+    # Registered after importing distributed, so it runs before Dask's own
+    # exit hook closes the default client: a program that ends with Dask
+    # pools it never shut down lets their accepted work finish first, as
+    # ProcessPoolExecutor (and a BaseWorkerPool) does at exit.
+    for pool in list(_live_pools):
+        try:
+            pool.dispose(wait=True)
+        except Exception:
+            logger.exception("disposing a Dask pool at exit failed")
+
+
 class DaskWorkerPool(WorkerPool):
     """One key's pool on a Dask cluster: an ``Executor`` whose tasks run on ``client``.
 
@@ -217,6 +236,7 @@ class DaskWorkerPool(WorkerPool):
         # Held while the executor is shut down: a second dispose returns after it.
         self._dispose_lock = threading.Lock()
         self._executor_closed = False
+        _live_pools.add(self)
 
     # -- WorkerPool ------------------------------------------------------
 
@@ -452,6 +472,7 @@ class DaskWorkerPool(WorkerPool):
             if self._executor_closed:
                 return
             self._executor_closed = True
+            _live_pools.discard(self)
             # Every task of this executor is answered, so this returns after
             # one trip through the client's loop. A closed client has nothing
             # left to release (and a loop that may never answer).

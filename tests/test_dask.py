@@ -458,6 +458,31 @@ def test_closing_the_client_fails_the_tasks_left_and_disposal_does_not_hang(
     assert client.submit(square, 2, pure=False).result(timeout=60) == 4
 
 
+def test_a_program_that_exits_with_dask_pools_lets_their_accepted_work_finish(
+    client: Client, tmp_path: Path
+) -> None:
+    # pool_manager is imported before distributed, so Dask's exit hook (which
+    # closes the default client) is registered after the manager's and would
+    # run first; pool_manager.dask's own hook runs before both.
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    runs.mkdir()
+    gate.touch()
+    program = f"""
+from pool_manager import WorkerPoolManager
+from distributed import Client
+from pool_manager.dask import DaskPoolFactory
+from tests.helpers import record_interval
+
+client = Client({client.scheduler.address!r})
+manager = WorkerPoolManager(1, 600, 3600)
+pool, done = manager.get_pool_with_factory("a", 1, DaskPoolFactory(client, max_pending=None))
+for _ in range(10):
+    pool.submit(record_interval, {str(runs)!r}, {str(gate)!r})
+"""
+    subprocess.run([sys.executable, "-c", program], cwd=ROOT, check=True, timeout=60)
+    assert len([name for name in os.listdir(runs) if name.startswith("ran-")]) == 10
+
+
 # -- a worker lost on the cluster -----------------------------------------------
 
 
