@@ -87,6 +87,8 @@ _UNSET: Any = object()
 
 #: ``Client.status`` values after which a client answers nothing more.
 _CLIENT_GONE = frozenset({"closing", "closed"})
+#: Seconds between two looks at the client's status while `dispose` waits.
+_CLIENT_CHECK = 1.0
 
 
 def _on_loop_of(client: Client) -> bool:
@@ -132,6 +134,12 @@ def _not_sent(client: Client) -> CancelledError:
     return CancelledError(
         f"the pool's Dask client is {client.status}: the task was not sent to the cluster "
         "(close the client only after the manager has shut down)"
+    )
+
+
+def _not_answered(client: Client) -> CancelledError:
+    return CancelledError(
+        f"the pool's Dask client is {client.status} and never answered for this task"
     )
 
 
@@ -466,8 +474,18 @@ class DaskWorkerPool(WorkerPool):
             self._not_full.notify_all()
             if not wait:
                 return
-            while self._unsettled:
-                self._drained.wait()
+        while True:
+            with self._lock:
+                if self._unsettled:
+                    self._drained.wait(_CLIENT_CHECK)
+                if not self._unsettled:
+                    break
+                # A closed client may never answer for the tasks it had (its
+                # loop stops): they fail rather than hold this wait forever.
+                gone = self._client.status in _CLIENT_GONE
+                abandoned = list(self._in_flight) if gone else []
+            for future in abandoned:
+                self._finish(future, False, _not_answered(self._client))
         with self._dispose_lock:
             if self._executor_closed:
                 return
