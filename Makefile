@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,progress]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,progress,dask]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1025,89 +1025,19 @@ class BaseWorkerPool(WorkerPool):
             TimeoutError: (on iteration) a result was not ready in time.
             Exception: (on iteration) whatever ``fn`` raised.
         """
-        if chunksize is not None:
-            if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-                raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
-            if chunksize < 1:
-                raise ValueError("chunksize must be >= 1.")
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        end_time = None if timeout is None else timeout + time.monotonic()
-        length = _known_length(iterables)
-        bar = None
-        if progress:
-            from .progress import describe, progress_bar
-
-            bar = progress_bar(length, describe(progress, self.name), "item")
-        workers = max(1, self.worker_count)
-        single = len(iterables) == 1
-        calls: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables)
-        runner: Callable[..., list[Any]] = run_chunk_single if single else run_chunk
-        window: int | None = None
-        if self._max_pending is not None:
-            window = max(1, self._capacity())
-        elif length is None:
-            window = max(8, 4 * workers)
-        sizer = _ChunkSizer(chunksize, length, workers)
-        if sizer.fixed == 1:
-            if single:
-                tasks: Iterator[Future[Any]] = (self.submit(fn, arg) for arg in calls)
-            else:
-                tasks = (self.submit(fn, *args) for args in calls)
-            chunked = False
-        else:
-
-            def chunk_tasks() -> Iterator[Future[Any]]:
-                while True:
-                    chunk = list(itertools.islice(calls, sizer.next_size()))
-                    if not chunk:
-                        return
-                    yield self.submit(runner, fn, chunk)
-
-            tasks = chunk_tasks()
-            chunked = True
-        try:
-            submitted: deque[Future[Any]] = deque(itertools.islice(tasks, window))
-        except BaseException:
-            if bar is not None:
-                bar.close()
-            raise
-        results = self._map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer)
-        if bar is None:
-            return results
-        from .progress import counted_items
-
-        return counted_items(results, bar)
-
-    @staticmethod
-    def _map_results(
-        submitted: deque[Future[Any]],
-        tasks: Iterator[Future[Any]],
-        end_time: float | None,
-        *,
-        chunked: bool,
-        sizer: _ChunkSizer,
-    ) -> Iterator[Any]:
-        # A generator of its own, so that map() submits its first window now.
-        # It keeps no reference to a result it has handed out (nor to its
-        # future), as Executor.map does: results go out by list.pop().
-        try:
-            while submitted:
-                future = submitted.popleft()
-                results = _result_or_cancel(future, end_time)
-                if not chunked:
-                    results = [results]
-                else:
-                    sizer.observe(len(results), getattr(future, "run_time", None))
-                del future
-                # Keep the pool fed before handing the result out.
-                submitted.extend(itertools.islice(tasks, 1))
-                results.reverse()
-                while results:
-                    yield results.pop()
-        finally:
-            for future in submitted:
-                future.cancel()
+        single_runner = run_chunk_single if len(iterables) == 1 else run_chunk
+        return map_lazily(
+            fn,
+            iterables,
+            submit=self.submit,
+            submit_chunk=lambda chunk: self.submit(single_runner, fn, chunk),
+            timeout=timeout,
+            chunksize=chunksize,
+            workers=max(1, self.worker_count),
+            window=None if self._max_pending is None else max(1, self._capacity()),
+            progress=progress,
+            name=self.name,
+        )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work and release the workers (``Executor.shutdown``).
@@ -1827,8 +1757,15 @@ class _ProcessView:
 class _ChunkSizer:
     """``map``'s chunk size: fixed, cut from a known length, or measured as it goes."""
 
-    def __init__(self, chunksize: int | None, length: int | None, workers: int) -> None:
+    def __init__(
+        self,
+        chunksize: int | None,
+        length: int | None,
+        workers: int,
+        target: float = TARGET_CHUNK_SECONDS,
+    ) -> None:
         self.fixed = chunksize
+        self._target = target  # seconds of calls in a measured chunk
         if chunksize is None and length is not None:
             self.fixed = max(1, min(MAX_CHUNK, -(-length // (workers * CHUNKS_PER_WORKER))))
         self._size = 1
@@ -1846,4 +1783,111 @@ class _ChunkSizer:
         if self.fixed is not None or not calls or run_time is None:
             return
         self._per_call = run_time / calls
-        self._size = max(1, min(MAX_CHUNK, int(TARGET_CHUNK_SECONDS / max(self._per_call, 1e-7))))
+        self._size = max(1, min(MAX_CHUNK, int(self._target / max(self._per_call, 1e-7))))
+
+
+def map_lazily(
+    fn: Callable[..., T],
+    iterables: tuple[Iterable[Any], ...],
+    *,
+    submit: Callable[..., Future[Any]],
+    submit_chunk: Callable[[list[Any]], Future[list[Any]]],
+    timeout: float | None,
+    chunksize: int | None,
+    workers: int,
+    window: int | None,
+    progress: bool | str,
+    name: str | None,
+    target_chunk_seconds: float = TARGET_CHUNK_SECONDS,
+) -> Iterator[T]:
+    """The ordered, chunked map that `BaseWorkerPool.map` and other pools share.
+
+    ``submit(fn, *args)`` sends one call; ``submit_chunk(chunk)`` sends a
+    list of argument items (a tuple each when there is more than one
+    iterable) and its future's result is the list of results. With no
+    ``chunksize``, an input with a length is cut into about
+    ``CHUNKS_PER_WORKER`` chunks per worker and submitted at once; an input
+    without one is read ``window`` tasks ahead (``max(8, 4 * workers)`` when
+    ``window`` is None) in chunks sized by the measured time of each call.
+    A ``window`` also bounds an input with a length (backpressure).
+    Measured chunks hold about ``target_chunk_seconds`` of calls.
+    ``progress``/``name``: see `BaseWorkerPool.map`.
+    """
+    if chunksize is not None:
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    end_time = None if timeout is None else timeout + time.monotonic()
+    length = _known_length(iterables)
+    bar = None
+    if progress:
+        from .progress import describe, progress_bar
+
+        bar = progress_bar(length, describe(progress, name), "item")
+    single = len(iterables) == 1
+    calls: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables)
+    if window is None and length is None:
+        window = max(8, 4 * workers)
+    sizer = _ChunkSizer(chunksize, length, workers, target_chunk_seconds)
+    if sizer.fixed == 1:
+        if single:
+            tasks: Iterator[Future[Any]] = (submit(fn, arg) for arg in calls)
+        else:
+            tasks = (submit(fn, *args) for args in calls)
+        chunked = False
+    else:
+
+        def chunk_tasks() -> Iterator[Future[Any]]:
+            while True:
+                chunk = list(itertools.islice(calls, sizer.next_size()))
+                if not chunk:
+                    return
+                yield submit_chunk(chunk)
+
+        tasks = chunk_tasks()
+        chunked = True
+    try:
+        submitted: deque[Future[Any]] = deque(itertools.islice(tasks, window))
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
+    results = _map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer)
+    if bar is None:
+        return results
+    from .progress import counted_items
+
+    return counted_items(results, bar)
+
+
+def _map_results(
+    submitted: deque[Future[Any]],
+    tasks: Iterator[Future[Any]],
+    end_time: float | None,
+    *,
+    chunked: bool,
+    sizer: _ChunkSizer,
+) -> Iterator[Any]:
+    # A generator of its own, so that map_lazily submits its first window
+    # now. It keeps no reference to a result it has handed out (nor to its
+    # future), as Executor.map does: results go out by list.pop().
+    try:
+        while submitted:
+            future = submitted.popleft()
+            results = _result_or_cancel(future, end_time)
+            if not chunked:
+                results = [results]
+            else:
+                sizer.observe(len(results), getattr(future, "run_time", None))
+            del future
+            # Keep the pool fed before handing the result out.
+            submitted.extend(itertools.islice(tasks, 1))
+            results.reverse()
+            while results:
+                yield results.pop()
+    finally:
+        for future in submitted:
+            future.cancel()

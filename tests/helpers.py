@@ -73,6 +73,33 @@ def wait_for_count(directory: str, name: str, count: int, timeout: float = 60.0)
     return os.getpid()
 
 
+def record_interval(directory: str, gate: str, timeout: float = 60.0) -> int:
+    """Wait for ``gate``, then leave a file in ``directory`` named ``"<start>-<end>"``.
+
+    The times are ``time.monotonic_ns()``, which every process on the machine
+    shares, so the files show how many tasks ran at once. Returns the pid.
+    """
+    start = time.monotonic_ns()
+    Path(directory, f"started-{start}-{os.getpid()}").touch()
+    wait_for_path(gate, timeout)
+    Path(directory, f"ran-{start}-{time.monotonic_ns()}").touch()
+    return os.getpid()
+
+
+def most_at_once(directory: str) -> int:
+    """The most intervals left by `record_interval` in ``directory`` that overlap."""
+    edges = []
+    for name in os.listdir(directory):
+        if name.startswith("ran-"):
+            _, start, end = name.split("-")
+            edges += [(int(start), 1), (int(end), -1)]
+    running = most = 0
+    for _, step in sorted(edges):  # an end sorts before a start at the same instant
+        running += step
+        most = max(most, running)
+    return most
+
+
 def exit_process(code: int) -> None:
     os._exit(code)
 

@@ -5,7 +5,9 @@ Guides: each ``>>>`` example of each file in ``docs/`` runs as a doctest
 (``ELLIPSIS | NORMALIZE_WHITESPACE``), with real worker processes, one test per
 file, so a guide added later is picked up without touching this file. A
 guide whose examples need an optional package names it on a line of its own,
-``<!-- requires: tqdm -->``, and is skipped where it is not installed. The
+``<!-- requires: tqdm -->``, and is skipped where it is not installed; one
+marked ``<!-- run: in a process of its own -->`` runs in a fresh interpreter
+(``python -m doctest``). The
 examples shut down what they start; if one fails half-way, the managers and
 pools it left in its namespace are terminated here, so that a failure is
 reported as itself and not as a leak.
@@ -34,6 +36,9 @@ GUIDES = sorted((ROOT / "docs").glob("*.md"))
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 _REQUIRES = re.compile(r"^<!--\s*requires:\s*(.+?)\s*-->\s*$", re.MULTILINE)
+#: A guide whose examples start threads that live as long as their process
+#: (Dask's) runs in an interpreter of its own.
+_OWN_PROCESS = "<!-- run: in a process of its own -->"
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _NOT_RUN = re.compile(r"<!--\s*not run\b.*-->\s*$")
 
@@ -52,6 +57,17 @@ def test_guide_examples_run(path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     for requirement in _REQUIRES.findall(text):
         for module in requirement.replace(",", " ").split():
             pytest.importorskip(module)
+    if _OWN_PROCESS in text:
+        flags = ["-o", "ELLIPSIS", "-o", "NORMALIZE_WHITESPACE"]
+        done = subprocess.run(
+            [sys.executable, "-m", "doctest", *flags, str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return
     if "tqdm" in sys.modules:
         # tqdm's monitor thread outlives the bars (it is tqdm's, for the
         # process): the leak check would count it, so it is not started.

@@ -1,0 +1,752 @@
+"""Each key's pool on a Dask distributed cluster (optional: ``pip install 'pool-manager[dask]'``).
+
+``DaskPoolFactory(client)`` is a manager factory: the pool it builds for a
+key, a `DaskWorkerPool`, sends that key's tasks to the cluster behind
+``client`` instead of starting local processes. The manager, its cache of
+pools, leases, expiry and each key's queue stay on the client side; the
+cluster only ever sees tasks::
+
+    with WorkerPoolManager(4, 600, 4 * 3600) as manager:
+        with manager.lease("tenant-a", factory=DaskPoolFactory(client)) as pool:
+            results = list(pool.map(crunch, range(100)))
+
+How a task travels::
+
+    submit ──▶ local queue ──▶ dispatch ──────────▶ ClientExecutor ──▶ scheduler ──▶ worker
+      │        (cancellable;    (at most             (client.submit,                    │
+      │         backpressure)    worker_count         pure=False)                       │
+      │                          in flight)                                             │
+      ▼                                                                                 │
+    future ◀── _finish ◀── done callback, on the Client's event-loop thread ◀── result ◀─┘
+
+- The per-key cap: at most `DaskWorkerPool.worker_count` of a key's tasks
+  are on the cluster at once (sent, not answered); the rest wait in the
+  pool's local queue, where ``cancel()`` works. Dask itself has no such cap:
+  ``Client.submit`` sends everything at once.
+- Backpressure: with ``max_pending`` set, ``submit`` blocks while
+  ``worker_count + max_pending`` tasks are unfinished, as `BaseWorkerPool`
+  does. ``map`` submits only what the pool can hold (Dask's own ``map`` is
+  eager), and reads an input without a length a bounded window ahead.
+- Disposal shuts the key's ``ClientExecutor`` down (it holds no thread or
+  process of its own) and never closes the shared client.
+- A worker lost on the cluster: Dask reruns the tasks it held on other
+  workers; a task whose workers keep dying (``distributed.scheduler.allowed-failures``
+  more times, 3 by default) fails with `WorkerLostError`, caused by Dask's
+  ``KilledWorker``. Other tasks complete; one that was running on a dead
+  worker runs again (at least once, not exactly once). See ``docs/dask.md``.
+
+Only this module imports ``distributed``; the rest of the package never
+needs it. The workers need only the task's code (and Dask): nothing of
+pool_manager is sent to them (``map``'s chunks are a ``toolz`` composition of
+builtins, and toolz comes with Dask).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError, Executor, Future
+from typing import Any, TypeVar
+
+try:
+    from distributed import Client, KilledWorker
+    from toolz import compose
+except ImportError as error:
+    raise ImportError(
+        "pool_manager.dask needs Dask's distributed scheduler, which is not installed: "
+        "pip install 'pool-manager[dask]'"
+    ) from error
+
+from ._durations import to_count
+from .errors import PoolShutDownError, PoolTerminatedError, WorkerLostError
+from .pool import TaskCounts, WorkerPool, map_lazily
+
+__all__ = ["DaskPoolFactory", "DaskWorkerPool"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("pool_manager")
+
+#: ``map`` over an input without a length, with no chunk size: chunks are
+#: sized to about this many seconds of calls, as measured from the client
+#: (a Dask task costs about a millisecond of scheduling, so chunks are
+#: longer than a `BaseWorkerPool`'s).
+TARGET_CHUNK_SECONDS = 0.1
+
+_SUBMITTED, _COMPLETED, _FAILED, _CANCELLED = range(4)
+
+_UNSET: Any = object()
+
+#: ``Client.status`` values after which a client answers nothing more.
+_CLIENT_GONE = frozenset({"closing", "closed"})
+#: Seconds between two looks at the client's status while `dispose` waits.
+_CLIENT_CHECK = 1.0
+
+
+def _on_loop_of(client: Client) -> bool:
+    """True on the thread running ``client``'s event loop (in a done callback, say).
+
+    Waiting there for a task of the cluster would wait forever: the loop
+    that would deliver its answer is the one waiting. (Dask's own blocking
+    calls, ``cancel`` among them, refuse to run there.)
+    """
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return running is getattr(client.loop, "asyncio_loop", running)
+
+
+class _DaskTaskFuture(Future):  # type: ignore[type-arg]
+    """The future `DaskWorkerPool.submit` returns.
+
+    While the task waits in the pool's local queue it can be cancelled; once
+    sent to the cluster it is *running* (as a ``ProcessPoolExecutor`` task in
+    its call queue), whether or not a Dask worker has started it yet.
+    """
+
+    def __init__(
+        self, pool: DaskWorkerPool, call: tuple[Callable[..., Any], tuple[Any, ...]]
+    ) -> None:
+        super().__init__()
+        self._pool = pool
+        self._call: tuple[Callable[..., Any], tuple[Any, ...]] | None = call  # until sent
+        self._inner: Future[Any] | None = None  # the ClientExecutor's future, until answered
+        self._sent = False  # handed to the cluster (set under the pool's lock)
+        self._dropped = False  # cancelled while queued (set under the pool's lock)
+        self._sent_at = 0.0
+        #: Seconds from sending the task to the cluster to its answer, once answered.
+        self.run_time: float | None = None
+
+    def cancel(self) -> bool:
+        return self._pool._cancel(self)
+
+
+def _not_sent(client: Client) -> CancelledError:
+    return CancelledError(
+        f"the pool's Dask client is {client.status}: the task was not sent to the cluster "
+        "(close the client only after the manager has shut down)"
+    )
+
+
+def _not_answered(client: Client) -> CancelledError:
+    return CancelledError(
+        f"the pool's Dask client is {client.status} and never answered for this task"
+    )
+
+
+def _describe_lost(error: BaseException) -> WorkerLostError:
+    """Dask's ``KilledWorker`` as this package's `WorkerLostError` (with it as the cause)."""
+    failures = getattr(error, "allowed_failures", None)
+    worker = getattr(getattr(error, "last_worker", None), "address", None)
+    tries = f"{failures + 1} Dask workers" if isinstance(failures, int) else "Dask workers"
+    lost = WorkerLostError(
+        f"{tries} died while running this task (the last: {worker or 'unknown'}); Dask "
+        "reran it after each loss, up to distributed.scheduler.allowed-failures times. "
+        "The pool's other tasks are unaffected; the workers' logs say why they died"
+    )
+    lost.__cause__ = error
+    return lost
+
+
+#: Dask pools not yet disposed, for the exit hook below.
+_live_pools: weakref.WeakSet[DaskWorkerPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_accepted_work_at_exit() -> None:
+    # Registered after importing distributed, so it runs before Dask's own
+    # exit hook closes the default client: a program that ends with Dask
+    # pools it never shut down lets their accepted work finish first, as
+    # ProcessPoolExecutor (and a BaseWorkerPool) does at exit.
+    for pool in list(_live_pools):
+        try:
+            pool.dispose(wait=True)
+        except Exception:
+            logger.exception("disposing a Dask pool at exit failed")
+
+
+class DaskWorkerPool(WorkerPool):
+    """One key's pool on a Dask cluster: an ``Executor`` whose tasks run on ``client``.
+
+    Usually built by `DaskPoolFactory` for a `WorkerPoolManager`. At most
+    `worker_count` of its tasks are on the cluster at once; the others wait
+    in a local queue. Tasks travel as Dask pickles them (cloudpickle:
+    lambdas and closures work); each is a separate Dask task with a fresh
+    key (``pure=False``), so equal calls all run.
+
+    The client must be a synchronous ``distributed.Client`` (the default kind)
+    and stays open: the pool never closes it. Tasks queued behind the cap are
+    sent from the Client's event-loop thread when a running one finishes, and
+    the futures' done-callbacks (and idle callbacks) run there too: keep them
+    short, and do not wait in one for another task of the cluster, nor
+    submit to a pool that may be full (``submit`` would block that thread).
+
+    Args:
+        client: the ``distributed.Client`` to run tasks on.
+        max_size: the most tasks of this pool on the cluster at once.
+        max_pending: backpressure. ``None`` (the default) never blocks; an int
+            ``n`` blocks ``submit`` while `worker_count` tasks are on the
+            cluster and ``n`` more wait in the local queue.
+        retries: Dask's ``retries``: a task that *raises* runs again, up to
+            this many times, before its exception is reported. (A worker that
+            dies is another matter: see the module docstring.)
+        resources: Dask worker resources each task needs, e.g. ``{"GPU": 1}``.
+        workers: worker addresses or names the tasks may run on.
+        allow_other_workers: with ``workers``, let tasks run elsewhere too.
+
+    Raises:
+        TypeError, ValueError: for arguments of the wrong type or range.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        max_size: int,
+        *,
+        max_pending: int | None = None,
+        retries: int | None = None,
+        resources: Mapping[str, float] | None = None,
+        workers: str | Sequence[str] | None = None,
+        allow_other_workers: bool = False,
+    ) -> None:
+        options = _executor_options(
+            client, max_pending, retries, resources, workers, allow_other_workers
+        )
+        self._max_size = to_count("max_size", max_size, minimum=1)
+        self._max_pending = max_pending
+        self._client = client
+        # Client.get_executor is not annotated: its ClientExecutor is an Executor.
+        self._executor: Executor = client.get_executor(**options)  # type: ignore[no-untyped-call]
+
+        # _lock guards everything below; the conditions share it.
+        self._lock = threading.Lock()
+        self._not_full = threading.Condition(self._lock)  # backpressure waiters
+        self._blocked_submits = 0  # submit calls waiting on _not_full
+        self._drained = threading.Condition(self._lock)  # waiters for every future settled
+        self._queue: deque[_DaskTaskFuture] = deque()  # accepted, not sent (some dropped)
+        self._outstanding: set[_DaskTaskFuture] = set()  # accepted, not finished
+        self._in_flight: set[_DaskTaskFuture] = set()  # sent to the cluster, not answered
+        self._unsettled = 0  # accepted, future not yet settled (dispose waits for 0)
+        self._counts = [0, 0, 0, 0]  # submitted, completed, failed, cancelled
+        self._granted: int | None = None  # None: not granted piecemeal, all usable
+        self._shut_down = False
+        self._stop_sending = False  # terminate, or shutdown(cancel_futures=True)
+        self._idle_callbacks: list[Callable[[], object]] = []
+        # Held while the executor is shut down: a second dispose returns after it.
+        self._dispose_lock = threading.Lock()
+        self._executor_closed = False
+        _live_pools.add(self)
+
+    # -- WorkerPool ------------------------------------------------------
+
+    @property
+    def client(self) -> Client:
+        """The ``distributed.Client`` this pool runs its tasks on (shared; never closed here)."""
+        return self._client
+
+    @property
+    def max_size(self) -> int:
+        """The most tasks of this pool on the cluster at once, ever."""
+        return self._max_size
+
+    @property
+    def max_pending(self) -> int | None:
+        """Tasks that may wait in the local queue beyond `worker_count` before ``submit`` blocks."""
+        return self._max_pending
+
+    @property
+    def worker_count(self) -> int:
+        """The cap now: at most this many of the pool's tasks are on the cluster at once.
+
+        `max_size` until the first `grant_workers` call; from then on, what
+        was granted (a pool granted none may still send one task at a time).
+        """
+        granted = self._granted
+        return self._max_size if granted is None else granted
+
+    def grant_workers(self, count: int) -> int:
+        """Raise the cap by up to ``count``, never above `max_size`; returns the cap.
+
+        Queued tasks that now fit are sent at once. Starts no process.
+        """
+        to_count("send_size", count, minimum=0)
+        with self._lock:
+            self._granted = min(self._max_size, (self._granted or 0) + count)
+            granted = self._granted
+            if self._max_pending is not None:
+                self._not_full.notify_all()  # the pool holds more now
+        self._dispatch()
+        return granted
+
+    @property
+    def unfinished_tasks(self) -> int:
+        """Tasks accepted by ``submit`` whose futures are not done: queued or on the cluster."""
+        return len(self._outstanding)
+
+    def worker_pids(self) -> list[int]:
+        """Always ``[]``: the pool starts no local process (Dask's workers are the cluster's).
+
+        So the manager's memory samples and worker limits see nothing here.
+        """
+        return []
+
+    def add_idle_callback(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` each time `unfinished_tasks` drops to zero.
+
+        It usually runs on the Client's event-loop thread: keep it short.
+        """
+        with self._lock:
+            self._idle_callbacks.append(callback)
+
+    def task_counts(self) -> TaskCounts:
+        """Tasks submitted, running (sent to the cluster), queued (local), completed, failed,
+        cancelled."""
+        with self._lock:
+            submitted, completed, failed, cancelled = self._counts
+            running = len(self._in_flight)
+            queued = len(self._outstanding) - running
+        return TaskCounts(
+            submitted=submitted,
+            running=running,
+            queued=queued,
+            completed=completed,
+            failed=failed,
+            cancelled=cancelled,
+        )
+
+    @property
+    def is_shut_down(self) -> bool:
+        """True once `shutdown`, `dispose` or `terminate` was called."""
+        return self._shut_down
+
+    # -- Executor --------------------------------------------------------
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a ``concurrent.futures.Future``.
+
+        The task is sent at once if fewer than `worker_count` of the pool's
+        tasks are on the cluster, else it waits in the local queue. Blocks
+        while the pool is full (only when ``max_pending`` is set). Dask
+        futures among the positional arguments are resolved by Dask, as with
+        ``Client.submit``; keyword arguments are passed as they are (so
+        names like ``key`` or ``workers`` reach ``fn``, not Dask).
+
+        A task that Dask cannot pickle, or one sent after the client was
+        closed, fails its future (as ``ProcessPoolExecutor`` fails an
+        unpicklable task's).
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+            PoolShutDownError: (a ``RuntimeError``) the pool is shut down.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        call: Callable[..., Any] = functools.partial(fn, **kwargs) if kwargs else fn
+        with self._lock:
+            if self._max_pending is not None:
+                while not self._shut_down and len(self._outstanding) >= self._capacity():
+                    self._blocked_submits += 1
+                    try:
+                        self._not_full.wait()
+                    finally:
+                        self._blocked_submits -= 1
+            if self._shut_down:
+                raise PoolShutDownError("cannot schedule new futures after shutdown")
+            if self._granted == 0:
+                self._granted = 1  # a pool must be able to make progress
+            future = _DaskTaskFuture(self, (call, args))
+            self._outstanding.add(future)
+            self._unsettled += 1
+            self._counts[_SUBMITTED] += 1
+            self._queue.append(future)
+        self._dispatch()
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        progress: bool | str = False,
+    ) -> Iterator[T]:
+        """Return an iterator of ``fn`` over the iterables, in order (``Executor.map``).
+
+        Unlike ``Client.map`` it is lazy where it must be: an input with a
+        length is cut into about ``CHUNKS_PER_WORKER`` chunks per unit of
+        `worker_count` and submitted at once; an input without one (a
+        generator) is read a bounded window ahead, in chunks sized to about
+        `TARGET_CHUNK_SECONDS` of calls as measured, and more is read as
+        results are consumed. A bounded pool (``max_pending`` set) submits
+        only what it can hold. ``chunksize=1`` sends one Dask task per call.
+        ``timeout`` counts from this call; on timeout or when the iterator
+        is closed, the tasks still queued are cancelled.
+
+        ``progress`` (True, or the bar's description) draws a tqdm progress
+        bar, as `BaseWorkerPool.map` does.
+
+        Raises:
+            ValueError: ``chunksize`` < 1.
+            ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
+            TimeoutError: (on iteration) a result was not ready in time.
+            Exception: (on iteration) whatever ``fn`` raised.
+        """
+        # list(map(fn, chunk)) on the worker, from builtins and toolz only,
+        # so that a worker needs nothing of pool_manager to run it.
+        spread = map if len(iterables) == 1 else itertools.starmap
+        runner: Callable[[list[Any]], list[Any]] = compose(list, functools.partial(spread, fn))
+        return map_lazily(
+            fn,
+            iterables,
+            submit=self.submit,
+            submit_chunk=lambda chunk: self.submit(runner, chunk),
+            timeout=timeout,
+            chunksize=chunksize,
+            workers=max(1, self.worker_count),
+            window=None if self._max_pending is None else max(1, self._capacity()),
+            progress=progress,
+            name=self.name,
+            target_chunk_seconds=TARGET_CHUNK_SECONDS,
+        )
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work (``Executor.shutdown``); calls `dispose`.
+
+        With ``cancel_futures``, the tasks still in the local queue are
+        cancelled (tasks already on the cluster finish). With ``wait``,
+        blocks until every accepted task's future is settled and the key's
+        executor is shut down; otherwise returns at once and the work still
+        finishes. The client stays open. Idempotent.
+        """
+        if cancel_futures:
+            with self._lock:
+                self._shut_down = True
+                self._stop_sending = True
+                self._not_full.notify_all()
+                queued = list(self._queue)
+            for future in queued:
+                future.cancel()
+        self.dispose(wait=wait)
+
+    def dispose(self, wait: bool = True) -> None:
+        """Stop accepting work, let accepted work finish, then shut the key's executor down.
+
+        Never closes the client: other keys' pools share it. Queued tasks are
+        still sent as the cap allows. With ``wait``, blocks until every
+        accepted task's future is settled. Called on the Client's event-loop
+        thread (from a done callback), it does not wait, as waiting there
+        would never end. Idempotent; blocked ``submit`` calls raise
+        `PoolShutDownError`.
+        """
+        if wait and _on_loop_of(self._client):
+            wait = False
+        with self._lock:
+            self._shut_down = True
+            self._not_full.notify_all()
+            if not wait:
+                return
+        while True:
+            with self._lock:
+                if self._unsettled:
+                    self._drained.wait(_CLIENT_CHECK)
+                if not self._unsettled:
+                    break
+                # A closed client may never answer for the tasks it had (its
+                # loop stops): they fail rather than hold this wait forever.
+                gone = self._client.status in _CLIENT_GONE
+                abandoned = list(self._in_flight) if gone else []
+            for future in abandoned:
+                self._finish(future, False, _not_answered(self._client))
+        with self._dispose_lock:
+            if self._executor_closed:
+                return
+            self._executor_closed = True
+            _live_pools.discard(self)
+            # Every task of this executor is answered, so this returns after
+            # one trip through the client's loop. A closed client has nothing
+            # left to release (and a loop that may never answer).
+            if self._client.status in _CLIENT_GONE:
+                return
+            try:
+                self._executor.shutdown(wait=True)
+            except Exception:  # the client closing under us: nothing is left to release
+                logger.debug("shutting a Dask executor down failed", exc_info=True)
+
+    def terminate(self) -> None:
+        """Stop now: cancel queued tasks, drop the running ones, return when settled.
+
+        Tasks on the cluster fail with `PoolTerminatedError` at once, and are
+        cancelled there; a Dask worker cannot interrupt a task that already
+        started, so it runs to its end and its result is dropped. The client
+        stays open. Idempotent; `submit` afterwards raises.
+        """
+        with self._lock:
+            self._shut_down = True
+            self._stop_sending = True
+            self._not_full.notify_all()
+            queued = list(self._queue)
+        for future in queued:
+            future.cancel()
+        with self._lock:
+            in_flight = list(self._in_flight)
+        cancel_on_cluster = not _on_loop_of(self._client)  # Dask's cancel needs that loop
+        for future in in_flight:
+            inner = future._inner
+            error = PoolTerminatedError(
+                "the pool was terminated while this task ran on the Dask cluster; "
+                "its result is dropped"
+            )
+            self._finish(future, False, error)
+            if inner is not None and cancel_on_cluster:
+                inner.cancel()
+        self.dispose(wait=True)
+
+    # -- dispatch ------------------------------------------------------------
+
+    def _capacity(self) -> int:
+        assert self._max_pending is not None
+        return max(1, self.worker_count) + self._max_pending
+
+    def _next_to_send(self) -> _DaskTaskFuture | None:
+        """Take the next queued task if the cap allows; it is then running (holds _lock)."""
+        if self._stop_sending:
+            return None
+        queue = self._queue
+        while queue and len(self._in_flight) < max(1, self.worker_count):
+            future = queue.popleft()
+            if future._dropped:
+                continue
+            future._sent = True
+            future.set_running_or_notify_cancel()
+            self._in_flight.add(future)
+            return future
+        return None
+
+    def _dispatch(self) -> None:
+        """Send queued tasks while the cap allows.
+
+        Called by ``submit``, ``grant_workers`` and each answer. Dask pickles
+        a task in ``Client.submit``, so sending happens outside the lock;
+        the cap is counted under it, before sending.
+        """
+        while True:
+            with self._lock:
+                future = self._next_to_send()
+            if future is None:
+                return
+            self._send(future)
+
+    def _send(self, future: _DaskTaskFuture) -> None:
+        call, future._call = future._call, None
+        assert call is not None
+        fn, args = call
+        future._sent_at = time.monotonic()
+        if self._client.status in _CLIENT_GONE:
+            self._finish(future, False, _not_sent(self._client), send_next=False)
+            return  # (_dispatch goes on, failing the rest of the queue)
+        try:
+            inner = self._executor.submit(fn, *args)
+        except BaseException as error:  # unpicklable, or the client is closed
+            self._finish(future, False, error, send_next=False)
+            if not isinstance(error, Exception):
+                raise
+            return
+        if self._client.status in _CLIENT_GONE:
+            # Closed while we sent it: its answer may never come (a closed
+            # client's loop stops), so the task fails now.
+            self._finish(future, False, _not_sent(self._client), send_next=False)
+            return
+        future._inner = inner
+        # Runs at once if already answered; else on the Client's event-loop thread.
+        inner.add_done_callback(functools.partial(self._answered, future))
+
+    def _answered(self, future: _DaskTaskFuture, inner: Future[Any]) -> None:
+        """The cluster answered (or Dask cancelled the task): settle ``future``."""
+        future._inner = None  # the Dask future (and its result on the cluster) can go
+        future.run_time = time.monotonic() - future._sent_at
+        ok: bool
+        value: Any
+        if inner.cancelled():
+            ok = False
+            value = CancelledError(
+                "the task was cancelled on the Dask cluster (the client was closed or "
+                "restarted, or the task was cancelled there)"
+            )
+        else:
+            error = inner.exception()
+            if error is None:
+                ok, value = True, inner.result()
+            elif isinstance(error, KilledWorker):
+                ok, value = False, _describe_lost(error)
+            else:
+                ok, value = False, error
+        self._finish(future, ok, value)
+
+    def _cancel(self, future: _DaskTaskFuture) -> bool:
+        with self._lock:
+            if future._sent or future._dropped or future.done():
+                return Future.cancel(future)
+            future._dropped = True  # _next_to_send skips it
+            future._call = None
+        self._finish(future, None, None)
+        return True
+
+    def _finish(
+        self, future: _DaskTaskFuture, ok: bool | None, value: Any, *, send_next: bool = True
+    ) -> None:
+        """Count a finished task, send the next, then settle its future (``ok`` None: cancelled).
+
+        The task leaves `unfinished_tasks` before its future settles: a waiter
+        woken by the future sees the pool without it. A task settled already
+        (by `terminate`) is left alone.
+        """
+        with self._lock:
+            if future not in self._outstanding:
+                return
+            self._outstanding.discard(future)
+            self._in_flight.discard(future)
+            self._counts[_CANCELLED if ok is None else _COMPLETED if ok else _FAILED] += 1
+            if self._max_pending is not None:
+                self._not_full.notify_all()
+            callbacks = [] if self._outstanding else list(self._idle_callbacks)
+        try:
+            if send_next:
+                self._dispatch()
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:  # a listener's bug must not lose the task's result
+                    logger.exception("an idle callback of a Dask pool failed")
+            if ok is None:
+                Future.cancel(future)
+                future.set_running_or_notify_cancel()
+            elif ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        finally:
+            with self._lock:
+                self._unsettled -= 1
+                if not self._unsettled:
+                    self._drained.notify_all()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shut_down else "open"
+        return (
+            f"<{type(self).__name__} {state} cap={self.worker_count}/{self._max_size} "
+            f"unfinished={self.unfinished_tasks}>"
+        )
+
+
+class DaskPoolFactory:
+    """A `WorkerPoolManager` factory: ``factory(max_size)`` builds a `DaskWorkerPool` on ``client``.
+
+    Pass it where the manager takes a factory::
+
+        factory = DaskPoolFactory(client)
+        with manager.lease("tenant-a", factory=factory) as pool: ...
+        pool, done = manager.get_pool_with_factory("tenant-a", 1, factory)
+
+    (``get_pool`` itself uses the manager's `default_factory` method; a
+    subclass of `WorkerPoolManager` that overrides it with this factory makes
+    every key's pool a Dask pool.) Every pool shares ``client``; disposing
+    one shuts its own executor down and leaves the client open. Close the
+    client after the manager has shut down.
+
+    Args:
+        client: a synchronous ``distributed.Client``.
+        max_pending: backpressure of each pool (see `DaskWorkerPool`).
+            Default: the pool's size, as the manager's default factory
+            (its ``max_pending`` default is ``pool_size``). ``None`` never
+            blocks.
+        retries, resources, workers, allow_other_workers: passed to every
+            task (see `DaskWorkerPool`).
+
+    Raises:
+        TypeError, ValueError: for arguments of the wrong type or range.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        max_pending: int | None = _UNSET,
+        retries: int | None = None,
+        resources: Mapping[str, float] | None = None,
+        workers: str | Sequence[str] | None = None,
+        allow_other_workers: bool = False,
+    ) -> None:
+        checked = None if max_pending is _UNSET else max_pending
+        _executor_options(client, checked, retries, resources, workers, allow_other_workers)
+        self._client = client
+        self._max_pending = max_pending
+        self._retries = retries
+        self._resources = dict(resources) if resources is not None else None
+        self._workers = workers if isinstance(workers, str) or workers is None else list(workers)
+        self._allow_other_workers = allow_other_workers
+
+    @property
+    def client(self) -> Client:
+        """The shared ``distributed.Client``."""
+        return self._client
+
+    def __call__(self, max_size: int) -> DaskWorkerPool:
+        """A new `DaskWorkerPool` of ``max_size`` (the manager passes its ``pool_size``)."""
+        max_pending = max_size if self._max_pending is _UNSET else self._max_pending
+        return DaskWorkerPool(
+            self._client,
+            max_size,
+            max_pending=max_pending,
+            retries=self._retries,
+            resources=self._resources,
+            workers=self._workers,
+            allow_other_workers=self._allow_other_workers,
+        )
+
+    def __repr__(self) -> str:
+        return f"<DaskPoolFactory client={self._client!r}>"
+
+
+def _executor_options(
+    client: object,
+    max_pending: int | None,
+    retries: int | None,
+    resources: Mapping[str, float] | None,
+    workers: str | Sequence[str] | None,
+    allow_other_workers: bool,
+) -> dict[str, Any]:
+    """Check a pool's arguments; returns the options for ``Client.get_executor``."""
+    if not isinstance(client, Client):
+        raise TypeError(f"client must be a distributed.Client, not {type(client).__name__}")
+    if max_pending is not None:
+        to_count("max_pending", max_pending, minimum=0)
+    options: dict[str, Any] = {"pure": False}  # each call is a task of its own
+    if retries is not None:
+        options["retries"] = to_count("retries", retries, minimum=0)
+    if resources is not None:
+        if not isinstance(resources, Mapping):
+            raise TypeError(f"resources must be a mapping, not {type(resources).__name__}")
+        options["resources"] = dict(resources)
+    if workers is not None:
+        if isinstance(workers, str):
+            options["workers"] = [workers]
+        elif isinstance(workers, Sequence):
+            options["workers"] = list(workers)
+        else:
+            raise TypeError(
+                f"workers must be an address or a sequence of them, not {type(workers).__name__}"
+            )
+    if allow_other_workers:
+        if workers is None:
+            raise ValueError("allow_other_workers needs workers")
+        options["allow_other_workers"] = True
+    return options
