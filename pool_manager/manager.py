@@ -35,7 +35,7 @@ from . import _process, _signals, memory
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from .budget import BudgetStats, BusySlots, WorkerBudget, default_busy_limit, default_limit
 from .errors import FactoryError, ManagerShutDownError
-from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TaskCounts, WorkerPool
+from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TakenOnAThread, TaskCounts, WorkerPool
 from .supervisor import Supervisor
 
 __all__ = [
@@ -505,12 +505,22 @@ class WorkerPoolManager:
         """
         import asyncio  # (on first use: the package itself never needs it)
 
-        pool, done = await asyncio.to_thread(
-            self.get_pool_with_factory,
-            key,
-            send_size,
-            factory if factory is not None else self.default_factory,
-        )
+        taken: TakenOnAThread[tuple[WorkerPool, Callable[[], None]]]
+        taken = TakenOnAThread(lambda lease: lease[1]())
+
+        def take() -> tuple[WorkerPool, Callable[[], None]] | None:
+            lease = self.get_pool_with_factory(
+                key, send_size, factory if factory is not None else self.default_factory
+            )
+            return taken.keep(lease)
+
+        try:
+            lease = await asyncio.to_thread(take)
+        except asyncio.CancelledError:
+            taken.abandon()  # the lease, taken now or later, is released
+            raise
+        assert lease is not None
+        pool, done = lease
         try:
             yield pool
         finally:

@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import _RemoteTraceback
-from typing import TYPE_CHECKING, Any, ParamSpec, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypedDict, TypeVar
 
 from . import _process, _signals
 from ._durations import Duration, to_bytes, to_count, to_seconds
@@ -98,13 +98,12 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    import asyncio
-
     from .budget import BusySlots, WorkerBudget
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "TaskCounts", "WorkerPool"]
 
 T = TypeVar("T")
+V = TypeVar("V")
 P = ParamSpec("P")
 
 logger = logging.getLogger("pool_manager")
@@ -298,24 +297,53 @@ class WorkerPool(Executor, abc.ABC):
         """
 
 
+class TakenOnAThread(Generic[V]):
+    """Hands what a thread took (a lease, a submission) to a coroutine, or undoes it.
+
+    The coroutine may be cancelled while its thread is still at work:
+    whichever comes second of the thread's result and the cancellation
+    undoes it (``undo(value)``), with no event loop needed (it may be
+    closed by then).
+    """
+
+    def __init__(self, undo: Callable[[V], object]) -> None:
+        self._undo = undo
+        self._lock = threading.Lock()
+        self._value: V | None = None
+        self._abandoned = False
+
+    def keep(self, value: V) -> V | None:
+        """(On the thread) the value, or None if the coroutine has given up (undone)."""
+        with self._lock:
+            if not self._abandoned:
+                self._value = value
+                return value
+        self._undo(value)
+        return None
+
+    def abandon(self) -> None:
+        """(On cancellation) undo the value, now if it is here, else when it comes."""
+        with self._lock:
+            self._abandoned = True
+            value, self._value = self._value, None
+        if value is not None:
+            self._undo(value)
+
+
 async def _submit_on_a_thread(
     pool: WorkerPool, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Future[T]:
     """`WorkerPool.submit` on a thread, for `WorkerPool.run` (a submit that may block)."""
     import asyncio
 
-    submitting = asyncio.ensure_future(asyncio.to_thread(pool.submit, fn, *args, **kwargs))
+    taken: TakenOnAThread[Future[T]] = TakenOnAThread(lambda future: future.cancel())
     try:
-        return await asyncio.shield(submitting)
+        future = await asyncio.to_thread(lambda: taken.keep(pool.submit(fn, *args, **kwargs)))
     except asyncio.CancelledError:
-        # The awaiting task was cancelled; its submission, once made, is too.
-        submitting.add_done_callback(_cancel_submitted)
+        taken.abandon()  # the submission, made now or later, is cancelled
         raise
-
-
-def _cancel_submitted(submitting: asyncio.Future[Future[Any]]) -> None:
-    if not submitting.cancelled() and submitting.exception() is None:
-        submitting.result().cancel()
+    assert future is not None
+    return future
 
 
 class _TaskFuture(Future):  # type: ignore[type-arg]

@@ -8,6 +8,7 @@ loop open the gate the awaited task waits for.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,32 @@ def test_run_in_executor_uses_the_pool_as_an_executor() -> None:
 
     with BaseWorkerPool(2) as pool:
         assert asyncio.run(main(pool)) == [0, 1, 4, 9, 16]
+
+
+def test_a_lease_async_cancelled_while_the_pool_is_built_is_released() -> None:
+    building, gate = threading.Event(), threading.Event()
+
+    def slow_factory(max_size: int) -> BaseWorkerPool:
+        building.set()
+        assert gate.wait(30)
+        return BaseWorkerPool(max_size)
+
+    async def main(manager: WorkerPoolManager) -> None:
+        async def leased() -> None:
+            async with manager.lease_async("slow", factory=slow_factory):
+                raise AssertionError("the lease was cancelled before it was taken")
+
+        task = asyncio.ensure_future(leased())
+        while not building.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()  # the thread goes on to take the lease; it is released at once
+
+    with WorkerPoolManager(1, 60, 600) as manager:
+        try:
+            asyncio.run(main(manager))
+        finally:
+            gate.set()
+        assert poll(lambda: manager.stats()["pools"]["slow"]["leases"] == 0, timeout=30)
