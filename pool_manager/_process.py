@@ -250,10 +250,10 @@ class ForkServer:
 
     def _await_ready(self) -> None:
         # (holds _lock) The first byte on the control socket says it is ready.
-        if self._ready:
-            return
         if self.gone:
             raise ForkServerGone("the fork server has exited")
+        if self._ready:
+            return
         try:
             reply = _recv_exactly(self._control, 1)
         except OSError as error:

@@ -195,17 +195,15 @@ class WorkerPool(Executor, abc.ABC):
         Raises:
             ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
         """
-        if not progress:
-            return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
-        from .progress import counted_items, describe, progress_bar
 
-        bar = progress_bar(_known_length(iterables), describe(progress, self.name), "item")
-        try:
-            results = super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
-        except BaseException:
-            bar.close()
-            raise
-        return counted_items(results, bar)
+        def start() -> Iterator[T]:
+            return super(WorkerPool, self).map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+        if not progress:
+            return start()
+        from .progress import with_progress
+
+        return with_progress(start, progress, self.name, _known_length(iterables), "item")
 
     @property
     @abc.abstractmethod
@@ -1850,45 +1848,37 @@ def map_lazily(
         raise TypeError(f"fn must be callable, not {type(fn).__name__}")
     end_time = None if timeout is None else timeout + time.monotonic()
     length = _known_length(iterables)
-    bar = None
-    if progress:
-        from .progress import describe, progress_bar
 
-        bar = progress_bar(length, describe(progress, name), "item")
-    single = len(iterables) == 1
-    calls: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables)
-    if window is None and length is None:
-        window = max(8, 4 * workers)
-    sizer = _ChunkSizer(chunksize, length, workers, target_chunk_seconds)
-    if sizer.fixed == 1:
-        if single:
-            tasks: Iterator[Future[Any]] = (submit(fn, arg) for arg in calls)
+    def start() -> Iterator[T]:
+        single = len(iterables) == 1
+        calls: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables)
+        ahead = max(8, 4 * workers) if window is None and length is None else window
+        sizer = _ChunkSizer(chunksize, length, workers, target_chunk_seconds)
+        if sizer.fixed == 1:
+            if single:
+                tasks: Iterator[Future[Any]] = (submit(fn, arg) for arg in calls)
+            else:
+                tasks = (submit(fn, *args) for args in calls)
+            chunked = False
         else:
-            tasks = (submit(fn, *args) for args in calls)
-        chunked = False
-    else:
 
-        def chunk_tasks() -> Iterator[Future[Any]]:
-            while True:
-                chunk = list(itertools.islice(calls, sizer.next_size()))
-                if not chunk:
-                    return
-                yield submit_chunk(chunk)
+            def chunk_tasks() -> Iterator[Future[Any]]:
+                while True:
+                    chunk = list(itertools.islice(calls, sizer.next_size()))
+                    if not chunk:
+                        return
+                    yield submit_chunk(chunk)
 
-        tasks = chunk_tasks()
-        chunked = True
-    try:
-        submitted: deque[Future[Any]] = deque(itertools.islice(tasks, window))
-    except BaseException:
-        if bar is not None:
-            bar.close()
-        raise
-    results = _map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer)
-    if bar is None:
-        return results
-    from .progress import counted_items
+            tasks = chunk_tasks()
+            chunked = True
+        submitted: deque[Future[Any]] = deque(itertools.islice(tasks, ahead))
+        return _map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer)
 
-    return counted_items(results, bar)
+    if not progress:
+        return start()
+    from .progress import with_progress
+
+    return with_progress(start, progress, name, length, "item")
 
 
 def _map_results(

@@ -11,11 +11,11 @@ imported.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Protocol, TypeVar
 
-__all__ = ["PROGRESS_EXTRA", "ProgressBar", "as_completed", "progress_bar"]
+__all__ = ["PROGRESS_EXTRA", "ProgressBar", "as_completed", "progress_bar", "with_progress"]
 
 T = TypeVar("T")
 
@@ -48,9 +48,26 @@ def progress_bar(total: int | None, description: str | None, unit: str) -> Progr
     return bar
 
 
-def describe(progress: bool | str, default: str | None) -> str | None:
-    """The bar's description: ``progress`` if it is a string, else ``default``."""
-    return progress if isinstance(progress, str) else default
+def with_progress(
+    start: Callable[[], Iterator[T]],
+    progress: bool | str,
+    name: str | None,
+    total: int | None,
+    unit: str,
+) -> Iterator[T]:
+    """``start()``'s items, counted on a new bar (made first: a missing tqdm sends nothing).
+
+    ``progress`` is True or the bar's description (``name`` otherwise). The
+    bar is closed when the iteration ends, however it ends, or if
+    ``start`` raises.
+    """
+    bar = progress_bar(total, progress if isinstance(progress, str) else name, unit)
+    try:
+        items = start()
+    except BaseException:
+        bar.close()
+        raise
+    return counted_items(items, bar)
 
 
 def as_completed(
@@ -74,8 +91,13 @@ def as_completed(
     futures = list(futures)
     if not progress:
         return concurrent.futures.as_completed(futures, timeout)
-    bar = progress_bar(len(futures) if total is None else total, describe(progress, None), "task")
-    return counted_items(concurrent.futures.as_completed(futures, timeout), bar)
+    return with_progress(
+        lambda: concurrent.futures.as_completed(futures, timeout),
+        progress,
+        None,
+        len(futures) if total is None else total,
+        "task",
+    )
 
 
 def counted_items(items: Iterator[T], bar: ProgressBar) -> Iterator[T]:

@@ -97,7 +97,8 @@ def test_cancelling_a_run_blocked_by_backpressure_loses_nothing(tmp_path: Path) 
         while not started.exists():
             await asyncio.sleep(0.01)
         blocked = asyncio.ensure_future(pool.run(square, 4))  # no room: on a thread
-        await asyncio.sleep(0.05)
+        while not pool._blocked_submits:  # its submit waits for room
+            await asyncio.sleep(0.01)
         blocked.cancel()
         with pytest.raises(asyncio.CancelledError):
             await blocked
