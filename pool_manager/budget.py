@@ -77,7 +77,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict
 
 from . import _process
@@ -137,13 +137,10 @@ class _Account:
     # Filled in by each rebalance, from the pool:
     demand: int = 0  #: workers it could use now: granted, and no more than its unfinished tasks
     want: int = 0  #: workers it was granted (used while there is room)
+    #: Its live worker processes, leaving ones included: those above its
+    #: allowance are leaving (the pool sheds them as they go idle), and their
+    #: places count against the budget until they have exited.
     live: int = 0
-    idle: int = 0
-    retiring: int = 0
-    #: Its workers told to leave whose places are not free yet: counted
-    #: against the budget until they have exited.
-    transit: int = 0
-    actions: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _first(ticket: int | None) -> float:
@@ -159,8 +156,9 @@ class WorkerBudget:
 
     def __init__(self, limit: int | None) -> None:
         self._limit = None if limit is None else to_count("max_total_workers", limit, minimum=1)
-        # _lock guards _accounts and every _Account's fields. The innermost
-        # lock: nothing else is acquired under it.
+        # _lock guards _accounts, every _Account's fields, _generation and
+        # the published results of the last plan (_waiting, _short, _in_use).
+        # The innermost lock: nothing else is acquired under it.
         self._lock = threading.Lock()
         self._accounts: dict[int, _Account] = {}  # by id(pool)
         self._order = itertools.count()
@@ -168,12 +166,14 @@ class WorkerBudget:
         self._waiting = 0
         self._short = 0  # pools allowed fewer workers than they could use
         self._in_use = 0  # places taken, at the last rebalance
+        #: Bumped by every change a pool reports (`changed`). A plan works on
+        #: a snapshot of the pools; one that sees the generation moved while
+        #: it planned, and left a pool short, plans again: so a change that
+        #: came too late for the snapshot is never lost.
+        self._generation = 0
         # One rebalance at a time; a request during one makes it run again.
         self._rebalancing = threading.Lock()
         self._again = False
-        #: Called (with no lock held) when a worker has been told to leave, so
-        #: that someone rebalances once it has gone: the manager's supervisor.
-        self.on_leaving: Callable[[], object] | None = None
 
     @property
     def limit(self) -> int | None:
@@ -190,8 +190,9 @@ class WorkerBudget:
 
     @property
     def in_transit(self) -> bool:
-        """Some worker told to leave has not exited yet: rebalance again soon."""
-        return any(a.transit for a in list(self._accounts.values()))
+        """Some pool has live workers above its allowance (they are leaving)."""
+        with self._lock:
+            return any(a.live > a.allowed for a in self._accounts.values())
 
     # -- the pools' side ---------------------------------------------------
 
@@ -205,7 +206,8 @@ class WorkerBudget:
         """The pool is disposed: its allowance returns to the budget."""
         with self._lock:
             account = self._accounts.pop(id(pool), None)
-        if account is not None and account.allowed:
+            self._generation += 1
+        if account is not None and (account.allowed or account.live):
             self.rebalance()
 
     def allowed(self, pool: BaseWorkerPool) -> int:
@@ -220,12 +222,29 @@ class WorkerBudget:
             account = self._accounts.get(id(pool))
             if account is None:
                 return
+            self._generation += 1
             account.last_used = time.monotonic()
-            # A full budget is rebalanced as tasks finish (a pool below its
-            # fair share is waiting): a submit need not pay for it, unless the
-            # pool has no worker at all.
+            # A full budget is rebalanced as tasks finish (see `changed`): a
+            # submit need not pay for it, unless the pool has no worker at all.
             worth_it = account.allowed == 0 or self._limit is None or self._in_use < self._limit
         if wants_more and worth_it:
+            self.rebalance()
+
+    def changed(self, pool: BaseWorkerPool, went_idle: bool, worker_ended: bool) -> None:
+        """``pool`` finished tasks (``went_idle``: it has none left) or lost a worker.
+
+        Call with no lock held, after the change is visible in the pool.
+        Rebalances when it can matter: some pool waits for its fair share, or
+        could use more and this pool's workers are now free, or a worker's
+        place came free. Otherwise it only marks the change, so a plan in
+        progress (which may have read the pool before it) runs again.
+        """
+        with self._lock:
+            if id(pool) not in self._accounts:
+                return
+            self._generation += 1
+            needed = worker_ended or self._waiting > 0 or (went_idle and self._short > 0)
+        if needed:
             self.rebalance()
 
     # -- rebalancing -------------------------------------------------------
@@ -250,34 +269,29 @@ class WorkerBudget:
     def _rebalance_once(self) -> None:
         with self._lock:
             accounts = list(self._accounts.values())
+            generation = self._generation
         # What each pool could use and runs now: read outside our lock (it
         # takes each pool's lock in turn).
         info = {id(a): a.pool._budget_info() for a in accounts}
         with self._lock:
             accounts = [a for a in self._accounts.values() if id(a) in info]
             for account in accounts:
-                (account.want, account.demand, account.live, account.idle, account.retiring) = info[
-                    id(account)
-                ]
+                account.want, account.demand, account.live = info[id(account)]
                 # Each submit stamps its pool (no lock on that hot path).
                 account.last_used = max(
                     account.last_used, getattr(account.pool, "last_submit", 0.0)
                 )
-                account.actions = []
             changed = self._plan(accounts)
-        # Shrink first, then grow, with no lock of ours held.
-        leaving = False
-        for account in sorted(changed, key=lambda a: not a.actions or a.actions[0][0] == "start"):
-            account.pool._budget_apply(account.actions)
-            leaving = leaving or any(
-                n for kind, n in account.actions if kind in ("release", "retire")
-            )
-        callback = self.on_leaving
-        if leaving and callback is not None:
-            callback()
+            if (self._waiting or self._short) and self._generation != generation:
+                self._again = True  # a pool changed after it was read: plan again
+        # Each pool changed takes its new allowance (shrinking ones first),
+        # with no lock of ours held.
+        changed.sort(key=lambda a: a.allowed >= a.live)
+        for account in changed:
+            account.pool._budget_apply()
 
     def _plan(self, accounts: list[_Account]) -> list[_Account]:
-        """Move allowance between pools (holds _lock). Returns the pools changed."""
+        """Move allowance between pools (holds _lock). Returns the pools to tell."""
         assert self._limit is not None
         # Tickets, not times: they order events within one plan too.
         plan_started = next(self._ticket)
@@ -294,8 +308,6 @@ class WorkerBudget:
             return min(account.demand, share)
 
         for account in accounts:
-            # A worker told to leave frees its place once it has exited.
-            account.transit = min(account.transit, max(0, account.live - account.allowed))
             if account.allowed < fair(account):
                 if account.waiting_since is None:
                     account.waiting_since = ticket()
@@ -304,7 +316,7 @@ class WorkerBudget:
 
         def occupied(account: _Account) -> int:
             # Its allowance, or its live workers if more (some are leaving).
-            return max(account.allowed + account.transit, account.live)
+            return max(account.allowed, account.live)
 
         def free() -> int:
             return limit - sum(occupied(a) for a in accounts)
@@ -397,28 +409,17 @@ class WorkerBudget:
         self._short = sum(1 for a in accounts if a.allowed < a.demand)
         self._in_use = sum(occupied(a) for a in accounts)
 
-        changed = []
-        for account in accounts:
-            old = before[id(account)]
-            actions: list[tuple[str, int]] = []
-            # Workers above the allowance leave: idle ones at once, busy ones
-            # after their task (less those already asked).
-            excess = account.live - account.allowed - account.transit
-            if excess > 0:
-                release = min(excess, account.idle)
-                retire = excess - release
-                account.transit += excess
-                actions = [("release", release), ("retire", retire)]
-            elif account.retiring > max(0, account.live - account.allowed):
-                # Workers left some other way (idle timeout): ask fewer.
-                actions = [("reset", max(0, account.live - account.allowed))]
-            elif account.allowed > account.live and account.demand > account.live:
-                # Allowed more than run, with work waiting: make sure they start.
-                actions = [("start", 0)]
-            if actions or account.allowed != old:
-                account.actions = actions
-                changed.append(account)
-        return changed
+        # Tell each pool whose allowance changed; and, so that no order is
+        # ever lost, each whose workers do not match it yet: more live than
+        # allowed (the pool sheds them: idle ones at once, busy ones as they
+        # go idle), or fewer than allowed with work waiting (it starts them).
+        return [
+            a
+            for a in accounts
+            if a.allowed != before[id(a)]
+            or a.live > a.allowed
+            or a.live < min(a.allowed, a.demand)
+        ]
 
     # -- stats ---------------------------------------------------------------
 
@@ -427,7 +428,7 @@ class WorkerBudget:
         with self._lock:
             return BudgetStats(
                 limit=self._limit,
-                in_use=sum(max(a.allowed + a.transit, a.live) for a in self._accounts.values()),
+                in_use=sum(max(a.allowed, a.live) for a in self._accounts.values()),
                 pools=len(self._accounts),
                 waiting=self._waiting,
                 busy_limit=busy_limit,

@@ -52,10 +52,6 @@ logger = logging.getLogger("pool_manager")
 #: USS is read at one memory sample in this many (it costs ~17x RSS to read).
 USS_EVERY = 6
 
-#: Seconds (of the clock) between two sweeps while a worker leaves to make room
-#: in the worker budget for another pool's.
-BUDGET_RECHECK = 0.005
-
 #: Builds the pool for a new key; called with the manager's ``pool_size``.
 Factory = Callable[[int], WorkerPool]
 
@@ -340,7 +336,6 @@ class WorkerPoolManager:
         self._supervisor = Supervisor(
             self._supervised_sweep, clock, name=f"pool_manager-supervisor-{id(self):x}"
         )
-        self._budget.on_leaving = self._supervisor.wake
         self._supervisor.start()
         _live_managers.add(self)
         # The fork server starts now, and the manager waits for it (about
@@ -744,13 +739,9 @@ class WorkerPoolManager:
             and (next_deadline is None or sample_at < next_deadline)
         ):
             next_deadline = sample_at
-        budget = self._budget
-        budget.rebalance()
-        if budget.in_transit:
-            # A worker is leaving to make room for another pool's: look again
-            # as soon as it has gone (in a few milliseconds).
-            soon = now + BUDGET_RECHECK
-            next_deadline = soon if next_deadline is None else min(next_deadline, soon)
+        # (A worker leaving to make room for another pool's rebalances the
+        # budget itself as it exits; this is a safety net, not a poll.)
+        self._budget.rebalance()
         with self._lock:
             self._last_sweep = (now, time.perf_counter() - started)
         return SweepResult(

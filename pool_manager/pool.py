@@ -701,7 +701,6 @@ class BaseWorkerPool(WorkerPool):
         self._allowed: int | None = None  # the budget's allowance (None: no budget)
         self._busy_slots: BusySlots | None = None  # max_busy_workers (see attach_budget)
         self._places_to_return = 0  # places of workers that went idle, to give back
-        self._retire_requests = 0  # workers the budget asked to leave after their task
         #: The fork server this pool holds (see _process), from its first worker start.
         self._server: _process.ForkServer | None = None
         self._io_thread: threading.Thread | None = None
@@ -816,33 +815,27 @@ class BaseWorkerPool(WorkerPool):
             self._budget.register(self)
         return True
 
-    def _budget_info(self) -> tuple[int, int, int, int, int]:
-        """(For the budget) workers granted, it could use now, live, idle, asked to leave."""
+    def _budget_info(self) -> tuple[int, int, int]:
+        """(For the budget) workers granted, workers it could use now, live workers."""
         want = self.worker_count
         with self._lock:
             unfinished = len(self._outstanding)
             live = len(self._workers)
-            idle = sum(1 for w in self._workers.values() if not w.assigned and w.leaving is None)
-            retiring = self._retire_requests
-        return want, min(want, unfinished), live, idle, retiring
+        return want, min(want, unfinished), live
 
-    def _budget_apply(self, actions: list[tuple[str, int]]) -> None:
-        """(For the budget) take the new allowance; ask workers to leave. Never under its lock."""
+    def _budget_apply(self) -> None:
+        """(For the budget) take the new allowance. Never under its lock.
+
+        The pool matches it from then on, at every dispatch (`_shed_surplus`):
+        the budget gives orders as a level to reach, not as steps to take, so
+        an order that finds the pool changed since it was planned still holds.
+        """
         budget = self._budget
         if budget is None:
             return
         allowed = budget.allowed(self)
         with self._lock:
             self._allowed = allowed
-            for action, count in actions:
-                if action == "release":
-                    idle = [w for w in self._workers.values() if not w.assigned and not w.leaving]
-                    for worker in idle[:count]:
-                        self._retire(worker, BUDGET)
-                elif action == "retire":
-                    self._retire_requests += count
-                elif action == "reset":
-                    self._retire_requests = min(self._retire_requests, count)
             self._dispatch()
         if self._places_to_return:
             self._return_places()
@@ -1158,6 +1151,8 @@ class BaseWorkerPool(WorkerPool):
         before it is handed work; while another pool waits for a place, a
         worker is handed more only within its time slice (`BUSY_QUANTUM`).
         """
+        if self._allowed is not None and len(self._workers) > self._allowed:
+            self._shed_surplus(self._allowed)
         pending = self._pending
         if pending and not self._terminating:
             self._dispatch_pending(pending)
@@ -1173,6 +1168,20 @@ class BaseWorkerPool(WorkerPool):
             if worker.holds_place and not worker.assigned:
                 worker.holds_place = False
                 self._places_to_return += 1
+
+    def _shed_surplus(self, allowed: int) -> None:
+        """More workers than the budget allows: the idle ones above it leave now.
+
+        The busy ones above it leave as they go idle (each dispatch looks
+        again), and are handed no more work meanwhile (`_dispatch_pending`).
+        """
+        surplus = sum(1 for w in self._workers.values() if w.leaving is None) - allowed
+        for worker in list(self._workers.values()):
+            if surplus <= 0:
+                return
+            if worker.leaving is None and not worker.assigned:
+                self._retire(worker, BUDGET)
+                surplus -= 1
 
     def _dispatch_pending(self, pending: deque[_TaskFuture]) -> None:
         limit = self._worker_limit()
@@ -1213,6 +1222,8 @@ class BaseWorkerPool(WorkerPool):
                     )
                 ) and (best is None or held < len(best.assigned)):
                     best = candidate
+            if active > limit:
+                best = None  # shrinking: its busy workers leave as they go idle
             worker = None
             if idle is not None:
                 # Without a place, it waits in line; a busy worker within
@@ -1543,9 +1554,6 @@ class BaseWorkerPool(WorkerPool):
                         )
                     if not assigned:
                         worker.idle_since = now
-                        if self._retire_requests and worker.leaving is None:
-                            self._retire_requests -= 1
-                            self._retire(worker, BUDGET)
                     if future is not None and self._outstanding.pop(task_id, None) is not None:
                         future.run_time = value
                         results.append((future, kind == RESULT, body))
@@ -1562,7 +1570,7 @@ class BaseWorkerPool(WorkerPool):
             self._dispatch()
             if self._shut_down and not self._outstanding:
                 self._retire_all()
-            budget_changed = bool(ended) and self._budget is not None
+            budget = self._budget
         done: list[tuple[_TaskFuture, bool | None, Any]] = [
             (future, *_load_outcome(ok, body)) for future, ok, body in results
         ]
@@ -1570,12 +1578,11 @@ class BaseWorkerPool(WorkerPool):
         if self._places_to_return:
             self._return_places()
         if done:
-            self._finish_tasks(done)
+            self._finish_tasks(done, worker_ended=bool(ended))
         if ended:
             self._emit_worker_events()
-        if budget_changed:
-            assert self._budget is not None
-            self._budget.rebalance()
+        if budget is not None and ended and not done:
+            budget.changed(self, went_idle=False, worker_ended=True)
 
     def _worker_ended(
         self, worker: _Worker, failures: list[tuple[_TaskFuture, bool | None, Any]]
@@ -1711,8 +1718,12 @@ class BaseWorkerPool(WorkerPool):
             )
         return WorkerLostError.for_worker(pid, exitcode)
 
-    def _finish_tasks(self, done: list[tuple[_TaskFuture, bool | None, Any]]) -> None:
+    def _finish_tasks(
+        self, done: list[tuple[_TaskFuture, bool | None, Any]], worker_ended: bool = False
+    ) -> None:
         """Count finished tasks, then settle their futures (``ok`` None: cancelled).
+
+        ``worker_ended``: a worker also exited (its place in the budget is free).
 
         Each has already left ``_outstanding``: a waiter woken by its future
         sees the pool without it.
@@ -1731,10 +1742,10 @@ class BaseWorkerPool(WorkerPool):
                 callbacks = list(self._idle_callbacks)
                 if self._shut_down:
                     self._retire_all()
-        # A pool waits for a worker (maybe this one's), or this pool's workers
-        # are now free for a pool that could use more.
-        if budget is not None and (budget.has_waiters or (went_idle and budget.has_shortfall)):
-            budget.rebalance()
+        # A pool may wait for a worker (maybe this one's), or this pool's
+        # workers may now be free for a pool that could use more.
+        if budget is not None:
+            budget.changed(self, went_idle=went_idle, worker_ended=worker_ended)
         for callback in callbacks:
             callback()
         for future, ok, value in done:
