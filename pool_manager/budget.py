@@ -104,14 +104,25 @@ DEFAULT_WORKERS_PER_CPU = 4
 MIN_DEFAULT_WORKERS = 32
 
 
-def default_limit() -> int:
-    """The default ``max_total_workers``: see `DEFAULT_WORKERS_PER_CPU`."""
-    return max(MIN_DEFAULT_WORKERS, DEFAULT_WORKERS_PER_CPU * max(1, _process.cpu_count()))
+def default_limit(pool_size: int = 1) -> int:
+    """The default ``max_total_workers``: see `DEFAULT_WORKERS_PER_CPU`.
+
+    Never below ``pool_size``: a default never holds a lone key's pool below it.
+    """
+    return max(
+        MIN_DEFAULT_WORKERS, DEFAULT_WORKERS_PER_CPU * max(1, _process.cpu_count()), pool_size
+    )
 
 
-def default_busy_limit() -> int:
-    """The default ``max_busy_workers``: one per usable CPU."""
-    return max(1, _process.cpu_count())
+def default_busy_limit(pool_size: int = 1) -> int:
+    """The default ``max_busy_workers``: one per usable CPU, and at least ``pool_size``.
+
+    A key's pool runs ``pool_size`` tasks at once when it is the only one
+    with work, as ``ProcessPoolExecutor(pool_size)`` would (tasks that wait
+    for each other need it); with several keys busy, the cap shares the
+    places among them.
+    """
+    return max(1, _process.cpu_count(), pool_size)
 
 
 class BudgetStats(TypedDict):

@@ -211,14 +211,17 @@ class WorkerPoolManager:
         max_total_workers: the most worker processes alive across all keys
             (memory; see `pool_manager.budget` for how workers move between
             pools and the fairness rule). Default: `budget.default_limit`,
-            four per usable CPU and at least 32. ``None``: no cap beyond each
-            pool's ``pool_size``.
+            four per usable CPU, at least 32 and at least ``pool_size``.
+            ``None``: no cap beyond each pool's ``pool_size``.
         max_busy_workers: the most worker processes running tasks at once
             across all keys (CPU): many keys' warm pools never oversubscribe
             the machine, and the places go round the keys with work (see
-            `budget.BusySlots`). Default: one per usable CPU. ``None``: no
-            cap. Pools from a custom factory are under both caps if they are
-            `BaseWorkerPool` instances that have not run work yet.
+            `budget.BusySlots`). Default: one per usable CPU, and at least
+            ``pool_size``, so that a key alone runs ``pool_size`` tasks at
+            once. ``None``: no cap: use it when tasks wait for each other
+            (across keys too) or mostly wait on I/O. Pools from a custom
+            factory are under both caps if they are `BaseWorkerPool`
+            instances that have not run work yet.
         max_tasks_per_worker, max_worker_memory, kill_worker_memory,
             task_timeout: worker limits of the pools the default factory
             builds (see `BaseWorkerPool`).
@@ -284,10 +287,10 @@ class WorkerPoolManager:
             "worker_idle_timeout", worker_idle_timeout, allow_none=True
         )
         if max_total_workers is self._UNSET:
-            max_total_workers = default_limit()
+            max_total_workers = default_limit(self._pool_size)
         self._budget = WorkerBudget(max_total_workers)
         if max_busy_workers is self._UNSET:
-            max_busy_workers = default_busy_limit()
+            max_busy_workers = default_busy_limit(self._pool_size)
         self._busy = BusySlots(max_busy_workers)
         self._worker_options: dict[str, Any] = {
             "max_tasks_per_worker": max_tasks_per_worker,

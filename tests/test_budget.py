@@ -157,6 +157,11 @@ def test_default_and_bad_values() -> None:
         assert manager.max_total_workers == default_limit()
         assert default_limit() >= max(MIN_DEFAULT_WORKERS, DEFAULT_WORKERS_PER_CPU)
         assert manager.max_busy_workers == default_busy_limit() >= 1
+    # A default never holds a lone key's pool below its pool_size.
+    big = default_limit() + 1
+    with WorkerPoolManager(big, 60, 600, memory_sample_interval=None) as manager:
+        assert manager.max_total_workers == big
+        assert manager.max_busy_workers == big
     for option in ("max_total_workers", "max_busy_workers"):
         for bad in (0, -1):
             with pytest.raises(ValueError):
