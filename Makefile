@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test stress lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Before a release: the stress cases bigger and repeated, and the caps'
+# property-based model with more examples (make test runs both, smaller).
+stress: $(STAMP)
+	POOL_MANAGER_STRESS=4 POOL_MANAGER_STRESS_ROUNDS=5 \
+		$(BIN)/python -m pytest -q -p no:randomly tests/test_stress.py tests/test_budget_model.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check pool_manager tests benchmarks

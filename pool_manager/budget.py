@@ -427,9 +427,7 @@ class WorkerBudget:
         return [
             a
             for a in accounts
-            if a.allowed != before[id(a)]
-            or a.live > a.allowed
-            or a.live < min(a.allowed, a.demand)
+            if a.allowed != before[id(a)] or a.live > a.allowed or a.live < min(a.allowed, a.demand)
         ]
 
     # -- stats ---------------------------------------------------------------

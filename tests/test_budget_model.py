@@ -1,0 +1,386 @@
+"""The caps across keys as pure decision logic: property-based, stateful tests.
+
+`WorkerBudget` (``max_total_workers``) and `BusySlots` (``max_busy_workers``)
+are driven by stand-in pools that keep their side of the contract the way
+`BaseWorkerPool` does (a worker per allowance, surplus workers shed as they
+go idle, a place per busy worker), with no processes. Hypothesis draws the
+events: submits, task finishes, worker exits, idle timeouts, disposals, and
+changes that land while a plan is reading the pools (another thread's, in
+the real thing). After every step the limits hold; at any point, finishing
+the work without new submits must end with every task done (no lost
+wake-up), in a bounded number of steps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from pool_manager.budget import BusySlots, WorkerBudget
+
+#: ``make stress`` runs more examples (``POOL_MANAGER_STRESS`` scales them).
+SETTINGS = settings(
+    max_examples=int(150 * float(os.environ.get("POOL_MANAGER_STRESS", "1"))),
+    stateful_step_count=60,
+    deadline=None,
+)
+
+
+class _Worker:
+    __slots__ = ("busy", "leaving")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.leaving = False
+
+
+class _ModelPool:
+    """A pool's side of the budget, as `BaseWorkerPool` keeps it (no processes)."""
+
+    def __init__(self, name: str, budget: WorkerBudget, want: int) -> None:
+        self.name = name
+        self.budget = budget
+        self.want = want
+        self.queued = 0
+        self.workers: list[_Worker] = []
+        self.allowed = 0
+        self.last_submit = 0.0
+        self.disposed = False
+        #: Called once, the next time the budget reads this pool: another
+        #: thread's change landing while a plan is in progress.
+        self.on_read: Callable[[], None] | None = None
+        budget.register(self)  # type: ignore[arg-type]
+
+    # What the budget calls.
+    def _budget_info(self) -> tuple[int, int, int]:
+        info = (self.want, min(self.want, self.unfinished), len(self.workers))
+        hook, self.on_read = self.on_read, None
+        if hook is not None:
+            hook()
+        return info
+
+    def _budget_apply(self) -> None:
+        self.allowed = self.budget.allowed(self)  # type: ignore[arg-type]
+        self.dispatch()
+
+    # Its own bookkeeping.
+    @property
+    def active(self) -> list[_Worker]:
+        return [w for w in self.workers if not w.leaving]
+
+    @property
+    def running(self) -> int:
+        return sum(1 for w in self.workers if w.busy)
+
+    @property
+    def unfinished(self) -> int:
+        return self.queued + self.running
+
+    def dispatch(self) -> None:
+        """As `BaseWorkerPool._dispatch`: shed the surplus, then hand out the queue."""
+        if self.disposed:
+            return
+        surplus = len(self.active) - self.allowed
+        for worker in self.active:
+            if surplus <= 0:
+                break
+            if not worker.busy:
+                worker.leaving = True
+                surplus -= 1
+        for worker in self.active:
+            if self.queued and not worker.busy and len(self.active) <= self.allowed:
+                worker.busy = True
+                self.queued -= 1
+        while self.queued and len(self.active) < min(self.allowed, self.want):
+            worker = _Worker()
+            worker.busy = True
+            self.workers.append(worker)
+            self.queued -= 1
+
+    def wants_workers(self) -> bool:
+        active = len(self.active)
+        return active >= self.allowed and active < min(self.want, self.unfinished)
+
+    def submit(self) -> None:
+        self.queued += 1
+        self.dispatch()
+        self.budget.submitted(self, self.wants_workers())  # type: ignore[arg-type]
+
+    def finish(self, worker: _Worker) -> None:
+        worker.busy = False
+        self.dispatch()
+        self.budget.changed(self, went_idle=self.unfinished == 0, worker_ended=False)  # type: ignore[arg-type]
+
+    def exit(self, worker: _Worker) -> None:
+        self.workers.remove(worker)
+        self.dispatch()
+        self.budget.changed(self, went_idle=False, worker_ended=True)  # type: ignore[arg-type]
+
+    def dispose(self) -> None:
+        self.disposed = True
+        self.budget.unregister(self)  # type: ignore[arg-type]
+
+
+class BudgetMachine(RuleBasedStateMachine):
+    """`WorkerBudget` under random events, with stand-in pools."""
+
+    @initialize(
+        limit=st.integers(1, 6),
+        wants=st.lists(st.integers(1, 4), min_size=1, max_size=6),
+    )
+    def build(self, limit: int, wants: list[int]) -> None:
+        self.limit = limit
+        self.budget = WorkerBudget(limit)
+        self.pools = [_ModelPool(f"p{i}", self.budget, want) for i, want in enumerate(wants)]
+
+    @property
+    def open_pools(self) -> list[_ModelPool]:
+        return [p for p in self.pools if not p.disposed]
+
+    @rule(data=st.data(), count=st.integers(1, 5))
+    def submit(self, data: st.DataObject, count: int) -> None:
+        if not self.open_pools:
+            return
+        pool = data.draw(st.sampled_from(self.open_pools))
+        for _ in range(count):
+            pool.submit()
+
+    @rule(data=st.data())
+    def finish_a_task(self, data: st.DataObject) -> None:
+        busy = [(p, w) for p in self.pools for w in p.workers if w.busy]
+        if busy:
+            pool, worker = data.draw(st.sampled_from(busy))
+            pool.finish(worker)
+
+    @rule(data=st.data())
+    def a_leaving_worker_exits(self, data: st.DataObject) -> None:
+        leaving = [(p, w) for p in self.pools for w in p.workers if w.leaving and not w.busy]
+        if leaving:
+            pool, worker = data.draw(st.sampled_from(leaving))
+            pool.exit(worker)
+
+    @rule(data=st.data())
+    def an_idle_worker_times_out(self, data: st.DataObject) -> None:
+        idle = [(p, w) for p in self.pools for w in p.active if not w.busy]
+        if idle:
+            pool, worker = data.draw(st.sampled_from(idle))
+            worker.leaving = True
+            pool.exit(worker)
+
+    @rule(data=st.data())
+    def a_change_lands_during_the_next_plan(self, data: st.DataObject) -> None:
+        """While the next rebalance reads pool A, a task of pool B finishes (or B submits)."""
+        if not self.open_pools:
+            return
+        reader = data.draw(st.sampled_from(self.open_pools))
+        other = data.draw(st.sampled_from(self.pools))
+        finish = data.draw(st.booleans())
+
+        def change() -> None:
+            busy = [w for w in other.workers if w.busy]
+            if finish and busy:
+                other.finish(busy[0])
+            elif not other.disposed:
+                other.submit()
+
+        reader.on_read = change
+
+    @rule()
+    def rebalance(self) -> None:
+        self.budget.rebalance()
+
+    @precondition(lambda self: len(self.open_pools) > 1)
+    @rule(data=st.data())
+    def dispose_an_idle_pool(self, data: st.DataObject) -> None:
+        idle = [p for p in self.open_pools if p.unfinished == 0 and not p.workers]
+        if idle:
+            data.draw(st.sampled_from(idle)).dispose()
+
+    @invariant()
+    def allowances_never_exceed_the_limit(self) -> None:
+        allowed = [self.budget.allowed(p) for p in self.pools]  # type: ignore[arg-type]
+        assert sum(allowed) <= self.limit, allowed
+
+    @invariant()
+    def a_pool_never_runs_more_than_it_may(self) -> None:
+        for pool in self.open_pools:
+            assert len(pool.active) <= pool.want
+            # Above its allowance only with busy workers (they leave when idle).
+            assert len(pool.active) - pool.allowed <= pool.running, pool.name
+
+    @invariant()
+    def live_workers_never_exceed_the_limit_but_for_those_leaving(self) -> None:
+        live = sum(len(p.workers) for p in self.pools)
+        leaving = sum(1 for p in self.pools for w in p.workers if w.leaving)
+        surplus = sum(max(0, len(p.active) - p.allowed) for p in self.pools)
+        assert live <= self.limit + leaving + surplus
+
+    @invariant()
+    def no_pool_has_queued_work_and_an_unused_place(self) -> None:
+        free = self.limit - sum(max(p.allowed, len(p.workers)) for p in self.pools)
+        for pool in self.open_pools:
+            if pool.queued and len(pool.active) < min(pool.want, pool.unfinished):
+                # Short of workers: the budget has nothing left to give it now.
+                assert pool.allowed <= len(pool.active) and free <= 0, (pool.name, free)
+
+    @invariant()
+    def every_task_finishes_without_new_submits(self) -> None:
+        """Liveness, on a copy of the world: drain it, step by step."""
+        steps = 0
+        pools = self.open_pools
+        # Events are applied to the real objects: drain only at the end of a
+        # run would miss lost wake-ups mid-run, so drain a snapshot instead.
+        snapshot = _snapshot(self.budget, pools)
+        try:
+            while any(p.unfinished for p in pools) or any(
+                w.leaving for p in pools for w in p.workers
+            ):
+                steps += 1
+                assert steps < 500, [(p.name, p.queued, p.running, p.allowed) for p in pools]
+                leaving = [(p, w) for p in pools for w in p.workers if w.leaving and not w.busy]
+                if leaving:
+                    pool, worker = leaving[0]
+                    pool.exit(worker)
+                    continue
+                busy = [(p, w) for p in pools for w in p.workers if w.busy]
+                assert busy, (
+                    "work queued, no worker running, none leaving: a lost wake-up",
+                    [(p.name, p.queued, len(p.workers), p.allowed) for p in pools],
+                )
+                pool, worker = busy[steps % len(busy)]
+                pool.finish(worker)
+        finally:
+            _restore(self.budget, pools, snapshot)
+
+
+def _snapshot(budget: WorkerBudget, pools: list[_ModelPool]) -> object:
+    import copy
+
+    accounts = {key: copy.copy(account) for key, account in budget._accounts.items()}
+    state = (
+        budget._waiting,
+        budget._short,
+        budget._in_use,
+        budget._generation,
+    )
+    workers = {
+        id(p): (p.queued, p.allowed, p.on_read, [(w, w.busy, w.leaving) for w in p.workers])
+        for p in pools
+    }
+    return accounts, state, workers
+
+
+def _restore(budget: WorkerBudget, pools: list[_ModelPool], snapshot: object) -> None:
+    accounts, state, workers = snapshot  # type: ignore[misc]
+    budget._accounts = accounts
+    budget._waiting, budget._short, budget._in_use, budget._generation = state
+    for pool in pools:
+        queued, allowed, on_read, kept = workers[id(pool)]
+        pool.queued, pool.allowed, pool.on_read = queued, allowed, on_read
+        pool.workers = []
+        for worker, busy, leaving in kept:
+            worker.busy, worker.leaving = busy, leaving
+            pool.workers.append(worker)
+
+
+TestBudgetMachine = BudgetMachine.TestCase
+TestBudgetMachine.settings = SETTINGS
+
+
+# -- BusySlots ------------------------------------------------------------------
+
+
+class _PlacePool:
+    """A pool's side of `BusySlots`: a place per busy worker, as `BaseWorkerPool` keeps it."""
+
+    def __init__(self, name: str, slots: BusySlots, size: int) -> None:
+        self.name = name
+        self.slots = slots
+        self.size = size
+        self.queued = 0
+        self.running = 0  # workers running a task, each holding a place
+        self.granted_calls = 0
+
+    def _place_granted(self) -> None:
+        self.granted_calls += 1
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        while self.queued and self.running < self.size and self.slots.take(self):  # type: ignore[arg-type]
+            self.queued -= 1
+            self.running += 1
+        # Places handed to it and not taken go back (as _return_places does).
+        _grant(self.slots.give_back(self, 0))  # type: ignore[arg-type]
+
+    def submit(self, count: int) -> None:
+        self.queued += count
+        self.dispatch()
+
+    def finish(self) -> None:
+        # Its worker keeps its place for the next queued task, or gives it back.
+        if self.queued:
+            self.queued -= 1
+            return
+        self.running -= 1
+        _grant(self.slots.give_back(self, 1))  # type: ignore[arg-type]
+
+
+def _grant(pools: list[object]) -> None:
+    for pool in pools:
+        pool._place_granted()  # type: ignore[attr-defined]
+
+
+class PlacesMachine(RuleBasedStateMachine):
+    @initialize(limit=st.integers(1, 4), sizes=st.lists(st.integers(1, 4), min_size=1, max_size=5))
+    def build(self, limit: int, sizes: list[int]) -> None:
+        self.limit = limit
+        self.slots = BusySlots(limit)
+        self.pools = [_PlacePool(f"p{i}", self.slots, size) for i, size in enumerate(sizes)]
+
+    @rule(data=st.data(), count=st.integers(1, 4))
+    def submit(self, data: st.DataObject, count: int) -> None:
+        data.draw(st.sampled_from(self.pools)).submit(count)
+
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        running = [p for p in self.pools if p.running]
+        if running:
+            data.draw(st.sampled_from(running)).finish()
+
+    @invariant()
+    def places_never_exceed_the_limit(self) -> None:
+        limit, busy, _ = self.slots.counts()
+        assert busy <= self.limit == limit
+        assert sum(p.running for p in self.pools) == busy
+
+    @invariant()
+    def no_pool_waits_while_a_place_is_free(self) -> None:
+        _, busy, waiting = self.slots.counts()
+        queued = [p for p in self.pools if p.queued and p.running < p.size]
+        if queued:
+            assert busy == self.limit, (busy, [(p.name, p.queued, p.running) for p in queued])
+        if waiting:
+            assert busy == self.limit
+
+    @invariant()
+    def all_work_finishes(self) -> None:
+        # The places are plain counts: drain a copy by replaying on fresh objects.
+        slots = BusySlots(self.limit)
+        pools = [_PlacePool(p.name, slots, p.size) for p in self.pools]
+        for pool, real in zip(pools, self.pools):
+            pool.submit(real.queued + real.running)
+        steps = 0
+        while any(p.queued or p.running for p in pools):
+            steps += 1
+            assert steps < 500
+            running = [p for p in pools if p.running]
+            assert running, "work queued and no place in use: a lost wake-up"
+            running[steps % len(running)].finish()
+
+
+TestPlacesMachine = PlacesMachine.TestCase
+TestPlacesMachine.settings = SETTINGS
