@@ -57,14 +57,27 @@ The fairness rule (no key starves another)
     most the task its worker is running (plus starting a worker, tens of
     milliseconds), however long the flood's backlog.
 
-When it runs
+When it runs, and why no wake-up is lost
     Rebalancing runs on ``submit`` (when the pool wants more), when a task
-    finishes while some pool is waiting, when a pool is disposed, and at
-    each supervisor sweep. It never blocks: if a rebalance is running on
-    another thread, that one runs again instead. The budget's own lock
-    guards only its bookkeeping; it is never held while a pool's lock is
-    taken (the pools' locks may be held while it is taken:
-    it is the innermost lock).
+    finishes while some pool is waiting (or goes idle while some pool is
+    short), when a worker exits, when a pool is disposed, and at each
+    supervisor sweep. It never blocks: if a rebalance is running on another
+    thread, that one runs again instead. Two rules keep it from losing a
+    change:
+
+    * An allowance is a level, not a step. A pool keeps its live workers at
+      or below it at every dispatch (idle ones above it leave at once, busy
+      ones as they go idle, and those get no more work meanwhile), whatever
+      happened between the plan and the moment it was told. A worker that
+      leaves rebalances the budget as it exits, so its place is handed on.
+    * Every change a pool reports bumps a generation count. A plan reads the
+      pools one by one; if it leaves a pool waiting or short and the count
+      moved while it planned, it plans again with what changed.
+
+    The budget's own lock guards only its bookkeeping; it is never held
+    while a pool's lock is taken (the pools' locks may be held while it is
+    taken: it is the innermost lock). Pools are told of a new allowance
+    with no lock of the budget's held.
 
 ``manager.stats()["budget"]``: the limit, the allowance in use, the live
 workers, and the keys' pools waiting for a worker (`BudgetStats`).
