@@ -728,6 +728,7 @@ class BaseWorkerPool(WorkerPool):
         to_count("send_size", count, minimum=0)
         with self._lock:
             self._granted = min(self._max_size, (self._granted or 0) + count)
+            self._not_full.notify_all()  # more workers: more room under backpressure
             self._dispatch()
             granted = self._granted
         if self._places_to_return:

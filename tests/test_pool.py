@@ -335,6 +335,26 @@ def test_only_granted_workers_run_at_once(tmp_path: Path) -> None:
         assert len({f.result(timeout=90) for f in futures}) == 4
 
 
+def test_a_grant_wakes_a_submit_blocked_by_backpressure(tmp_path: Path) -> None:
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    with BaseWorkerPool(2, max_pending=0) as pool:
+        pool.grant_workers(1)  # room for one task: the one running
+        try:
+            running = pool.submit(touch_and_wait, str(started), str(gate))
+            assert poll(started.exists, timeout=30)
+            second: list[Future[int]] = []
+            submitter = threading.Thread(target=lambda: second.append(pool.submit(square, 3)))
+            submitter.start()
+            assert poll(lambda: pool._blocked_submits == 1, timeout=30)
+            pool.grant_workers(1)  # a second worker: room for a second task, now
+            submitter.join(timeout=30)
+            assert not submitter.is_alive() and second[0].result(timeout=30) == 9
+            assert not running.done()
+        finally:
+            gate.touch()
+        assert isinstance(running.result(timeout=30), int)
+
+
 def test_grants_never_exceed_max_size_under_concurrent_calls() -> None:
     with BaseWorkerPool(7) as pool:
         pool.grant_workers(0)
