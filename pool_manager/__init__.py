@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .errors import (
         ArgumentUnpicklingError,
         FactoryError,
+        ForkServerError,
         ManagerShutDownError,
         PoolManagerError,
         PoolShutDownError,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
         WorkerLostError,
         WorkerMemoryError,
         WorkerPoolBrokenError,
+        WorkerStartError,
     )
     from .manager import (
         Factory,
@@ -79,6 +81,7 @@ __all__ = [
     "BaseWorkerPool",
     "Factory",
     "FactoryError",
+    "ForkServerError",
     "ManagerShutDownError",
     "ManagerStats",
     "PoolEvent",
@@ -98,6 +101,7 @@ __all__ = [
     "WorkerMemoryError",
     "WorkerPoolBrokenError",
     "WorkerPoolManager",
+    "WorkerStartError",
     "__version__",
     "as_completed",
 ]
@@ -108,6 +112,7 @@ __all__ = [
 _HOMES = {
     "ArgumentUnpicklingError": "errors",
     "FactoryError": "errors",
+    "ForkServerError": "errors",
     "ManagerShutDownError": "errors",
     "PoolManagerError": "errors",
     "PoolShutDownError": "errors",
@@ -119,6 +124,7 @@ _HOMES = {
     "WorkerLostError": "errors",
     "WorkerMemoryError": "errors",
     "WorkerPoolBrokenError": "errors",
+    "WorkerStartError": "errors",
     "Factory": "manager",
     "ManagerStats": "manager",
     "PoolEvent": "manager",

@@ -16,6 +16,13 @@ Starting: a fork server
     goes away (its end of the control socket closes) the server kills its
     workers and exits.
 
+    The server gets the parent's ``sys.path`` as arguments (each entry as
+    ``os.fspath`` gives it), and starts with no signal blocked, whatever the
+    thread that started it had blocked. Until it is ready, what it prints
+    goes to a pipe the parent reads, so that a server that dies at boot
+    raises `ForkServerError` with its traceback; then its stderr (and so
+    its workers') is the parent's.
+
 The wire: one Unix stream socket per worker
     Messages are framed by a fixed header and a body. Parent to worker:
     ``TO_WORKER`` (body length, kind). Worker to parent: ``TO_PARENT`` (body
@@ -27,6 +34,7 @@ The wire: one Unix stream socket per worker
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -35,7 +43,8 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 
 __all__ = [
     "TASKS_META",
@@ -208,7 +217,38 @@ class ForkServerGone(OSError):
     """The fork server exited (or was killed): start a new one."""
 
 
-_BOOT = "import sys; sys.path[:] = {path!r}; from pool_manager._process import serve; serve({fd})"
+#: The server's ``-c`` code. Its ``sys.path`` comes as arguments (strings,
+#: so no entry's repr has to be valid Python), which it takes off ``sys.argv``.
+_BOOT = (
+    "import sys; sys.path[:] = sys.argv[1:]; del sys.argv[1:]; "
+    "from pool_manager._process import serve; serve({control}, {stderr})"
+)
+
+#: Seconds a fork server may take to boot before it is killed (and
+#: `ForkServerError` raised): an interpreter start and a few imports, about
+#: 50 ms on an idle machine.
+SERVER_BOOT_TIMEOUT = 60.0
+#: The most of a server's boot output kept (its last bytes) for the error.
+_BOOT_OUTPUT_LIMIT = 1 << 16
+
+
+def _server_path(path: Iterable[object]) -> list[str]:
+    """``sys.path`` as strings for the server's arguments: ``os.fspath`` of each entry.
+
+    Entries that are not paths (or cannot be passed as an argument: a NUL
+    character, or no encoding for the file system) are left out, as the
+    import system ignores what it cannot use.
+    """
+    entries = []
+    for entry in path:
+        try:
+            text = os.fsdecode(entry)  # type: ignore[arg-type]  # (TypeError: not a path)
+            os.fsencode(text)
+        except (TypeError, UnicodeError):
+            continue
+        if "\0" not in text:
+            entries.append(text)
+    return entries
 
 
 class ForkServer:
@@ -216,25 +256,38 @@ class ForkServer:
 
     `start_worker` may be called from any thread; each call takes a few
     milliseconds (the server forks and answers with the pid).
+
+    Raises:
+        OSError: the server process could not be started (out of file
+            descriptors or processes, say).
     """
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
         self._lock = threading.Lock()
         self._control = ours
-        code = _BOOT.format(path=list(sys.path), fd=theirs.fileno())
+        stderr = -1  # the parent's stderr, for the server once it has booted
         try:
+            try:
+                stderr = os.dup(2)
+            except OSError as error:
+                if error.errno != errno.EBADF:
+                    raise  # (no stderr at all: the server writes to /dev/null)
+            code = _BOOT.format(control=theirs.fileno(), stderr=stderr)
             with signals_blocked():
                 self._process = subprocess.Popen(
-                    [sys.executable, "-c", code],
-                    pass_fds=(theirs.fileno(),),
+                    [sys.executable, "-c", code, *_server_path(sys.path)],
+                    pass_fds=(theirs.fileno(),) if stderr < 0 else (theirs.fileno(), stderr),
                     stdin=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
                 )
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
+            if stderr >= 0:
+                os.close(stderr)
         self.pid = self._process.pid
         self.gone = False
         self._ready = False  # its READY byte has been read
@@ -243,26 +296,78 @@ class ForkServer:
         """Wait until the server has booted (its imports done) and can fork at once.
 
         Raises:
-            ForkServerGone: it exited before it was ready.
+            ForkServerError: it exited before it was ready, or did not get
+                ready within ``SERVER_BOOT_TIMEOUT`` seconds (then it is
+                killed); the message holds what it printed.
+            ForkServerGone: it had already exited.
         """
         with self._lock:
             self._await_ready()
 
     def _await_ready(self) -> None:
         # (holds _lock) The first byte on the control socket says it is ready.
+        # Until then the server's stderr is a pipe, read here as it comes (a
+        # full pipe would stall its boot): on success what it printed is
+        # passed on to our stderr, on failure it goes into the error.
         if self.gone:
             raise ForkServerGone("the fork server has exited")
         if self._ready:
             return
+        pipe = self._process.stderr
+        assert pipe is not None
+        output = bytearray()
+        reply = b""
+        deadline = time.monotonic() + SERVER_BOOT_TIMEOUT
+        poller = select.poll()  # (not select.select: our descriptors may be >= 1024)
+        poller.register(self._control, select.POLLIN)
+        poller.register(pipe, select.POLLIN)
+        timed_out = True
+        while time.monotonic() < deadline:
+            events = poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
+            if any(fd == self._control.fileno() for fd, _ in events):
+                with contextlib.suppress(OSError):
+                    reply = self._control.recv(1)
+                timed_out = False
+                break
+            if events and not _read_some(pipe.fileno(), output):
+                poller.unregister(pipe)
+        if reply == SERVER_READY:
+            # It switched its stderr to ours before it said so: the pipe ends here.
+            os.set_blocking(pipe.fileno(), False)
+            while _read_some(pipe.fileno(), output):
+                pass
+            pipe.close()
+            _write_stderr(output)
+            self._ready = True
+            return
+        self.gone = True
+        if timed_out:
+            self._process.kill()
+        exitcode: int | None = None
         try:
-            reply = _recv_exactly(self._control, 1)
-        except OSError as error:
-            self.gone = True
-            raise ForkServerGone(f"the fork server has exited: {error}") from error
-        if reply != SERVER_READY:
-            self.gone = True
-            raise ForkServerGone("the fork server exited as it started")
-        self._ready = True
+            exitcode = self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()  # (it closed its socket, but lives on)
+            self._process.wait()
+        os.set_blocking(pipe.fileno(), False)
+        while _read_some(pipe.fileno(), output):
+            pass
+        pipe.close()
+        text = output[-_BOOT_OUTPUT_LIMIT:].decode("utf-8", "replace").rstrip()
+        if timed_out:
+            what = f"did not start within {SERVER_BOOT_TIMEOUT:g}s and was killed"
+        else:
+            from .errors import describe_exit  # (not at the top: the server need not load it)
+
+            what = f"exited as it started ({describe_exit(exitcode)})"
+        printed = f"; it printed:\n{text}" if text else ", printing nothing"
+        from .errors import ForkServerError
+
+        raise ForkServerError(
+            f"the fork server, which worker processes are forked from, {what}{printed}",
+            output=text,
+            exitcode=exitcode,
+        )
 
     def start_worker(self) -> tuple[int, socket.socket, int]:
         """Fork a worker: returns its pid, the pool's end of its socket, its status pipe.
@@ -271,10 +376,17 @@ class ForkServer:
 
         Raises:
             ForkServerGone: the server is not running any more.
-            OSError: the fork failed (the server is fine).
+            ForkServerError: the server died (or hung) as it booted.
+            OSError: the fork failed (the server is fine), or we are out of
+                descriptors for the worker's socket and status pipe.
         """
         ours, theirs = socket.socketpair()
-        status_read, status_write = os.pipe()
+        try:
+            status_read, status_write = os.pipe()
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
         try:
             with self._lock:
                 self._await_ready()
@@ -307,11 +419,38 @@ class ForkServer:
         with self._lock:
             self.gone = True
             self._control.close()
+            if self._process.stderr is not None:
+                self._process.stderr.close()  # (still open if it never got ready)
         try:
             self._process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+def _read_some(fd: int, output: bytearray) -> bool:
+    """Read what is in pipe ``fd`` into ``output``; False at its end (or nothing there).
+
+    ``output`` keeps the last ``_BOOT_OUTPUT_LIMIT`` bytes; what comes before
+    goes on to our stderr.
+    """
+    try:
+        chunk = os.read(fd, 65536)
+    except OSError:  # (BlockingIOError: nothing more for now)
+        return False
+    output += chunk
+    if len(output) > _BOOT_OUTPUT_LIMIT:
+        _write_stderr(output[:-_BOOT_OUTPUT_LIMIT])
+        del output[:-_BOOT_OUTPUT_LIMIT]
+    return bool(chunk)
+
+
+def _write_stderr(data: bytes | bytearray) -> None:
+    """Pass what the fork server printed on to our stderr (where it prints once booted)."""
+    with contextlib.suppress(OSError):
+        written = 0
+        while written < len(data):
+            written += os.write(2, data[written:])
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
@@ -340,10 +479,10 @@ def acquire_server(replace: ForkServer | None = None) -> ForkServer:
     global _server, _holders
     old = None
     with _server_lock:
+        if _server is None or _server.gone or _server is replace:
+            old, _server = _server, ForkServer()  # (if it raises, nothing is held)
         if replace is None:
             _holders += 1
-        if _server is None or _server.gone or _server is replace:
-            old, _server = _server, ForkServer()
         server = _server
     if old is not None:
         old.stop()
@@ -374,11 +513,18 @@ if hasattr(os, "register_at_fork"):
 # -- the fork server, server side ----------------------------------------------
 
 
-def serve(control_fd: int) -> None:
-    """The fork server's main loop (runs in the server process)."""
+def serve(control_fd: int, stderr_fd: int = -1) -> None:
+    """The fork server's main loop (runs in the server process).
+
+    ``stderr_fd``: the parent's stderr, which becomes the server's (and its
+    workers') once it has booted; -1: none (``/dev/null``).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, MAIN_THREAD_SIGNALS)
+        # Whatever the thread that started us had blocked (exec keeps the
+        # mask), nothing is blocked here: a blocked SIGCHLD would hide every
+        # worker's exit. The workers start with this empty mask too.
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
     from . import _worker  # preloaded: every worker has it, and cloudpickle, from the start
 
     control = socket.socket(fileno=control_fd)
@@ -388,10 +534,22 @@ def serve(control_fd: int) -> None:
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     children: dict[int, int] = {}  # pid -> the write end of its status pipe
+    # Booted: from here on, what the server and its workers print goes to
+    # the parent's stderr, not to the pipe the parent read during the boot.
+    sys.stderr.flush()
+    if stderr_fd < 0:
+        stderr_fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(stderr_fd, 2)
+    os.close(stderr_fd)
     control.sendall(SERVER_READY)
+    # poll, not select.select: the control socket has the number it had in
+    # the parent, which may be 1024 or more.
+    poller = select.poll()
+    poller.register(control.fileno(), select.POLLIN)
+    poller.register(wake_read, select.POLLIN)
     try:
         while True:
-            readable, _, _ = select.select([control.fileno(), wake_read], [], [])
+            readable = {fd for fd, _ in poller.poll()}
             if wake_read in readable:
                 with contextlib.suppress(OSError):
                     while os.read(wake_read, 512):

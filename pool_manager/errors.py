@@ -12,6 +12,7 @@ from concurrent.futures.process import BrokenProcessPool
 __all__ = [
     "ArgumentUnpicklingError",
     "FactoryError",
+    "ForkServerError",
     "ManagerShutDownError",
     "PoolManagerError",
     "PoolShutDownError",
@@ -23,6 +24,7 @@ __all__ = [
     "WorkerLostError",
     "WorkerMemoryError",
     "WorkerPoolBrokenError",
+    "WorkerStartError",
     "describe_exit",
 ]
 
@@ -103,6 +105,50 @@ class WorkerLostError(WorkerPoolBrokenError):
             pid=pid,
             exitcode=exitcode,
         )
+
+
+class WorkerStartError(WorkerPoolBrokenError):
+    """No worker process could be started to run this task; it was not run.
+
+    The cause (``__cause__``) says why: an ``OSError`` from the system
+    (``EMFILE``/``ENFILE``: out of file descriptors; ``EAGAIN``: out of
+    processes; ``ENOMEM``), which the pool retried with a short back-off
+    before it gave up, or a `ForkServerError` (the fork server died as it
+    started), which it did not retry. Only tasks that no live worker of the
+    pool could take fail; the pool stays usable, and the next ``submit``
+    tries to start a worker again.
+    """
+
+    @classmethod
+    def for_cause(cls, cause: BaseException, seconds: float) -> WorkerStartError:
+        """The error for tasks that ``cause`` kept from starting (``seconds``: retried so long)."""
+        tried = f" (tried for {seconds:.1f}s)" if seconds > 0 else ""
+        advice = ""
+        if isinstance(cause, OSError):
+            advice = ". Free what it names (file descriptors, processes, memory) and submit again"
+        error = cls(
+            f"could not start a worker process{tried}, so the task was not run: {cause}{advice}"
+        )
+        error.__cause__ = cause
+        return error
+
+
+class ForkServerError(PoolManagerError, RuntimeError):
+    """The fork server (the process that worker processes are forked from) failed to start.
+
+    It exited (or hung) before it was ready, so no worker can start. Its
+    message holds what the server printed (usually a traceback: a module on
+    ``sys.path`` that shadows one it imports, a broken environment);
+    ``output`` holds the same text, ``exitcode`` its exit status (negative:
+    killed by that signal; ``None``: unknown). `WorkerPoolManager` raises it;
+    a pool's tasks fail with `WorkerStartError` caused by it. The next
+    attempt starts a new server.
+    """
+
+    def __init__(self, message: str, *, output: str = "", exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.output = output
+        self.exitcode = exitcode
 
 
 class TaskKilledError(WorkerLostError):

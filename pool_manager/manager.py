@@ -247,6 +247,10 @@ class WorkerPoolManager:
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.
+        ForkServerError: the fork server (that worker processes are forked
+            from) died as it started; the message holds what it printed.
+        OSError: the fork server could not be started (out of file
+            descriptors or processes, say).
     """
 
     _UNSET: Any = object()
@@ -334,24 +338,26 @@ class WorkerPoolManager:
         grace = to_seconds("shutdown_grace", shutdown_grace)
         assert grace is not None
         self.shutdown_grace: float = grace
-        self.handles_signals = bool(handle_signals) and _signals.install_sigterm_handler()
 
+        # The fork server starts now, and the manager waits for it (about
+        # 50 ms, once per process): a new key's first worker is then a fork
+        # away, and no pool waits for an interpreter to boot while it holds
+        # its lock. A server that cannot start raises here, before anything
+        # else (signal handler, supervisor) is set up.
+        server = _process.acquire_server()
+        try:
+            server.wait_ready()
+        except BaseException:
+            _process.release_server()
+            raise
+        self._holds_server = True
+
+        self.handles_signals = bool(handle_signals) and _signals.install_sigterm_handler()
         self._supervisor = Supervisor(
             self._supervised_sweep, clock, name=f"pool_manager-supervisor-{id(self):x}"
         )
         self._supervisor.start()
         _live_managers.add(self)
-        # The fork server starts now, and the manager waits for it (about
-        # 50 ms, once per process): a new key's first worker is then a fork
-        # away, and no pool waits for an interpreter to boot while it holds
-        # its lock. A server that fails to start is logged; the pools try
-        # again when they need a worker.
-        server = _process.acquire_server()
-        self._holds_server = True
-        try:
-            server.wait_ready()
-        except OSError:
-            logger.warning("the fork server did not start; pools will try again", exc_info=True)
 
     # -- configuration ---------------------------------------------------
 

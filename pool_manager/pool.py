@@ -27,12 +27,20 @@ flushes output, learns of worker exits from the fork server's status pipes,
 and retires workers idle past ``idle_timeout``. A worker that dies takes
 only the task it was running; the tasks sent to it but not started go back
 to the front of the queue.
+
+A worker that cannot start (the system is out of descriptors, processes or
+memory) is tried again with a back-off by the pool's *start-retry thread*,
+which runs only while that lasts (a pool with no worker has no I/O thread
+to do it): nothing sleeps under the pool's lock, and ``submit`` never
+waits for it. When it gives up, the queued tasks that no live worker of the
+pool can take fail with `WorkerStartError`.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import functools
 import itertools
 import logging
@@ -51,7 +59,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import _RemoteTraceback
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypedDict, TypeVar
 
 from . import _process, _signals
 from ._durations import Duration, to_bytes, to_count, to_seconds
@@ -86,6 +94,7 @@ from ._worker import (
 )
 from .errors import (
     ArgumentUnpicklingError,
+    ForkServerError,
     PoolShutDownError,
     PoolTerminatedError,
     ResultUnpicklingError,
@@ -94,6 +103,7 @@ from .errors import (
     WorkerLostError,
     WorkerMemoryError,
     WorkerPoolBrokenError,
+    WorkerStartError,
     describe_exit,
 )
 
@@ -135,6 +145,21 @@ BUSY_QUANTUM = 0.04
 #: How many workers in a row may end before finishing a task (a failing
 #: initializer, workers killed as they start) before the queued tasks fail.
 MAX_ATTEMPTS = 3
+
+#: A worker that cannot start for want of what the system may soon have
+#: again (descriptors, processes, memory: EMFILE, ENFILE, EAGAIN, ENOMEM) is
+#: tried again after this many seconds, then twice as long each time, up to
+#: ``START_RETRY_MAX`` ...
+START_RETRY_FIRST = 0.05
+START_RETRY_MAX = 1.0
+#: ... for this many seconds after the first failure in a row; then the
+#: queued tasks that no live worker of the pool can take fail with
+#: `WorkerStartError`, and the next submit tries again. Other failures (a
+#: fork server that dies as it boots) fail those tasks at once.
+START_RETRY_WINDOW = 10.0
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOBUFS}
+)
 
 #: ``map`` with no chunk size: a sized input is cut in about this many
 #: chunks per worker; an unsized one in chunks of about this many seconds.
@@ -376,6 +401,61 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
 
     def cancel(self) -> bool:
         return self._pool._cancel(self)
+
+
+class _StartTrouble:
+    """Workers of a pool fail to start (guarded by the pool's lock): since when,
+    why, and when the start-retry thread tries again."""
+
+    __slots__ = ("attempts", "error", "given_up", "retry_at", "since")
+
+    def __init__(self, since: float, error: BaseException) -> None:
+        self.since = since  #: time.monotonic() of the first failure in a row
+        self.error = error  #: the last failure
+        self.attempts = 0
+        self.retry_at = since  #: time.monotonic() of the next try
+        self.given_up = False  #: no more tries: fail what no live worker can take
+
+
+def _worth_retrying(error: BaseException) -> bool:
+    """A worker start failed for want of something the system may soon have again."""
+    if isinstance(error, ForkServerError):
+        return False  # it died as it booted: it would again
+    if isinstance(error, OSError):
+        return isinstance(error, _process.ForkServerGone) or error.errno in _TRANSIENT_ERRNOS
+    return isinstance(error, RuntimeError)  # "can't start new thread": out of processes
+
+
+class _IOResources(NamedTuple):
+    """A new I/O thread's wake-up pipe and selector, made before its worker starts."""
+
+    wake_read: int
+    wake_write: int
+    selector: selectors.BaseSelector
+
+    @classmethod
+    def create(cls) -> _IOResources:
+        wake_read, wake_write = os.pipe()
+        try:
+            os.set_blocking(wake_read, False)
+            os.set_blocking(wake_write, False)
+            selector = selectors.DefaultSelector()
+        except BaseException:
+            os.close(wake_read)
+            os.close(wake_write)
+            raise
+        resources = cls(wake_read, wake_write, selector)
+        try:
+            selector.register(wake_read, selectors.EVENT_READ, None)
+        except BaseException:
+            resources.close()
+            raise
+        return resources
+
+    def close(self) -> None:
+        self.selector.close()
+        os.close(self.wake_read)
+        os.close(self.wake_write)
 
 
 class _Worker:
@@ -707,6 +787,15 @@ class BaseWorkerPool(WorkerPool):
         self._last_io_thread: threading.Thread | None = None
         self._wake_fd: int | None = None  # the I/O thread's wake-up pipe
         self._io_changes: list[_Worker] = []  # for the I/O thread: new, or output waiting
+        #: Workers failing to start (see _start_failed); None while they start.
+        #: While it is set, the start-retry thread runs.
+        self._start_trouble: _StartTrouble | None = None
+        self._retry_thread: threading.Thread | None = None
+        self._last_retry_thread: threading.Thread | None = None
+        self._retry_due = threading.Condition(self._lock)  # the retry thread waits here
+        #: Tasks failed under _lock with no thread to finish them (none could
+        #: start): whoever releases the lock next finishes them.
+        self._undelivered: list[tuple[_TaskFuture, bool | None, Any]] = []
 
     # -- WorkerPool ------------------------------------------------------
 
@@ -733,6 +822,8 @@ class BaseWorkerPool(WorkerPool):
             granted = self._granted
         if self._places_to_return:
             self._return_places()
+        if self._undelivered:
+            self._deliver_undelivered()
         return granted
 
     @property
@@ -840,6 +931,8 @@ class BaseWorkerPool(WorkerPool):
             self._dispatch()
         if self._places_to_return:
             self._return_places()
+        if self._undelivered:
+            self._deliver_undelivered()
 
     # ProcessPoolExecutor's private views of its workers, which code (and
     # CPython's own tests) read.
@@ -870,7 +963,9 @@ class BaseWorkerPool(WorkerPool):
 
         Returns a ``concurrent.futures.Future``. Blocks while the pool is full
         (only when ``max_pending`` is set). The first submit starts a worker
-        process (a few milliseconds: it is forked from the fork server).
+        process (a few milliseconds: it is forked from the fork server). If
+        no worker can start (see `START_RETRY_WINDOW`), the future fails with
+        `WorkerStartError`; ``submit`` itself does not wait for the retries.
 
         Raises:
             TypeError: ``fn`` is not callable.
@@ -958,6 +1053,8 @@ class BaseWorkerPool(WorkerPool):
                 self._dispatch()
         if self._places_to_return:
             self._return_places()
+        if self._undelivered:
+            self._deliver_undelivered()
         return future
 
     def kill_task(self, future: Future[Any]) -> bool:
@@ -1096,13 +1193,17 @@ class BaseWorkerPool(WorkerPool):
                     self._drained.wait()
             if not self._outstanding:
                 self._retire_all()
+            self._retry_due.notify_all()  # with nothing queued, the retry thread ends
             if not wait:
                 return
             while self._io_thread is not None:
                 self._io_done.wait()
             thread = self._last_io_thread
+            retry_thread = self._last_retry_thread
         if thread is not None:
             thread.join()
+        if retry_thread is not None and retry_thread is not threading.current_thread():
+            retry_thread.join()
         self._drop_server()
         _live_pools.discard(self)
         if self._busy_slots is not None:
@@ -1230,7 +1331,7 @@ class BaseWorkerPool(WorkerPool):
                 # Without a place, it waits in line; a busy worker within
                 # its time slice may still take more.
                 worker = idle if self._take_place(idle) else best
-            elif active < limit and (busy is None or busy.take(self)):
+            elif active < limit and self._may_start(now) and (busy is None or busy.take(self)):
                 worker = self._start_worker()
                 if worker is None:
                     if busy is not None:
@@ -1287,6 +1388,8 @@ class BaseWorkerPool(WorkerPool):
         with self._lock:
             self._dispatch()
         self._return_places()
+        if self._undelivered:
+            self._deliver_undelivered()
 
     def _send_tasks(self, worker: _Worker, batch: list[_TaskFuture]) -> None:
         worker.assigned.extend(batch)
@@ -1334,8 +1437,13 @@ class BaseWorkerPool(WorkerPool):
             self._retire(worker, SHUTDOWN)
 
     def _start_worker(self) -> _Worker | None:
-        """Fork a new worker from the fork server; None if that failed (logged)."""
+        """Fork a new worker from the fork server; None if that failed (`_start_failed`)."""
+        io = None
         try:
+            if self._io_thread is None:
+                # Made first: a process out of descriptors fails this start,
+                # rather than the I/O thread once its worker runs.
+                io = _IOResources.create()
             if self._server is None:
                 self._server = _process.acquire_server()
             try:
@@ -1343,29 +1451,134 @@ class BaseWorkerPool(WorkerPool):
             except _process.ForkServerGone:
                 self._server = _process.acquire_server(replace=self._server)
                 pid, sock, status_fd = self._server.start_worker()
-        except OSError:
-            logger.exception("could not start a worker process")
+        except (OSError, ForkServerError) as error:
+            if io is not None:
+                io.close()
+            self._start_failed(error)
             return None
+        if io is not None:
+            thread = threading.Thread(
+                target=self._io_loop, args=(io,), name="pool_manager-io", daemon=True
+            )
+            try:
+                with _process.signals_blocked():
+                    thread.start()
+            except RuntimeError as error:  # no thread to serve it: the worker goes
+                _kill(pid)
+                sock.close()
+                os.close(status_fd)
+                io.close()
+                self._start_failed(error)
+                return None
+            self._wake_fd = io.wake_write
+            self._io_thread = self._last_io_thread = thread
+        if self._start_trouble is not None:
+            self._start_trouble = None
+            self._retry_due.notify_all()  # the retry thread's work is done
         sock.setblocking(False)
         worker = _Worker(pid, sock, status_fd, time.monotonic())
         self._workers[pid] = worker
         _live_pools.add(self)
         self._send(worker, self._init_message)
         self._io_changes.append(worker)
-        if self._io_thread is None:
-            read_fd, write_fd = os.pipe()
-            os.set_blocking(read_fd, False)
-            os.set_blocking(write_fd, False)
-            self._wake_fd = write_fd
-            thread = threading.Thread(
-                target=self._io_loop, args=(read_fd,), name="pool_manager-io", daemon=True
-            )
-            with _process.signals_blocked():
-                thread.start()
-            self._io_thread = self._last_io_thread = thread
-        else:
+        if io is None:
             self._wake()
         return worker
+
+    # -- workers that fail to start --------------------------------------------
+
+    def _may_start(self, now: float) -> bool:
+        """(Holds _lock) No failed start waits for its retry (the retry thread makes it)."""
+        trouble = self._start_trouble
+        return trouble is None or (not trouble.given_up and now >= trouble.retry_at)
+
+    def _start_failed(self, error: BaseException) -> None:
+        """(Holds _lock) A worker did not start: the retry thread tries again
+        after a back-off, or gives up (`_give_up_starting`)."""
+        now = time.monotonic()
+        trouble = self._start_trouble
+        if trouble is None:
+            trouble = self._start_trouble = _StartTrouble(now, error)
+            logger.warning("could not start a worker process: %s", error)
+        else:
+            logger.debug("could not start a worker process (again): %s", error)
+        trouble.error = error
+        trouble.attempts += 1
+        if not _worth_retrying(error) or now - trouble.since >= START_RETRY_WINDOW:
+            trouble.given_up = True
+        else:
+            backoff = START_RETRY_FIRST * 2 ** min(trouble.attempts - 1, 32)
+            trouble.retry_at = now + min(START_RETRY_MAX, backoff)
+        if self._retry_thread is not None:
+            self._retry_due.notify_all()
+            return
+        thread = threading.Thread(
+            target=self._retry_starts, name="pool_manager-start-retry", daemon=True
+        )
+        try:
+            with _process.signals_blocked():
+                thread.start()
+        except RuntimeError:
+            # No thread to try again later (out of processes): give up now.
+            self._give_up_starting(self._undelivered)
+            return
+        self._retry_thread = self._last_retry_thread = thread
+
+    def _give_up_starting(self, failures: list[tuple[_TaskFuture, bool | None, Any]]) -> None:
+        """(Holds _lock) Stop retrying; fail the queued tasks unless a live worker will run them.
+
+        The next worker wanted is tried at once.
+        """
+        trouble, self._start_trouble = self._start_trouble, None
+        if trouble is None or any(w.leaving is None for w in self._workers.values()):
+            return
+        tried = time.monotonic() - trouble.since if trouble.attempts > 1 else 0.0
+        self._fail_queued(WorkerStartError.for_cause(trouble.error, tried), failures)
+
+    def _has_queued(self) -> bool:
+        return any(not future._dropped for future in self._pending)
+
+    def _retry_starts(self) -> None:
+        """The start-retry thread: runs while workers fail to start (see `_start_failed`).
+
+        Waits (on ``_retry_due``, never sleeping with the lock held) until a
+        retry is due and tries then; ends when a worker starts, when nothing
+        is queued, or when it gives up (then the tasks fail here).
+        """
+        failures: list[tuple[_TaskFuture, bool | None, Any]] = []
+        with self._lock:
+            while True:
+                trouble = self._start_trouble
+                if trouble is None:
+                    break  # a worker started
+                if trouble.given_up or self._terminating or not self._has_queued():
+                    self._give_up_starting(failures)
+                    break
+                delay = trouble.retry_at - time.monotonic()
+                if delay > 0:
+                    self._retry_due.wait(delay)
+                    continue
+                attempts = trouble.attempts
+                self._dispatch()
+                if self._start_trouble is trouble and trouble.attempts == attempts:
+                    # No worker was wanted after all (one came free, or the
+                    # budget said no): the next one wanted is tried at once.
+                    self._start_trouble = None
+                    break
+            self._retry_thread = None
+            failures.extend(self._undelivered)
+            self._undelivered.clear()
+        if self._places_to_return:
+            self._return_places()
+        if failures:
+            self._finish_tasks(failures)
+
+    def _deliver_undelivered(self) -> None:
+        """Finish the tasks failed where the lock was held (call with no lock held)."""
+        with self._lock:
+            done, self._undelivered = self._undelivered, []
+        if done:
+            self._finish_tasks(done)
 
     def _wake(self) -> None:
         if self._wake_fd is not None:
@@ -1391,9 +1604,8 @@ class BaseWorkerPool(WorkerPool):
 
     # -- the I/O thread -------------------------------------------------------
 
-    def _io_loop(self, wake_read: int) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(wake_read, selectors.EVENT_READ, None)
+    def _io_loop(self, io: _IOResources) -> None:
+        wake_read, selector = io.wake_read, io.selector
         try:
             while True:
                 with self._lock:
@@ -1572,6 +1784,8 @@ class BaseWorkerPool(WorkerPool):
             if self._shut_down and not self._outstanding:
                 self._retire_all()
             budget = self._budget
+            failures.extend(self._undelivered)
+            self._undelivered.clear()
         done: list[tuple[_TaskFuture, bool | None, Any]] = [
             (future, *_load_outcome(ok, body)) for future, ok, body in results
         ]
