@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test stress lint bench clean
+.PHONY: install demo test test-all stress lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,44 @@ test: $(STAMP)
 # property-based model with more examples (make test runs both, smaller).
 stress: $(STAMP)
 	POOL_MANAGER_STRESS=4 POOL_MANAGER_STRESS_ROUNDS=5 \
-		$(BIN)/python -m pytest -q -p no:randomly tests/test_stress.py tests/test_budget_model.py
+		$(BIN)/python -m pytest -q tests/test_stress.py tests/test_budget_model.py
+
+# `make test-all`: for each Python the package supports that this machine has
+# (python3.X on the PATH if it runs, else pyenv's newest 3.X), a venv of its
+# own (.venv-3.X) with the test extras, the suite, then CPython's own
+# concurrent.futures tests of that version run against BaseWorkerPool
+# (tests/test_cpython_executor_suite.py; it says why when it skips: pytest's
+# status 5, nothing collected). A version that is not installed is skipped
+# with a note; any failure fails the target, after every version has run.
+TEST_VERSIONS ?= 3.10 3.11 3.12 3.13
+PYENV_ROOT    ?= $(HOME)/.pyenv
+CPYTHON_SUITE := tests/test_cpython_executor_suite.py
+
+test-all:
+	@failed=""; \
+	for version in $(TEST_VERSIONS); do \
+	  python=""; \
+	  if python$$version -c "" >/dev/null 2>&1; then python=python$$version; \
+	  else python=$$(ls -d $(PYENV_ROOT)/versions/$$version.*/bin/python$$version 2>/dev/null \
+	                  | sort -V | tail -n 1); fi; \
+	  if [ -z "$$python" ]; then echo "== Python $$version: not found, skipped"; continue; fi; \
+	  venv=.venv-$$version; \
+	  echo "== Python $$version ($$python) in $$venv"; \
+	  if [ ! -f $$venv/.installed-stamp ] || [ pyproject.toml -nt $$venv/.installed-stamp ]; then \
+	    $$python -m venv $$venv \
+	    && $$venv/bin/python -m pip install --quiet --disable-pip-version-check \
+	         -e '.[test,progress,dask]' \
+	    && touch $$venv/.installed-stamp \
+	    || { failed="$$failed $$version(install)"; continue; }; \
+	  fi; \
+	  $$venv/bin/python -m pytest --ignore=$(CPYTHON_SUITE) \
+	    || failed="$$failed $$version(suite)"; \
+	  $$venv/bin/python -m pytest $(CPYTHON_SUITE); status=$$?; \
+	  if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then \
+	    failed="$$failed $$version(cpython-suite)"; fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "== failed:$$failed"; exit 1; fi; \
+	echo "== every version passed"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pool_manager tests benchmarks
@@ -48,4 +85,4 @@ bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m pool_manager bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .venv-3.* build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -397,7 +397,8 @@ class DaskWorkerPool(WorkerPool):
         Raises:
             ValueError: ``chunksize`` < 1.
             ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
-            TimeoutError: (on iteration) a result was not ready in time.
+            ResultTimeoutError: (on iteration) a result was not ready in time (a
+                ``TimeoutError`` and a ``concurrent.futures.TimeoutError``, also on 3.10).
             Exception: (on iteration) whatever ``fn`` raised.
         """
         # list(map(fn, chunk)) on the worker, from builtins and toolz only,

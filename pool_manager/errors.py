@@ -5,8 +5,10 @@ Each class says what happened; its message says what to do about it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import pickle
 import signal
+import sys
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "PoolManagerError",
     "PoolShutDownError",
     "PoolTerminatedError",
+    "ResultTimeoutError",
     "ResultUnpicklingError",
     "TaskKilledError",
     "TaskTimeoutError",
@@ -169,11 +172,27 @@ class WorkerMemoryError(WorkerLostError):
         self.size = size
 
 
-class TaskTimeoutError(PoolManagerError, TimeoutError):
+if sys.version_info >= (3, 11):
+
+    class _TimeoutErrors(TimeoutError):
+        """``TimeoutError``, which ``concurrent.futures.TimeoutError`` is from 3.11."""
+
+else:
+
+    class _TimeoutErrors(concurrent.futures.TimeoutError, TimeoutError):
+        """Both ``TimeoutError`` classes: on 3.10 ``concurrent.futures`` has its own.
+
+        Code written for ``ProcessPoolExecutor`` catches the one, code written
+        for 3.11 and later the other.
+        """
+
+
+class TaskTimeoutError(PoolManagerError, _TimeoutErrors):
     """The task ran past its deadline (``task_timeout``); its worker was ended.
 
-    A ``TimeoutError``. ``timeout`` is the deadline in seconds, ``pid`` the
-    worker that was ended; the pool replaced it.
+    A ``TimeoutError`` and a ``concurrent.futures.TimeoutError`` (two classes
+    on 3.10, one from 3.11). ``timeout`` is the deadline in seconds, ``pid``
+    the worker that was ended; the pool replaced it.
     """
 
     def __init__(self, message: str, *, pid: int, timeout: float) -> None:
@@ -182,8 +201,24 @@ class TaskTimeoutError(PoolManagerError, TimeoutError):
         self.timeout = timeout
 
 
-class TaskUnpicklingError(PoolManagerError, pickle.UnpicklingError):
-    """A task's arguments or result could not be unpickled; only that task failed."""
+class ResultTimeoutError(PoolManagerError, _TimeoutErrors):
+    """A result was not ready within the ``timeout`` given to ``map`` or ``as_completed``.
+
+    A ``TimeoutError`` and a ``concurrent.futures.TimeoutError`` (two classes
+    on 3.10, one from 3.11), raised on iteration as ``Executor.map`` raises
+    its timeout. The tasks keep running; ``map`` cancels those not started.
+    Give a larger ``timeout``, or ``None`` to wait for as long as they take.
+    """
+
+
+class TaskUnpicklingError(PoolManagerError, pickle.UnpicklingError, BrokenProcessPool):
+    """A task's arguments or result could not be unpickled; only that task failed.
+
+    A ``pickle.UnpicklingError`` and a ``BrokenProcessPool`` (so a
+    ``BrokenExecutor``): ``ProcessPoolExecutor`` raises ``BrokenProcessPool``
+    for a poison argument or result, so code that catches it still does.
+    Unlike there, the pool is not broken: its other tasks run on.
+    """
 
 
 class ArgumentUnpicklingError(TaskUnpicklingError):

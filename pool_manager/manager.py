@@ -943,6 +943,7 @@ class WorkerPoolManager:
         if wait:
             for entry in entries:
                 self._dispose(entry)
+            self._supervisor.stop(wait=True)
 
     def terminate(self) -> None:
         """Stop now: dispose every pool at once, ending the tasks still running.
@@ -954,6 +955,7 @@ class WorkerPoolManager:
         for entry in entries:
             entry.pool.terminate()
             self._dispose(entry)
+        self._supervisor.stop(wait=True)
 
     def shutdown_within(self, grace: float) -> None:
         """Shut down, letting accepted work finish for up to ``grace`` seconds, then terminate."""
@@ -966,9 +968,15 @@ class WorkerPoolManager:
         for entry in entries:
             entry.pool.terminate()
             self._dispose(entry)
+        self._supervisor.stop(wait=True)
 
     def _close(self) -> list[_PoolEntry]:
-        """Refuse new leases, stop the supervisor; returns every pool to dispose."""
+        """Refuse new leases, stop the supervisor; returns every pool to dispose.
+
+        It does not join the supervisor: a sweep in progress may be disposing
+        a pool, and the caller signals every pool (that one too) before it
+        waits for anything. Callers that wait join the supervisor last.
+        """
         with self._lock:
             self._shut_down = True
             entries = [*self._entries.values(), *self._retiring, *self._disposing]
@@ -977,7 +985,7 @@ class WorkerPoolManager:
             for entry in entries:
                 entry.state = PoolState.DISPOSING
                 self._disposing.add(entry)
-        self._supervisor.stop()
+        self._supervisor.stop(wait=False)
         _live_managers.discard(self)
         with self._lock:
             holds_server, self._holds_server = self._holds_server, False

@@ -39,6 +39,7 @@ pool can take fail with `WorkerStartError`.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -97,6 +98,7 @@ from .errors import (
     ForkServerError,
     PoolShutDownError,
     PoolTerminatedError,
+    ResultTimeoutError,
     ResultUnpicklingError,
     TaskKilledError,
     TaskTimeoutError,
@@ -572,11 +574,23 @@ def _megabytes(size: float) -> str:
 
 
 def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
-    """``future``'s result by ``end_time``; cancels it if that fails."""
+    """``future``'s result by ``end_time``; cancels it if that fails.
+
+    Raises `ResultTimeoutError` (both ``TimeoutError`` classes, on 3.10 too)
+    when ``end_time`` passes first.
+    """
     try:
         if end_time is None:
             return future.result()
-        return future.result(end_time - time.monotonic())
+        try:
+            return future.result(end_time - time.monotonic())
+        except concurrent.futures.TimeoutError as error:
+            if future.done() and not future.cancelled() and future.exception() is error:
+                raise  # the task's own exception, not the wait's
+            raise ResultTimeoutError(
+                "map: a result was not ready within its timeout; the tasks not started "
+                "were cancelled"
+            ) from None
     finally:
         future.cancel()
 
@@ -1139,7 +1153,8 @@ class BaseWorkerPool(WorkerPool):
         Raises:
             ValueError: ``chunksize`` < 1.
             ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
-            TimeoutError: (on iteration) a result was not ready in time.
+            ResultTimeoutError: (on iteration) a result was not ready in time (a
+                ``TimeoutError`` and a ``concurrent.futures.TimeoutError``, also on 3.10).
             Exception: (on iteration) whatever ``fn`` raised.
         """
         single_runner = run_chunk_single if len(iterables) == 1 else run_chunk

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Protocol, TypeVar
 
+from .errors import ResultTimeoutError
+
 __all__ = ["PROGRESS_EXTRA", "ProgressBar", "as_completed", "progress_bar", "with_progress"]
 
 T = TypeVar("T")
@@ -86,18 +88,32 @@ def as_completed(
 
     Raises:
         ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
-        TimeoutError: (on iteration) as ``concurrent.futures.as_completed``.
+        ResultTimeoutError: (on iteration, a ``TimeoutError`` and a
+            ``concurrent.futures.TimeoutError`` on every version) as
+            ``concurrent.futures.as_completed`` raises its timeout.
     """
     futures = list(futures)
     if not progress:
-        return concurrent.futures.as_completed(futures, timeout)
+        return _timeout_both_ways(concurrent.futures.as_completed(futures, timeout))
     return with_progress(
-        lambda: concurrent.futures.as_completed(futures, timeout),
+        lambda: _timeout_both_ways(concurrent.futures.as_completed(futures, timeout)),
         progress,
         None,
         len(futures) if total is None else total,
         "task",
     )
+
+
+def _timeout_both_ways(items: Iterator[Future[T]]) -> Iterator[Future[T]]:
+    """``as_completed``'s items; its timeout raised as `ResultTimeoutError`.
+
+    (On 3.10 ``concurrent.futures.TimeoutError`` is not the builtin
+    ``TimeoutError``; ``as_completed`` raises nothing else of its own.)
+    """
+    try:
+        yield from items
+    except concurrent.futures.TimeoutError as error:
+        raise ResultTimeoutError(f"as_completed: {error}") from None
 
 
 def counted_items(items: Iterator[T], bar: ProgressBar) -> Iterator[T]:

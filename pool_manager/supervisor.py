@@ -49,12 +49,15 @@ class Supervisor:
             self._woken = True
             self._wakeup.notify()
 
-    def stop(self) -> None:
-        """Stop the thread and join it (after a sweep in progress ends)."""
+    def stop(self, wait: bool = True) -> None:
+        """Stop the thread: it sweeps no more once a sweep in progress ends.
+
+        With ``wait``, join it (the sweep in progress may be disposing a pool).
+        """
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
 
     @property

@@ -108,6 +108,11 @@ def raise_value_error(message: str) -> None:
     raise ValueError(message)
 
 
+def raise_timeout_error(message: str) -> None:
+    """A task whose own exception is a ``TimeoutError`` (not a wait's)."""
+    raise TimeoutError(message)
+
+
 def call_sys_exit(code: int) -> None:
     raise SystemExit(code)
 

@@ -620,6 +620,40 @@ def test_shutdown_with_cancel_futures_cancels_work_not_started(
     assert all(f.cancelled() for f in queued)
 
 
+@pytest.mark.timeout(60)
+def test_shutdown_signals_every_pool_without_waiting_for_a_disposal_the_supervisor_began() -> None:
+    # Real time: the supervisor itself expires the pool and blocks disposing it.
+    disposing, gate = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    class SlowToDispose(BaseWorkerPool):
+        def dispose(self, wait: bool = True) -> None:
+            calls.append(threading.current_thread().name)
+            if len(calls) == 1:  # the supervisor's disposal blocks; shutdown's does not
+                disposing.set()
+                gate.wait(30)
+            super().dispose(wait)
+
+    manager = WorkerPoolManager(1, 0.01, LIFETIME, memory_sample_interval=None)
+    closing = threading.Thread(target=lambda: manager.shutdown(wait=False))
+    try:
+        manager.get_pool_with_factory("slow", 1, SlowToDispose)[1]()
+        assert disposing.wait(30)
+        assert calls[0].startswith("pool_manager-supervisor")
+        closing.start()
+        closing.join(10)
+        # shutdown(wait=False) returned at once, and signalled the pool the
+        # supervisor is still disposing, instead of joining the supervisor first.
+        assert not closing.is_alive()
+        assert len(calls) == 2
+    finally:
+        gate.set()
+        if closing.ident is not None:
+            closing.join(30)
+        manager.shutdown(wait=True)
+    assert not any(t.name.startswith("pool_manager-supervisor") for t in threading.enumerate())
+
+
 def test_an_unreferenced_manager_can_be_collected_after_shutdown(clock: FakeClock) -> None:
     import weakref
 

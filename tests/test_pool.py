@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import multiprocessing
 import os
@@ -24,7 +25,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pool_manager import BaseWorkerPool, PoolShutDownError, WorkerLostError, WorkerPoolBrokenError
+from pool_manager import (
+    BaseWorkerPool,
+    PoolShutDownError,
+    ResultTimeoutError,
+    WorkerLostError,
+    WorkerPoolBrokenError,
+)
 
 from .helpers import (
     add,
@@ -33,12 +40,14 @@ from .helpers import (
     getpid,
     poll,
     raise_keyboard_interrupt,
+    raise_timeout_error,
     raise_value_error,
     sleep_and_return_pid,
     square,
     touch_and_wait,
     wait_for_count,
     wait_for_path,
+    wait_then_square,
 )
 
 
@@ -271,6 +280,39 @@ def test_map_timeout_counts_from_the_call(pool: BaseWorkerPool, tmp_path: Path) 
     with pytest.raises(TimeoutError):
         next(results)
     gate.touch()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_a_map_timeout_is_caught_as_either_timeout_error_on_every_version(
+    pool: BaseWorkerPool, tmp_path: Path, chunksize: int
+) -> None:
+    # On 3.10 concurrent.futures.TimeoutError is not the builtin TimeoutError:
+    # code written for either must catch it.
+    gate = tmp_path / "gate"
+    try:
+        results = pool.map(
+            wait_then_square, [str(gate)] * 4, range(4), timeout=0.2, chunksize=chunksize
+        )
+        with pytest.raises(concurrent.futures.TimeoutError) as caught:
+            next(results)
+        assert isinstance(caught.value, TimeoutError)
+        assert isinstance(caught.value, ResultTimeoutError)
+        assert "not ready within its timeout" in str(caught.value)
+        again = pool.map(wait_then_square, [str(gate)], [5], timeout=0.1, chunksize=chunksize)
+        with pytest.raises(TimeoutError):
+            next(again)
+    finally:
+        gate.touch()
+
+
+def test_a_task_that_raises_timeout_error_in_a_map_with_a_timeout_keeps_its_own_error(
+    pool: BaseWorkerPool,
+) -> None:
+    results = pool.map(raise_timeout_error, ["the task's own"], timeout=30, chunksize=1)
+    with pytest.raises(TimeoutError, match="the task's own") as caught:
+        next(results)
+    assert not isinstance(caught.value, ResultTimeoutError)
 
 
 def test_map_on_a_bounded_pool_reads_an_unbounded_input_lazily() -> None:

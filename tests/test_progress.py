@@ -7,6 +7,7 @@ Two ways: with tqdm itself (its text on stderr), and with a stand-in
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -15,7 +16,13 @@ from typing import Any, ParamSpec, TypeVar
 
 import pytest
 
-from pool_manager import BaseWorkerPool, WorkerPool, WorkerPoolManager, as_completed
+from pool_manager import (
+    BaseWorkerPool,
+    ResultTimeoutError,
+    WorkerPool,
+    WorkerPoolManager,
+    as_completed,
+)
 
 from .helpers import square
 
@@ -101,6 +108,23 @@ def test_as_completed_without_progress_needs_no_tqdm(monkeypatch: pytest.MonkeyP
     with BaseWorkerPool(1) as pool:
         futures = [pool.submit(square, i) for i in range(4)]
         assert sorted(f.result() for f in as_completed(futures, timeout=30)) == [0, 1, 4, 9]
+
+
+@pytest.mark.parametrize("progress", [False, "batch"])
+def test_an_as_completed_timeout_is_caught_as_either_timeout_error_on_every_version(
+    progress: bool | str, recorded: list[Any]
+) -> None:
+    # A future nobody completes: on 3.10 concurrent.futures.TimeoutError is not
+    # the builtin TimeoutError, and code written for either must catch it.
+    never: Future[int] = Future()
+    finished: Future[int] = Future()
+    finished.set_result(1)
+    results = as_completed([finished, never], timeout=0.05, progress=progress)
+    assert next(results) is finished
+    with pytest.raises(concurrent.futures.TimeoutError) as caught:
+        next(results)
+    assert isinstance(caught.value, TimeoutError) and isinstance(caught.value, ResultTimeoutError)
+    assert "1 (of 2) futures unfinished" in str(caught.value)
 
 
 def test_asking_for_progress_without_tqdm_names_the_extra(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import pickle
 import signal
 from concurrent.futures import BrokenExecutor, CancelledError
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ import pytest
 from pool_manager import (
     ArgumentUnpicklingError,
     BaseWorkerPool,
+    PoolManagerError,
+    ResultTimeoutError,
     ResultUnpicklingError,
     TaskKilledError,
     TaskTimeoutError,
@@ -106,6 +111,38 @@ def test_a_result_that_fails_to_unpickle_in_the_parent_fails_only_its_task() -> 
         assert "bad result" in str(error)
         assert [f.result(timeout=60) for f in after] == [i * i for i in range(10)]
         assert pids <= set(pool.worker_pids())
+
+
+def test_poison_pickles_are_caught_as_broken_process_pool_and_the_pool_runs_on() -> None:
+    # Code written for ProcessPoolExecutor catches BrokenProcessPool for a poison
+    # argument or result; here only that task fails, and the same pool runs on.
+    with BaseWorkerPool(1) as pool:
+        poisoned = [
+            pool.submit(square, LoadsNowhere("bad argument")),
+            pool.submit(return_unloadable, "bad result"),
+        ]
+        for future, kind in zip(poisoned, [ArgumentUnpicklingError, ResultUnpicklingError]):
+            try:
+                future.result(timeout=60)
+            except BrokenProcessPool as error:
+                assert isinstance(error, kind)
+                assert isinstance(error, BrokenExecutor)
+                assert isinstance(error, pickle.UnpicklingError)
+            else:
+                raise AssertionError("a poison pickle was not a BrokenProcessPool")
+        assert pool.submit(square, 5).result(timeout=60) == 25
+
+
+def test_the_timeout_errors_are_both_timeout_error_classes_on_every_version() -> None:
+    # On 3.10 concurrent.futures.TimeoutError is a class of its own.
+    for error_class in (TaskTimeoutError, ResultTimeoutError):
+        assert issubclass(error_class, concurrent.futures.TimeoutError)
+        assert issubclass(error_class, TimeoutError)
+        assert issubclass(error_class, PoolManagerError)
+    try:
+        raise TaskTimeoutError("late", pid=1, timeout=0.5)
+    except concurrent.futures.TimeoutError as error:
+        assert isinstance(error, TimeoutError) and str(error) == "late"
 
 
 def test_an_exception_that_cannot_be_pickled_is_described_instead() -> None:
@@ -209,6 +246,7 @@ def test_a_task_past_its_deadline_fails_with_task_timeout_error_and_others_finis
         stuck = pool.submit(sleep_and_return_pid, 60)
         error = stuck.exception(timeout=60)
         assert isinstance(error, TaskTimeoutError) and isinstance(error, TimeoutError)
+        assert isinstance(error, concurrent.futures.TimeoutError)  # a class of its own on 3.10
         assert error.timeout == 0.5 and "0.5s deadline" in str(error)
         assert [f.result(timeout=60) for f in others] == [i * i for i in range(10)]
         assert pool.submit(square, 4).result(timeout=60) == 16
