@@ -29,6 +29,9 @@ How a task and a pool's life flow through the parts::
   (its workers, dispatch, backpressure, futures, crash isolation).
 - ``_process.py``: the fork server that starts workers, and the wire format.
 - ``_worker.py``: what runs in a worker (its loop, its watchdog).
+- ``_threads.py``: the threads that must never stall (each pool's I/O
+  thread, the supervisor, any running event loop): backpressure never holds
+  a ``submit`` there, and no callback can end them.
 - ``errors.py``: every error a user can meet.
 
 Data flows one way (caller → manager → pool → worker → future), and

@@ -7,6 +7,23 @@ from datetime import timedelta
 
 Duration = float | int | timedelta
 
+#: The longest single wait the package asks of the OS, in seconds. Each kind
+#: of wait has a ceiling (``epoll`` takes int milliseconds, about 24.8 days;
+#: ``Condition.wait`` takes at most ``threading.TIMEOUT_MAX``, about 292
+#: years): a longer duration is waited for in steps of this, so every finite
+#: positive duration works.
+MAX_WAIT = 86400.0
+
+
+def wait_step(seconds: float | None) -> float | None:
+    """``seconds`` as one OS wait: clamped to ``[0, MAX_WAIT]``; None (no limit) stays None.
+
+    The caller waits again if its deadline has not come.
+    """
+    if seconds is None:
+        return None
+    return min(max(0.0, seconds), MAX_WAIT)
+
 
 def to_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
     """Return `value` as positive seconds, or raise a `TypeError`/`ValueError`.

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any, Protocol
 
+from ._durations import wait_step
+
 logger = logging.getLogger("pool_manager")
 
 
@@ -100,7 +102,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
             target=_stop_all, args=(managers, grace), name="pool_manager-sigterm", daemon=True
         )
         stopper.start()
-        stopper.join(grace + SHUTDOWN_MARGIN)
+        deadline = time.monotonic() + grace + SHUTDOWN_MARGIN
+        while stopper.is_alive() and (left := deadline - time.monotonic()) > 0:
+            stopper.join(wait_step(left))  # (in steps: a grace of centuries overflows)
     previous = _previous
     if callable(previous):
         previous(signum, frame)

@@ -65,8 +65,9 @@ except ImportError as error:
         "pip install 'pool-manager[dask]'"
     ) from error
 
-from ._durations import to_count
-from .errors import PoolShutDownError, PoolTerminatedError, WorkerLostError
+from . import _threads
+from ._durations import to_count, wait_step
+from .errors import PoolShutDownError, PoolTerminatedError, ResultTimeoutError, WorkerLostError
 from .pool import TaskCounts, WorkerPool, map_lazily
 
 __all__ = ["DaskPoolFactory", "DaskWorkerPool"]
@@ -105,12 +106,14 @@ def _on_loop_of(client: Client) -> bool:
     return running is getattr(client.loop, "asyncio_loop", running)
 
 
-class _DaskTaskFuture(Future):  # type: ignore[type-arg]
+class _DaskTaskFuture(_threads.GuardedCallbacksFuture):
     """The future `DaskWorkerPool.submit` returns.
 
     While the task waits in the pool's local queue it can be cancelled; once
     sent to the cluster it is *running* (as a ``ProcessPoolExecutor`` task in
-    its call queue), whether or not a Dask worker has started it yet.
+    its call queue), whether or not a Dask worker has started it yet. Its
+    done-callbacks run on the Client's event-loop thread, which they cannot
+    end (`_threads.GuardedCallbacksFuture`).
     """
 
     def __init__(
@@ -187,8 +190,8 @@ class DaskWorkerPool(WorkerPool):
     and stays open: the pool never closes it. Tasks queued behind the cap are
     sent from the Client's event-loop thread when a running one finishes, and
     the futures' done-callbacks (and idle callbacks) run there too: keep them
-    short, and do not wait in one for another task of the cluster, nor
-    submit to a pool that may be full (``submit`` would block that thread).
+    short, and do not wait in one for another task of the cluster. A
+    ``submit`` there is never held by backpressure (see `submit`).
 
     Args:
         client: the ``distributed.Client`` to run tasks on.
@@ -335,7 +338,11 @@ class DaskWorkerPool(WorkerPool):
 
         The task is sent at once if fewer than `worker_count` of the pool's
         tasks are on the cluster, else it waits in the local queue. Blocks
-        while the pool is full (only when ``max_pending`` is set). Dask
+        while the pool is full (only when ``max_pending`` is set), but never
+        on a thread running an event loop (the Client's, where done-callbacks
+        run, or the application's: ``loop.run_in_executor``) nor on one of
+        pool_manager's own threads: there the task is admitted at once,
+        beyond ``max_pending``. Dask
         futures among the positional arguments are resolved by Dask, as with
         ``Client.submit``; keyword arguments are passed as they are (so
         names like ``key`` or ``workers`` reach ``fn``, not Dask).
@@ -348,15 +355,34 @@ class DaskWorkerPool(WorkerPool):
             TypeError: ``fn`` is not callable.
             PoolShutDownError: (a ``RuntimeError``) the pool is shut down.
         """
+        return self._submit(None, fn, args, kwargs)
+
+    def _submit(
+        self,
+        deadline: float | None,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Future[T]:
+        """`submit`; waits for room only until ``deadline`` (a ``time.monotonic()``
+        time), then raises ``TimeoutError``."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         call: Callable[..., Any] = functools.partial(fn, **kwargs) if kwargs else fn
         with self._lock:
             if self._max_pending is not None:
                 while not self._shut_down and len(self._outstanding) >= self._capacity():
+                    if _threads.must_not_stall():
+                        break  # admitted beyond max_pending (see submit)
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise ResultTimeoutError(
+                            "map: the pool stayed full (max_pending) until the timeout; "
+                            "the tasks not started were cancelled"
+                        )
                     self._blocked_submits += 1
                     try:
-                        self._not_full.wait()
+                        self._not_full.wait(wait_step(left))
                     finally:
                         self._blocked_submits -= 1
             if self._shut_down:
@@ -388,8 +414,10 @@ class DaskWorkerPool(WorkerPool):
         `TARGET_CHUNK_SECONDS` of calls as measured, and more is read as
         results are consumed. A bounded pool (``max_pending`` set) submits
         only what it can hold. ``chunksize=1`` sends one Dask task per call.
-        ``timeout`` counts from this call; on timeout or when the iterator
-        is closed, the tasks still queued are cancelled.
+        ``timeout`` counts from this call, also while the pool is full (then
+        ``TimeoutError`` comes from the call itself, or on iteration); on
+        timeout or when the iterator is closed, the tasks still queued are
+        cancelled.
 
         ``progress`` (True, or the bar's description) draws a tqdm progress
         bar, as `BaseWorkerPool.map` does.
@@ -397,8 +425,9 @@ class DaskWorkerPool(WorkerPool):
         Raises:
             ValueError: ``chunksize`` < 1.
             ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
-            ResultTimeoutError: (on iteration) a result was not ready in time (a
-                ``TimeoutError`` and a ``concurrent.futures.TimeoutError``, also on 3.10).
+            ResultTimeoutError: a result was not ready in time, or the pool
+                stayed full until the timeout (a ``TimeoutError`` and a
+                ``concurrent.futures.TimeoutError``, also on 3.10).
             Exception: (on iteration) whatever ``fn`` raised.
         """
         # list(map(fn, chunk)) on the worker, from builtins and toolz only,
@@ -408,8 +437,8 @@ class DaskWorkerPool(WorkerPool):
         return map_lazily(
             fn,
             iterables,
-            submit=self.submit,
-            submit_chunk=lambda chunk: self.submit(runner, chunk),
+            submit=lambda deadline, call, args: self._submit(deadline, call, args, {}),
+            submit_chunk=lambda deadline, chunk: self._submit(deadline, runner, (chunk,), {}),
             timeout=timeout,
             chunksize=chunksize,
             workers=max(1, self.worker_count),
@@ -620,25 +649,29 @@ class DaskWorkerPool(WorkerPool):
                 self._not_full.notify_all()
             callbacks = [] if self._outstanding else list(self._idle_callbacks)
         try:
-            if send_next:
-                self._dispatch()
-            for callback in callbacks:
-                try:
-                    callback()
-                except Exception:  # a listener's bug must not lose the task's result
-                    logger.exception("an idle callback of a Dask pool failed")
-            if ok is None:
-                Future.cancel(future)
-                future.set_running_or_notify_cancel()
-            elif ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+            try:
+                if send_next:
+                    self._dispatch()
+                for callback in callbacks:
+                    # A listener's bug must not lose the task's result.
+                    _threads.call_guarded(callback, failed="an idle callback of a Dask pool failed")
+            finally:
+                self._settle(future, ok, value)
         finally:
             with self._lock:
                 self._unsettled -= 1
                 if not self._unsettled:
                     self._drained.notify_all()
+
+    @staticmethod
+    def _settle(future: _DaskTaskFuture, ok: bool | None, value: Any) -> None:
+        if ok is None:
+            Future.cancel(future)
+            future.set_running_or_notify_cancel()
+        elif ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
     def __repr__(self) -> str:
         state = "shut down" if self._shut_down else "open"

@@ -31,7 +31,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from . import _process, _signals, memory
+from . import _process, _signals, _threads, memory
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from .budget import BudgetStats, BusySlots, WorkerBudget, default_busy_limit, default_limit
 from .errors import FactoryError, ManagerShutDownError
@@ -204,8 +204,9 @@ class WorkerPoolManager:
             its leases are released and its work is done.
         max_pending: backpressure of the pools the default factory builds:
             ``submit`` blocks while the granted workers are busy and this
-            many tasks wait. Default: ``pool_size`` (as the Go package).
-            ``None`` never blocks.
+            many tasks wait (never on a done-callback's thread nor on an
+            event loop's: see `BaseWorkerPool.submit`). Default:
+            ``pool_size`` (as the Go package). ``None`` never blocks.
         worker_idle_timeout: seconds an idle worker process lives before it
             exits (it starts again on demand); ``None`` keeps it.
         max_total_workers: the most worker processes alive across all keys
@@ -238,9 +239,10 @@ class WorkerPoolManager:
             the application set before). False leaves signals alone.
         on_event: called with a `PoolEvent` for each pool built, expired,
             retired, disposed, and each worker started, recycled or lost (on
-            the supervisor's or a pool's thread: keep it short; exceptions
-            are logged). The same events are logged on the
-            ``"pool_manager"`` logger.
+            the supervisor's, a pool's or the caller's thread: keep it short;
+            what it raises is logged and ignored, and on the library's own
+            threads that includes ``SystemExit``). The same events are
+            logged on the ``"pool_manager"`` logger.
         clock: a monotonic clock in seconds; inject a fake one in tests and
             call `sweep` after moving it. (Task deadlines and memory limits
             are real time and real bytes, enforced in the workers.)
@@ -622,10 +624,8 @@ class WorkerPoolManager:
         event = PoolEvent(
             kind, key, self._clock(), pid, reason, message % args if args else message
         )
-        try:
-            callback(event)
-        except Exception:
-            logger.exception("the on_event callback failed for %s", kind)
+        # On the supervisor or an I/O thread, nothing it raises may end the thread.
+        _threads.call_guarded(callback, event, failed=f"the on_event callback failed for {kind}")
 
     def _on_worker_event(self, entry: _PoolEntry, kind: str, pid: int, reason: str) -> None:
         self._emit(

@@ -59,11 +59,12 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import _RemoteTraceback
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypedDict, TypeVar
 
-from . import _process, _signals
-from ._durations import Duration, to_bytes, to_count, to_seconds
+from . import _process, _signals, _threads
+from ._durations import MAX_WAIT, Duration, to_bytes, to_count, to_seconds, wait_step
 from ._process import (
     DYING,
     ERROR,
@@ -266,12 +267,14 @@ class WorkerPool(Executor, abc.ABC):
         """Call ``callback()`` each time `unfinished_tasks` drops to zero.
 
         It runs on whichever thread finished the last task: keep it short.
+        What it raises is logged and ignored (on the library's own threads,
+        even a ``BaseException``): the pool's futures settle regardless.
         """
 
     def add_worker_event_callback(self, callback: Callable[[str, int, str], object]) -> None:
         """Call ``callback(kind, pid, reason)`` when a worker is lost (``kind="worker_lost"``).
 
-        The default never calls it.
+        What it raises is logged and ignored. The default never calls it.
         """
 
     def worker_exit_reason(self, pid: int) -> str | None:
@@ -371,12 +374,14 @@ async def _submit_on_a_thread(
     return future
 
 
-class _TaskFuture(Future):  # type: ignore[type-arg]
+class _TaskFuture(_threads.GuardedCallbacksFuture):
     """The future `BaseWorkerPool.submit` returns.
 
     It settles only after the pool has counted the task as finished. Until
     the task is dispatched to a worker it can be cancelled; once dispatched
     it is *running*, as a ``ProcessPoolExecutor`` task in its call queue.
+    Its done-callbacks run on the pool's I/O thread, which they cannot end
+    (`_threads.GuardedCallbacksFuture`).
     """
 
     def __init__(
@@ -583,6 +588,10 @@ def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
         if end_time is None:
             return future.result()
         try:
+            # (In steps: a wait of centuries overflows Condition.wait.)
+            while end_time - time.monotonic() > MAX_WAIT:
+                with contextlib.suppress(FuturesTimeoutError):
+                    return future.result(MAX_WAIT)
             return future.result(end_time - time.monotonic())
         except concurrent.futures.TimeoutError as error:
             if future.done() and not future.cancelled() and future.exception() is error:
@@ -677,9 +686,11 @@ class BaseWorkerPool(WorkerPool):
             worker never inherits the parent's threads or state.
         max_pending: backpressure. ``None`` (the default) never blocks, like
             ``ProcessPoolExecutor``; an int ``n`` blocks ``submit`` while the
-            granted workers are busy and ``n`` more tasks wait.
+            granted workers are busy and ``n`` more tasks wait (but for a
+            submit from a done-callback or an event loop: see `submit`).
         idle_timeout: seconds an idle worker waits before it exits (it is
-            started again on demand); ``None`` keeps workers alive.
+            started again on demand); ``None`` keeps workers alive. Any
+            finite positive duration works.
         env: environment variables set in each worker before its
             initializer and tasks run (and before they import anything).
         max_tasks_per_worker: a worker is replaced (cleanly, between tasks)
@@ -867,10 +878,10 @@ class BaseWorkerPool(WorkerPool):
         for kind, pid, reason in events:
             logger.debug("worker %d: %s (%s)", pid, kind, reason)
             for callback in callbacks:
-                try:
-                    callback(kind, pid, reason)
-                except Exception:  # a listener's bug must not fail tasks
-                    logger.exception("a worker event callback failed")
+                # A listener's bug must not fail tasks, nor end the I/O thread.
+                _threads.call_guarded(
+                    callback, kind, pid, reason, failed="a worker event callback failed"
+                )
 
     def release_idle_resources(self) -> bool:
         """Let go of the fork server once every worker has exited and no task waits.
@@ -976,10 +987,16 @@ class BaseWorkerPool(WorkerPool):
         """Schedule ``fn(*args, **kwargs)`` in a worker process.
 
         Returns a ``concurrent.futures.Future``. Blocks while the pool is full
-        (only when ``max_pending`` is set). The first submit starts a worker
-        process (a few milliseconds: it is forked from the fork server). If
-        no worker can start (see `START_RETRY_WINDOW`), the future fails with
-        `WorkerStartError`; ``submit`` itself does not wait for the retries.
+        (only when ``max_pending`` is set), but never on a thread that must
+        not stall: a pool's I/O thread (where done-callbacks run), a
+        manager's supervisor (where ``on_event`` may run) or a thread running
+        an asyncio event loop (``loop.run_in_executor``). There the task is
+        admitted at once, beyond ``max_pending``: waiting would hold up the
+        thread that makes room, or the whole event loop. The first submit
+        starts a worker process (a few milliseconds: it is forked from the
+        fork server). If no worker can start (see `START_RETRY_WINDOW`), the
+        future fails with `WorkerStartError`; ``submit`` itself does not wait
+        for the retries.
 
         Raises:
             TypeError: ``fn`` is not callable.
@@ -1016,8 +1033,13 @@ class BaseWorkerPool(WorkerPool):
         kwargs: dict[str, Any],
         *,
         block: bool = True,
+        deadline: float | None = None,
     ) -> Future[T] | None:
-        """Submit; with ``block`` False, None instead of waiting for room."""
+        """Submit; with ``block`` False, None instead of waiting for room.
+
+        ``deadline`` (a ``time.monotonic()`` time): wait for room until then,
+        and raise ``TimeoutError`` if the pool is still full.
+        """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         try:
@@ -1039,9 +1061,17 @@ class BaseWorkerPool(WorkerPool):
                 while not self._shut_down and len(self._outstanding) >= self._capacity():
                     if not block:
                         return None
+                    if _threads.must_not_stall():
+                        break  # admitted beyond max_pending (see submit)
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise ResultTimeoutError(
+                            "map: the pool stayed full (max_pending) until the timeout; "
+                            "the tasks not started were cancelled"
+                        )
                     self._blocked_submits += 1
                     try:
-                        self._not_full.wait()
+                        self._not_full.wait(wait_step(left))
                     finally:
                         self._blocked_submits -= 1
             if self._shut_down:
@@ -1143,7 +1173,10 @@ class BaseWorkerPool(WorkerPool):
         measured time of each call, and more is read as results are
         consumed, so an unbounded input never fills memory. A bounded pool
         (``max_pending`` set) also submits only what it can hold. ``timeout``
-        counts from this call.
+        counts from this call, also while the pool is full: once it has
+        passed, ``TimeoutError`` is raised (by the call itself if its first
+        submissions wait that long for room, else on iteration), and the
+        tasks the map submitted that have not started are cancelled.
 
         ``progress`` (True, or the bar's description) draws a tqdm progress
         bar (the extra ``pool-manager[progress]``) that advances as results
@@ -1153,16 +1186,19 @@ class BaseWorkerPool(WorkerPool):
         Raises:
             ValueError: ``chunksize`` < 1.
             ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
-            ResultTimeoutError: (on iteration) a result was not ready in time (a
-                ``TimeoutError`` and a ``concurrent.futures.TimeoutError``, also on 3.10).
+            ResultTimeoutError: a result was not ready in time, or the pool
+                stayed full until the timeout (a ``TimeoutError`` and a
+                ``concurrent.futures.TimeoutError``, also on 3.10).
             Exception: (on iteration) whatever ``fn`` raised.
         """
         single_runner = run_chunk_single if len(iterables) == 1 else run_chunk
         return map_lazily(
             fn,
             iterables,
-            submit=self.submit,
-            submit_chunk=lambda chunk: self.submit(single_runner, fn, chunk),
+            submit=self._submit_by,
+            submit_chunk=lambda deadline, chunk: self._submit_by(
+                deadline, single_runner, (fn, chunk)
+            ),
             timeout=timeout,
             chunksize=chunksize,
             workers=max(1, self.worker_count),
@@ -1170,6 +1206,14 @@ class BaseWorkerPool(WorkerPool):
             progress=progress,
             name=self.name,
         )
+
+    def _submit_by(
+        self, deadline: float | None, fn: Callable[..., T], args: tuple[Any, ...]
+    ) -> Future[T]:
+        """`submit` for `map`: waits for room only until ``deadline`` (then ``TimeoutError``)."""
+        future = self._submit(self._task_timeout, fn, args, {}, deadline=deadline)
+        assert future is not None
+        return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work and release the workers (``Executor.shutdown``).
@@ -1620,41 +1664,16 @@ class BaseWorkerPool(WorkerPool):
     # -- the I/O thread -------------------------------------------------------
 
     def _io_loop(self, io: _IOResources) -> None:
+        _threads.mark_library_thread()
         wake_read, selector = io.wake_read, io.selector
         try:
             while True:
-                with self._lock:
-                    self._apply_io_changes(selector)
-                    if not self._workers:
-                        # Nothing left to watch: a later worker starts a new thread.
-                        self._io_thread = None
-                        wake_write, self._wake_fd = self._wake_fd, None
-                        self._io_done.notify_all()
-                        shut_down = self._shut_down
-                        break
-                    timeout = self._expire_idle_workers()
-                events = selector.select(timeout)
-                messages: list[tuple[_Worker, Message]] = []
-                ended: list[_Worker] = []
-                for key, mask in events:
-                    worker = key.data
-                    if worker is None:
-                        with contextlib.suppress(OSError):
-                            while os.read(wake_read, 4096):
-                                pass
-                        continue
-                    if key.fileobj is worker.sock:
-                        if mask & selectors.EVENT_WRITE:
-                            self._flush(worker, selector)
-                        if mask & selectors.EVENT_READ:
-                            self._receive(worker, messages, selector)
-                    elif self._read_status(worker, selector):
-                        # Its exit status comes after all it wrote: read the rest.
-                        self._receive(worker, messages, selector, final=True)
-                    if worker is not None and worker.ended and worker not in ended:
-                        ended.append(worker)
-                if messages or ended:
-                    self._handle(messages, ended)
+                try:
+                    wake_write, shut_down = self._serve_io(selector, wake_read)
+                    break
+                except BaseException as error:
+                    # Then serve again: it ends at once if no worker is left.
+                    self._io_failed(error, selector)
         finally:
             selector.close()
             os.close(wake_read)
@@ -1662,6 +1681,112 @@ class BaseWorkerPool(WorkerPool):
             os.close(wake_write)
         if shut_down:
             self._drop_server()
+
+    def _serve_io(
+        self, selector: selectors.BaseSelector, wake_read: int
+    ) -> tuple[int | None, bool]:
+        """Serve the workers' sockets and status pipes until no worker is left.
+
+        Returns the write end of the wake-up pipe (to close), and whether
+        the pool is shut down.
+        """
+        while True:
+            with self._lock:
+                self._apply_io_changes(selector)
+                if not self._workers:
+                    # Nothing left to watch: a later worker starts a new thread.
+                    self._io_thread = None
+                    wake_write, self._wake_fd = self._wake_fd, None
+                    self._io_done.notify_all()
+                    return wake_write, self._shut_down
+                timeout = self._expire_idle_workers()
+            # (An idle timeout of a month overflows epoll: wait in steps.)
+            events = selector.select(wait_step(timeout))
+            messages: list[tuple[_Worker, Message]] = []
+            ended: list[_Worker] = []
+            for key, mask in events:
+                worker = key.data
+                if worker is None:
+                    with contextlib.suppress(OSError):
+                        while os.read(wake_read, 4096):
+                            pass
+                    continue
+                if key.fileobj is worker.sock:
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush(worker, selector)
+                    if mask & selectors.EVENT_READ:
+                        self._receive(worker, messages, selector)
+                elif self._read_status(worker, selector):
+                    # Its exit status comes after all it wrote: read the rest.
+                    self._receive(worker, messages, selector, final=True)
+                if worker is not None and worker.ended and worker not in ended:
+                    ended.append(worker)
+            if messages or ended:
+                self._handle(messages, ended)
+
+    def _io_failed(self, error: BaseException, selector: selectors.BaseSelector) -> None:
+        """The I/O loop met an unexpected error (a bug): end the workers, fail the tasks.
+
+        Every unfinished task fails with `WorkerPoolBrokenError` (the error
+        as its cause) rather than wait for an answer nobody would read. The
+        pool stays usable: the next submit starts new workers, and a new
+        I/O thread if this one has ended.
+        """
+        logger.critical(
+            "pool_manager: the I/O thread of %r failed; ending its workers and failing its "
+            "unfinished tasks",
+            self,
+            exc_info=error,
+        )
+        failure = WorkerPoolBrokenError(
+            f"the pool's I/O thread failed ({type(error).__name__}: {error}), so the pool "
+            "ended its worker processes and this task was lost; new tasks get new workers. "
+            "This is a bug in pool_manager: please report it, with the logged traceback"
+        )
+        failure.__cause__ = error
+        failures: list[tuple[_TaskFuture, bool | None, Any]] = []
+        with self._lock:
+            for worker in self._workers.values():
+                _kill(worker.pid)
+                self._forget_worker(worker, selector)
+                self._worker_events.append(("worker_lost", worker.pid, "the I/O thread failed"))
+            self._workers.clear()
+            self._io_changes.clear()
+            self._kills.clear()
+            self._fruitless = 0
+            self._pending.clear()
+            for future in self._outstanding.values():
+                if not future._dispatched:
+                    future._dispatched = future.set_running_or_notify_cancel()
+                    if not future._dispatched:
+                        continue
+                failures.append((future, False, failure))
+            self._outstanding.clear()
+        try:
+            if self._places_to_return:
+                self._return_places()
+        finally:
+            self._finish_tasks(failures, worker_ended=True)  # (their places came free)
+        self._emit_worker_events()
+
+    def _forget_worker(self, worker: _Worker, selector: selectors.BaseSelector) -> None:
+        """Close what the pool holds of ``worker`` (holds _lock; see `_io_failed`)."""
+        if worker.holds_place:
+            worker.holds_place = False
+            self._places_to_return += 1
+        if not worker.sock_done:
+            worker.sock_done = True
+            with contextlib.suppress(KeyError, ValueError):
+                selector.unregister(worker.sock)
+            worker.sock.close()
+        if not worker.status_done:
+            worker.status_done = True
+            with contextlib.suppress(KeyError, ValueError):
+                selector.unregister(worker.status_fd)
+            with contextlib.suppress(OSError):
+                os.close(worker.status_fd)
+        worker.outbuf.clear()
+        worker.assigned.clear()
 
     def _apply_io_changes(self, selector: selectors.BaseSelector) -> None:
         for worker in self._io_changes:
@@ -1756,6 +1881,35 @@ class BaseWorkerPool(WorkerPool):
         """Settle the tasks that finished, and deal with the workers that ended."""
         results: list[tuple[_TaskFuture, bool, bytes | bytearray]] = []
         failures: list[tuple[_TaskFuture, bool | None, Any]] = []
+        budget_changed = False
+        done: list[tuple[_TaskFuture, bool | None, Any]] = []
+        try:
+            budget_changed = self._take_messages(messages, ended, results, failures)
+        finally:
+            # (Whatever happened: the tasks taken out of _outstanding settle.)
+            done = [(future, *_load_outcome(ok, body)) for future, ok, body in results]
+            done.extend(failures)
+            try:
+                if self._places_to_return:
+                    self._return_places()
+            finally:
+                if done:
+                    self._finish_tasks(done, worker_ended=bool(ended))
+        if ended:
+            self._emit_worker_events()
+        if budget_changed and not done:
+            assert self._budget is not None
+            self._budget.changed(self, went_idle=False, worker_ended=True)
+
+    def _take_messages(
+        self,
+        messages: list[tuple[_Worker, Message]],
+        ended: list[_Worker],
+        results: list[tuple[_TaskFuture, bool, bytes | bytearray]],
+        failures: list[tuple[_TaskFuture, bool | None, Any]],
+    ) -> bool:
+        """(For `_handle`) take finished tasks out of the pool's books, into ``results``
+        and ``failures``; returns True if the worker budget should look again."""
         with self._lock:
             now = time.monotonic()
             for worker, (kind, reason, task_id, value, body) in messages:
@@ -1798,21 +1952,9 @@ class BaseWorkerPool(WorkerPool):
             self._dispatch()
             if self._shut_down and not self._outstanding:
                 self._retire_all()
-            budget = self._budget
             failures.extend(self._undelivered)
             self._undelivered.clear()
-        done: list[tuple[_TaskFuture, bool | None, Any]] = [
-            (future, *_load_outcome(ok, body)) for future, ok, body in results
-        ]
-        done.extend(failures)
-        if self._places_to_return:
-            self._return_places()
-        if done:
-            self._finish_tasks(done, worker_ended=bool(ended))
-        if ended:
-            self._emit_worker_events()
-        if budget is not None and ended and not done:
-            budget.changed(self, went_idle=False, worker_ended=True)
+            return bool(ended) and self._budget is not None
 
     def _worker_ended(
         self, worker: _Worker, failures: list[tuple[_TaskFuture, bool | None, Any]]
@@ -1972,19 +2114,37 @@ class BaseWorkerPool(WorkerPool):
                 callbacks = list(self._idle_callbacks)
                 if self._shut_down:
                     self._retire_all()
-        # A pool may wait for a worker (maybe this one's), or this pool's
-        # workers may now be free for a pool that could use more.
-        if budget is not None:
-            budget.changed(self, went_idle=went_idle, worker_ended=worker_ended)
-        for callback in callbacks:
-            callback()
-        for future, ok, value in done:
-            if ok is None:
-                future._payload = None
-                Future.cancel(future)
-                future.set_running_or_notify_cancel()
-            else:
-                future._finish(ok, value)
+        # The futures settle whatever happens before: they are counted as
+        # finished, and a waiter on one must not wait forever.
+        remaining = iter(done)
+        try:
+            # A pool may wait for a worker (maybe this one's), or this pool's
+            # workers may now be free for a pool that could use more.
+            if budget is not None:
+                budget.changed(self, went_idle=went_idle, worker_ended=worker_ended)
+            # (Before the futures settle: a manager's idle clock starts before
+            # a waiter on the last future wakes.)
+            for callback in callbacks:
+                _threads.call_guarded(callback, failed="an idle callback failed")
+            for future, ok, value in remaining:
+                self._settle(future, ok, value)
+        finally:
+            # Only when something above raised (on the caller's thread, a
+            # done-callback's BaseException): the other futures still settle.
+            for future, ok, value in remaining:
+                try:
+                    self._settle(future, ok, value)
+                except BaseException:
+                    logger.exception("settling %r failed", future)
+
+    @staticmethod
+    def _settle(future: _TaskFuture, ok: bool | None, value: Any) -> None:
+        if ok is None:
+            future._payload = None
+            Future.cancel(future)
+            future.set_running_or_notify_cancel()
+        else:
+            future._finish(ok, value)
 
     def __repr__(self) -> str:
         state = "shut down" if self._shut_down else "open"
@@ -2057,8 +2217,8 @@ def map_lazily(
     fn: Callable[..., T],
     iterables: tuple[Iterable[Any], ...],
     *,
-    submit: Callable[..., Future[Any]],
-    submit_chunk: Callable[[list[Any]], Future[list[Any]]],
+    submit: Callable[[float | None, Callable[..., Any], tuple[Any, ...]], Future[Any]],
+    submit_chunk: Callable[[float | None, list[Any]], Future[list[Any]]],
     timeout: float | None,
     chunksize: int | None,
     workers: int,
@@ -2069,9 +2229,12 @@ def map_lazily(
 ) -> Iterator[T]:
     """The ordered, chunked map that `BaseWorkerPool.map` and other pools share.
 
-    ``submit(fn, *args)`` sends one call; ``submit_chunk(chunk)`` sends a
-    list of argument items (a tuple each when there is more than one
-    iterable) and its future's result is the list of results. With no
+    ``submit(deadline, fn, args)`` sends one call; ``submit_chunk(deadline,
+    chunk)`` sends a list of argument items (a tuple each when there is more
+    than one iterable) and its future's result is the list of results. Under
+    backpressure both wait for room until ``deadline`` (``time.monotonic()``
+    time ``timeout`` after the call; None: no limit), then raise
+    ``TimeoutError``: the map raises it, and cancels what it submitted. With no
     ``chunksize``, an input with a length is cut into about
     ``CHUNKS_PER_WORKER`` chunks per worker and submitted at once; an input
     without one is read ``window`` tasks ahead (``max(8, 4 * workers)`` when
@@ -2097,9 +2260,9 @@ def map_lazily(
         sizer = _ChunkSizer(chunksize, length, workers, target_chunk_seconds)
         if sizer.fixed == 1:
             if single:
-                tasks: Iterator[Future[Any]] = (submit(fn, arg) for arg in calls)
+                tasks: Iterator[Future[Any]] = (submit(end_time, fn, (arg,)) for arg in calls)
             else:
-                tasks = (submit(fn, *args) for args in calls)
+                tasks = (submit(end_time, fn, args) for args in calls)
             chunked = False
         else:
 
@@ -2108,11 +2271,17 @@ def map_lazily(
                     chunk = list(itertools.islice(calls, sizer.next_size()))
                     if not chunk:
                         return
-                    yield submit_chunk(chunk)
+                    yield submit_chunk(end_time, chunk)
 
             tasks = chunk_tasks()
             chunked = True
-        submitted: deque[Future[Any]] = deque(itertools.islice(tasks, ahead))
+        submitted: deque[Future[Any]] = deque()
+        try:
+            submitted.extend(itertools.islice(tasks, ahead))
+        except BaseException:  # the pool stayed full to the deadline, or shut down
+            for future in submitted:
+                future.cancel()
+            raise
         return _map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer)
 
     if not progress:
@@ -2133,6 +2302,7 @@ def _map_results(
     # A generator of its own, so that map_lazily submits its first window
     # now. It keeps no reference to a result it has handed out (nor to its
     # future), as Executor.map does: results go out by list.pop().
+    unsubmitted: BaseException | None = None  # why the rest of the input was not sent
     try:
         while submitted:
             future = submitted.popleft()
@@ -2143,10 +2313,18 @@ def _map_results(
                 sizer.observe(len(results), getattr(future, "run_time", None))
             del future
             # Keep the pool fed before handing the result out.
-            submitted.extend(itertools.islice(tasks, 1))
+            if unsubmitted is None:
+                try:
+                    submitted.extend(itertools.islice(tasks, 1))
+                except ResultTimeoutError as error:
+                    # The pool stayed full to the deadline. Results ready by
+                    # then still go out; the first one that is not raises.
+                    unsubmitted = error
             results.reverse()
             while results:
                 yield results.pop()
+        if unsubmitted is not None:
+            raise unsubmitted
     finally:
         for future in submitted:
             future.cancel()

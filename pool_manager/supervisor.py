@@ -4,6 +4,11 @@ It owns no state of its own. It sleeps until the next deadline the manager's
 last sweep reported (no polling), and wakes early when told that something
 changed: a lease released, a pool gone idle, a pool retired, shutdown.
 Each wake-up runs ``manager.sweep()``, the same checks a test runs by hand.
+
+Nothing ends the thread but `stop`: a sweep that fails (whatever it raises)
+is logged and tried again `SWEEP_RETRY` seconds later, and a deadline
+centuries away is waited for in steps (`_durations.MAX_WAIT`), as an OS wait
+cannot be that long.
 """
 
 from __future__ import annotations
@@ -13,9 +18,16 @@ import signal
 import threading
 from collections.abc import Callable
 
+from . import _threads
+from ._durations import wait_step
+
 __all__ = ["Supervisor"]
 
 logger = logging.getLogger("pool_manager")
+
+#: Seconds after a failed sweep before the next (a pool waiting for the
+#: worker budget, or an expiry, must not wait for an unrelated wake-up).
+SWEEP_RETRY = 1.0
 
 
 class Supervisor:
@@ -65,22 +77,26 @@ class Supervisor:
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        _threads.mark_library_thread()
         # Leave SIGINT/SIGTERM to the main thread (see _process.signals_blocked).
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        next_deadline: float | None = None
+        timeout: float | None = None  # seconds until the next sweep is due
         while True:
             with self._wakeup:
                 if not self._woken and not self._stopping:
-                    timeout = None
-                    if next_deadline is not None:
-                        timeout = max(0.0, next_deadline - self._clock())
-                    self._wakeup.wait(timeout)
+                    # (A wait that ends before the deadline just sweeps early.)
+                    self._wakeup.wait(wait_step(timeout))
                 self._woken = False
                 if self._stopping:
                     return
+            # Keep supervising whatever fails: one bad pool, a listener or a
+            # clock that raises must not stop expiry nor the worker budget.
             try:
                 next_deadline = self._sweep()
-            except Exception:  # keep supervising: one bad pool must not stop expiry
-                logger.exception("pool_manager supervisor: sweep failed")
-                next_deadline = None
+                timeout = None if next_deadline is None else next_deadline - self._clock()
+            except BaseException:
+                logger.exception(
+                    "pool_manager supervisor: sweep failed; trying again in %gs", SWEEP_RETRY
+                )
+                timeout = SWEEP_RETRY

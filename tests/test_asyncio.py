@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pool_manager import BaseWorkerPool, WorkerPoolManager
+from pool_manager import BaseWorkerPool, WorkerPool, WorkerPoolManager
 
 from .helpers import poll, square, touch_and_wait
 
@@ -158,6 +158,29 @@ def test_run_in_executor_uses_the_pool_as_an_executor() -> None:
 
     with BaseWorkerPool(2) as pool:
         assert asyncio.run(main(pool)) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.timeout(60)
+def test_run_in_executor_on_a_full_pool_never_blocks_the_loop(tmp_path: Path) -> None:
+    started, gate = tmp_path / "started", tmp_path / "gate"
+
+    async def main(pool: WorkerPool) -> list[int]:
+        loop = asyncio.get_running_loop()
+        first = loop.run_in_executor(pool, touch_and_wait, str(started), str(gate))
+        # One worker, max_pending=0: the pool is full. A submit on the loop's
+        # thread is admitted at once, beyond max_pending, so the loop goes on
+        # (here, to open the gate the first task waits for).
+        second = loop.run_in_executor(pool, square, 6)
+        await _open_when(started, gate)
+        return [await first, await second]
+
+    try:
+        with WorkerPoolManager(1, 60, 600, max_pending=0) as manager, manager.lease("a") as pool:
+            pid, thirty_six = asyncio.run(main(pool))
+            assert pool.task_counts()["completed"] == 2
+    finally:
+        gate.touch()
+    assert pid > 0 and thirty_six == 36
 
 
 def test_a_lease_async_cancelled_while_the_pool_is_built_is_released() -> None:

@@ -325,6 +325,45 @@ def test_submit_blocks_while_the_pool_is_full(client: Client, tmp_path: Path) ->
         pool.dispose()
 
 
+def test_a_done_callback_can_submit_to_a_full_pool(client: Client, tmp_path: Path) -> None:
+    # Done callbacks run on the client's event-loop thread: a submit there is
+    # admitted beyond max_pending rather than block the loop that delivers
+    # the answers.
+    gate = tmp_path / "gate"
+    pool = DaskWorkerPool(client, 1, max_pending=0)
+    try:
+        first = pool.submit(wait_then_square, str(gate), 2)
+        follow_ups: list[Future[int]] = []
+
+        def chain(_: Future[int]) -> None:
+            for x in range(3):
+                follow_ups.append(pool.submit(square, x))
+
+        first.add_done_callback(chain)
+        gate.touch()
+        assert poll(lambda: len(follow_ups) == 3, timeout=30)
+        assert [f.result(timeout=60) for f in follow_ups] == [0, 1, 4]
+    finally:
+        gate.touch()
+        pool.dispose()
+
+
+@pytest.mark.timeout(60)
+def test_map_timeout_counts_while_the_pool_is_full(client: Client, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    pool = DaskWorkerPool(client, 1, max_pending=0)
+    try:
+        blocker = pool.submit(wait_for_path, str(gate))
+        with pytest.raises(TimeoutError):
+            pool.map(square, range(3), timeout=0.5, chunksize=1)
+        assert pool.task_counts()["submitted"] == 1
+        gate.touch()
+        assert blocker.result(timeout=60) == str(gate)
+    finally:
+        gate.touch()
+        pool.dispose()
+
+
 def test_a_blocked_submit_raises_when_the_pool_is_disposed(client: Client, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     pool = DaskWorkerPool(client, 1, max_pending=0)

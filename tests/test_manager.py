@@ -24,6 +24,7 @@ from pool_manager import (
     WorkerPool,
     WorkerPoolManager,
 )
+from pool_manager.supervisor import Supervisor
 
 from .helpers import FakeClock, exit_process, getpid, poll, square, wait_for_path
 
@@ -853,3 +854,45 @@ def test_a_pool_leased_past_its_lifetime_is_retired_by_the_supervisor_alone() ->
         assert not pool.is_shut_down  # type: ignore[attr-defined]
         done()
         assert poll(lambda: pool.is_shut_down, timeout=30)  # type: ignore[attr-defined]
+
+
+# -- the supervisor never stops --------------------------------------------------
+
+
+def test_durations_of_centuries_keep_the_supervisor_sweeping(clock: FakeClock) -> None:
+    # Deadlines ~31,700 years away: beyond what Condition.wait takes
+    # (threading.TIMEOUT_MAX, ~292 years). The supervisor waits in steps.
+    with WorkerPoolManager(
+        1, 1e12, timedelta(days=365 * 31_700), clock=clock, memory_sample_interval=None
+    ) as manager:
+        with manager.lease("a"):
+            pass
+        assert poll(lambda: manager.stats()["last_sweep_at"] == clock.now, timeout=30)
+        for _ in range(2):
+            # Each release wakes the supervisor from its wait of centuries.
+            clock.advance(1)
+            with manager.lease("a"):
+                pass
+            assert poll(lambda: manager.stats()["last_sweep_at"] == clock.now, timeout=30)
+        assert manager.stale_pool_expiration == 1e12 and "a" in manager
+
+
+def test_the_supervisor_survives_a_sweep_that_raises_and_tries_again() -> None:
+    sweeps: list[float] = []
+
+    def sweep() -> float | None:
+        sweeps.append(time.monotonic())
+        if len(sweeps) == 1:
+            raise SystemExit(1)  # (not even that ends it)
+        return None
+
+    supervisor = Supervisor(sweep, time.monotonic, name="pool_manager-supervisor-test")
+    supervisor.start()
+    try:
+        supervisor.wake()
+        # No wake-up needed: a failed sweep is tried again a second later.
+        assert poll(lambda: len(sweeps) >= 2, timeout=30)
+        assert supervisor.alive
+    finally:
+        supervisor.stop()
+    assert not supervisor.alive

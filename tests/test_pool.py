@@ -9,6 +9,7 @@ import os
 import pickle
 import sys
 import threading
+import time
 import traceback
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -20,6 +21,7 @@ from concurrent.futures import (
     wait,
 )
 from concurrent.futures.process import BrokenProcessPool
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
@@ -306,6 +308,25 @@ def test_a_map_timeout_is_caught_as_either_timeout_error_on_every_version(
         gate.touch()
 
 
+@pytest.mark.timeout(60)
+def test_map_timeout_counts_while_its_first_submits_wait_for_room(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    try:
+        with BaseWorkerPool(1, max_pending=2) as pool:
+            blocker = pool.submit(wait_for_path, str(gate))  # the only worker is busy
+            started = time.monotonic()
+            with pytest.raises(ResultTimeoutError):
+                # Room for two more: the map's third submit waits until the timeout.
+                pool.map(square, range(5), timeout=0.5, chunksize=1)
+            assert 0.5 <= time.monotonic() - started < 30
+            counts = pool.task_counts()
+            assert counts["submitted"] == 3 and counts["cancelled"] == 2  # what it sent
+            gate.touch()
+            assert blocker.result(timeout=30) == str(gate)
+    finally:
+        gate.touch()
+
+
 def test_a_task_that_raises_timeout_error_in_a_map_with_a_timeout_keeps_its_own_error(
     pool: BaseWorkerPool,
 ) -> None:
@@ -313,6 +334,32 @@ def test_a_task_that_raises_timeout_error_in_a_map_with_a_timeout_keeps_its_own_
     with pytest.raises(TimeoutError, match="the task's own") as caught:
         next(results)
     assert not isinstance(caught.value, ResultTimeoutError)
+
+
+@pytest.mark.timeout(60)
+def test_map_timeout_counts_while_it_waits_for_room_during_iteration(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    try:
+        with BaseWorkerPool(1, max_pending=1) as pool:
+            started = time.monotonic()
+            results = pool.map(square, range(4), timeout=1.0, chunksize=1)  # sends 2 of 4
+            assert poll(lambda: pool.task_counts()["completed"] == 2, timeout=30)
+            # Another producer fills the pool: the map cannot send the rest.
+            blockers = [pool.submit(wait_for_path, str(gate)) for _ in range(2)]
+            assert next(results) == 0 and next(results) == 1  # ready in time: handed out
+            with pytest.raises(ResultTimeoutError):
+                next(results)
+            assert 1.0 <= time.monotonic() - started < 30
+            gate.touch()
+            assert [b.result(timeout=30) for b in blockers] == [str(gate)] * 2
+    finally:
+        gate.touch()
+
+
+def test_map_takes_a_timeout_of_centuries(pool: BaseWorkerPool) -> None:
+    # Beyond threading.TIMEOUT_MAX (~292 years): waited for in steps.
+    assert list(pool.map(square, range(3), timeout=1e12)) == [0, 1, 4]
+    assert list(pool.map(square, range(3), timeout=1e12, chunksize=2)) == [0, 1, 4]
 
 
 def test_map_on_a_bounded_pool_reads_an_unbounded_input_lazily() -> None:
@@ -474,6 +521,21 @@ def test_a_submit_blocked_on_a_full_pool_raises_when_the_pool_shuts_down(
     gate.touch()
     closer.join(60)
     assert first.result() == str(gate)
+
+
+# -- durations beyond what the OS can wait --------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_timeout_of_a_month_keeps_the_pool_working() -> None:
+    # epoll waits at most ~24.8 days (int milliseconds): the I/O thread
+    # waits for an idle worker's month in steps.
+    pool = BaseWorkerPool(1, idle_timeout=timedelta(days=30))
+    try:
+        assert pool.submit(square, 2).result(timeout=30) == 4
+        assert pool.submit(square, 3).result(timeout=30) == 9  # after its worker went idle
+    finally:
+        pool.shutdown()
 
 
 # -- shutdown -------------------------------------------------------------------
