@@ -36,6 +36,35 @@ How a task and a pool's life flow through the parts::
 
 Data flows one way (caller → manager → pool → worker → future), and
 so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``).
+
+Locks, outermost first (a thread holding one may take those after it, never
+those before): a pool's ``_dispose_lock``; the manager's ``_lock`` (never
+held while a pool is called, so it stands alone); a pool's ``_lock``; the
+fork server's lock and the process's ``_server_lock`` (a worker start, under
+the pool's lock); the worker budget's and `BusySlots`' locks (innermost:
+nothing is called under them). The budget tells pools of a new allowance
+with no lock of its own held.
+
+Every wait, and who ends it (on every path, errors included):
+
+- ``submit`` blocked by backpressure (a pool's ``_not_full``): a task
+  finishing (`_finish_tasks`), a grant of more workers, shutdown; ``map``'s
+  deadline. Never on a thread that must not stall (``_threads.py``).
+- ``dispose`` waiting for unfinished work (``_drained``): the last task
+  leaving the pool's books, which every path (result, failure, cancel,
+  kill, a lost worker) does through `_finish_tasks`; then for the I/O
+  thread (``_io_done``): that thread, once no worker is left.
+- the start-retry thread (``_retry_due``): a worker started, a start
+  failed, disposal.
+- ``get_pool`` waiting for another thread's build of the key's pool (a
+  ``Future``): the builder, on every path.
+- the supervisor (its ``_wakeup``): a lease released, a pool idle, a pool
+  built or retired, shutdown; else its next deadline.
+- a pool waiting for a worker or a place under the caps across keys: no
+  thread waits; the task stays queued, and the budget (``budget.py``) and
+  `BusySlots` hand allowance and places on as tasks finish and workers exit.
+  Their decision logic is tested as a state machine
+  (``tests/test_budget_model.py``).
 """
 
 from __future__ import annotations
