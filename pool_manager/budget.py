@@ -7,12 +7,15 @@ machine with two cores.
 What is counted
     Each pool has an *allowance*: the worker processes it may run. The
     budget keeps the sum of every pool's allowance at or below ``N``,
-    always; a pool never starts a worker beyond its allowance. Live
-    processes follow the allowance: during a hand-over (below), the worker
-    that gives its place away may still be leaving (it exits within
-    milliseconds of being told, or after the task it is running) while the
-    new one starts, so for that moment live processes can exceed ``N`` by the
-    hand-overs in flight.
+    always; a pool never starts a worker beyond its allowance. A place
+    counts as taken while its pool's live workers are above its allowance
+    (they are leaving): a place handed from one pool to another is handed
+    once the worker that gave it up has exited. Only a worker replaced
+    within its own pool (recycled after ``max_tasks_per_worker`` or
+    ``max_worker_memory``, or leaving at its idle timeout) may overlap its
+    replacement for a moment, so live processes can exceed ``N`` by those.
+
+    (`default_limit` is never below the manager's ``pool_size``.)
 
 The default
     ``max_total_workers`` defaults to ``DEFAULT_WORKERS_PER_CPU`` (4) times
