@@ -206,21 +206,6 @@ class WorkerBudget:
     def limit(self) -> int | None:
         return self._limit
 
-    @property
-    def has_waiters(self) -> bool:
-        return self._waiting > 0
-
-    @property
-    def has_shortfall(self) -> bool:
-        """Some pool could use more workers than it is allowed."""
-        return self._short > 0
-
-    @property
-    def in_transit(self) -> bool:
-        """Some pool has live workers above its allowance (they are leaving)."""
-        with self._lock:
-            return any(a.live > a.allowed for a in self._accounts.values())
-
     # -- the pools' side ---------------------------------------------------
 
     def register(self, pool: BaseWorkerPool) -> None:
