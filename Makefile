@@ -85,4 +85,4 @@ bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m pool_manager bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .venv-3.* build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .venv-3.* build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
