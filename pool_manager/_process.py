@@ -502,8 +502,20 @@ def release_server() -> None:
 
 def _forget_server_in_child() -> None:
     # A process forked from ours (by the application) starts its own server.
+    # It closes its copy of the parent's control socket: else the server
+    # would not see the parent go (or let it go) while this child lives, and
+    # its workers would outlive a parent killed by SIGKILL.
     global _server, _holders, _server_lock
+    inherited = _server
     _server, _holders, _server_lock = None, 0, threading.Lock()
+    if inherited is not None:
+        inherited.gone = True
+        with contextlib.suppress(OSError):
+            inherited._control.close()
+        pipe = inherited._process.stderr
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 if hasattr(os, "register_at_fork"):

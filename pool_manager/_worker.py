@@ -139,6 +139,9 @@ def serve(sock: socket.socket) -> NoReturn:
     code = 0
     try:
         _sock = sock
+        # A task's own child processes (os.system, subprocess) must not hold
+        # the pool's end of the conversation open.
+        sock.set_inheritable(False)
         reader: BinaryIO = sock.makefile("rb", buffering=1 << 16)  # type: ignore[assignment]
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         message = _read_message(reader)

@@ -24,6 +24,7 @@ __all__ = [
     "TaskKilledError",
     "TaskTimeoutError",
     "TaskUnpicklingError",
+    "UsedAfterForkError",
     "WorkerLostError",
     "WorkerMemoryError",
     "WorkerPoolBrokenError",
@@ -237,3 +238,26 @@ class ResultUnpicklingError(TaskUnpicklingError):
 
     The cause holds the parent's traceback.
     """
+
+
+class UsedAfterForkError(PoolManagerError, RuntimeError):
+    """A manager or pool was used in a process forked from the one that built it.
+
+    After a fork (``os.fork``, ``multiprocessing``'s fork start method, a
+    pre-forking server such as gunicorn ``--preload`` or celery prefork),
+    what the child inherited is inert: its workers, sockets and fork server
+    belong to the parent. Build a new `WorkerPoolManager` (or pool) in the
+    child, after the fork: gunicorn's ``post_fork`` hook, celery's
+    ``worker_process_init`` signal, or the child's own code.
+    """
+
+    @classmethod
+    def for_object(cls, what: str, built_in: int) -> UsedAfterForkError:
+        import os
+
+        return cls(
+            f"this {what} was built in process {built_in}, and this process ({os.getpid()}) "
+            "was forked from it: what a forked child inherits is inert (its workers belong "
+            f"to the parent). Build a new {what} in this process, after the fork (gunicorn: "
+            "in post_fork; celery: on worker_process_init; multiprocessing: in the child)"
+        )

@@ -22,6 +22,7 @@ import functools
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -34,7 +35,7 @@ from typing import Any, TypedDict
 from . import _process, _signals, _threads, memory
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from .budget import BudgetStats, BusySlots, WorkerBudget, default_busy_limit, default_limit
-from .errors import FactoryError, ManagerShutDownError
+from .errors import FactoryError, ManagerShutDownError, UsedAfterForkError
 from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TakenOnAThread, TaskCounts, WorkerPool
 from .supervisor import Supervisor
 
@@ -183,6 +184,17 @@ _live_managers: weakref.WeakSet[WorkerPoolManager] = weakref.WeakSet()
 _signals.configure_managers(lambda: list(_live_managers))
 
 
+def _forget_managers_in_child() -> None:
+    # A process forked from ours: the managers it inherited are the parent's
+    # (their supervisors did not come along, their pools went inert with
+    # pool.py's own hook). No exit hook or SIGTERM handler here acts on them.
+    _live_managers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_managers_in_child)
+
+
 @atexit.register
 def _shutdown_forgotten_managers() -> None:
     # By now the pools' exit hook (_signals.py) has let accepted work finish
@@ -319,6 +331,10 @@ class WorkerPoolManager:
         if not callable(clock):
             raise TypeError("clock must be a callable returning seconds")
         self._clock = clock
+        #: The process that built it: in a process forked from it, the manager
+        #: is inert (using it raises UsedAfterForkError; shutting it down does
+        #: nothing).
+        self._owner_pid = os.getpid()
         self._next_sample: float | None = None  # clock time; None: sample at once
         self._sampled_at: float | None = None
         self._samples_taken = 0
@@ -388,6 +404,14 @@ class WorkerPoolManager:
         """Seconds after which a pool is retired."""
         return self._max_lifetime
 
+    def _inherited(self) -> bool:
+        """True in a process forked from the one that built the manager."""
+        return os.getpid() != self._owner_pid
+
+    def _check_owner(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise UsedAfterForkError.for_object("WorkerPoolManager", self._owner_pid)
+
     # -- leases ----------------------------------------------------------
 
     def default_factory(self, max_size: int) -> WorkerPool:
@@ -430,6 +454,7 @@ class WorkerPoolManager:
                 is not a `WorkerPool`.
             Exception: whatever the factory raised.
         """
+        self._check_owner()
         try:
             hash(key)
         except TypeError:
@@ -671,6 +696,7 @@ class WorkerPoolManager:
 
     def keys(self) -> list[Hashable]:
         """The keys with a pool in the map now."""
+        self._check_owner()
         with self._lock:
             return list(self._entries)
 
@@ -684,6 +710,8 @@ class WorkerPoolManager:
         no lease and no unfinished work (blocking while its workers stop).
         Returns what it did and when the next check is due.
         """
+        if self._inherited():
+            return SweepResult()  # (the parent's pools: nothing to do here)
         started = time.perf_counter()
         expired: list[tuple[Hashable, float]] = []  # key, seconds unused
         retired: list[tuple[Hashable, float]] = []  # key, age
@@ -862,6 +890,7 @@ class WorkerPoolManager:
 
     def stats(self) -> ManagerStats:
         """A snapshot of every pool: state, workers, leases, work, age, idle time."""
+        self._check_owner()
         with self._lock:
             now = self._clock()
             entries = list(self._entries.values())
@@ -933,6 +962,8 @@ class WorkerPoolManager:
         tasks that have not started are cancelled first. Later `get_pool`
         calls raise `ManagerShutDownError`. Idempotent.
         """
+        if self._inherited():
+            return  # (the parent's: never shut down from a forked child)
         entries = self._close()
         for entry in entries:
             if cancel_futures:
@@ -951,6 +982,8 @@ class WorkerPoolManager:
         Queued tasks are cancelled, running ones fail with
         `PoolTerminatedError`; returns when the workers are gone. Idempotent.
         """
+        if self._inherited():
+            return  # (the parent's: never shut down from a forked child)
         entries = self._close()
         for entry in entries:
             entry.pool.terminate()
@@ -959,6 +992,8 @@ class WorkerPoolManager:
 
     def shutdown_within(self, grace: float) -> None:
         """Shut down, letting accepted work finish for up to ``grace`` seconds, then terminate."""
+        if self._inherited():
+            return  # (the parent's: never shut down from a forked child)
         entries = self._close()
         for entry in entries:
             entry.pool.dispose(wait=False)

@@ -103,6 +103,7 @@ from .errors import (
     ResultUnpicklingError,
     TaskKilledError,
     TaskTimeoutError,
+    UsedAfterForkError,
     WorkerLostError,
     WorkerMemoryError,
     WorkerPoolBrokenError,
@@ -572,6 +573,28 @@ class TaskCounts(TypedDict):
 #: Pools that have started workers, for the exit hooks (_signals.py).
 _live_pools: weakref.WeakSet[BaseWorkerPool] = weakref.WeakSet()
 _signals.configure_pools(lambda: list(_live_pools))
+#: Every pool of this process, for the fork hook below.
+_all_pools: weakref.WeakSet[BaseWorkerPool] = weakref.WeakSet()
+
+
+def _inert_in_forked_child() -> None:
+    """(In a child just forked from this process) what it inherited goes inert.
+
+    Each pool's sockets and pipes belong to the parent's workers and I/O
+    thread: the child closes its copies (so the fork server and the workers
+    still see the parent go, and a child never reads the parent's replies),
+    and the exit hook no longer sees the pools. Using one raises
+    `UsedAfterForkError`; shutting one down does nothing. No lock is taken:
+    another thread of the parent may have held one at the fork.
+    """
+    for pool in list(_all_pools):
+        pool._close_inherited()
+    _live_pools.clear()
+    _all_pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_inert_in_forked_child)
 
 
 def _megabytes(size: float) -> str:
@@ -821,6 +844,34 @@ class BaseWorkerPool(WorkerPool):
         #: Tasks failed under _lock with no thread to finish them (none could
         #: start): whoever releases the lock next finishes them.
         self._undelivered: list[tuple[_TaskFuture, bool | None, Any]] = []
+        #: The process that built it: in a process forked from that one, the
+        #: pool is inert (see _inert_in_forked_child).
+        self._owner_pid = os.getpid()
+        self._io_resources: _IOResources | None = None  # the I/O thread's, while it runs
+        _all_pools.add(self)
+
+    # -- after a fork ------------------------------------------------------
+
+    def _inherited(self) -> bool:
+        """True in a process forked from the one that built the pool (it is inert there)."""
+        return os.getpid() != self._owner_pid
+
+    def _check_owner(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise UsedAfterForkError.for_object("pool", self._owner_pid)
+
+    def _close_inherited(self) -> None:
+        """(In a forked child, no lock taken) close the copies of the parent's descriptors."""
+        for worker in list(self._workers.values()):
+            with contextlib.suppress(OSError):
+                worker.sock.close()
+            if not worker.status_done:
+                with contextlib.suppress(OSError):
+                    os.close(worker.status_fd)
+        io = self._io_resources
+        if io is not None:
+            with contextlib.suppress(OSError):
+                io.close()
 
     # -- WorkerPool ------------------------------------------------------
 
@@ -839,6 +890,7 @@ class BaseWorkerPool(WorkerPool):
         return self._max_size if granted is None else granted
 
     def grant_workers(self, count: int) -> int:
+        self._check_owner()
         to_count("send_size", count, minimum=0)
         with self._lock:
             self._granted = min(self._max_size, (self._granted or 0) + count)
@@ -856,6 +908,8 @@ class BaseWorkerPool(WorkerPool):
         return len(self._outstanding)
 
     def worker_pids(self) -> list[int]:
+        if self._inherited():
+            return []  # (the parent's workers)
         with self._lock:
             return list(self._workers)
 
@@ -890,12 +944,15 @@ class BaseWorkerPool(WorkerPool):
         idle pool then costs only its Python objects; the next submit starts
         workers again. Returns True if anything was released.
         """
+        if self._inherited():
+            return False
         with self._lock:
             if self._outstanding or self._workers:
                 return False
         return self._drop_server()
 
     def task_counts(self) -> TaskCounts:
+        self._check_owner()
         with self._lock:
             submitted, completed, failed, cancelled = self._counts
             unfinished = len(self._outstanding)
@@ -919,6 +976,7 @@ class BaseWorkerPool(WorkerPool):
         Only before the pool's first submit; returns False (and changes
         nothing) once it has run work, or if it already has them.
         """
+        self._check_owner()
         with self._lock:
             if self._budget is not None or self._busy_slots is not None:
                 return False
@@ -1040,6 +1098,7 @@ class BaseWorkerPool(WorkerPool):
         ``deadline`` (a ``time.monotonic()`` time): wait for room until then,
         and raise ``TimeoutError`` if the pool is still full.
         """
+        self._check_owner()
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         try:
@@ -1112,6 +1171,7 @@ class BaseWorkerPool(WorkerPool):
         Raises:
             ValueError: ``future`` did not come from this pool's ``submit``.
         """
+        self._check_owner()
         if not isinstance(future, _TaskFuture) or future._pool is not self:
             raise ValueError("kill_task takes a future returned by this pool's submit()")
         if future.cancel():
@@ -1144,6 +1204,8 @@ class BaseWorkerPool(WorkerPool):
         Tasks that were running fail with `PoolTerminatedError` (they are not
         sent again). Idempotent; `submit` afterwards raises.
         """
+        if self._inherited():
+            return  # (the parent's: never shut down from a forked child)
         with self._lock:
             self._shut_down = True
             self._terminating = True
@@ -1224,6 +1286,8 @@ class BaseWorkerPool(WorkerPool):
         and the work still finishes. Calls `dispose`, so a subclass's shared
         data is released too. Idempotent.
         """
+        if self._inherited():
+            return  # (the parent's: never shut down from a forked child)
         if cancel_futures:
             with self._lock:
                 self._shut_down = True
@@ -1233,6 +1297,8 @@ class BaseWorkerPool(WorkerPool):
         self.dispose(wait=wait)
 
     def dispose(self, wait: bool = True) -> None:
+        if self._inherited():
+            return  # (the parent's: never shut down, never waited for, from a forked child)
         # _dispose_lock makes a second caller wait until the first has joined
         # the workers, so that "dispose returned" always means "they are gone".
         with self._dispose_lock:
@@ -1530,6 +1596,7 @@ class BaseWorkerPool(WorkerPool):
                 self._start_failed(error)
                 return None
             self._wake_fd = io.wake_write
+            self._io_resources = io
             self._io_thread = self._last_io_thread = thread
         if self._start_trouble is not None:
             self._start_trouble = None
@@ -1696,6 +1763,7 @@ class BaseWorkerPool(WorkerPool):
                 if not self._workers:
                     # Nothing left to watch: a later worker starts a new thread.
                     self._io_thread = None
+                    self._io_resources = None
                     wake_write, self._wake_fd = self._wake_fd, None
                     self._io_done.notify_all()
                     return wake_write, self._shut_down
