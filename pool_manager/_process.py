@@ -586,6 +586,10 @@ def serve(control_fd: int, stderr_fd: int = -1) -> None:
                     continue
                 if pid == 0:
                     try:
+                        # Its own process group: what its tasks start can be
+                        # ended with it (see _end_group).
+                        with contextlib.suppress(OSError):
+                            os.setpgid(0, 0)
                         signal.set_wakeup_fd(-1)
                         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                         for fd in (wake_read, wake_write, status_fd, *children.values()):
@@ -594,13 +598,14 @@ def serve(control_fd: int, stderr_fd: int = -1) -> None:
                         _worker.serve(socket.socket(fileno=worker_fd))
                     finally:
                         os._exit(70)
+                with contextlib.suppress(OSError):
+                    os.setpgid(pid, pid)  # (also here: before anyone signals the group)
                 os.close(worker_fd)
                 children[pid] = status_fd
                 control.sendall(_PID.pack(pid))
     finally:
         for pid in children:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+            _end_group(pid)
         for pid, status_fd in list(children.items()):
             with contextlib.suppress(ChildProcessError):
                 _, status = os.waitpid(pid, 0)
@@ -620,6 +625,21 @@ def _reap(children: dict[int, int]) -> None:
             return
         status_fd = children.pop(pid, None)
         if status_fd is not None:
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                # Killed (timeout, kill_task, terminate, memory) or failed: the
+                # processes its task started go with it. A clean exit leaves
+                # them, as ProcessPoolExecutor does.
+                _end_group(pid)
             with contextlib.suppress(OSError):
-                os.write(status_fd, STATUS.pack(os.waitstatus_to_exitcode(status)))
+                os.write(status_fd, STATUS.pack(code))
             os.close(status_fd)
+
+
+def _end_group(pid: int) -> None:
+    """SIGKILL worker ``pid``'s process group (the worker, and what its tasks started)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)

@@ -686,8 +686,12 @@ def _grant_places(pools: list[BaseWorkerPool]) -> None:
 
 
 def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    """SIGKILL worker ``pid`` and its process group (what its task started)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:  # (not a group leader yet, or gone)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class BaseWorkerPool(WorkerPool):

@@ -191,3 +191,13 @@ def grow_until_stopped(step_megabytes: int = 20, seconds: float = 30.0) -> None:
 def sleep_and_return_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def start_child_and_wait(pidfile: str, seconds: float = 300.0) -> None:
+    """Start a ``sleep`` of its own (as a task runs a converter), note its pid, wait for it."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", str(seconds)])
+    Path(pidfile + ".tmp").write_text(str(child.pid))
+    os.replace(pidfile + ".tmp", pidfile)
+    child.wait()
