@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 __all__ = [
+    "INIT_META",
     "TASKS_META",
     "TO_PARENT",
     "TO_WORKER",
@@ -70,14 +71,24 @@ INIT, TASKS, EXIT = 1, 2, 3
 TO_PARENT = struct.Struct("<QBBqd")
 #: A task's result (value: its run time in seconds); its failure; the worker
 #: leaves cleanly (reason, value: detail); the worker is ending itself while
-#: a task runs (reason, task id, value: detail); the initializer failed; the
+#: a task runs (reason, task id, value: detail); the worker could not set
+#: itself up (reason: ``SETUP`` or ``INITIALIZER``, body: the traceback); the
 #: worker is ready for tasks (its initializer has run).
 RESULT, ERROR, LEAVING, DYING, INIT_FAILED, READY = 1, 2, 3, 4, 5, 6
+#: ``INIT_FAILED`` reasons: applying ``INIT`` failed (the directory, the
+#: environment, unpickling the initializer or its arguments); the
+#: initializer raised.
+SETUP, INITIALIZER = 1, 2
 
 #: A ``TASKS`` body: the length of a pickled list of (task id, timeout,
 #: payload length), that list, then the payloads one after another (so a
 #: large argument is sent from the bytes it was pickled into, not copied).
 TASKS_META = struct.Struct("<I")
+
+#: An ``INIT`` body: the length of the pickled parent state (its working
+#: directory and environment as of this worker's start), that state, then the
+#: pool's cloudpickled configuration (limits, initializer).
+INIT_META = struct.Struct("<I")
 
 #: A message from a worker, as the pool's reader hands it over.
 Message = tuple[int, int, int, float, "bytes | bytearray"]  # kind, reason, task id, value, body
