@@ -16,8 +16,9 @@ Starting: a fork server
     goes away (its end of the control socket closes) the server kills its
     workers and exits.
 
-    The server gets the parent's ``sys.path`` as arguments (each entry as
-    ``os.fspath`` gives it), and starts with no signal blocked, whatever the
+    The server runs with the parent's interpreter flags (``-O``, ``-W``,
+    ``-X``, ``-s``, ``-I``...), gets the parent's ``sys.path`` as arguments
+    (each entry as ``os.fspath`` gives it), and starts with no signal blocked, whatever the
     thread that started it had blocked. Until it is ready, what it prints
     goes to a pipe the parent reads, so that a server that dies at boot
     raises `ForkServerError` with its traceback; then its stderr (and so
@@ -262,6 +263,15 @@ def _server_path(path: Iterable[object]) -> list[str]:
     return entries
 
 
+def _interpreter_flags() -> list[str]:
+    """This interpreter's flags (``-O``, ``-W``, ``-X``, ``-s``, ``-I``...), for the server.
+
+    Workers run with the parent's semantics, as multiprocessing's spawned
+    children do (the same function makes their command line).
+    """
+    return list(subprocess._args_from_interpreter_flags())  # type: ignore[attr-defined]
+
+
 class ForkServer:
     """A handle on the fork server process (see the module docstring).
 
@@ -287,7 +297,13 @@ class ForkServer:
             code = _BOOT.format(control=theirs.fileno(), stderr=stderr)
             with signals_blocked():
                 self._process = subprocess.Popen(
-                    [sys.executable, "-c", code, *_server_path(sys.path)],
+                    [
+                        sys.executable,
+                        *_interpreter_flags(),
+                        "-c",
+                        code,
+                        *_server_path(sys.path),
+                    ],
                     pass_fds=(theirs.fileno(),) if stderr < 0 else (theirs.fileno(), stderr),
                     stdin=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,

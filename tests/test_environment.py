@@ -1,10 +1,14 @@
-"""What a worker's process looks like: the parent's working directory
-and environment as they are when it starts, and setup
+"""What a worker's process looks like: the parent's working directory,
+environment and interpreter flags as they are when it starts, and setup
 failures reported with their cause."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,8 @@ import pytest
 from pool_manager import BaseWorkerPool, WorkerPoolBrokenError
 
 from .helpers import LoadsNowhere
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cwd_and_variables(*names: str) -> tuple[str, list[str | None]]:
@@ -109,3 +115,66 @@ def test_a_raising_initializer_is_still_reported_as_the_initializer(
     assert "the pool's initializer failed" in str(caught.value)
     assert "ValueError: invalid literal for int()" in str(caught.value)
     capfd.readouterr()
+
+
+# -- interpreter flags ----------------------------------------------------------
+
+
+def run_with_flags(*flags: str) -> dict[str, object]:
+    """Run a pool in ``python FLAGS``; returns what its worker saw."""
+    script = textwrap.dedent(
+        """
+        import json, sys, warnings
+        from pool_manager import BaseWorkerPool
+
+        def probe():
+            asserts = True
+            try:
+                assert False
+            except AssertionError:
+                pass
+            else:
+                asserts = False
+            try:
+                warnings.warn("old", DeprecationWarning)
+                warned = "ignored"
+            except DeprecationWarning:
+                warned = "raised"
+            return {
+                "optimize": sys.flags.optimize,
+                "asserts": asserts,
+                "warnoptions": list(sys.warnoptions),
+                "utf8_mode": sys.flags.utf8_mode,
+                "warning": warned,
+            }
+
+        with BaseWorkerPool(1) as pool:
+            print(json.dumps(pool.submit(probe).result(timeout=60)))
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, *flags, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert completed.returncode == 0, completed.stderr
+    result: dict[str, object] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.timeout(150)
+def test_workers_run_with_the_parents_optimize_flag() -> None:
+    seen = run_with_flags("-O")
+    assert seen["optimize"] == 1
+    assert seen["asserts"] is False
+
+
+@pytest.mark.timeout(150)
+def test_workers_run_with_the_parents_warning_filters_and_x_options() -> None:
+    seen = run_with_flags("-W", "error::DeprecationWarning", "-X", "utf8")
+    assert seen["warnoptions"] == ["error::DeprecationWarning"]
+    assert seen["warning"] == "raised"
+    assert seen["utf8_mode"] == 1
+    assert seen["optimize"] == 0
