@@ -15,7 +15,7 @@ import pytest
 
 from pool_manager import BaseWorkerPool, WorkerPoolBrokenError
 
-from .helpers import LoadsNowhere
+from .helpers import LoadsNowhere, poll
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,11 @@ def test_an_env_that_is_not_str_to_str_is_rejected_when_the_pool_is_built(
 def test_initargs_that_fail_to_unpickle_in_the_worker_fail_tasks_with_the_workers_traceback(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
+    lost: list[str] = []
     with BaseWorkerPool(1, initializer=print, initargs=(LoadsNowhere("no such plugin"),)) as pool:
+        pool.add_worker_event_callback(
+            lambda kind, pid, why: lost.append(why) if kind == "worker_lost" else None
+        )
         future = pool.submit(pow, 2, 3)
         with pytest.raises(WorkerPoolBrokenError) as caught:
             future.result(timeout=60)
@@ -101,6 +105,8 @@ def test_initargs_that_fail_to_unpickle_in_the_worker_fail_tasks_with_the_worker
     assert "Traceback (most recent call last)" in message
     assert "RuntimeError: no such plugin" in message
     assert "no such plugin" in capfd.readouterr().err  # (and on stderr, as it happens)
+    assert poll(lambda: len(lost) >= 3, timeout=30)
+    assert set(lost) == {"setup failed"}
 
 
 @pytest.mark.timeout(120)
