@@ -16,8 +16,9 @@ Starting: a fork server
     goes away (its end of the control socket closes) the server kills its
     workers and exits.
 
-    The server gets the parent's ``sys.path`` as arguments (each entry as
-    ``os.fspath`` gives it), and starts with no signal blocked, whatever the
+    The server runs with the parent's interpreter flags (``-O``, ``-W``,
+    ``-X``, ``-s``, ``-I``...), gets the parent's ``sys.path`` as arguments
+    (each entry as ``os.fspath`` gives it), and starts with no signal blocked, whatever the
     thread that started it had blocked. Until it is ready, what it prints
     goes to a pipe the parent reads, so that a server that dies at boot
     raises `ForkServerError` with its traceback; then its stderr (and so
@@ -47,6 +48,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 __all__ = [
+    "INIT_META",
     "TASKS_META",
     "TO_PARENT",
     "TO_WORKER",
@@ -70,14 +72,24 @@ INIT, TASKS, EXIT = 1, 2, 3
 TO_PARENT = struct.Struct("<QBBqd")
 #: A task's result (value: its run time in seconds); its failure; the worker
 #: leaves cleanly (reason, value: detail); the worker is ending itself while
-#: a task runs (reason, task id, value: detail); the initializer failed; the
+#: a task runs (reason, task id, value: detail); the worker could not set
+#: itself up (reason: ``SETUP`` or ``INITIALIZER``, body: the traceback); the
 #: worker is ready for tasks (its initializer has run).
 RESULT, ERROR, LEAVING, DYING, INIT_FAILED, READY = 1, 2, 3, 4, 5, 6
+#: ``INIT_FAILED`` reasons: applying ``INIT`` failed (the directory, the
+#: environment, unpickling the initializer or its arguments); the
+#: initializer raised.
+SETUP, INITIALIZER = 1, 2
 
 #: A ``TASKS`` body: the length of a pickled list of (task id, timeout,
 #: payload length), that list, then the payloads one after another (so a
 #: large argument is sent from the bytes it was pickled into, not copied).
 TASKS_META = struct.Struct("<I")
+
+#: An ``INIT`` body: the length of the pickled parent state (its working
+#: directory and environment as of this worker's start), that state, then the
+#: pool's cloudpickled configuration (limits, initializer).
+INIT_META = struct.Struct("<I")
 
 #: A message from a worker, as the pool's reader hands it over.
 Message = tuple[int, int, int, float, "bytes | bytearray"]  # kind, reason, task id, value, body
@@ -251,6 +263,15 @@ def _server_path(path: Iterable[object]) -> list[str]:
     return entries
 
 
+def _interpreter_flags() -> list[str]:
+    """This interpreter's flags (``-O``, ``-W``, ``-X``, ``-s``, ``-I``...), for the server.
+
+    Workers run with the parent's semantics, as multiprocessing's spawned
+    children do (the same function makes their command line).
+    """
+    return list(subprocess._args_from_interpreter_flags())  # type: ignore[attr-defined]
+
+
 class ForkServer:
     """A handle on the fork server process (see the module docstring).
 
@@ -276,7 +297,13 @@ class ForkServer:
             code = _BOOT.format(control=theirs.fileno(), stderr=stderr)
             with signals_blocked():
                 self._process = subprocess.Popen(
-                    [sys.executable, "-c", code, *_server_path(sys.path)],
+                    [
+                        sys.executable,
+                        *_interpreter_flags(),
+                        "-c",
+                        code,
+                        *_server_path(sys.path),
+                    ],
                     pass_fds=(theirs.fileno(),) if stderr < 0 else (theirs.fileno(), stderr),
                     stdin=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,

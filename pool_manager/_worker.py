@@ -1,7 +1,8 @@
 """Code that runs inside worker processes, and the task envelope both sides share.
 
 A worker is forked from the fork server (``_process.py``) and runs `serve`:
-it reads its ``INIT`` message (limits, initializer, environment), then
+it reads its ``INIT`` message (the parent's current working directory and
+environment, limits, initializer), then
 batches of tasks, and answers each task with one message. A task crosses as
 ``(task id, timeout, payload)``: ``payload`` is the cloudpickled ``(fn, args,
 kwargs)``, loaded *inside* the task, so an argument that fails to unpickle
@@ -40,9 +41,12 @@ from ._process import (
     EXIT,
     INIT,
     INIT_FAILED,
+    INIT_META,
+    INITIALIZER,
     LEAVING,
     MAIN_THREAD_SIGNALS,
     READY,
+    SETUP,
     TASKS,
     TASKS_META,
     TO_PARENT,
@@ -62,7 +66,7 @@ MEMORY_CHECK_INTERVAL = 0.05
 ORPHAN_EXIT_CODE = 75  # its parent died
 DEADLINE_EXIT_CODE = 76  # its task ran past its deadline
 MEMORY_EXIT_CODE = 77  # it grew past kill_worker_memory
-INIT_FAILED_EXIT_CODE = 78  # its initializer raised
+INIT_FAILED_EXIT_CODE = 78  # it could not set itself up (or its initializer raised)
 
 #: Why a worker ended itself (``DYING``) or left (``LEAVING``, ``EXIT``).
 NO_REASON, DEADLINE, MEMORY, RECYCLED_TASKS, RECYCLED_MEMORY, IDLE, BUDGET, SHUTDOWN = range(8)
@@ -86,13 +90,25 @@ class WorkerLimits:
 
 
 @dataclass(frozen=True)
+class ParentState:
+    """The first part of ``INIT``: the parent's state as of this worker's start.
+
+    Workers are forked from the fork server, which froze its directory and
+    environment when it started: these are the parent's current ones (as
+    ``ProcessPoolExecutor``'s workers have), with the pool's ``env`` on top.
+    """
+
+    cwd: str | None  #: None: the parent's directory is gone (the worker stays put)
+    environ: dict[bytes, bytes]  #: the whole environment, as ``os.environb`` holds it
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
-    """The ``INIT`` message: what a pool tells each new worker."""
+    """The second part of ``INIT``: what a pool tells each new worker."""
 
     limits: WorkerLimits
     initializer: Callable[..., object] | None
     initargs: tuple[Any, ...]
-    env: dict[str, str] | None
     #: The parent's ``multiprocessing`` authentication key: with it, a
     #: ``multiprocessing.Manager`` proxy passed to a task can connect.
     authkey: bytes = b""
@@ -147,28 +163,53 @@ def serve(sock: socket.socket) -> NoReturn:
         message = _read_message(reader)
         if message is None or message[0] != INIT:
             _exit(0)
-        config: WorkerConfig = pickle.loads(message[1])
-        if config.env:
-            os.environ.update(config.env)
-        if config.authkey:
-            multiprocessing.current_process().authkey = config.authkey
-        _limits = config.limits
-        _watchdog = _Watchdog(os.getppid(), config.limits.kill_memory)
-        threading.Thread(target=_watchdog.run, name="pool_manager-watchdog", daemon=True).start()
-        if config.initializer is not None:
-            try:
+        # Whatever fails from here to READY is reported, with its traceback,
+        # for the pool to put in the error its callers get.
+        step = SETUP
+        try:
+            config = _set_up(message[1])
+            _limits = config.limits
+            _watchdog = _Watchdog(os.getppid(), config.limits.kill_memory)
+            threading.Thread(
+                target=_watchdog.run, name="pool_manager-watchdog", daemon=True
+            ).start()
+            if config.initializer is not None:
+                step = INITIALIZER
                 config.initializer(*config.initargs)
-            except BaseException as error:
-                text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-                sys.stderr.write(f"pool_manager: a worker's initializer failed:\n{text}")
-                _send(INIT_FAILED, text.encode("utf-8", "replace"))
-                code = INIT_FAILED_EXIT_CODE
-                _exit(code)
+        except BaseException as error:
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            what = "initializer failed" if step == INITIALIZER else "setup failed"
+            sys.stderr.write(f"pool_manager: a worker's {what}:\n{text}")
+            _send(INIT_FAILED, text.encode("utf-8", "replace"), reason=step)
+            _exit(INIT_FAILED_EXIT_CODE)
         _send(READY)
         _serve_tasks(reader)
     except BaseException:  # the parent has gone (a broken socket), or a bug: leave
         code = 1
     _exit(code)
+
+
+def _set_up(body: bytes) -> WorkerConfig:
+    """Apply an ``INIT`` body: the parent's directory and environment, then the config.
+
+    The environment comes first, so that unpickling the initializer (which
+    may import its module) already sees it.
+    """
+    (state_length,) = INIT_META.unpack_from(body)
+    state_end = INIT_META.size + state_length
+    state: ParentState = pickle.loads(body[INIT_META.size : state_end])
+    if state.cwd is not None:
+        os.chdir(state.cwd)
+    environ = os.environb
+    for key in [key for key in environ if key not in state.environ]:
+        del environ[key]
+    for key, value in state.environ.items():
+        if environ.get(key) != value:
+            environ[key] = value
+    config: WorkerConfig = pickle.loads(body[state_end:])
+    if config.authkey:
+        multiprocessing.current_process().authkey = config.authkey
+    return config
 
 
 def _exit(code: int) -> NoReturn:
@@ -430,5 +471,37 @@ def run_chunk_single(fn: Callable[[Any], Any], chunk: Iterable[Any]) -> list[Any
 
 
 def dump_config(config: WorkerConfig) -> bytes:
-    """(Parent side) pickle a pool's ``INIT`` message body."""
+    """(Parent side) pickle a pool's configuration, the part of ``INIT`` that never changes."""
     return _dumps(config)
+
+
+def init_message(config: bytes, env: dict[bytes, bytes] | None) -> bytes:
+    """(Parent side) a worker's whole ``INIT`` message, made as it starts.
+
+    ``config``: from `dump_config`; ``env``: the pool's own variables, set
+    over this process's current environment.
+    """
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:  # (deleted, say: the worker stays where the fork server is)
+        cwd = None
+    state = pickle.dumps(ParentState(cwd, _environ_now(env)), pickle.HIGHEST_PROTOCOL)
+    length = INIT_META.size + len(state) + len(config)
+    return TO_WORKER.pack(length, INIT) + INIT_META.pack(len(state)) + state + config
+
+
+def _environ_now(env: dict[bytes, bytes] | None) -> dict[bytes, bytes]:
+    """A copy of ``os.environb``, ``env`` on top.
+
+    Another thread may change the environment as it is copied (the copy
+    iterates): then copy again.
+    """
+    while True:
+        try:
+            environ = dict(os.environb)
+            break
+        except (RuntimeError, KeyError):
+            continue
+    if env:
+        environ.update(env)
+    return environ

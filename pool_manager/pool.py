@@ -57,7 +57,7 @@ import time
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import _RemoteTraceback
@@ -69,8 +69,8 @@ from ._process import (
     DYING,
     ERROR,
     EXIT,
-    INIT,
     INIT_FAILED,
+    INITIALIZER,
     LEAVING,
     READY,
     RESULT,
@@ -91,6 +91,7 @@ from ._worker import (
     WorkerLimits,
     dump_call,
     dump_config,
+    init_message,
     run_chunk,
     run_chunk_single,
 )
@@ -507,7 +508,7 @@ class _Worker:
         self.idle_since = now
         self.leaving: int | None = None  # why it was told to leave, or said it leaves
         self.dying: tuple[int, int, float] | None = None  # reason, task id, detail
-        self.init_failed: str | None = None
+        self.init_failed: tuple[int, str] | None = None  # the step that failed, traceback
         self.ready = False  # its initializer has run: it takes tasks from here on
         self.holds_place = False  # a place under max_busy_workers (BusySlots)
         self.place_since = 0.0  # time.monotonic() it took that place
@@ -694,6 +695,36 @@ def _kill(pid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _worker_env(env: object) -> dict[bytes, bytes] | None:
+    """Check a pool's ``env`` (str keys and values, as ``subprocess`` wants them);
+    returns it as ``os.environb`` holds it.
+
+    Raises:
+        TypeError: not a mapping, or a key or value that is not a str.
+        ValueError: a name that is empty or holds ``=``, a NUL character, or
+            text the file system encoding cannot hold.
+    """
+    if env is None:
+        return None
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a dict of str to str, not {type(env).__name__}")
+    converted = {}
+    for key, value in env.items():
+        for part in (key, value):
+            if not isinstance(part, str):
+                raise TypeError(
+                    f"env keys and values must be str, not {type(part).__name__} "
+                    f"(in {key!r}: {value!r})"
+                )
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise ValueError(f"env: illegal environment variable {key!r}: {value!r}")
+        try:
+            converted[os.fsencode(key)] = os.fsencode(value)
+        except UnicodeError as error:
+            raise ValueError(f"env: {key!r}: {value!r} cannot be encoded: {error}") from error
+    return converted
+
+
 class BaseWorkerPool(WorkerPool):
     """A process pool for one key, and a drop-in ``ProcessPoolExecutor``.
 
@@ -718,8 +749,11 @@ class BaseWorkerPool(WorkerPool):
         idle_timeout: seconds an idle worker waits before it exits (it is
             started again on demand); ``None`` keeps workers alive. Any
             finite positive duration works.
-        env: environment variables set in each worker before its
-            initializer and tasks run (and before they import anything).
+        env: environment variables (str to str) set in each worker before
+            its initializer and tasks run (and before they import anything),
+            over the parent's environment. Each worker starts in the
+            parent's working directory and environment as they are when it
+            starts, as ``ProcessPoolExecutor``'s workers do.
         max_tasks_per_worker: a worker is replaced (cleanly, between tasks)
             after this many tasks. ``max_tasks_per_child`` is accepted as
             another name for it, as ``ProcessPoolExecutor`` calls it.
@@ -767,6 +801,7 @@ class BaseWorkerPool(WorkerPool):
             raise TypeError("initializer must be callable")
         if not isinstance(initargs, tuple):
             raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
+        self._env = _worker_env(env)
         if max_pending is not None:
             to_count("max_pending", max_pending, minimum=0)
         if max_tasks_per_worker is not None and max_tasks_per_child is not None:
@@ -793,16 +828,12 @@ class BaseWorkerPool(WorkerPool):
             self._limits,
             initializer,
             initargs,
-            dict(env) if env is not None else None,
             bytes(multiprocessing.current_process().authkey),
         )
         try:
-            body = dump_config(config)
+            self._config = dump_config(config)
         except Exception as error:
-            raise TypeError(
-                f"the initializer, initargs and env must be picklable: {error}"
-            ) from error
-        self._init_message = TO_WORKER.pack(len(body), INIT) + body
+            raise TypeError(f"the initializer and initargs must be picklable: {error}") from error
 
         # _lock guards everything below; the conditions share it.
         self._lock = threading.Lock()
@@ -1609,7 +1640,8 @@ class BaseWorkerPool(WorkerPool):
         worker = _Worker(pid, sock, status_fd, time.monotonic())
         self._workers[pid] = worker
         _live_pools.add(self)
-        self._send(worker, self._init_message)
+        # Made now: the worker gets the directory and environment of its start.
+        self._send(worker, init_message(self._config, self._env))
         self._io_changes.append(worker)
         if io is None:
             self._wake()
@@ -2018,7 +2050,7 @@ class BaseWorkerPool(WorkerPool):
                 elif kind == READY:
                     worker.ready = True
                 elif kind == INIT_FAILED:
-                    worker.init_failed = body.decode("utf-8", "replace")
+                    worker.init_failed = (reason, body.decode("utf-8", "replace"))
             for worker in ended:
                 self._worker_ended(worker, failures)
             self._dispatch()
@@ -2056,14 +2088,23 @@ class BaseWorkerPool(WorkerPool):
                 )
             return
         if worker.init_failed is not None:
+            step, text = worker.init_failed
             self._fruitless += 1
-            self._worker_events.append(("worker_lost", pid, "initializer failed"))
+            why = "initializer failed" if step == INITIALIZER else "setup failed"
+            self._worker_events.append(("worker_lost", pid, why))
             self._requeue(tasks)
             if self._fruitless >= MAX_ATTEMPTS:
+                count = self._fruitless
+                what = (
+                    f"the pool's initializer failed in {count} worker processes in a row"
+                    if step == INITIALIZER
+                    else f"{count} worker processes in a row could not set themselves up (the "
+                    "working directory, the environment, or unpickling the initializer and "
+                    "initargs)"
+                )
                 self._fail_queued(
                     WorkerPoolBrokenError(
-                        f"the pool's initializer failed in {self._fruitless} worker processes in "
-                        f"a row; the task was not run. The last failure:\n{worker.init_failed}"
+                        f"{what}; the task was not run. The last failure, in the worker:\n{text}"
                     ),
                     failures,
                 )
