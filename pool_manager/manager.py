@@ -178,6 +178,11 @@ class _Lease:
         return f"<lease on {self._entry.key!r}, {state}>"
 
 
+def _shut_down(pool: WorkerPool) -> bool:
+    """True if ``pool`` refuses work for good (a custom pool may not say: then False)."""
+    return bool(getattr(pool, "is_shut_down", False))
+
+
 _serials = itertools.count(1)
 _live_managers: weakref.WeakSet[WorkerPoolManager] = weakref.WeakSet()
 _signals.configure_managers(lambda: list(_live_managers))
@@ -404,7 +409,9 @@ class WorkerPoolManager:
 
         Grants the pool ``min(send_size, pool_size - granted)`` more workers.
         Returns ``(pool, done)``: call ``done()`` when finished with the pool
-        (again does nothing); until then the pool is never disposed.
+        (again does nothing); until then the pool is never disposed. A pool
+        shut down by its user (``with pool:``) leaves the map here, as a
+        retired one does, and a fresh one is built.
 
         Blocks only while another thread builds this key's pool.
 
@@ -447,6 +454,12 @@ class WorkerPoolManager:
                     )
                 now = self._clock()
                 entry = self._entries.get(key)
+                if entry is not None and _shut_down(entry.pool):
+                    # Shut down by its user (``with pool:``, the exit hook):
+                    # it leaves the map as a retired pool would, and is
+                    # disposed once its leases are released and its work done.
+                    self._retire_locked(entry)
+                    entry = None
                 if entry is not None and now - entry.created >= self._max_lifetime:
                     self._retire_locked(entry)
                     retired_age = now - entry.created

@@ -7,6 +7,9 @@ need real workers start processes.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -524,6 +527,91 @@ def test_a_pool_never_stays_broken_in_the_map(manager: WorkerPoolManager) -> Non
     with manager.lease("a") as again:
         assert again is pool
         assert again.submit(square, 7).result(timeout=60) == 49
+
+
+# -- pools shut down by their user leave the map ------------------------------------
+
+
+def test_pool_shut_down_by_its_user_leaves_the_map(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    pool, done = manager.get_pool("a", 2)
+    with pool:  # the Executor idiom: shuts the pool down on the way out
+        assert list(pool.map(square, [1, 2])) == [1, 4]
+    done()
+    with manager.lease("a") as fresh:
+        assert fresh is not pool
+        assert fresh.submit(square, 3).result(timeout=60) == 9
+    assert len(manager) == 1
+    manager.sweep()
+    assert manager.stats()["retiring"] == []
+
+
+def test_pool_shut_down_under_a_lease_is_disposed_once_released(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    pool, done = manager.get_pool("a")
+    assert pool.submit(square, 2).result(timeout=60) == 4
+    pool.shutdown(wait=False)
+    with manager.lease("a") as fresh:
+        assert fresh is not pool
+        assert fresh.submit(square, 4).result(timeout=60) == 16
+    manager.sweep()
+    assert [s["state"] for s in manager.stats()["retiring"]] == [PoolState.RETIRING.value]
+    done()
+    manager.sweep()
+    assert manager.stats()["retiring"] == []
+    assert pool.worker_pids() == []
+
+
+def test_custom_pool_without_is_shut_down_stays_in_the_map(manager: WorkerPoolManager) -> None:
+    # A WorkerPool need not say whether it is shut down: the manager keeps it.
+    class Silent(BaseWorkerPool):
+        @property
+        def is_shut_down(self) -> bool:
+            raise AttributeError("is_shut_down")
+
+    with manager.lease("a", factory=Silent) as pool:
+        pass
+    with manager.lease("a", factory=Silent) as again:
+        assert again is pool
+
+
+def test_pools_shut_down_at_exit_are_rebuilt_for_a_thread_still_serving() -> None:
+    # The exit hook shuts every pool down while a non-daemon thread still
+    # uses the manager: that thread's later leases get fresh pools.
+    completed = subprocess.run(
+        [sys.executable, "-c", _SERVING_AT_EXIT], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["old-key", "1", "new-key", "1"], completed.stderr
+
+
+_SERVING_AT_EXIT = textwrap.dedent(
+    """
+    import threading
+
+    # Exit hooks run last registered first: this one runs after the library's.
+    hooks_ran = threading.Event()
+    threading._register_atexit(hooks_ran.set)
+
+    from pool_manager import WorkerPoolManager
+
+    manager = WorkerPoolManager(2, 60, 3600)
+
+    def serve():
+        assert hooks_ran.wait(timeout=60)
+        for key in ("old-key", "new-key"):
+            with manager.lease(key) as pool:
+                print(key, pool.submit(abs, -1).result(timeout=60), flush=True)
+        manager.shutdown()
+
+    with manager.lease("old-key") as pool:
+        pool.submit(abs, -1).result(timeout=60)
+    assert not pool.is_shut_down
+    threading.Thread(target=serve).start()
+    """
+)
 
 
 # -- bad input -------------------------------------------------------------------
