@@ -29,7 +29,15 @@ from pool_manager import (
 )
 from pool_manager.supervisor import Supervisor
 
-from .helpers import FakeClock, exit_process, getpid, poll, square, wait_for_path
+from .helpers import (
+    FakeClock,
+    exit_process,
+    getpid,
+    poll,
+    raise_value_error,
+    square,
+    wait_for_path,
+)
 
 STALE = 60.0
 LIFETIME = 600.0
@@ -262,6 +270,64 @@ def test_pool_with_unfinished_work_is_not_expired_until_idle_for_the_full_period
     assert manager.sweep().expired == []
     clock.advance(1)
     assert manager.sweep().expired == ["a"]
+
+
+def test_pool_with_an_unfinished_map_iterator_is_not_expired(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    with manager.lease("a") as pool:
+        results = pool.map(square, range(200))  # lazy: a window at a time
+    assert pool.unfinished_maps == 1
+    assert poll(lambda: pool.unfinished_tasks == 0, timeout=60)
+    for _ in range(3):
+        clock.advance(STALE * 2)
+        assert manager.sweep().expired == []
+    assert "a" in manager and manager.stats()["pools"]["a"]["idle_for"] == 0.0
+    assert list(results) == [x * x for x in range(200)]
+    assert pool.unfinished_maps == 0
+    clock.advance(STALE)
+    assert manager.sweep().expired == ["a"]
+
+
+@pytest.mark.parametrize("end", ["close", "collect"])
+def test_a_map_iterator_closed_or_collected_lets_its_pool_expire(
+    manager: WorkerPoolManager, clock: FakeClock, end: str
+) -> None:
+    with manager.lease("a") as pool:
+        results = pool.map(square, range(200))
+        if end == "close":
+            assert next(results) == 0
+            results.close()
+        else:
+            del results  # never started
+            gc.collect()
+    assert pool.unfinished_maps == 0
+    assert poll(lambda: pool.unfinished_tasks == 0, timeout=60)
+    clock.advance(STALE)
+    assert manager.sweep().expired == ["a"]
+
+
+def test_a_map_that_raised_holds_its_pool_no_longer(manager: WorkerPoolManager) -> None:
+    with manager.lease("a") as pool:
+        with pytest.raises(ValueError) as caught:
+            list(pool.map(raise_value_error, ["boom"], chunksize=1))
+        assert caught.value.args == ("boom",)  # (the traceback, kept, holds the map's frame)
+        assert pool.unfinished_maps == 0
+
+
+def test_retired_pool_with_an_unfinished_map_waits_for_it(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    with manager.lease("a") as pool:
+        results = pool.map(square, range(200))
+    clock.advance(LIFETIME)
+    assert manager.sweep().retired == ["a"]
+    assert poll(lambda: pool.unfinished_tasks == 0, timeout=60)
+    assert manager.sweep().next_deadline is not None  # it looks again
+    assert not pool.is_shut_down  # type: ignore[attr-defined]
+    assert sum(results) == sum(x * x for x in range(200))
+    assert manager.sweep().disposed == 1
+    assert pool.is_shut_down  # type: ignore[attr-defined]
 
 
 def test_sweep_reports_the_earliest_deadline(manager: WorkerPoolManager, clock: FakeClock) -> None:
