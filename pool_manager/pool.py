@@ -87,6 +87,7 @@ from ._worker import (
     IDLE,
     MEMORY,
     SHUTDOWN,
+    PartialChunk,
     WorkerConfig,
     WorkerLimits,
     dump_call,
@@ -2261,7 +2262,7 @@ def map_lazily(
     iterables: tuple[Iterable[Any], ...],
     *,
     submit: Callable[[float | None, Callable[..., Any], tuple[Any, ...]], Future[Any]],
-    submit_chunk: Callable[[float | None, list[Any]], Future[list[Any]]],
+    submit_chunk: Callable[[float | None, list[Any]], Future[list[Any] | PartialChunk]],
     timeout: float | None,
     chunksize: int | None,
     workers: int,
@@ -2275,7 +2276,9 @@ def map_lazily(
 
     ``submit(deadline, fn, args)`` sends one call; ``submit_chunk(deadline,
     chunk)`` sends a list of argument items (a tuple each when there is more
-    than one iterable) and its future's result is the list of results. Under
+    than one iterable) and its future's result is the list of results, or a
+    `PartialChunk` when a call failed after others had returned: their
+    results are yielded, then its error raised (as with one task per call). Under
     backpressure both wait for room until ``deadline`` (``time.monotonic()``
     time ``timeout`` after the call; None: no limit), then raise
     ``TimeoutError``: the map raises it, and cancels what it submitted. With no
@@ -2356,13 +2359,19 @@ def _map_results(
         while submitted:
             future = submitted.popleft()
             results = _result_or_cancel(future, end_time)
+            failure: BaseException | None = None
             if not chunked:
                 results = [results]
             else:
+                if isinstance(results, PartialChunk):
+                    # A call failed part-way: the results before it go out
+                    # first, as they would with one task per call.
+                    failure = _load_outcome(False, results.error)[1]
+                    results = results.results
                 sizer.observe(len(results), getattr(future, "run_time", None))
             del future
             # Keep the pool fed before handing the result out.
-            if unsubmitted is None:
+            if unsubmitted is None and failure is None:
                 try:
                     submitted.extend(itertools.islice(tasks, 1))
                 except ResultTimeoutError as error:
@@ -2372,6 +2381,8 @@ def _map_results(
             results.reverse()
             while results:
                 yield results.pop()
+            if failure is not None:
+                raise failure
         if unsubmitted is not None:
             raise unsubmitted
     finally:

@@ -191,3 +191,10 @@ def grow_until_stopped(step_megabytes: int = 20, seconds: float = 30.0) -> None:
 def sleep_and_return_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def fail_at(x: int, bad: int = 0) -> int:
+    """``x``, but raise ValueError for ``bad``."""
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x
