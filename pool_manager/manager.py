@@ -147,6 +147,9 @@ class _PoolEntry:
     leases: int = 0
     state: PoolState = PoolState.IDLE
     serial: int = 0  #: tells this pool from a later one under the same key
+    #: A sweep saw it in use by an open lazy ``map`` only: in use until the
+    #: sweep that sees the map ended (when it ended is not reported).
+    mapping: bool = False
     known_pids: frozenset[int] = frozenset()  #: workers seen at the last sample
     memory: dict[int, memory.WorkerMemory] = field(default_factory=dict)
 
@@ -726,6 +729,9 @@ class WorkerPoolManager:
                     self._retire_locked(entry)
                     retired.append((entry.key, now - entry.created))
                 elif entry.idle():
+                    if entry.mapping:
+                        entry.mapping = False  # its map ended since the last look
+                        entry.last_used = now
                     if now >= entry.last_used + self._stale_after:
                         del self._entries[entry.key]
                         expired.append((entry.key, now - entry.last_used))
@@ -736,6 +742,7 @@ class WorkerPoolManager:
                     # In use by its map's consumer as of now. Nothing reports
                     # the iterator's end (it may be collected on any thread,
                     # under any lock): look again a stale period on.
+                    entry.mapping = True
                     entry.last_used = now
                     self._push_deadline(entry, now + self._stale_after)
                 # Leased or busy: releasing the lease or finishing the work pushes it.

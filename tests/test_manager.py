@@ -283,8 +283,27 @@ def test_pool_with_an_unfinished_map_iterator_is_not_expired(
         clock.advance(STALE * 2)
         assert manager.sweep().expired == []
     assert "a" in manager and manager.stats()["pools"]["a"]["idle_for"] == 0.0
-    assert list(results) == [x * x for x in range(200)]
+    clock.advance(STALE - 1)
+    assert list(results) == [x * x for x in range(200)]  # consumed just before a look
     assert pool.unfinished_maps == 0
+    clock.advance(1)
+    assert manager.sweep().expired == []  # idle for a second only, not STALE
+    clock.advance(STALE)
+    assert manager.sweep().expired == ["a"]
+
+
+def test_a_map_consumed_just_before_a_check_keeps_its_pool_a_stale_period_more(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    with manager.lease("a") as pool:
+        results = pool.map(square, range(5))  # all submitted at once
+    assert poll(lambda: pool.unfinished_tasks == 0, timeout=60)
+    clock.advance(STALE)
+    assert manager.sweep().expired == []  # its map is open
+    clock.advance(STALE - 1)
+    assert list(results) == [0, 1, 4, 9, 16]  # no task ran since
+    clock.advance(1)
+    assert manager.sweep().expired == []  # idle since the map ended: a second at most
     clock.advance(STALE)
     assert manager.sweep().expired == ["a"]
 
