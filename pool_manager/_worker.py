@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -32,7 +33,7 @@ import types
 from collections import ChainMap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NamedTuple, NoReturn
 
 import cloudpickle
 
@@ -460,14 +461,41 @@ def _dump_error(
         return _dumps((kind, RuntimeError(description), text))
 
 
-def run_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[Any]:
-    """Run ``fn`` over one chunk of ``map`` arguments, in order."""
-    return [fn(*args) for args in chunk]
+class PartialChunk(NamedTuple):
+    """A ``map`` chunk that failed part-way through (see `run_chunk`)."""
+
+    results: list[Any]  #: of the calls before the failing one, in order
+    error: bytes  #: the failing call's exception, pickled as a failed task's (`_dump_error`)
 
 
-def run_chunk_single(fn: Callable[[Any], Any], chunk: Iterable[Any]) -> list[Any]:
+def run_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[Any] | PartialChunk:
+    """Run ``fn`` over one chunk of ``map`` arguments, in order.
+
+    Returns the results; if a call raises after others have returned, a
+    `PartialChunk`, so that ``map`` yields their results before it raises,
+    as it would with one task per call. (A first call that raises raises.)
+    """
+    results: list[Any] = []
+    try:
+        # (extend keeps what it appended before an error, as a loop would.)
+        results.extend(itertools.starmap(fn, chunk))
+    except BaseException as error:
+        if not results:
+            raise
+        return PartialChunk(results, _dump_error(error))
+    return results
+
+
+def run_chunk_single(fn: Callable[[Any], Any], chunk: Iterable[Any]) -> list[Any] | PartialChunk:
     """`run_chunk` for a ``map`` over one iterable (no argument tuples to build)."""
-    return list(map(fn, chunk))
+    results: list[Any] = []
+    try:
+        results.extend(map(fn, chunk))
+    except BaseException as error:
+        if not results:
+            raise
+        return PartialChunk(results, _dump_error(error))
+    return results
 
 
 def dump_config(config: WorkerConfig) -> bytes:

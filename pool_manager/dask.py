@@ -68,7 +68,7 @@ except ImportError as error:
 from . import _threads
 from ._durations import to_count, wait_step
 from .errors import PoolShutDownError, PoolTerminatedError, ResultTimeoutError, WorkerLostError
-from .pool import TaskCounts, WorkerPool, map_lazily
+from .pool import OpenMaps, TaskCounts, WorkerPool, map_lazily
 
 __all__ = ["DaskPoolFactory", "DaskWorkerPool"]
 
@@ -244,6 +244,7 @@ class DaskWorkerPool(WorkerPool):
         self._shut_down = False
         self._stop_sending = False  # terminate, or shutdown(cancel_futures=True)
         self._idle_callbacks: list[Callable[[], object]] = []
+        self._open_maps = OpenMaps()  # lock-free (see OpenMaps)
         # Held while the executor is shut down: a second dispose returns after it.
         self._dispose_lock = threading.Lock()
         self._executor_closed = False
@@ -294,6 +295,10 @@ class DaskWorkerPool(WorkerPool):
     def unfinished_tasks(self) -> int:
         """Tasks accepted by ``submit`` whose futures are not done: queued or on the cluster."""
         return len(self._outstanding)
+
+    @property
+    def unfinished_maps(self) -> int:
+        return len(self._open_maps)
 
     def worker_pids(self) -> list[int]:
         """Always ``[]``: the pool starts no local process (Dask's workers are the cluster's).
@@ -446,6 +451,7 @@ class DaskWorkerPool(WorkerPool):
             progress=progress,
             name=self.name,
             target_chunk_seconds=TARGET_CHUNK_SECONDS,
+            open_maps=self._open_maps,
         )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

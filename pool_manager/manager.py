@@ -7,8 +7,9 @@ A pool's life (see the package docstring for the diagram)::
     IDLE --idle >= stale_pool_expiration--> DISPOSING --> DISPOSED
     RETIRING --last lease released, work done--> DISPOSING --> DISPOSED
 
-The manager only ever disposes a pool with no lease and no unfinished work,
-so disposal never cancels anything. Time-driven transitions happen in
+The manager only ever disposes a pool with no lease and no unfinished work
+(an open lazy ``map`` iterator counts as work), so disposal never cancels
+anything. Time-driven transitions happen in
 `sweep`, which the supervisor thread runs at each deadline and tests run by
 hand with a fake clock.
 """
@@ -147,11 +148,20 @@ class _PoolEntry:
     leases: int = 0
     state: PoolState = PoolState.IDLE
     serial: int = 0  #: tells this pool from a later one under the same key
+    #: A sweep saw it in use by an open lazy ``map`` only: in use until the
+    #: sweep that sees the map ended (when it ended is not reported).
+    mapping: bool = False
     known_pids: frozenset[int] = frozenset()  #: workers seen at the last sample
     memory: dict[int, memory.WorkerMemory] = field(default_factory=dict)
 
     def idle(self) -> bool:
-        return self.leases == 0 and self.pool.unfinished_tasks == 0
+        pool = self.pool
+        return self.leases == 0 and pool.unfinished_tasks == 0 and pool.unfinished_maps == 0
+
+    def only_maps_open(self) -> bool:
+        """Idle but for a lazy ``map`` iterator still open on the pool."""
+        pool = self.pool
+        return self.leases == 0 and pool.unfinished_tasks == 0 and pool.unfinished_maps > 0
 
 
 class _Lease:
@@ -177,6 +187,11 @@ class _Lease:
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
         return f"<lease on {self._entry.key!r}, {state}>"
+
+
+def _shut_down(pool: WorkerPool) -> bool:
+    """True if ``pool`` refuses work for good (a custom pool may not say: then False)."""
+    return bool(getattr(pool, "is_shut_down", False))
 
 
 _serials = itertools.count(1)
@@ -209,8 +224,9 @@ class WorkerPoolManager:
 
     Args:
         pool_size: the most worker processes any one key's pool may use.
-        stale_pool_expiration: a pool with no lease and no unfinished work for
-            this long (seconds, or a ``timedelta``) is disposed.
+        stale_pool_expiration: a pool with no lease and no unfinished work
+            (an unfinished lazy ``map`` iterator counts as work) for this
+            long (seconds, or a ``timedelta``) is disposed.
         max_pool_lifetime: a pool older than this is retired: the next
             ``get_pool`` builds a fresh one, and the old one is disposed once
             its leases are released and its work is done.
@@ -428,7 +444,9 @@ class WorkerPoolManager:
 
         Grants the pool ``min(send_size, pool_size - granted)`` more workers.
         Returns ``(pool, done)``: call ``done()`` when finished with the pool
-        (again does nothing); until then the pool is never disposed.
+        (again does nothing); until then the pool is never disposed. A pool
+        shut down by its user (``with pool:``) leaves the map here, as a
+        retired one does, and a fresh one is built.
 
         Blocks only while another thread builds this key's pool.
 
@@ -472,6 +490,12 @@ class WorkerPoolManager:
                     )
                 now = self._clock()
                 entry = self._entries.get(key)
+                if entry is not None and _shut_down(entry.pool):
+                    # Shut down by its user (``with pool:``, the exit hook):
+                    # it leaves the map as a retired pool would, and is
+                    # disposed once its leases are released and its work done.
+                    self._retire_locked(entry)
+                    entry = None
                 if entry is not None and now - entry.created >= self._max_lifetime:
                     self._retire_locked(entry)
                     retired_age = now - entry.created
@@ -733,18 +757,32 @@ class WorkerPoolManager:
                     self._retire_locked(entry)
                     retired.append((entry.key, now - entry.created))
                 elif entry.idle():
+                    if entry.mapping:
+                        entry.mapping = False  # its map ended since the last look
+                        entry.last_used = now
                     if now >= entry.last_used + self._stale_after:
                         del self._entries[entry.key]
                         expired.append((entry.key, now - entry.last_used))
                         due.append(entry)
                     else:
                         self._push_deadline(entry, entry.last_used + self._stale_after)
+                elif entry.only_maps_open():
+                    # In use by its map's consumer as of now. Nothing reports
+                    # the iterator's end (it may be collected on any thread,
+                    # under any lock): look again a stale period on.
+                    entry.mapping = True
+                    entry.last_used = now
+                    self._push_deadline(entry, now + self._stale_after)
                 # Leased or busy: releasing the lease or finishing the work pushes it.
             next_deadline = deadlines[0][0] if deadlines else None
             for entry in list(self._retiring):
                 if entry.idle():
                     self._retiring.discard(entry)
                     due.append(entry)
+                elif entry.only_maps_open():
+                    recheck = now + self._stale_after
+                    if next_deadline is None or recheck < next_deadline:
+                        next_deadline = recheck
             for entry in due:
                 entry.state = PoolState.DISPOSING
                 self._disposing.add(entry)
@@ -908,6 +946,7 @@ class WorkerPoolManager:
         for entry, state, leases, age, idle_for, sample in snapshot:
             pids = entry.pool.worker_pids()
             unfinished = entry.pool.unfinished_tasks
+            mapping = entry.pool.unfinished_maps > 0
             total += len(pids)
             live = {pid: sample[pid] for pid in pids if pid in sample}
             # None, not 0, until every live worker has been sampled.
@@ -928,7 +967,7 @@ class WorkerPoolManager:
                 unfinished_tasks=unfinished,
                 tasks=entry.pool.task_counts(),
                 age=age,
-                idle_for=idle_for if leases == 0 and unfinished == 0 else 0.0,
+                idle_for=idle_for if leases == 0 and unfinished == 0 and not mapping else 0.0,
                 memory=live,
                 memory_rss=rss,
                 memory_uss=uss,

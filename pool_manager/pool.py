@@ -87,6 +87,7 @@ from ._worker import (
     IDLE,
     MEMORY,
     SHUTDOWN,
+    PartialChunk,
     WorkerConfig,
     WorkerLimits,
     dump_call,
@@ -259,6 +260,16 @@ class WorkerPool(Executor, abc.ABC):
     @abc.abstractmethod
     def unfinished_tasks(self) -> int:
         """Tasks accepted by ``submit`` whose futures are not done yet."""
+
+    @property
+    def unfinished_maps(self) -> int:
+        """Lazy ``map`` iterators of this pool not yet exhausted, closed or collected.
+
+        A manager never disposes a pool that has one (nor counts it idle),
+        as it would a pool with unfinished tasks. Reads no lock. The default
+        (``Executor.map`` submits everything at once) has none.
+        """
+        return 0
 
     @abc.abstractmethod
     def worker_pids(self) -> list[int]:
@@ -857,6 +868,7 @@ class BaseWorkerPool(WorkerPool):
         self._granted: int | None = None  # None: not granted piecemeal, all usable
         self._shut_down = False
         self._idle_callbacks: list[Callable[[], object]] = []
+        self._open_maps = OpenMaps()  # lock-free (see OpenMaps)
         self._dispose_lock = threading.Lock()
         self._budget: WorkerBudget | None = None  # see attach_budget
         #: time.monotonic() of the last submit (the budget's "least recently used").
@@ -941,6 +953,10 @@ class BaseWorkerPool(WorkerPool):
     @property
     def unfinished_tasks(self) -> int:
         return len(self._outstanding)
+
+    @property
+    def unfinished_maps(self) -> int:
+        return len(self._open_maps)
 
     def worker_pids(self) -> list[int]:
         if self._inherited():
@@ -1302,6 +1318,7 @@ class BaseWorkerPool(WorkerPool):
             window=None if self._max_pending is None else max(1, self._capacity()),
             progress=progress,
             name=self.name,
+            open_maps=self._open_maps,
         )
 
     def _submit_by(
@@ -2294,6 +2311,33 @@ class _ProcessView:
         _kill(self.pid)
 
 
+class _MapHold:
+    """Held by a lazy ``map`` iterator while it is unfinished (see `OpenMaps`)."""
+
+    __slots__ = ("__weakref__",)
+
+
+class OpenMaps:
+    """A pool's lazy ``map`` iterators that are not exhausted, closed or collected.
+
+    Each iterator holds a `_MapHold` until it ends (its generator drops it on
+    exhaustion, on error and on ``close()``; an iterator never started drops
+    it when collected). The set is weak and takes no lock, so an iterator
+    collected on any thread, under any lock, costs nothing but its removal.
+    """
+
+    def __init__(self) -> None:
+        self._holds: weakref.WeakSet[_MapHold] = weakref.WeakSet()
+
+    def __len__(self) -> int:
+        return len(self._holds)
+
+    def hold(self) -> _MapHold:
+        hold = _MapHold()
+        self._holds.add(hold)
+        return hold
+
+
 class _ChunkSizer:
     """``map``'s chunk size: fixed, cut from a known length, or measured as it goes."""
 
@@ -2331,7 +2375,7 @@ def map_lazily(
     iterables: tuple[Iterable[Any], ...],
     *,
     submit: Callable[[float | None, Callable[..., Any], tuple[Any, ...]], Future[Any]],
-    submit_chunk: Callable[[float | None, list[Any]], Future[list[Any]]],
+    submit_chunk: Callable[[float | None, list[Any]], Future[list[Any] | PartialChunk]],
     timeout: float | None,
     chunksize: int | None,
     workers: int,
@@ -2339,12 +2383,15 @@ def map_lazily(
     progress: bool | str,
     name: str | None,
     target_chunk_seconds: float = TARGET_CHUNK_SECONDS,
+    open_maps: OpenMaps | None = None,
 ) -> Iterator[T]:
     """The ordered, chunked map that `BaseWorkerPool.map` and other pools share.
 
     ``submit(deadline, fn, args)`` sends one call; ``submit_chunk(deadline,
     chunk)`` sends a list of argument items (a tuple each when there is more
-    than one iterable) and its future's result is the list of results. Under
+    than one iterable) and its future's result is the list of results, or a
+    `PartialChunk` when a call failed after others had returned: their
+    results are yielded, then its error raised (as with one task per call). Under
     backpressure both wait for room until ``deadline`` (``time.monotonic()``
     time ``timeout`` after the call; None: no limit), then raise
     ``TimeoutError``: the map raises it, and cancels what it submitted. With no
@@ -2354,7 +2401,8 @@ def map_lazily(
     ``window`` is None) in chunks sized by the measured time of each call.
     A ``window`` also bounds an input with a length (backpressure).
     Measured chunks hold about ``target_chunk_seconds`` of calls.
-    ``progress``/``name``: see `BaseWorkerPool.map`.
+    ``progress``/``name``: see `BaseWorkerPool.map`. The iterator is in
+    ``open_maps`` until it is exhausted, closed or collected.
     """
     if chunksize is not None:
         if isinstance(chunksize, bool) or not isinstance(chunksize, int):
@@ -2389,13 +2437,16 @@ def map_lazily(
             tasks = chunk_tasks()
             chunked = True
         submitted: deque[Future[Any]] = deque()
+        # Held from before the first submission: the pool is never idle in between.
+        hold = None if open_maps is None else open_maps.hold()
         try:
             submitted.extend(itertools.islice(tasks, ahead))
         except BaseException:  # the pool stayed full to the deadline, or shut down
             for future in submitted:
                 future.cancel()
+            hold = None  # (the traceback keeps this frame)
             raise
-        return _map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer)
+        return _map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer, hold=hold)
 
     if not progress:
         return start()
@@ -2411,6 +2462,7 @@ def _map_results(
     *,
     chunked: bool,
     sizer: _ChunkSizer,
+    hold: _MapHold | None,
 ) -> Iterator[Any]:
     # A generator of its own, so that map_lazily submits its first window
     # now. It keeps no reference to a result it has handed out (nor to its
@@ -2420,13 +2472,19 @@ def _map_results(
         while submitted:
             future = submitted.popleft()
             results = _result_or_cancel(future, end_time)
+            failure: BaseException | None = None
             if not chunked:
                 results = [results]
             else:
+                if isinstance(results, PartialChunk):
+                    # A call failed part-way: the results before it go out
+                    # first, as they would with one task per call.
+                    failure = _load_outcome(False, results.error)[1]
+                    results = results.results
                 sizer.observe(len(results), getattr(future, "run_time", None))
             del future
             # Keep the pool fed before handing the result out.
-            if unsubmitted is None:
+            if unsubmitted is None and failure is None:
                 try:
                     submitted.extend(itertools.islice(tasks, 1))
                 except ResultTimeoutError as error:
@@ -2436,8 +2494,13 @@ def _map_results(
             results.reverse()
             while results:
                 yield results.pop()
+            if failure is not None:
+                raise failure
         if unsubmitted is not None:
             raise unsubmitted
     finally:
+        # The map is over: no longer in its pool's OpenMaps (nor kept there
+        # by a traceback that holds this frame).
+        del hold
         for future in submitted:
             future.cancel()

@@ -201,3 +201,10 @@ def start_child_and_wait(pidfile: str, seconds: float = 300.0) -> None:
     Path(pidfile + ".tmp").write_text(str(child.pid))
     os.replace(pidfile + ".tmp", pidfile)
     child.wait()
+
+
+def fail_at(x: int, bad: int = 0) -> int:
+    """``x``, but raise ValueError for ``bad``."""
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x

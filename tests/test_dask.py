@@ -205,6 +205,21 @@ def test_map_returns_results_in_order_for_every_kind_of_input(client: Client) ->
         pool.dispose()
 
 
+def test_an_unfinished_map_counts_until_it_ends(client: Client) -> None:
+    # (What keeps a manager from disposing the pool under the map's consumer.)
+    pool = DaskWorkerPool(client, 2)
+    try:
+        results = pool.map(square, range(200))
+        assert pool.unfinished_maps == 1
+        assert next(results) == 0
+        results.close()
+        assert pool.unfinished_maps == 0
+        assert sum(pool.map(square, range(10))) == 285
+        assert pool.unfinished_maps == 0
+    finally:
+        pool.dispose()
+
+
 def test_map_draws_a_progress_bar_named_after_the_key(
     manager: WorkerPoolManager, client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:

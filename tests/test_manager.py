@@ -7,6 +7,9 @@ need real workers start processes.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +29,15 @@ from pool_manager import (
 )
 from pool_manager.supervisor import Supervisor
 
-from .helpers import FakeClock, exit_process, getpid, poll, square, wait_for_path
+from .helpers import (
+    FakeClock,
+    exit_process,
+    getpid,
+    poll,
+    raise_value_error,
+    square,
+    wait_for_path,
+)
 
 STALE = 60.0
 LIFETIME = 600.0
@@ -259,6 +270,83 @@ def test_pool_with_unfinished_work_is_not_expired_until_idle_for_the_full_period
     assert manager.sweep().expired == []
     clock.advance(1)
     assert manager.sweep().expired == ["a"]
+
+
+def test_pool_with_an_unfinished_map_iterator_is_not_expired(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    with manager.lease("a") as pool:
+        results = pool.map(square, range(200))  # lazy: a window at a time
+    assert pool.unfinished_maps == 1
+    assert poll(lambda: pool.unfinished_tasks == 0, timeout=60)
+    for _ in range(3):
+        clock.advance(STALE * 2)
+        assert manager.sweep().expired == []
+    assert "a" in manager and manager.stats()["pools"]["a"]["idle_for"] == 0.0
+    clock.advance(STALE - 1)
+    assert list(results) == [x * x for x in range(200)]  # consumed just before a look
+    assert pool.unfinished_maps == 0
+    clock.advance(1)
+    assert manager.sweep().expired == []  # idle for a second only, not STALE
+    clock.advance(STALE)
+    assert manager.sweep().expired == ["a"]
+
+
+def test_a_map_consumed_just_before_a_check_keeps_its_pool_a_stale_period_more(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    with manager.lease("a") as pool:
+        results = pool.map(square, range(5))  # all submitted at once
+    assert poll(lambda: pool.unfinished_tasks == 0, timeout=60)
+    clock.advance(STALE)
+    assert manager.sweep().expired == []  # its map is open
+    clock.advance(STALE - 1)
+    assert list(results) == [0, 1, 4, 9, 16]  # no task ran since
+    clock.advance(1)
+    assert manager.sweep().expired == []  # idle since the map ended: a second at most
+    clock.advance(STALE)
+    assert manager.sweep().expired == ["a"]
+
+
+@pytest.mark.parametrize("end", ["close", "collect"])
+def test_a_map_iterator_closed_or_collected_lets_its_pool_expire(
+    manager: WorkerPoolManager, clock: FakeClock, end: str
+) -> None:
+    with manager.lease("a") as pool:
+        results = pool.map(square, range(200))
+        if end == "close":
+            assert next(results) == 0
+            results.close()
+        else:
+            del results  # never started
+            gc.collect()
+    assert pool.unfinished_maps == 0
+    assert poll(lambda: pool.unfinished_tasks == 0, timeout=60)
+    clock.advance(STALE)
+    assert manager.sweep().expired == ["a"]
+
+
+def test_a_map_that_raised_holds_its_pool_no_longer(manager: WorkerPoolManager) -> None:
+    with manager.lease("a") as pool:
+        with pytest.raises(ValueError) as caught:
+            list(pool.map(raise_value_error, ["boom"], chunksize=1))
+        assert caught.value.args == ("boom",)  # (the traceback, kept, holds the map's frame)
+        assert pool.unfinished_maps == 0
+
+
+def test_retired_pool_with_an_unfinished_map_waits_for_it(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    with manager.lease("a") as pool:
+        results = pool.map(square, range(200))
+    clock.advance(LIFETIME)
+    assert manager.sweep().retired == ["a"]
+    assert poll(lambda: pool.unfinished_tasks == 0, timeout=60)
+    assert manager.sweep().next_deadline is not None  # it looks again
+    assert not pool.is_shut_down  # type: ignore[attr-defined]
+    assert sum(results) == sum(x * x for x in range(200))
+    assert manager.sweep().disposed == 1
+    assert pool.is_shut_down  # type: ignore[attr-defined]
 
 
 def test_sweep_reports_the_earliest_deadline(manager: WorkerPoolManager, clock: FakeClock) -> None:
@@ -524,6 +612,91 @@ def test_a_pool_never_stays_broken_in_the_map(manager: WorkerPoolManager) -> Non
     with manager.lease("a") as again:
         assert again is pool
         assert again.submit(square, 7).result(timeout=60) == 49
+
+
+# -- pools shut down by their user leave the map ------------------------------------
+
+
+def test_pool_shut_down_by_its_user_leaves_the_map(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    pool, done = manager.get_pool("a", 2)
+    with pool:  # the Executor idiom: shuts the pool down on the way out
+        assert list(pool.map(square, [1, 2])) == [1, 4]
+    done()
+    with manager.lease("a") as fresh:
+        assert fresh is not pool
+        assert fresh.submit(square, 3).result(timeout=60) == 9
+    assert len(manager) == 1
+    manager.sweep()
+    assert manager.stats()["retiring"] == []
+
+
+def test_pool_shut_down_under_a_lease_is_disposed_once_released(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    pool, done = manager.get_pool("a")
+    assert pool.submit(square, 2).result(timeout=60) == 4
+    pool.shutdown(wait=False)
+    with manager.lease("a") as fresh:
+        assert fresh is not pool
+        assert fresh.submit(square, 4).result(timeout=60) == 16
+    manager.sweep()
+    assert [s["state"] for s in manager.stats()["retiring"]] == [PoolState.RETIRING.value]
+    done()
+    manager.sweep()
+    assert manager.stats()["retiring"] == []
+    assert pool.worker_pids() == []
+
+
+def test_custom_pool_without_is_shut_down_stays_in_the_map(manager: WorkerPoolManager) -> None:
+    # A WorkerPool need not say whether it is shut down: the manager keeps it.
+    class Silent(BaseWorkerPool):
+        @property
+        def is_shut_down(self) -> bool:
+            raise AttributeError("is_shut_down")
+
+    with manager.lease("a", factory=Silent) as pool:
+        pass
+    with manager.lease("a", factory=Silent) as again:
+        assert again is pool
+
+
+def test_pools_shut_down_at_exit_are_rebuilt_for_a_thread_still_serving() -> None:
+    # The exit hook shuts every pool down while a non-daemon thread still
+    # uses the manager: that thread's later leases get fresh pools.
+    completed = subprocess.run(
+        [sys.executable, "-c", _SERVING_AT_EXIT], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["old-key", "1", "new-key", "1"], completed.stderr
+
+
+_SERVING_AT_EXIT = textwrap.dedent(
+    """
+    import threading
+
+    # Exit hooks run last registered first: this one runs after the library's.
+    hooks_ran = threading.Event()
+    threading._register_atexit(hooks_ran.set)
+
+    from pool_manager import WorkerPoolManager
+
+    manager = WorkerPoolManager(2, 60, 3600)
+
+    def serve():
+        assert hooks_ran.wait(timeout=60)
+        for key in ("old-key", "new-key"):
+            with manager.lease(key) as pool:
+                print(key, pool.submit(abs, -1).result(timeout=60), flush=True)
+        manager.shutdown()
+
+    with manager.lease("old-key") as pool:
+        pool.submit(abs, -1).result(timeout=60)
+    assert not pool.is_shut_down
+    threading.Thread(target=serve).start()
+    """
+)
 
 
 # -- bad input -------------------------------------------------------------------

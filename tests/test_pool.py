@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import multiprocessing
 import os
@@ -34,11 +35,13 @@ from pool_manager import (
     WorkerLostError,
     WorkerPoolBrokenError,
 )
+from pool_manager._worker import PartialChunk, run_chunk, run_chunk_single
 
 from .helpers import (
     add,
     call_sys_exit,
     exit_process,
+    fail_at,
     getpid,
     poll,
     raise_keyboard_interrupt,
@@ -274,6 +277,35 @@ def test_map_raises_the_task_error_in_order(pool: BaseWorkerPool) -> None:
     assert next(results) == 1.0 and next(results) == 0.5
     with pytest.raises(ZeroDivisionError):
         next(results)
+
+
+@pytest.mark.parametrize("bad", [0, 1, 1500, 1999])
+@pytest.mark.parametrize("iterables", [1, 2])
+def test_auto_chunked_map_yields_every_result_before_the_failing_item(
+    pool: BaseWorkerPool, bad: int, iterables: int
+) -> None:
+    # As with one task per call (ProcessPoolExecutor's default): the error
+    # costs no result of the items before it, in its chunk or another.
+    items = range(2000)
+    results = (
+        pool.map(fail_at, items, itertools.repeat(bad, 2000))
+        if iterables == 2
+        else pool.map(functools.partial(fail_at, bad=bad), items)
+    )
+    got = []
+    with pytest.raises(ValueError, match=f"bad item {bad}") as caught:
+        for result in results:
+            got.append(result)
+    assert got == list(range(bad))
+    assert "fail_at" in str(caught.value.__cause__)  # the worker's traceback
+
+
+def test_chunk_runners_return_the_results_before_a_failing_call() -> None:
+    partial = run_chunk_single(fail_at, [3, 2, 0, 1])
+    assert isinstance(partial, PartialChunk) and partial.results == [3, 2]
+    assert run_chunk(fail_at, [(3, 9), (2, 9)]) == [3, 2]
+    with pytest.raises(ValueError):
+        run_chunk(fail_at, [(0, 0), (1, 0)])  # the first call: raised, as a task's
 
 
 def test_map_timeout_counts_from_the_call(pool: BaseWorkerPool, tmp_path: Path) -> None:
