@@ -115,11 +115,33 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _on_interpreter_exit() -> None:
-    # Python records an uncaught exception in sys.last_value (3.12: last_exc)
-    # before it shuts threads down and calls this.
+def _interactive() -> bool:
+    """Whether a REPL or IPython/Jupyter runs: there Ctrl-C never ends the program."""
+    if sys.flags.interactive or hasattr(sys, "ps1"):
+        return True
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    try:
+        return callable(get_ipython) and get_ipython() is not None
+    except Exception:
+        return False
+
+
+def _interrupted_now() -> bool:
+    """Whether a ``KeyboardInterrupt`` is ending the program now.
+
+    Python records an uncaught exception in sys.last_value (3.12: last_exc)
+    before it shuts threads down and runs the exit hooks. But a REPL (and
+    IPython, Jupyter) records there every exception it prints, a Ctrl-C the
+    user recovered from long ago included, and a Ctrl-C never ends it: an
+    interactive session always exits normally.
+    """
     last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    if not isinstance(last, KeyboardInterrupt):
+    return isinstance(last, KeyboardInterrupt) and not _interactive()
+
+
+def _on_interpreter_exit() -> None:
+    if not _interrupted_now():
         # A normal exit: accepted work finishes, as ProcessPoolExecutor does.
         for pool in list(_pools()):
             try:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import psutil
 
@@ -36,3 +37,32 @@ def test_forgotten_manager_is_cleaned_up_at_exit_without_hanging() -> None:
     assert len(pids) == 2  # a worker each: one task each needed no more
     assert poll(lambda: not any(psutil.pid_exists(pid) for pid in pids), timeout=30)
     assert "Traceback" not in completed.stderr, completed.stderr
+
+
+def test_a_ctrl_c_handled_earlier_in_a_repl_does_not_make_exit_abandon_work(tmp_path: Path) -> None:
+    # The REPL records every exception it prints in sys.last_value, a Ctrl-C
+    # the user recovered from included; a later normal exit (EOF) must still
+    # let accepted work finish.
+    marker = tmp_path / "done"
+    session = textwrap.dedent(
+        f"""
+        import time
+        from pool_manager import BaseWorkerPool
+        def job():
+            time.sleep(0.5)
+            open({str(marker)!r}, "w").write("done")
+
+        pool = BaseWorkerPool(1)
+        raise KeyboardInterrupt
+        future = pool.submit(job)
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, "-i"],
+        input=session,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "KeyboardInterrupt" in completed.stderr
+    assert marker.exists(), completed.stderr
