@@ -987,6 +987,8 @@ class WorkerPoolManager:
                 self._disposing.add(entry)
         self._supervisor.stop(wait=False)
         _live_managers.discard(self)
+        if self.handles_signals:
+            _signals.release()
         with self._lock:
             holds_server, self._holds_server = self._holds_server, False
         if holds_server:
