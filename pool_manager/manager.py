@@ -1061,6 +1061,8 @@ class WorkerPoolManager:
                 self._disposing.add(entry)
         self._supervisor.stop(wait=False)
         _live_managers.discard(self)
+        if self.handles_signals:
+            _signals.release()
         with self._lock:
             holds_server, self._holds_server = self._holds_server, False
         if holds_server:
@@ -1070,8 +1072,13 @@ class WorkerPoolManager:
     def __enter__(self) -> WorkerPoolManager:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown(wait=True)
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        # A Ctrl-C leaving the block must not wait for the backlog (as at exit):
+        # queued tasks are cancelled and running ones ended.
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.terminate()
+        else:
+            self.shutdown(wait=True)
 
     def __repr__(self) -> str:
         state = "shut down" if self._shut_down else f"{len(self._entries)} pools"

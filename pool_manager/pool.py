@@ -61,6 +61,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import _RemoteTraceback
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypedDict, TypeVar
 
 from . import _process, _signals, _threads
@@ -327,6 +328,18 @@ class WorkerPool(Executor, abc.ABC):
         `BaseWorkerPool` ends running tasks by ending their workers.
         """
         self.shutdown(wait=True, cancel_futures=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        # A Ctrl-C leaving the block must not wait for the backlog: stop now.
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.terminate()
+        else:
+            self.shutdown(wait=True)
 
     @abc.abstractmethod
     def dispose(self, wait: bool = True) -> None:

@@ -211,3 +211,48 @@ def test_sigterm_while_the_main_thread_holds_a_manager_lock_still_ends_the_proce
     os.kill(parent.pid, signal.SIGTERM)
     assert _finish(parent, pids) == -signal.SIGTERM
     assert time.monotonic() - started < 30  # grace + margin, not the 120 s sleep
+
+
+@pytest.mark.parametrize("previous", ["default", "application"])
+def test_sigterm_while_the_main_thread_holds_a_pool_lock_drains_at_once(
+    tmp_path: Path, previous: str
+) -> None:
+    # The handler interrupts the main thread inside the pool's lock (as in a
+    # submit): it must return at once and leave the drain to a thread of its
+    # own, not wait (grace + margin) for a shutdown that needs that lock.
+    # When the drain is over, SIGTERM's previous disposition runs, on the
+    # main thread.
+    parent, pids = _start(
+        f"""
+        import threading
+        if {previous!r} == "application":
+            def application_handler(signum, frame):
+                main = threading.current_thread() is threading.main_thread()
+                print(f"application handler ran, on the main thread: {{main}}", flush=True)
+                sys.exit(0)
+            signal.signal(signal.SIGTERM, application_handler)
+        manager = WorkerPoolManager(1, 600, 3600, shutdown_grace=60)
+        pool, done = manager.get_pool("a", 1)
+        futures = [pool.submit(nap, 0.5, i) for i in range(3)]
+        for f in futures:
+            f.add_done_callback(record("done.txt"))
+        while not (futures[0].running() or futures[0].done()):
+            time.sleep(0.01)
+        print(json.dumps(pool.worker_pids()), flush=True)
+        with pool._lock:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the handler runs in here, and returns
+        time.sleep(120)
+        """,
+        tmp_path,
+    )
+    started = time.monotonic()
+    code = _finish(parent, pids)
+    assert time.monotonic() - started < 30  # not grace (60 s) + margin
+    assert sorted((tmp_path / "done.txt").read_text().split()) == ["0", "1", "2"]
+    assert parent.stdout is not None
+    if previous == "application":
+        assert code in (0, 1), code
+        assert "application handler ran, on the main thread: True" in parent.stdout.read()
+    else:
+        assert code == -signal.SIGTERM
