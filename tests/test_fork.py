@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,14 +22,23 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
 def _run(code: str, timeout: float = 60) -> str:
-    result = subprocess.run(
+    """Run ``code`` in a session of its own; on a timeout, end all of it (forks included)."""
+    process = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"timed out (a fork hung?):\n{out}{err}")
+    assert process.returncode == 0, out + err
+    return out
 
 
 @pytest.mark.parametrize("route", ["os.fork", "multiprocessing"])
