@@ -66,9 +66,9 @@ except ImportError as error:
     ) from error
 
 from . import _threads
-from ._durations import to_count, wait_step
-from .errors import PoolShutDownError, PoolTerminatedError, ResultTimeoutError, WorkerLostError
-from .pool import OpenMaps, TaskCounts, WorkerPool, map_lazily
+from ._durations import to_count
+from .errors import PoolShutDownError, PoolTerminatedError, WorkerLostError
+from .pool import OpenMaps, TaskCounts, WorkerPool, map_lazily, wait_for_room
 
 __all__ = ["DaskPoolFactory", "DaskWorkerPool"]
 
@@ -376,20 +376,7 @@ class DaskWorkerPool(WorkerPool):
         call: Callable[..., Any] = functools.partial(fn, **kwargs) if kwargs else fn
         with self._lock:
             if self._max_pending is not None:
-                while not self._shut_down and len(self._outstanding) >= self._capacity():
-                    if _threads.must_not_stall():
-                        break  # admitted beyond max_pending (see submit)
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise ResultTimeoutError(
-                            "map: the pool stayed full (max_pending) until the timeout; "
-                            "the tasks not started were cancelled"
-                        )
-                    self._blocked_submits += 1
-                    try:
-                        self._not_full.wait(wait_step(left))
-                    finally:
-                        self._blocked_submits -= 1
+                wait_for_room(self, deadline)
             if self._shut_down:
                 raise PoolShutDownError("cannot schedule new futures after shutdown")
             if self._granted == 0:

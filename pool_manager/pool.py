@@ -62,7 +62,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import _RemoteTraceback
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, Protocol, TypedDict, TypeVar
 
 from . import _process, _signals, _threads
 from ._durations import MAX_WAIT, Duration, to_bytes, to_count, to_seconds, wait_step
@@ -749,6 +749,47 @@ def _worker_env(env: object) -> dict[bytes, bytes] | None:
     return converted
 
 
+class _Bounded(Protocol):
+    """What `wait_for_room` needs of a pool with backpressure (its lock held)."""
+
+    _shut_down: bool
+    _blocked_submits: int
+    _not_full: threading.Condition
+
+    @property
+    def _outstanding(self) -> Sized: ...
+
+    def _capacity(self) -> int: ...
+
+
+def wait_for_room(pool: _Bounded, deadline: float | None, block: bool = True) -> bool:
+    """(Holds the pool's lock) wait until ``pool`` has room for one more task.
+
+    Returns False, without waiting, if there is none and ``block`` is false.
+    Never waits on a thread that must not stall (the task is admitted beyond
+    ``max_pending``: see `BaseWorkerPool.submit`), nor past ``deadline`` (a
+    ``time.monotonic()`` time; then `ResultTimeoutError`). Signalled on
+    ``_not_full`` by a task finishing, a grant and shutdown.
+    """
+    while not pool._shut_down and len(pool._outstanding) >= pool._capacity():
+        if not block:
+            return False
+        if _threads.must_not_stall():
+            return True  # admitted beyond max_pending
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise ResultTimeoutError(
+                "map: the pool stayed full (max_pending) until the timeout; "
+                "the tasks not started were cancelled"
+            )
+        pool._blocked_submits += 1
+        try:
+            pool._not_full.wait(wait_step(left))
+        finally:
+            pool._blocked_submits -= 1
+    return True
+
+
 class BaseWorkerPool(WorkerPool):
     """A process pool for one key, and a drop-in ``ProcessPoolExecutor``.
 
@@ -1180,23 +1221,8 @@ class BaseWorkerPool(WorkerPool):
             return failed
         kind = _task_kind(fn, args)
         with self._lock:
-            if self._max_pending is not None:
-                while not self._shut_down and len(self._outstanding) >= self._capacity():
-                    if not block:
-                        return None
-                    if _threads.must_not_stall():
-                        break  # admitted beyond max_pending (see submit)
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise ResultTimeoutError(
-                            "map: the pool stayed full (max_pending) until the timeout; "
-                            "the tasks not started were cancelled"
-                        )
-                    self._blocked_submits += 1
-                    try:
-                        self._not_full.wait(wait_step(left))
-                    finally:
-                        self._blocked_submits -= 1
+            if self._max_pending is not None and not wait_for_room(self, deadline, block):
+                return None
             if self._shut_down:
                 raise PoolShutDownError("cannot schedule new futures after shutdown")
             task_id = next(self._task_ids)

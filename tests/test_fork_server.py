@@ -81,6 +81,25 @@ def run_script(
     return json.loads(completed.stdout.strip().splitlines()[-1]), completed.stderr
 
 
+def run_script_file(
+    tmp_path: Path, script: str, sitecustomize: str, timeout: float = 150
+) -> tuple[dict[str, Any], str]:
+    """`run_script`, from a file, with ``sitecustomize`` importable in every process
+    (it tells the fork server, started with ``-c``, from the script)."""
+    (tmp_path / "sitecustomize.py").write_text(sitecustomize)
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(script))
+    completed = subprocess.run(
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])},
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1]), completed.stderr
+
+
 # -- a worker that cannot start ------------------------------------------------
 
 
@@ -455,18 +474,7 @@ if sys.argv[:1] == ["-c"]:  # the fork server (the test's script is a file)
 
 @pytest.mark.timeout(180)
 def test_a_fork_server_that_hangs_at_boot_is_killed_and_raises(tmp_path: Path) -> None:
-    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE_HANGS_IN_SERVER)
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(BOOT_HANGS))
-    completed = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])},
-    )
-    assert completed.returncode == 0, completed.stderr
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    report, _ = run_script_file(tmp_path, BOOT_HANGS, SITECUSTOMIZE_HANGS_IN_SERVER)
     assert "did not start within 1s" in report["error"]
     assert report["output"] == "the server is stuck"
     assert report["seconds"] < 60
@@ -499,22 +507,11 @@ if sys.argv[:1] == ["-c"]:  # the fork server (the test's script is a file)
 def test_what_the_server_prints_at_boot_and_its_workers_print_reaches_our_stderr(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE_CHATTY_SERVER)
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(PRINTS))
-    completed = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])},
-    )
-    assert completed.returncode == 0, completed.stderr
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    report, stderr = run_script_file(tmp_path, PRINTS, SITECUSTOMIZE_CHATTY_SERVER)
     assert report["result"] == 1
-    assert f"booting server {report['server']}" in completed.stderr
-    assert "x" * 200_000 in completed.stderr
-    assert "a worker says hello" in completed.stderr
+    assert f"booting server {report['server']}" in stderr
+    assert "x" * 200_000 in stderr
+    assert "a worker says hello" in stderr
 
 
 ODD_PATHS = """
