@@ -998,10 +998,7 @@ class BaseWorkerPool(WorkerPool):
             self._not_full.notify_all()  # more workers: more room under backpressure
             self._dispatch()
             granted = self._granted
-        if self._places_to_return:
-            self._return_places()
-        if self._undelivered:
-            self._deliver_undelivered()
+        self._after_unlock()
         return granted
 
     @property
@@ -1117,10 +1114,7 @@ class BaseWorkerPool(WorkerPool):
         with self._lock:
             self._allowed = allowed
             self._dispatch()
-        if self._places_to_return:
-            self._return_places()
-        if self._undelivered:
-            self._deliver_undelivered()
+        self._after_unlock()
 
     # ProcessPoolExecutor's private views of its workers, which code (and
     # CPython's own tests) read.
@@ -1244,10 +1238,7 @@ class BaseWorkerPool(WorkerPool):
             budget.submitted(self, True)
             with self._lock:
                 self._dispatch()
-        if self._places_to_return:
-            self._return_places()
-        if self._undelivered:
-            self._deliver_undelivered()
+        self._after_unlock()
         return future
 
     def kill_task(self, future: Future[Any]) -> bool:
@@ -1603,6 +1594,7 @@ class BaseWorkerPool(WorkerPool):
         """(For `BusySlots`) a place was handed to this pool: use it, or hand it on."""
         with self._lock:
             self._dispatch()
+        # Unconditionally: it also hands back a place handed to us and not taken.
         self._return_places()
         if self._undelivered:
             self._deliver_undelivered()
@@ -1790,6 +1782,14 @@ class BaseWorkerPool(WorkerPool):
             self._return_places()
         if failures:
             self._finish_tasks(failures)
+
+    def _after_unlock(self) -> None:
+        """What a change made under the lock leaves to do once it is released:
+        places under ``max_busy_workers`` to give back, tasks failed to finish."""
+        if self._places_to_return:
+            self._return_places()
+        if self._undelivered:
+            self._deliver_undelivered()
 
     def _deliver_undelivered(self) -> None:
         """Finish the tasks failed where the lock was held (call with no lock held)."""

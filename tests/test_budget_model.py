@@ -13,6 +13,7 @@ wake-up), in a bounded number of steps.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 
@@ -258,8 +259,6 @@ class BudgetMachine(RuleBasedStateMachine):
 
 
 def _snapshot(budget: WorkerBudget, pools: list[_ModelPool]) -> object:
-    import copy
-
     accounts = {key: copy.copy(account) for key, account in budget._accounts.items()}
     state = (
         budget._waiting,
