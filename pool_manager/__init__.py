@@ -28,7 +28,8 @@ How a task and a pool's life flow through the parts::
 - ``pool.py``: ``WorkerPool`` (what the manager needs) and ``BaseWorkerPool``
   (its workers, dispatch, backpressure, futures, crash isolation).
 - ``_process.py``: the fork server that starts workers, and the wire format.
-- ``_worker.py``: what runs in a worker (its loop, its watchdog).
+- ``_worker.py``: what runs in a worker (its loop, the watchdog that ends it
+  with the fork server).
 - ``_threads.py``: the threads that must never stall (each pool's I/O
   thread, the supervisor, any running event loop): backpressure never holds
   a ``submit`` there, and no callback can end them.
@@ -54,6 +55,9 @@ Every wait, and who ends it (on every path, errors included):
   leaving the pool's books, which every path (result, failure, cancel,
   kill, a lost worker) does through `_finish_tasks`; then for the I/O
   thread (``_io_done``): that thread, once no worker is left.
+- a task stuck past its deadline, or a worker past ``kill_worker_memory``:
+  the pool's I/O thread, which wakes for the next deadline and every 50 ms
+  for memory, and kills the worker (nothing inside the worker is relied on).
 - the start-retry thread (``_retry_due``): a worker started, a start
   failed, disposal.
 - ``get_pool`` waiting for another thread's build of the key's pool (a

@@ -71,11 +71,12 @@ INIT, TASKS, EXIT = 1, 2, 3
 #: Worker → parent header: body length, kind, reason, task id, value.
 TO_PARENT = struct.Struct("<QBBqd")
 #: A task's result (value: its run time in seconds); its failure; the worker
-#: leaves cleanly (reason, value: detail); the worker is ending itself while
-#: a task runs (reason, task id, value: detail); the worker could not set
-#: itself up (reason: ``SETUP`` or ``INITIALIZER``, body: the traceback); the
-#: worker is ready for tasks (its initializer has run).
-RESULT, ERROR, LEAVING, DYING, INIT_FAILED, READY = 1, 2, 3, 4, 5, 6
+#: leaves cleanly (reason, value: detail); the worker starts a task that has a
+#: deadline (task id, value: the timeout: the pool's clock for it starts
+#: here); the worker could not set itself up (reason: ``SETUP`` or
+#: ``INITIALIZER``, body: the traceback); the worker is ready for tasks (its
+#: initializer has run).
+RESULT, ERROR, LEAVING, STARTED, INIT_FAILED, READY = 1, 2, 3, 4, 5, 6
 #: ``INIT_FAILED`` reasons: applying ``INIT`` failed (the directory, the
 #: environment, unpickling the initializer or its arguments); the
 #: initializer raised.
@@ -109,6 +110,11 @@ class MessageReader:
         self._body: bytearray | None = None  # a large body being read in place
         self._filled = 0
         self._head: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+
+    @property
+    def partial(self) -> bool:
+        """A message has begun to arrive, and not all of it has."""
+        return self._body is not None or bool(self._buffer)
 
     def read(self, sock: socket.socket, out: list[Message], drain: bool = False) -> bool:
         """Read what is there (``drain``: until none is left); False at end of stream."""

@@ -9,10 +9,12 @@ kwargs)``, loaded *inside* the task, so an argument that fails to unpickle
 fails that task alone. The result comes back pickled, and the parent loads
 it per task, for the same reason.
 
-A watchdog thread ends the worker when its parent is gone, when a task runs
-past its deadline, or when the worker grows past ``kill_memory``; before it
-does, it tells the parent why (a ``DYING`` message), and the exit status
-says it again.
+Deadlines and the hard memory limit are the pool's to enforce, from
+outside (a task stuck in C code that holds the GIL cannot stop a thread of
+the parent): the worker says when a task with a deadline starts
+(``STARTED``), and the pool ends the worker when the deadline passes or its
+memory grows past ``kill_worker_memory``. Inside, one watchdog thread ends
+the worker when the fork server (its parent) is gone.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from typing import Any, BinaryIO, NamedTuple, NoReturn
 
 import cloudpickle
 
+from ._process import ERROR as _ERROR
 from ._process import (
-    DYING,
     EXIT,
     INIT,
     INIT_FAILED,
@@ -48,28 +50,24 @@ from ._process import (
     MAIN_THREAD_SIGNALS,
     READY,
     SETUP,
+    STARTED,
     TASKS,
     TASKS_META,
     TO_PARENT,
     TO_WORKER,
 )
-from ._process import ERROR as _ERROR
 from ._process import RESULT as _RESULT
 
 #: Seconds between two checks of a worker's parent; a worker outlives a
 #: parent that died (even by SIGKILL) by at most about this long.
 PARENT_CHECK_INTERVAL = 0.25
 
-#: Seconds between two checks of a worker's memory, when it has a hard limit.
-MEMORY_CHECK_INTERVAL = 0.05
-
 #: Exit statuses of a worker that ended itself.
 ORPHAN_EXIT_CODE = 75  # its parent died
-DEADLINE_EXIT_CODE = 76  # its task ran past its deadline
-MEMORY_EXIT_CODE = 77  # it grew past kill_worker_memory
 INIT_FAILED_EXIT_CODE = 78  # it could not set itself up (or its initializer raised)
 
-#: Why a worker ended itself (``DYING``) or left (``LEAVING``, ``EXIT``).
+#: Why the pool ended a worker (``DEADLINE``, ``MEMORY``), or why it left
+#: (``LEAVING``, ``EXIT``).
 NO_REASON, DEADLINE, MEMORY, RECYCLED_TASKS, RECYCLED_MEMORY, IDLE, BUDGET, SHUTDOWN = range(8)
 
 #: How the parent words a clean exit's reason.
@@ -83,11 +81,14 @@ EXIT_REASONS = {
 
 @dataclass(frozen=True)
 class WorkerLimits:
-    """What a worker enforces on itself (None: no limit)."""
+    """When a worker leaves cleanly, after a task (None: no limit).
 
-    max_tasks: int | None = None  #: leave cleanly after this many tasks
-    max_memory: int | None = None  #: leave cleanly after a task, once RSS is above (bytes)
-    kill_memory: int | None = None  #: end at once, failing the task, above (bytes)
+    (The hard limits, deadlines and ``kill_worker_memory``, are the pool's:
+    see the module's docstring.)
+    """
+
+    max_tasks: int | None = None  #: leave after this many tasks
+    max_memory: int | None = None  #: leave after a task, once RSS is above (bytes)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,6 @@ class WorkerConfig:
 
 _limits = WorkerLimits()
 _tasks_done = 0
-_watchdog: _Watchdog | None = None
 _sock: socket.socket | None = None
 _send_lock = threading.Lock()
 
@@ -128,31 +128,20 @@ def _send(
     reason: int = 0,
     task_id: int = 0,
     value: float = 0.0,
-    *,
-    wait: float = -1,
 ) -> None:
-    """One message to the parent (from the main thread, or the watchdog's last words).
-
-    ``wait``: seconds to wait for another thread's message to go out first
-    (-1: as long as it takes); past that, nothing is sent.
-    """
+    """One message to the parent (from the worker's main thread)."""
     assert _sock is not None
     header = TO_PARENT.pack(len(body), kind, reason, task_id, value)
-    if not _send_lock.acquire(timeout=wait):
-        return
-    try:
-        if len(body) < 65536:
-            _sock.sendall(header + body)
-        else:
-            _sock.sendall(header)
-            _sock.sendall(body)
-    finally:
-        _send_lock.release()
+    if len(body) < 65536:
+        _sock.sendall(header + body)
+    else:
+        _sock.sendall(header)
+        _sock.sendall(body)
 
 
 def serve(sock: socket.socket) -> NoReturn:
     """A worker's life: ``INIT``, then tasks until ``EXIT`` (or a limit, or the parent's end)."""
-    global _sock, _limits, _watchdog
+    global _sock, _limits
     code = 0
     try:
         _sock = sock
@@ -170,9 +159,11 @@ def serve(sock: socket.socket) -> NoReturn:
         try:
             config = _set_up(message[1])
             _limits = config.limits
-            _watchdog = _Watchdog(os.getppid(), config.limits.kill_memory)
             threading.Thread(
-                target=_watchdog.run, name="pool_manager-watchdog", daemon=True
+                target=_watch_parent,
+                args=(os.getppid(),),
+                name="pool_manager-watchdog",
+                daemon=True,
             ).start()
             if config.initializer is not None:
                 step = INITIALIZER
@@ -251,8 +242,10 @@ def _serve_tasks(reader: BinaryIO) -> None:
             offset += length
         del body, view
         for task_id, timeout, payload in tasks:
+            if timeout is not None:
+                _send(STARTED, task_id=task_id, value=timeout)
             started = time.perf_counter()
-            ok, data = run_task(task_id, payload, timeout)
+            ok, data = run_task(payload)
             elapsed = time.perf_counter() - started
             _send(_RESULT if ok else _ERROR, data, task_id=task_id, value=elapsed)
             del data, payload
@@ -276,60 +269,17 @@ def resident_memory() -> int:
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-class _Watchdog:
-    """The worker's second thread: parent, deadline and hard memory checks.
+def _watch_parent(parent_pid: int) -> NoReturn:
+    """The watchdog thread: end the worker when its parent (the fork server) is gone.
 
-    It ends the process with ``os._exit``, after telling the parent why,
-    while holding ``_lock``: the main thread takes that lock to start or
-    finish a task, so the task it names is the one that was judged.
+    (The fork server ends its workers when the pool's process goes; this
+    covers a fork server that was killed itself.)
     """
-
-    def __init__(self, parent_pid: int, kill_memory: int | None) -> None:
-        self._parent_pid = parent_pid
-        self._kill_memory = kill_memory
-        self._lock = threading.Condition()
-        self._task_id = 0
-        self._deadline: float | None = None  # time.monotonic()
-        self._timeout = 0.0
-
-    def task_started(self, task_id: int, timeout: float | None) -> None:
-        with self._lock:
-            self._task_id = task_id
-            if timeout is not None:
-                self._timeout = timeout
-                self._deadline = time.monotonic() + timeout
-                self._lock.notify()
-
-    def task_finished(self) -> None:
-        with self._lock:
-            self._task_id = 0
-            self._deadline = None
-
-    def run(self) -> None:
-        if hasattr(signal, "pthread_sigmask"):
-            signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
-        with self._lock:
-            while True:
-                wait = PARENT_CHECK_INTERVAL
-                if self._kill_memory is not None:
-                    wait = MEMORY_CHECK_INTERVAL
-                if self._deadline is not None:
-                    wait = min(wait, max(0.0, self._deadline - time.monotonic()))
-                self._lock.wait(wait)
-                if os.getppid() != self._parent_pid:
-                    os._exit(ORPHAN_EXIT_CODE)
-                if self._deadline is not None and time.monotonic() >= self._deadline:
-                    self._end(DEADLINE_EXIT_CODE, DEADLINE, self._timeout)
-                if self._kill_memory is not None:
-                    size = resident_memory()
-                    if size > self._kill_memory:
-                        self._end(MEMORY_EXIT_CODE, MEMORY, size)
-
-    def _end(self, exit_code: int, reason: int, detail: float) -> NoReturn:
-        # Last words, unless the main thread is stuck sending a large result.
-        with contextlib.suppress(OSError):
-            _send(DYING, reason=reason, task_id=self._task_id, value=detail, wait=1.0)
-        os._exit(exit_code)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_INTERVAL)
+    os._exit(ORPHAN_EXIT_CODE)
 
 
 def _should_retire() -> tuple[int, float]:
@@ -416,33 +366,21 @@ def dump_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
     return _dumps((fn, args, kwargs))
 
 
-def run_task(
-    task_id: int, payload: bytes | memoryview, timeout: float | None = None
-) -> tuple[bool, bytes]:
-    """Run one task in the worker; returns ``(ok, pickled result or exception)``.
-
-    ``timeout``: seconds the task may run before the watchdog ends the worker.
-    """
-    watchdog = _watchdog
-    if watchdog is not None:
-        watchdog.task_started(task_id, timeout)
+def run_task(payload: bytes | memoryview) -> tuple[bool, bytes]:
+    """Run one task in the worker; returns ``(ok, pickled result or exception)``."""
     try:
-        try:
-            fn, args, kwargs = cloudpickle.loads(payload)
-        except BaseException as error:
-            return False, _dump_error(error, unpickling_arguments=True)
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as error:
-            return False, _dump_error(error)
-        del fn, args, kwargs
-        try:
-            return True, dump_result(result)
-        except BaseException as error:
-            return False, _dump_error(error, pickling_result=True)
-    finally:
-        if watchdog is not None:
-            watchdog.task_finished()
+        fn, args, kwargs = cloudpickle.loads(payload)
+    except BaseException as error:
+        return False, _dump_error(error, unpickling_arguments=True)
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as error:
+        return False, _dump_error(error)
+    del fn, args, kwargs
+    try:
+        return True, dump_result(result)
+    except BaseException as error:
+        return False, _dump_error(error, pickling_result=True)
 
 
 def _dump_error(

@@ -1,9 +1,11 @@
 """Where memory is measured: worker samples and the machine's available memory.
 
 The supervisor calls `sample_workers` at ``memory_sample_interval`` and keeps
-the result for `WorkerPoolManager.stats`; the limits themselves are enforced
-inside each worker (see ``_worker.py``), so that a standalone pool has them
-too and a runaway task is caught within 50 ms, not at the next sample.
+the result for `WorkerPoolManager.stats`. The limits are each pool's own, so
+that a standalone pool has them too: ``max_worker_memory`` in the worker
+after each task, ``kill_worker_memory`` by the pool's I/O thread with
+`resident_memory` every 50 ms (from outside: a task growing inside one C call
+that holds the GIL is caught too).
 
 Cost, measured: RSS from ``/proc/<pid>/statm`` takes ~10 µs a worker; USS
 needs ``/proc/<pid>/smaps_rollup``, ~170 µs (the kernel walks the page
@@ -18,7 +20,7 @@ from typing import TypedDict
 
 import psutil
 
-__all__ = ["WorkerMemory", "available_memory", "sample_workers"]
+__all__ = ["WorkerMemory", "available_memory", "resident_memory", "sample_workers"]
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _PROC = os.path.isdir("/proc/self")
@@ -36,6 +38,14 @@ def _rss(pid: int) -> int:
         with open(f"/proc/{pid}/statm", "rb") as statm:
             return int(statm.read().split()[1]) * _PAGE_SIZE
     return int(psutil.Process(pid).memory_info().rss)
+
+
+def resident_memory(pid: int) -> int | None:
+    """Process ``pid``'s resident set size in bytes; None if it is gone."""
+    try:
+        return _rss(pid)
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
 
 
 def _uss(pid: int) -> int | None:

@@ -67,7 +67,6 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, Protocol,
 from . import _process, _signals, _threads
 from ._durations import MAX_WAIT, Duration, to_bytes, to_count, to_seconds, wait_step
 from ._process import (
-    DYING,
     ERROR,
     EXIT,
     INIT_FAILED,
@@ -75,6 +74,7 @@ from ._process import (
     LEAVING,
     READY,
     RESULT,
+    STARTED,
     STATUS,
     TASKS,
     TASKS_META,
@@ -113,6 +113,7 @@ from .errors import (
     WorkerStartError,
     describe_exit,
 )
+from .memory import resident_memory
 
 if TYPE_CHECKING:
     from .budget import BusySlots, WorkerBudget
@@ -152,6 +153,9 @@ BUSY_QUANTUM = 0.04
 #: How many workers in a row may end before finishing a task (a failing
 #: initializer, workers killed as they start) before the queued tasks fail.
 MAX_ATTEMPTS = 3
+
+#: Seconds between two checks of a pool's workers against ``kill_worker_memory``.
+MEMORY_CHECK_INTERVAL = 0.05
 
 #: A worker that cannot start for want of what the system may soon have
 #: again (descriptors, processes, memory: EMFILE, ENFILE, EAGAIN, ENOMEM) is
@@ -497,6 +501,7 @@ class _Worker:
 
     __slots__ = (
         "assigned",
+        "deadline",
         "dying",
         "idle_since",
         "init_failed",
@@ -531,7 +536,11 @@ class _Worker:
         self.finished_tasks = 0
         self.idle_since = now
         self.leaving: int | None = None  # why it was told to leave, or said it leaves
-        self.dying: tuple[int, int, float] | None = None  # reason, task id, detail
+        #: The task that said it started (``STARTED``) and has a deadline:
+        #: when it passes (time.monotonic()), the task's id, its timeout.
+        self.deadline: tuple[float, int, float] | None = None
+        #: Why the pool ended it (``DEADLINE``, ``MEMORY``): reason, task id, detail.
+        self.dying: tuple[int, int, float] | None = None
         self.init_failed: tuple[int, str] | None = None  # the step that failed, traceback
         self.ready = False  # its initializer has run: it takes tasks from here on
         self.holds_place = False  # a place under max_busy_workers (BusySlots)
@@ -883,7 +892,9 @@ class BaseWorkerPool(WorkerPool):
                 "kill_worker_memory must be above max_worker_memory (the soft limit "
                 "replaces a worker between tasks; the hard one ends it at once)"
             )
-        self._limits = WorkerLimits(max_tasks, soft_memory, hard_memory)
+        self._limits = WorkerLimits(max_tasks, soft_memory)
+        self._kill_memory = hard_memory
+        self._next_memory_check = 0.0  # time.monotonic(), for kill_worker_memory
         self._task_timeout = to_seconds("task_timeout", task_timeout, allow_none=True)
         self._max_size: int = size
         self._max_pending = max_pending
@@ -1859,7 +1870,10 @@ class BaseWorkerPool(WorkerPool):
                     wake_write, self._wake_fd = self._wake_fd, None
                     self._io_done.notify_all()
                     return wake_write, self._shut_down
-                timeout = self._expire_idle_workers()
+                timeout = self._check_workers()
+                watched, timeout = self._memory_check_due(timeout)
+            if watched:
+                self._check_memory(watched)
             # (An idle timeout of a month overflows epoll: wait in steps.)
             events = selector.select(wait_step(timeout))
             messages: list[tuple[_Worker, Message]] = []
@@ -2021,21 +2035,84 @@ class BaseWorkerPool(WorkerPool):
         worker.status_done = True
         return True
 
-    def _expire_idle_workers(self) -> float | None:
-        """Retire workers idle past ``idle_timeout``; seconds until the next is due."""
-        if self._idle_timeout is None:
-            return None
+    def _check_workers(self) -> float | None:
+        """(I/O thread, holds _lock) End the workers whose task ran past its
+        deadline, retire those idle past ``idle_timeout``; returns seconds
+        until the next of these is due (None: none)."""
         now = time.monotonic()
         due: float | None = None
+        idle_timeout = self._idle_timeout
         for worker in self._workers.values():
-            if worker.assigned or worker.leaving is not None:
+            if worker.dying is not None:
                 continue
-            deadline = worker.idle_since + self._idle_timeout
-            if deadline <= now:
-                self._retire(worker, IDLE)
-            elif due is None or deadline - now < due:
+            if worker.deadline is not None:
+                deadline, task_id, timeout = worker.deadline
+                if deadline <= now:
+                    if not self._answer_arriving(worker):
+                        self._end_worker(worker, DEADLINE, task_id, timeout)
+                    # (else: the answer is read first, which clears the deadline)
+                    continue
+            else:
+                if idle_timeout is None or worker.assigned or worker.leaving is not None:
+                    continue
+                deadline = worker.idle_since + idle_timeout
+                if deadline <= now:
+                    self._retire(worker, IDLE)
+                    continue
+            if due is None or deadline - now < due:
                 due = deadline - now
         return due
+
+    @staticmethod
+    def _answer_arriving(worker: _Worker) -> bool:
+        """Has ``worker`` begun sending something the I/O thread has not read yet?"""
+        if worker.reader.partial:
+            return True  # (a large result, read in parts: its task has finished)
+        if worker.sock_done:
+            return False
+        try:
+            return bool(worker.sock.recv(1, socket.MSG_PEEK))
+        except OSError:  # (nothing to read: BlockingIOError; or gone)
+            return False
+
+    def _end_worker(self, worker: _Worker, reason: int, task_id: int, detail: float) -> None:
+        """(Holds _lock) Kill ``worker`` for a limit: its task ``task_id`` (0: none)
+        fails by ``reason`` (``DEADLINE``: ``detail`` is the timeout; ``MEMORY``:
+        the size reached)."""
+        worker.dying = (reason, task_id, detail)
+        worker.deadline = None
+        _kill(worker.pid)
+
+    def _memory_check_due(self, timeout: float | None) -> tuple[list[_Worker] | None, float | None]:
+        """(Holds _lock) The workers to measure against ``kill_worker_memory`` now
+        (None: not due), and the I/O thread's wait: ``timeout``, or less if the
+        next check comes first."""
+        if self._kill_memory is None:
+            return None, timeout
+        now = time.monotonic()
+        watched = None
+        if now >= self._next_memory_check:
+            self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+            watched = [worker for worker in self._workers.values() if worker.dying is None]
+        wait = self._next_memory_check - now
+        return watched, wait if timeout is None else min(timeout, wait)
+
+    def _check_memory(self, workers: list[_Worker]) -> None:
+        """End the ``workers`` above ``kill_worker_memory`` (read without the lock:
+        /proc is quick, but the lock is for quicker things)."""
+        limit = self._kill_memory
+        assert limit is not None
+        over = [
+            (worker, size)
+            for worker in workers
+            if (size := resident_memory(worker.pid)) is not None and size > limit
+        ]
+        if over:
+            with self._lock:
+                for worker, size in over:
+                    if worker.dying is None and not worker.ended and worker.pid in self._workers:
+                        running = worker.assigned[0].task_id if worker.assigned else 0
+                        self._end_worker(worker, MEMORY, running, size)
 
     def _handle(self, messages: list[tuple[_Worker, Message]], ended: list[_Worker]) -> None:
         """Settle the tasks that finished, and deal with the workers that ended."""
@@ -2086,6 +2163,8 @@ class BaseWorkerPool(WorkerPool):
                                 break
                     worker.finished_tasks += 1
                     self._fruitless = 0
+                    if worker.deadline is not None and worker.deadline[1] == task_id:
+                        worker.deadline = None
                     if future is not None:
                         estimates = self._estimates
                         estimate = estimates.get(future.kind)
@@ -2101,8 +2180,9 @@ class BaseWorkerPool(WorkerPool):
                         results.append((future, kind == RESULT, body))
                 elif kind == LEAVING:
                     worker.leaving = reason
-                elif kind == DYING:
-                    worker.dying = (reason, task_id, value)
+                elif kind == STARTED:
+                    # (Measured from when the pool hears of it: never early.)
+                    worker.deadline = (now + value, task_id, value)
                 elif kind == READY:
                     worker.ready = True
                 elif kind == INIT_FAILED:
@@ -2248,7 +2328,7 @@ class BaseWorkerPool(WorkerPool):
                 timeout=timeout,
             )
         if reason == MEMORY:
-            limit = self._limits.kill_memory or 0
+            limit = self._kill_memory or 0
             return WorkerMemoryError(
                 f"worker process {pid} reached {_megabytes(detail)} of memory, above "
                 f"kill_worker_memory={_megabytes(limit)}, while running this task; it was "

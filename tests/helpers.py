@@ -7,6 +7,7 @@ reference, as user code in a package would be.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -186,6 +187,21 @@ def grow_until_stopped(step_megabytes: int = 20, seconds: float = 30.0) -> None:
     while time.monotonic() < deadline:
         _HOARD.append(b"\x01" * (step_megabytes * 1_000_000))
         time.sleep(0.02)
+
+
+def hold_the_gil(megabytes: int = 0) -> None:
+    """Take ``megabytes`` of touched memory, then stay in one C call that holds
+    the GIL (exponential regex backtracking): no thread of this process runs
+    until it returns, which takes longer than any test."""
+    import re
+
+    _HOARD.append(b"\x01" * (megabytes * 1_000_000))
+    re.match(r"(a+)+$", "a" * 60 + "b")
+
+
+def stop_self() -> None:
+    """SIGSTOP this worker: it neither runs nor answers until SIGCONT (or SIGKILL)."""
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def sleep_and_return_pid(seconds: float) -> int:

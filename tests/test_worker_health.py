@@ -32,12 +32,14 @@ from .helpers import (
     getpid,
     grow_until_stopped,
     hoard,
+    hold_the_gil,
     kill_self,
     poll,
     return_unloadable,
     sleep_and_return_pid,
     sleep_then_square,
     square,
+    stop_self,
     touch_and_wait,
 )
 
@@ -263,6 +265,63 @@ def test_submit_with_timeout_sets_a_deadline_per_call_from_when_the_task_starts(
         assert isinstance(late.exception(timeout=60), TaskTimeoutError)
         no_deadline = pool.submit_with_timeout(None, sleep_and_return_pid, 0.05)
         assert isinstance(no_deadline.result(timeout=60), int)
+
+
+# The hard limits hold from outside the worker: a task that holds the GIL
+# (one long C call) or a stopped worker runs no thread of its own. These pools
+# end with terminate() in `finally`: were a limit not enforced, a graceful
+# shutdown would wait for the stuck worker.
+
+
+def test_a_task_holding_the_gil_past_its_deadline_is_ended_from_outside() -> None:
+    pool = BaseWorkerPool(1, task_timeout=0.5)
+    try:
+        stuck = pool.submit(hold_the_gil)
+        error = stuck.exception(timeout=60)
+        assert isinstance(error, TaskTimeoutError) and error.timeout == 0.5
+        assert pool.submit(square, 5).result(timeout=60) == 25  # a fresh worker
+    finally:
+        pool.terminate()
+
+
+def test_a_stopped_worker_is_ended_at_its_task_deadline_and_shutdown_returns() -> None:
+    pool = BaseWorkerPool(1)
+    try:
+        stopped = pool.submit_with_timeout(0.5, stop_self)
+        assert isinstance(stopped.exception(timeout=60), TaskTimeoutError)
+        assert pool.submit(square, 6).result(timeout=60) == 36
+        pool.shutdown(wait=True)
+    finally:
+        pool.terminate()
+
+
+def test_memory_grown_inside_one_c_call_is_caught_by_kill_worker_memory() -> None:
+    pool = BaseWorkerPool(1, kill_worker_memory="200MB")
+    try:
+        error = pool.submit(hold_the_gil, 300).exception(timeout=60)
+        assert isinstance(error, WorkerMemoryError) and error.size > 200_000_000
+        assert pool.submit(square, 7).result(timeout=60) == 49
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_a_task_that_finishes_as_its_deadline_passes_either_returns_or_times_out(
+    round_: int,
+) -> None:
+    # The result and the deadline race: each task either returns its result
+    # or fails with TaskTimeoutError, nothing else, and every task settles
+    # (the tasks queued behind one that timed out run on a fresh worker).
+    with BaseWorkerPool(2, task_timeout=0.1) as pool:
+        futures = [pool.submit(sleep_then_square, i, 0.09 + 0.0025 * (i % 9)) for i in range(36)]
+        concurrent.futures.wait(futures, timeout=110)
+        for i, future in enumerate(futures):
+            assert future.done()
+            error = future.exception()
+            if error is None:
+                assert future.result() == i * i
+            else:
+                assert isinstance(error, TaskTimeoutError), error
 
 
 def test_limit_arguments_are_checked() -> None:
