@@ -503,6 +503,26 @@ _server: ForkServer | None = None
 _holders = 0
 
 
+#: Holds given back by finalizers (`release_server_soon`), one item each:
+#: settled by the next `acquire_server` or `release_server`.
+_released_soon: list[None] = []
+
+
+def release_server_soon() -> None:
+    """`release_server`, from a finalizer: it may run at any point of any thread
+    (one that holds ``_server_lock``, say), so it takes no lock: the hold is
+    given back by the next `acquire_server` or `release_server`."""
+    _released_soon.append(None)  # (atomic)
+
+
+def _settle_released_soon() -> None:
+    """(Holds _server_lock) Count the holds given back by finalizers."""
+    global _holders
+    while _released_soon:
+        _released_soon.pop()
+        _holders -= 1
+
+
 def acquire_server(replace: ForkServer | None = None) -> ForkServer:
     """Hold the process's fork server (starting it if needed); pair with `release_server`.
 
@@ -512,6 +532,7 @@ def acquire_server(replace: ForkServer | None = None) -> ForkServer:
     global _server, _holders
     old = None
     with _server_lock:
+        _settle_released_soon()
         if _server is None or _server.gone or _server is replace:
             old, _server = _server, ForkServer()  # (if it raises, nothing is held)
         if replace is None:
@@ -526,6 +547,7 @@ def release_server() -> None:
     """Let go of the fork server; the last holder stops it."""
     global _server, _holders
     with _server_lock:
+        _settle_released_soon()
         _holders -= 1
         if _holders > 0 or _server is None:
             return
@@ -541,6 +563,7 @@ def _forget_server_in_child() -> None:
     global _server, _holders, _server_lock
     inherited = _server
     _server, _holders, _server_lock = None, 0, threading.Lock()
+    _released_soon.clear()
     if inherited is not None:
         inherited.gone = True
         with contextlib.suppress(OSError):

@@ -219,6 +219,17 @@ def _shutdown_forgotten_managers() -> None:
         manager.shutdown(wait=True)
 
 
+def _let_go(handles_signals: bool) -> None:
+    """(The supervisor, its manager collected without shutdown) let go of what it held.
+
+    Its pools went with it (each pool's finalizer ends its workers), or live
+    on while they have unfinished tasks, and end when those are done.
+    """
+    _process.release_server()
+    if handles_signals:
+        _signals.release()
+
+
 class WorkerPoolManager:
     """Many keyed process pools, built lazily, cached while used, expired when not.
 
@@ -388,7 +399,10 @@ class WorkerPoolManager:
 
         self.handles_signals = bool(handle_signals) and _signals.install_sigterm_handler()
         self._supervisor = Supervisor(
-            self._supervised_sweep, clock, name=f"pool_manager-supervisor-{id(self):x}"
+            self._supervised_sweep,
+            clock,
+            name=f"pool_manager-supervisor-{id(self):x}",
+            on_gone=functools.partial(_let_go, self.handles_signals),
         )
         self._supervisor.start()
         _live_managers.add(self)

@@ -62,7 +62,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import _RemoteTraceback
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, Protocol, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, TypeVar
 
 from . import _process, _signals, _threads
 from ._durations import MAX_WAIT, Duration, to_bytes, to_count, to_seconds, wait_step
@@ -411,14 +411,17 @@ class _TaskFuture(_threads.GuardedCallbacksFuture):
     the task is dispatched to a worker it can be cancelled; once dispatched
     it is *running*, as a ``ProcessPoolExecutor`` task in its call queue.
     Its done-callbacks run on the pool's I/O thread, which they cannot end
-    (`_threads.GuardedCallbacksFuture`).
+    (`_threads.GuardedCallbacksFuture`). It holds its pool until it settles,
+    then weakly: finished futures kept by a caller do not keep a dropped pool
+    (and its workers) alive.
     """
 
     def __init__(
         self, pool: BaseWorkerPool, task_id: int, payload: bytes, timeout: float | None
     ) -> None:
         super().__init__()
-        self._pool = pool
+        self._pool: BaseWorkerPool | None = pool
+        self._pool_ref = weakref.ref(pool)
         self.task_id = task_id
         self._timeout = timeout
         self._payload: bytes | None = payload  # kept until settled, to send again
@@ -431,13 +434,20 @@ class _TaskFuture(_threads.GuardedCallbacksFuture):
 
     def _finish(self, ok: bool, value: Any) -> None:
         self._payload = None
+        self._pool = None
         if ok:
             self.set_result(value)
         else:
             self.set_exception(value)
 
     def cancel(self) -> bool:
-        return self._pool._cancel(self)
+        pool = self._pool
+        if pool is None:
+            return Future.cancel(self)  # (settled)
+        if pool._cancel(self):
+            self._pool = None
+            return True
+        return False
 
 
 class _StartTrouble:
@@ -463,12 +473,18 @@ def _worth_retrying(error: BaseException) -> bool:
     return isinstance(error, RuntimeError)  # "can't start new thread": out of processes
 
 
-class _IOResources(NamedTuple):
+class _IOResources:
     """A new I/O thread's wake-up pipe and selector, made before its worker starts."""
 
-    wake_read: int
-    wake_write: int
-    selector: selectors.BaseSelector
+    __slots__ = ("_lock", "_write_closed", "selector", "wake_read", "wake_write")
+
+    def __init__(self, wake_read: int, wake_write: int, selector: selectors.BaseSelector) -> None:
+        self.wake_read = wake_read
+        self.wake_write = wake_write
+        self.selector = selector
+        #: Guards closing ``wake_write`` against `wake_nowait` (which never waits for it).
+        self._lock = threading.Lock()
+        self._write_closed = False
 
     @classmethod
     def create(cls) -> _IOResources:
@@ -489,10 +505,127 @@ class _IOResources(NamedTuple):
             raise
         return resources
 
-    def close(self) -> None:
+    def wake_nowait(self) -> None:
+        """Wake the I/O thread, from anywhere (a finalizer): takes no lock it must wait for.
+
+        (If the lock is held, the thread is closing the pipe: it is ending anyway.)
+        """
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._write_closed:
+                    with contextlib.suppress(OSError):
+                        os.write(self.wake_write, b"\0")
+            finally:
+                self._lock.release()
+
+    def close_write(self) -> None:
+        with self._lock:
+            if not self._write_closed:
+                self._write_closed = True
+                os.close(self.wake_write)
+
+    def close_read(self) -> None:
         self.selector.close()
         os.close(self.wake_read)
-        os.close(self.wake_write)
+
+    def close(self) -> None:
+        self.close_read()
+        self.close_write()
+
+
+class _Remains:
+    """What a pool holds outside the Python heap (its I/O thread's resources,
+    the fork server), for the pool's finalizer and its I/O thread, so that a
+    pool dropped without ``shutdown()`` is collected and lets go of them, as a
+    ``ProcessPoolExecutor`` does. Changed under the pool's lock."""
+
+    __slots__ = ("io", "owner_pid", "server")
+
+    def __init__(self) -> None:
+        self.io: _IOResources | None = None  # while an I/O thread runs
+        self.server: _process.ForkServer | None = None  # held, from the first worker start
+        self.owner_pid = os.getpid()
+
+    def collected(self) -> None:
+        """The pool's finalizer: it may run on any thread, at any point (no lock, no wait).
+
+        With an I/O thread, that thread ends the workers and lets the server
+        go (`_abandoned`); else the server's hold is given back soon.
+        """
+        if os.getpid() != self.owner_pid:
+            return  # (a forked child's copy: the parent's to release)
+        io = self.io
+        if io is not None:
+            io.wake_nowait()
+        elif self.server is not None:
+            self.server = None
+            _process.release_server_soon()
+
+    def abandoned(self, selector: selectors.BaseSelector) -> None:
+        """(The I/O thread, its pool collected) close every worker's socket and
+        status pipe (an idle worker exits when its socket closes), let go of
+        the fork server."""
+        workers: list[_Worker] = [
+            key.data for key in selector.get_map().values() if key.data is not None
+        ]
+        for worker in dict.fromkeys(workers):
+            if not worker.sock_done:
+                worker.sock_done = True
+                with contextlib.suppress(KeyError, ValueError):
+                    selector.unregister(worker.sock)
+                worker.sock.close()
+            if not worker.status_done:
+                worker.status_done = True
+                with contextlib.suppress(KeyError, ValueError):
+                    selector.unregister(worker.status_fd)
+                with contextlib.suppress(OSError):
+                    os.close(worker.status_fd)
+        server, self.server = self.server, None
+        if server is not None:
+            _process.release_server()
+
+
+def _io_thread(pool_ref: weakref.ReferenceType[BaseWorkerPool], remains: _Remains) -> None:
+    """A pool's I/O thread: see `BaseWorkerPool._io_round`.
+
+    It holds the pool while the pool has unfinished tasks, and only weakly
+    while the pool is idle: a pool dropped then is collected, its finalizer
+    wakes this thread, which closes the workers' sockets and ends.
+    """
+    _threads.mark_library_thread()
+    io = remains.io
+    assert io is not None
+    selector = io.selector
+    pool = pool_ref()
+    try:
+        while pool is not None:
+            try:
+                round_ = pool._io_round(selector)
+                if round_ is None:
+                    break  # no worker left (the pool closed the pipe's write end)
+                timeout, busy = round_
+                if not busy:
+                    pool = None
+                # (An idle timeout of a month overflows epoll: wait in steps.)
+                events = selector.select(wait_step(timeout))
+                if pool is None:
+                    pool = pool_ref()
+                    if pool is None:
+                        break
+                pool._io_events(events, selector)
+            except BaseException as error:
+                if pool is None:
+                    pool = pool_ref()
+                if pool is not None:
+                    # Then serve again: it ends at once if no worker is left.
+                    pool._io_failed(error, selector)
+        if pool is None:
+            remains.abandoned(selector)
+            io.close_write()
+    finally:
+        io.close_read()
+    if pool is not None and pool._shut_down:
+        pool._drop_server()
 
 
 class _Worker:
@@ -941,8 +1074,10 @@ class BaseWorkerPool(WorkerPool):
         self._allowed: int | None = None  # the budget's allowance (None: no budget)
         self._busy_slots: BusySlots | None = None  # max_busy_workers (see attach_budget)
         self._places_to_return = 0  # places of workers that went idle, to give back
-        #: The fork server this pool holds (see _process), from its first worker start.
-        self._server: _process.ForkServer | None = None
+        #: The fork server this pool holds (see _process) and its I/O thread's
+        #: pipe and selector; the finalizer lets go of them.
+        self._remains = _Remains()
+        weakref.finalize(self, self._remains.collected).atexit = False
         self._io_thread: threading.Thread | None = None
         self._last_io_thread: threading.Thread | None = None
         self._wake_fd: int | None = None  # the I/O thread's wake-up pipe
@@ -959,7 +1094,6 @@ class BaseWorkerPool(WorkerPool):
         #: The process that built it: in a process forked from that one, the
         #: pool is inert (see _inert_in_forked_child).
         self._owner_pid = os.getpid()
-        self._io_resources: _IOResources | None = None  # the I/O thread's, while it runs
         _all_pools.add(self)
 
     # -- after a fork ------------------------------------------------------
@@ -980,7 +1114,7 @@ class BaseWorkerPool(WorkerPool):
             if not worker.status_done:
                 with contextlib.suppress(OSError):
                     os.close(worker.status_fd)
-        io = self._io_resources
+        io = self._remains.io
         if io is not None:
             with contextlib.suppress(OSError):
                 io.close()
@@ -1264,7 +1398,7 @@ class BaseWorkerPool(WorkerPool):
             ValueError: ``future`` did not come from this pool's ``submit``.
         """
         self._check_owner()
-        if not isinstance(future, _TaskFuture) or future._pool is not self:
+        if not isinstance(future, _TaskFuture) or future._pool_ref() is not self:
             raise ValueError("kill_task takes a future returned by this pool's submit()")
         if future.cancel():
             return True
@@ -1663,26 +1797,32 @@ class BaseWorkerPool(WorkerPool):
                 # Made first: a process out of descriptors fails this start,
                 # rather than the I/O thread once its worker runs.
                 io = _IOResources.create()
-            if self._server is None:
-                self._server = _process.acquire_server()
+            remains = self._remains
+            if remains.server is None:
+                remains.server = _process.acquire_server()
             try:
-                pid, sock, status_fd = self._server.start_worker()
+                pid, sock, status_fd = remains.server.start_worker()
             except _process.ForkServerGone:
-                self._server = _process.acquire_server(replace=self._server)
-                pid, sock, status_fd = self._server.start_worker()
+                remains.server = _process.acquire_server(replace=remains.server)
+                pid, sock, status_fd = remains.server.start_worker()
         except (OSError, ForkServerError) as error:
             if io is not None:
                 io.close()
             self._start_failed(error)
             return None
         if io is not None:
+            self._remains.io = io
             thread = threading.Thread(
-                target=self._io_loop, args=(io,), name="pool_manager-io", daemon=True
+                target=_io_thread,
+                args=(weakref.ref(self), self._remains),
+                name="pool_manager-io",
+                daemon=True,
             )
             try:
                 with _process.signals_blocked():
                     thread.start()
             except RuntimeError as error:  # no thread to serve it: the worker goes
+                self._remains.io = None
                 _kill(pid)
                 sock.close()
                 os.close(status_fd)
@@ -1690,7 +1830,6 @@ class BaseWorkerPool(WorkerPool):
                 self._start_failed(error)
                 return None
             self._wake_fd = io.wake_write
-            self._io_resources = io
             self._io_thread = self._last_io_thread = thread
         if self._start_trouble is not None:
             self._start_trouble = None
@@ -1816,9 +1955,9 @@ class BaseWorkerPool(WorkerPool):
 
     def _drop_server(self) -> bool:
         with self._lock:
-            if self._workers or self._server is None:
+            if self._workers or self._remains.server is None:
                 return False
-            self._server = None
+            self._remains.server = None
         _process.release_server()
         return True
 
@@ -1833,70 +1972,57 @@ class BaseWorkerPool(WorkerPool):
 
     # -- the I/O thread -------------------------------------------------------
 
-    def _io_loop(self, io: _IOResources) -> None:
-        _threads.mark_library_thread()
-        wake_read, selector = io.wake_read, io.selector
-        try:
-            while True:
-                try:
-                    wake_write, shut_down = self._serve_io(selector, wake_read)
-                    break
-                except BaseException as error:
-                    # Then serve again: it ends at once if no worker is left.
-                    self._io_failed(error, selector)
-        finally:
-            selector.close()
-            os.close(wake_read)
-        if wake_write is not None:
-            os.close(wake_write)
-        if shut_down:
-            self._drop_server()
+    def _io_round(self, selector: selectors.BaseSelector) -> tuple[float | None, bool] | None:
+        """(I/O thread) Before it waits: register new workers, enforce the limits.
 
-    def _serve_io(
-        self, selector: selectors.BaseSelector, wake_read: int
-    ) -> tuple[int | None, bool]:
-        """Serve the workers' sockets and status pipes until no worker is left.
-
-        Returns the write end of the wake-up pipe (to close), and whether
-        the pool is shut down.
+        Returns how long the thread may wait (None: until something happens)
+        and whether the pool has unfinished tasks (then the thread holds the
+        pool while it waits); None once no worker is left: then the thread
+        ends (a later worker starts a new one), and the wake-up pipe's write
+        end is closed.
         """
-        while True:
-            with self._lock:
-                self._apply_io_changes(selector)
-                if not self._workers:
-                    # Nothing left to watch: a later worker starts a new thread.
-                    self._io_thread = None
-                    self._io_resources = None
-                    wake_write, self._wake_fd = self._wake_fd, None
-                    self._io_done.notify_all()
-                    return wake_write, self._shut_down
-                timeout = self._check_workers()
-                watched, timeout = self._memory_check_due(timeout)
-            if watched:
-                self._check_memory(watched)
-            # (An idle timeout of a month overflows epoll: wait in steps.)
-            events = selector.select(wait_step(timeout))
-            messages: list[tuple[_Worker, Message]] = []
-            ended: list[_Worker] = []
-            for key, mask in events:
-                worker = key.data
-                if worker is None:
-                    with contextlib.suppress(OSError):
-                        while os.read(wake_read, 4096):
-                            pass
-                    continue
-                if key.fileobj is worker.sock:
-                    if mask & selectors.EVENT_WRITE:
-                        self._flush(worker, selector)
-                    if mask & selectors.EVENT_READ:
-                        self._receive(worker, messages, selector)
-                elif self._read_status(worker, selector):
-                    # Its exit status comes after all it wrote: read the rest.
-                    self._receive(worker, messages, selector, final=True)
-                if worker is not None and worker.ended and worker not in ended:
-                    ended.append(worker)
-            if messages or ended:
-                self._handle(messages, ended)
+        with self._lock:
+            self._apply_io_changes(selector)
+            if not self._workers:
+                self._io_thread = None
+                io, self._remains.io = self._remains.io, None
+                self._wake_fd = None
+                self._io_done.notify_all()
+                if io is not None:
+                    io.close_write()
+                return None
+            timeout = self._check_workers()
+            watched, timeout = self._memory_check_due(timeout)
+            busy = bool(self._outstanding)
+        if watched:
+            self._check_memory(watched)
+        return timeout, busy
+
+    def _io_events(
+        self, events: list[tuple[selectors.SelectorKey, int]], selector: selectors.BaseSelector
+    ) -> None:
+        """(I/O thread) Serve what the wait returned: sockets to read and write, exits."""
+        messages: list[tuple[_Worker, Message]] = []
+        ended: list[_Worker] = []
+        for key, mask in events:
+            worker = key.data
+            if worker is None:
+                with contextlib.suppress(OSError):
+                    while os.read(key.fd, 4096):
+                        pass
+                continue
+            if key.fileobj is worker.sock:
+                if mask & selectors.EVENT_WRITE:
+                    self._flush(worker, selector)
+                if mask & selectors.EVENT_READ:
+                    self._receive(worker, messages, selector)
+            elif self._read_status(worker, selector):
+                # Its exit status comes after all it wrote: read the rest.
+                self._receive(worker, messages, selector, final=True)
+            if worker.ended and worker not in ended:
+                ended.append(worker)
+        if messages or ended:
+            self._handle(messages, ended)
 
     def _io_failed(self, error: BaseException, selector: selectors.BaseSelector) -> None:
         """The I/O loop met an unexpected error (a bug): end the workers, fail the tasks.
