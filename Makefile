@@ -68,9 +68,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check pool_manager tests benchmarks
 	$(BIN)/mypy
 
-# The benchmark suite runs in an environment of its own, with the peers it
-# measures pool_manager against (benchmarks/requirements.txt). Options go in
-# BENCH_ARGS, e.g. `make bench BENCH_ARGS=--quick` (see benchmarks/README.md).
+# The benchmark suite (the package benchmarks/, run from this directory as
+# `python -m benchmarks.suite`) runs in an environment of its own, with the
+# peers it measures pool_manager against (benchmarks/requirements.txt). Options
+# go in BENCH_ARGS, e.g. `make bench BENCH_ARGS=--quick` (see benchmarks/README.md).
 BENCH_VENV  := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 BENCH_ARGS  ?=
@@ -82,7 +83,7 @@ $(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BENCH_VENV)/bin/python -m pool_manager bench $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python -m benchmarks.suite $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .venv-3.* build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

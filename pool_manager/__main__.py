@@ -3,10 +3,10 @@
 Commands:
 
 * ``demo``: run `pool_manager.demo.run_demo` (what ``make demo`` runs).
-* ``bench``: run the benchmark suite, `pool_manager.bench` (what ``make
-  bench`` runs); its options are the suite's own (``bench --help``).
 
-Each command is a subparser plus a handler in `_COMMANDS`.
+Each command is a subparser plus a handler in `_COMMANDS`. (The benchmark
+suite is not part of the package: it is ``python -m benchmarks.suite`` in a
+checkout of the project, what ``make bench`` runs.)
 """
 
 from __future__ import annotations
@@ -36,17 +36,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(quick=args.quick, pool_size=args.pool_size)
 
 
-def _run_bench(args: argparse.Namespace) -> int:
-    """The ``bench`` command: the suite parses its own options."""
-    from .bench import main as bench_main
-
-    return bench_main(args.suite_args)
-
-
 #: command name -> handler; the handler returns the exit status.
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _run_demo,
-    "bench": _run_bench,
 }
 
 
@@ -81,26 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the most worker processes per tenant's pool (default: %(default)s)",
     )
-    bench = commands.add_parser(
-        "bench",
-        add_help=False,  # --help goes to the suite, which lists its own options
-        help="run the benchmark suite against the peers installed (bench --help for options)",
-        description="Run the benchmark suite (pool_manager.bench).",
-    )
-    bench.add_argument("suite_args", nargs=argparse.REMAINDER, metavar="SUITE OPTIONS")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; its exit status."""
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if args.command == "bench":
-        # Everything after "bench" is the suite's (argparse leaves options
-        # that come first, --help say, out of the REMAINDER).
-        args.suite_args = [*unknown, *args.suite_args]
-    elif unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -1,13 +1,9 @@
 """The command line: the demo (``python -m pool_manager demo``) runs, computes
 the right answers, shows a pool expiring and one retiring, and leaves nothing
-behind; ``python -m pool_manager bench`` runs the benchmark suite."""
+behind; it is the only command (the benchmark suite is ``python -m
+benchmarks.suite``, tests/test_benchmarks.py)."""
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -73,23 +69,9 @@ def test_cli_parses_demo_options() -> None:
         build_parser().parse_args(["demo", "--pool-size", "0"])
 
 
-def test_cli_bench_help_lists_the_suites_options(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_has_no_bench_command(capsys: pytest.CaptureFixture[str]) -> None:
+    # The benchmark suite left the package: python -m benchmarks.suite, from a checkout.
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert "usage: python -m pool_manager bench" in out
-    assert "--only MEASURE" in out and "keyed_batches" in out
-
-
-def test_cli_bench_runs_a_measure_and_writes_its_report(tmp_path: Path) -> None:
-    # In a process of its own: the suite pins its CPUs and reaps its samples.
-    command = [sys.executable, "-m", "pool_manager", "bench", "--quick", "--repeat", "1"]
-    command += ["--only", "round_trip", "--libs", "pool_manager,mp_pool", "--out", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    report = json.loads((tmp_path / "suite-quick.json").read_text())
-    summary = report["results"]["round_trip"]
-    assert summary["pool_manager"]["median"] > 0 and summary["mp_pool"]["median"] > 0
-    table = (tmp_path / "suite-quick.md").read_text()
-    assert "warm round trip" in table and "python -m pool_manager bench --quick" in table
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err

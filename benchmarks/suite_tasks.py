@@ -1,10 +1,11 @@
 """The functions the suite's worker processes run, and a helper its scripts share.
 
-They live in a module of their own, importable by name in every worker (the
-suite puts its own directory on ``PYTHONPATH``), so that every library sends
-them by reference: a function defined in ``__main__`` would be pickled by
-value by cloudpickle-based libraries (loky, pool_manager) and by reference
-by the others, which would skew the per-task figures.
+They live in a module of their own, importable by name in every worker (as
+``benchmarks.suite_tasks``: the samples run from the repository's root, and
+every library's workers get their path), so that every library sends them by
+reference: a function defined in ``__main__`` would be pickled by value by
+cloudpickle-based libraries (loky, pool_manager) and by reference by the
+others, which would skew the per-task figures.
 """
 
 from __future__ import annotations

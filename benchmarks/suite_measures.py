@@ -1,15 +1,16 @@
 """One sample of one measure for one library, in a process of its own.
 
-`suite.py` runs this script once per (measure, library, round), so every
-sample starts from a fresh interpreter: a cold start is really cold, and no
-library's threads, trackers or workers linger into another's figures.
+`suite.py` runs this module once per (measure, library, round), from the
+repository's root, so every sample starts from a fresh interpreter: a cold
+start is really cold, and no library's threads, trackers or workers linger
+into another's figures.
 
-    python pool_manager/bench/suite_measures.py MEASURE LIBRARY --params JSON --result FILE
+    python -m benchmarks.suite_measures MEASURE LIBRARY --params JSON --result FILE
 
 The sample goes to FILE as JSON: ``{"value": float | null, "note": str, ...}``;
 ``value`` is null when the measure does not apply to the library, and
 ``note`` says why. Each pool is shut down in a ``finally`` block; whatever
-outlives this process is killed by `suite.py` (it runs this script in a
+outlives this process is killed by `suite.py` (it runs this module in a
 process group of its own).
 """
 
@@ -31,7 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from suite_tasks import burn, cpu_burn, echo, ident, is_tracker, nap, noop, timed_burn
+
+from benchmarks.suite_tasks import (
+    burn,
+    cpu_burn,
+    echo,
+    ident,
+    is_tracker,
+    nap,
+    noop,
+    timed_burn,
+)
 
 Waiter = Callable[[], Any]
 Result = dict[str, Any]
@@ -192,9 +203,9 @@ class MpirePool(Pool):
 
     def __init__(self, workers: int) -> None:
         super().__init__(workers)
-        import mpire
+        from mpire.pool import WorkerPool  # (mpire/__init__.py does not re-export it for mypy)
 
-        self._cls = mpire.WorkerPool  # type: ignore[attr-defined]
+        self._cls = WorkerPool
         self._pool: Any = None
 
     def start(self) -> None:
