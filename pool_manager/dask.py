@@ -58,7 +58,6 @@ from typing import Any, TypeVar
 
 try:
     from distributed import Client, KilledWorker
-    from toolz import compose
 except ImportError as error:
     raise ImportError(
         "pool_manager.dask needs Dask's distributed scheduler, which is not installed: "
@@ -175,6 +174,29 @@ def _finish_accepted_work_at_exit() -> None:
             pool.dispose(wait=True)
         except Exception:
             logger.exception("disposing a Dask pool at exit failed")
+
+
+def _chunk_runner(fn: Callable[..., Any], starred: bool) -> Callable[[list[Any]], Any]:
+    """What a Dask worker runs for one ``map`` chunk: the list of results, or,
+    when a call raises after others have returned, ``(results, error)``, so
+    that ``map`` yields those results before it raises (see `map_lazily`).
+
+    A nested function travels by value (cloudpickle), with builtins and
+    itertools only: a Dask worker needs nothing of pool_manager to run it.
+    """
+
+    def run_chunk(chunk: list[Any]) -> Any:
+        results: list[Any] = []
+        try:
+            # (extend keeps what it appended before an error, as a loop would.)
+            results.extend(itertools.starmap(fn, chunk) if starred else map(fn, chunk))
+        except BaseException as error:
+            if not results:
+                raise
+            return results, error
+        return results
+
+    return run_chunk
 
 
 class DaskWorkerPool(WorkerPool):
@@ -422,10 +444,7 @@ class DaskWorkerPool(WorkerPool):
                 ``concurrent.futures.TimeoutError``, also on 3.10).
             Exception: (on iteration) whatever ``fn`` raised.
         """
-        # list(map(fn, chunk)) on the worker, from builtins and toolz only,
-        # so that a worker needs nothing of pool_manager to run it.
-        spread = map if len(iterables) == 1 else itertools.starmap
-        runner: Callable[[list[Any]], list[Any]] = compose(list, functools.partial(spread, fn))
+        runner = _chunk_runner(fn, starred=len(iterables) > 1)
         return map_lazily(
             fn,
             iterables,

@@ -2635,8 +2635,10 @@ def map_lazily(
     ``submit(deadline, fn, args)`` sends one call; ``submit_chunk(deadline,
     chunk)`` sends a list of argument items (a tuple each when there is more
     than one iterable) and its future's result is the list of results, or a
-    `PartialChunk` when a call failed after others had returned: their
-    results are yielded, then its error raised (as with one task per call). Under
+    `PartialChunk` when a call failed after others had returned (or a
+    ``(results, exception)`` tuple, from a runner that does without
+    pool_manager: the Dask pool's): those results are yielded, then the
+    error raised (as with one task per call). Under
     backpressure both wait for room until ``deadline`` (``time.monotonic()``
     time ``timeout`` after the call; None: no limit), then raise
     ``TimeoutError``: the map raises it, and cancels what it submitted. With no
@@ -2721,11 +2723,13 @@ def _map_results(
             if not chunked:
                 results = [results]
             else:
+                # A call failed part-way: the results before it go out
+                # first, as they would with one task per call.
                 if isinstance(results, PartialChunk):
-                    # A call failed part-way: the results before it go out
-                    # first, as they would with one task per call.
                     failure = _load_outcome(False, results.error)[1]
                     results = results.results
+                elif isinstance(results, tuple):
+                    results, failure = results
                 sizer.observe(len(results), getattr(future, "run_time", None))
             del future
             # Keep the pool fed before handing the result out.

@@ -13,6 +13,7 @@ worker, and the new process would outlive that test.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import subprocess
@@ -45,6 +46,7 @@ from .helpers import (  # noqa: E402
     FakeClock,
     add,
     exit_process,
+    fail_at,
     most_at_once,
     poll,
     raise_value_error,
@@ -189,6 +191,29 @@ def test_arguments_travel_as_with_client_submit(client: Client) -> None:
 
 
 # -- map -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("iterables", [1, 2])
+def test_auto_chunked_map_yields_every_result_before_the_failing_item(
+    client: Client, iterables: int
+) -> None:
+    # As BaseWorkerPool's map and ProcessPoolExecutor's (one task per call):
+    # the error costs no result of the items before it, in its chunk or another.
+    pool = DaskWorkerPool(client, 2)
+    try:
+        for bad in (0, 1, 150, 299):
+            results = (
+                pool.map(fail_at, range(300), [bad] * 300)
+                if iterables == 2
+                else pool.map(functools.partial(fail_at, bad=bad), range(300))
+            )
+            got = []
+            with pytest.raises(ValueError, match=f"bad item {bad}"):
+                for result in results:
+                    got.append(result)
+            assert got == list(range(bad))
+    finally:
+        pool.dispose()
 
 
 def test_map_returns_results_in_order_for_every_kind_of_input(client: Client) -> None:
