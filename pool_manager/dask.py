@@ -37,8 +37,8 @@ How a task travels::
 
 Only this module imports ``distributed``; the rest of the package never
 needs it. The workers need only the task's code (and Dask): nothing of
-pool_manager is sent to them (``map``'s chunks are a ``toolz`` composition of
-builtins, and toolz comes with Dask).
+pool_manager is sent to them (``map``'s chunk runner is a nested function,
+which cloudpickle sends by value, and uses builtins and itertools only).
 """
 
 from __future__ import annotations
