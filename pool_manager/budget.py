@@ -338,13 +338,16 @@ class WorkerBudget:
             needy.sort(key=lambda a: (_first(a.waiting_since), a.order))
             room = free()
             progress = True
-            while room > 0 and progress:
+            while progress:
                 progress = False
                 for account in needy:  # one at a time, in turn
-                    if room > 0 and account.allowed < cap(account):
+                    # A raise that a live worker already stands in (one
+                    # above the allowance, busy) takes no free place.
+                    cost = 1 if account.allowed >= account.live else 0
+                    if cost <= room and account.allowed < cap(account):
                         account.allowed += 1
                         account.held_since = ticket()
-                        room -= 1
+                        room -= cost
                         progress = True
 
         # Rule 1, with what is free.

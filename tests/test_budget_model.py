@@ -290,6 +290,41 @@ TestBudgetMachine = BudgetMachine.TestCase
 TestBudgetMachine.settings = SETTINGS
 
 
+def test_a_free_place_goes_to_a_waiting_pool_not_to_one_whose_busy_worker_holds_one() -> None:
+    # Found by the machine above: pools p0 and p2 ran a worker each above
+    # their allowance (busy, due to leave when idle); raising their
+    # allowance back costs no place, yet the plan counted each raise against
+    # the one free place, and p5 (queued work, no worker) was left waiting
+    # beside it.
+    budget = WorkerBudget(5)
+    pools = [_ModelPool(f"p{i}", budget, want) for i, want in enumerate([1, 2, 2, 1, 2, 1])]
+    p0, p1, p2, p3, p4, p5 = pools
+
+    def busy_worker(pool: _ModelPool) -> _Worker:
+        return next(w for w in pool.workers if w.busy)
+
+    p0.submit()
+    for pool, count in ((p2, 2), (p1, 3)):
+        for _ in range(count):
+            pool.submit()
+    p3.dispose()
+    for _ in range(2):
+        p4.submit()
+    worker = busy_worker(p1)
+    p1.finish(worker)
+    p1.exit(worker)
+    worker = busy_worker(p2)
+    p2.finish(worker)
+    p2.submit()
+    p5.submit()
+    assert worker.leaving and not worker.busy
+    p2.exit(worker)
+    # p5 waits: every place is taken (none left free beside it).
+    assert p5.queued and not p5.workers
+    in_use = sum(max(p.allowed, len(p.workers)) for p in pools if not p.disposed)
+    assert in_use == 5, [(p.name, p.allowed, len(p.workers), p.queued) for p in pools]
+
+
 # -- BusySlots ------------------------------------------------------------------
 
 
