@@ -27,16 +27,24 @@ How a task and a pool's life flow through the parts::
   each deadline, and when a lease is released or a pool goes idle.
 - ``pool.py``: ``WorkerPool`` (what the manager needs) and ``BaseWorkerPool``
   (its workers, dispatch, backpressure, futures, crash isolation).
-- ``_process.py``: the fork server that starts workers, and the wire format.
+- ``_process.py``: the fork server that starts workers.
 - ``_worker.py``: what runs in a worker (its loop, the watchdog that ends it
-  with the fork server).
+  with the fork server), and how a pool sets a worker up (``INIT``).
+- ``_protocol.py``: the wire, in one place: every frame, message kind and
+  reason code between a pool, the fork server and its workers, the
+  ``Message`` records a pool reads, and the task envelope (how a call, a
+  result and an error are pickled, and loaded again).
 - ``_threads.py``: the threads that must never stall (each pool's I/O
   thread, the supervisor, any running event loop): backpressure never holds
   a ``submit`` there, and no callback can end them.
 - ``errors.py``: every error a user can meet.
 
 Data flows one way (caller → manager → pool → worker → future), and
-so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``).
+so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``),
+and imports: no module imports one that imports it back, at its top or in a
+function (``tests/test_layout.py``). At the bottom, ``_protocol`` imports
+nothing of the package at its top; ``_worker`` imports only it, and the fork
+server (``_process``) imports both.
 
 Locks, outermost first (a thread holding one may take those after it, never
 those before): a pool's ``_dispose_lock``; the manager's ``_lock`` (never

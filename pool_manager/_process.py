@@ -1,4 +1,4 @@
-"""Worker processes: how they start, and the wire between a pool and each one.
+"""Worker processes: how they start (a fork server), and the parent's handle on it.
 
 Starting: a fork server
     Every worker is forked from a *fork server*: one small Python process per
@@ -24,12 +24,13 @@ Starting: a fork server
     raises `ForkServerError` with its traceback; then its stderr (and so
     its workers') is the parent's.
 
-The wire: one Unix stream socket per worker
-    Messages are framed by a fixed header and a body. Parent to worker:
-    ``TO_WORKER`` (body length, kind). Worker to parent: ``TO_PARENT`` (body
-    length, kind, reason, task id, value). Tasks travel in batches (one
-    message, many tasks) when they queue up; results travel one message per
-    task, so a worker that dies has reported every task it finished.
+The wire
+    What crosses between the parent, the server and the workers (the
+    control socket, the status pipes, one Unix stream socket per worker:
+    frames, message kinds, reason codes, exit statuses, the task envelope)
+    is ``_protocol.py``'s. What runs in a worker is ``_worker.py``'s: the
+    server imports it (in `serve`), so that every worker has it from the
+    start, and it imports nothing from here.
 """
 
 from __future__ import annotations
@@ -40,138 +41,22 @@ import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 
+from ._protocol import FORK_REQUEST, SERVER_READY, STATUS, UNREACHABLE_EXIT_CODE, WORKER_PID
+
 __all__ = [
-    "INIT_META",
-    "TASKS_META",
-    "TO_PARENT",
-    "TO_WORKER",
     "ForkServer",
     "ForkServerGone",
-    "Message",
-    "MessageReader",
     "acquire_server",
     "cpu_count",
     "release_server",
     "signals_blocked",
 ]
-
-# -- the wire ------------------------------------------------------------------
-
-#: Parent → worker header: body length, kind.
-TO_WORKER = struct.Struct("<QB")
-INIT, TASKS, EXIT = 1, 2, 3
-
-#: Worker → parent header: body length, kind, reason, task id, value.
-TO_PARENT = struct.Struct("<QBBqd")
-#: A task's result (value: its run time in seconds); its failure; the worker
-#: leaves cleanly (reason, value: detail); the worker starts a task that has a
-#: deadline (task id, value: the timeout: the pool's clock for it starts
-#: here); the worker could not set itself up (reason: ``SETUP`` or
-#: ``INITIALIZER``, body: the traceback); the worker is ready for tasks (its
-#: initializer has run).
-RESULT, ERROR, LEAVING, STARTED, INIT_FAILED, READY = 1, 2, 3, 4, 5, 6
-#: ``INIT_FAILED`` reasons: applying ``INIT`` failed (the directory, the
-#: environment, unpickling the initializer or its arguments); the
-#: initializer raised.
-SETUP, INITIALIZER = 1, 2
-
-#: A ``TASKS`` body: the length of a pickled list of (task id, timeout,
-#: payload length), that list, then the payloads one after another (so a
-#: large argument is sent from the bytes it was pickled into, not copied).
-TASKS_META = struct.Struct("<I")
-
-#: An ``INIT`` body: the length of the pickled parent state (its working
-#: directory and environment as of this worker's start), that state, then the
-#: pool's cloudpickled configuration (limits, initializer).
-INIT_META = struct.Struct("<I")
-
-#: A message from a worker, as the pool's reader hands it over.
-Message = tuple[int, int, int, float, "bytes | bytearray"]  # kind, reason, task id, value, body
-
-#: Bodies at least this large are read straight into a buffer of their size.
-_LARGE_BODY = 1 << 16
-_CHUNK = 1 << 18
-
-
-class MessageReader:
-    """Reads ``TO_PARENT`` messages from one worker's non-blocking socket."""
-
-    __slots__ = ("_body", "_filled", "_head", "_buffer")
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._body: bytearray | None = None  # a large body being read in place
-        self._filled = 0
-        self._head: tuple[int, int, int, float] = (0, 0, 0, 0.0)
-
-    @property
-    def partial(self) -> bool:
-        """A message has begun to arrive, and not all of it has."""
-        return self._body is not None or bool(self._buffer)
-
-    def read(self, sock: socket.socket, out: list[Message], drain: bool = False) -> bool:
-        """Read what is there (``drain``: until none is left); False at end of stream."""
-        while True:
-            body = self._body
-            try:
-                if body is not None:
-                    with memoryview(body) as view:
-                        count = sock.recv_into(view[self._filled :])
-                    if count:
-                        self._filled += count
-                        if self._filled == len(body):
-                            out.append((*self._head, body))
-                            self._body = None
-                        continue
-                    return False
-                data = sock.recv(_CHUNK)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            if not data:
-                return False
-            self._buffer += data
-            self._parse(out)
-            if len(data) < _CHUNK and not drain:
-                return True
-
-    def _parse(self, out: list[Message]) -> None:
-        buffer = self._buffer
-        size = TO_PARENT.size
-        offset = 0
-        while len(buffer) - offset >= size:
-            length, kind, reason, task_id, value = TO_PARENT.unpack_from(buffer, offset)
-            start = offset + size
-            end = start + length
-            if len(buffer) < end:
-                if length >= _LARGE_BODY:
-                    # Read the rest straight into a buffer of its own.
-                    body = bytearray(length)
-                    have = len(buffer) - start
-                    body[:have] = buffer[start:]
-                    self._body, self._filled = body, have
-                    self._head = (kind, reason, task_id, value)
-                    offset = len(buffer)
-                break
-            out.append((kind, reason, task_id, value, bytes(buffer[start:end])))
-            offset = end
-        if offset:
-            del buffer[:offset]
-
-
-#: An exit status, as the fork server writes it to a status pipe.
-STATUS = struct.Struct("<i")
-_PID = struct.Struct("<q")
-#: The fork server's first byte to the parent: booted, ready to fork.
-SERVER_READY = b"R"
 
 
 def cpu_count() -> int:
@@ -424,8 +309,8 @@ class ForkServer:
             with self._lock:
                 self._await_ready()
                 try:
-                    socket.send_fds(self._control, [b"F"], [theirs.fileno(), status_write])
-                    reply = _recv_exactly(self._control, _PID.size)
+                    socket.send_fds(self._control, [FORK_REQUEST], [theirs.fileno(), status_write])
+                    reply = _recv_exactly(self._control, WORKER_PID.size)
                 except OSError as error:
                     self.gone = True
                     raise ForkServerGone(f"the fork server has exited: {error}") from error
@@ -439,7 +324,7 @@ class ForkServer:
         finally:
             theirs.close()
             os.close(status_write)
-        pid = _PID.unpack(reply)[0]
+        pid = WORKER_PID.unpack(reply)[0]
         if pid <= 0:
             ours.close()
             os.close(status_read)
@@ -638,7 +523,7 @@ def serve(control_fd: int, stderr_fd: int = -1) -> None:
                 except OSError as error:
                     os.close(worker_fd)
                     os.close(status_fd)
-                    control.sendall(_PID.pack(-(error.errno or 1)))
+                    control.sendall(WORKER_PID.pack(-(error.errno or 1)))
                     continue
                 if pid == 0:
                     try:
@@ -653,12 +538,12 @@ def serve(control_fd: int, stderr_fd: int = -1) -> None:
                         control.close()
                         _worker.serve(socket.socket(fileno=worker_fd))
                     finally:
-                        os._exit(70)
+                        os._exit(UNREACHABLE_EXIT_CODE)
                 with contextlib.suppress(OSError):
                     os.setpgid(pid, pid)  # (also here: before anyone signals the group)
                 os.close(worker_fd)
                 children[pid] = status_fd
-                control.sendall(_PID.pack(pid))
+                control.sendall(WORKER_PID.pack(pid))
     finally:
         for pid in children:
             _end_group(pid)

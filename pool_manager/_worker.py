@@ -1,13 +1,12 @@
-"""Code that runs inside worker processes, and the task envelope both sides share.
+"""Code that runs inside worker processes, and how a pool sets a worker up.
 
 A worker is forked from the fork server (``_process.py``) and runs `serve`:
 it reads its ``INIT`` message (the parent's current working directory and
-environment, limits, initializer), then
-batches of tasks, and answers each task with one message. A task crosses as
-``(task id, timeout, payload)``: ``payload`` is the cloudpickled ``(fn, args,
-kwargs)``, loaded *inside* the task, so an argument that fails to unpickle
-fails that task alone. The result comes back pickled, and the parent loads
-it per task, for the same reason.
+environment, limits, initializer), then batches of tasks, and answers each
+task with one message. The wire (frames, message kinds, reason codes, exit
+statuses) and the task envelope (how a call, a result and an error are
+pickled, and how the parent loads them) are ``_protocol.py``'s: this module
+only imports it, and nothing else of the package.
 
 Deadlines and the hard memory limit are the pool's to enforce, from
 outside (a task stuck in C code that holds the GIL cannot stop a thread of
@@ -20,7 +19,6 @@ the worker when the fork server (its parent) is gone.
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import multiprocessing
 import os
@@ -31,52 +29,46 @@ import sys
 import threading
 import time
 import traceback
-import types
-from collections import ChainMap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, NamedTuple, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import cloudpickle
 
-from ._process import ERROR as _ERROR
-from ._process import (
+from ._protocol import (
+    ERROR,
     EXIT,
     INIT,
     INIT_FAILED,
+    INIT_FAILED_EXIT_CODE,
     INIT_META,
     INITIALIZER,
     LEAVING,
-    MAIN_THREAD_SIGNALS,
+    NO_REASON,
+    ORPHAN_EXIT_CODE,
     READY,
+    RECYCLED_MEMORY,
+    RECYCLED_TASKS,
+    RESULT,
     SETUP,
     STARTED,
     TASKS,
     TASKS_META,
     TO_PARENT,
     TO_WORKER,
+    PartialChunk,
+    dump_error,
+    dump_result,
+    dumps,
 )
-from ._process import RESULT as _RESULT
 
 #: Seconds between two checks of a worker's parent; a worker outlives a
 #: parent that died (even by SIGKILL) by at most about this long.
 PARENT_CHECK_INTERVAL = 0.25
 
-#: Exit statuses of a worker that ended itself.
-ORPHAN_EXIT_CODE = 75  # its parent died
-INIT_FAILED_EXIT_CODE = 78  # it could not set itself up (or its initializer raised)
-
-#: Why the pool ended a worker (``DEADLINE``, ``MEMORY``), or why it left
-#: (``LEAVING``, ``EXIT``).
-NO_REASON, DEADLINE, MEMORY, RECYCLED_TASKS, RECYCLED_MEMORY, IDLE, BUDGET, SHUTDOWN = range(8)
-
-#: How the parent words a clean exit's reason.
-EXIT_REASONS = {
-    RECYCLED_TASKS: "max_tasks_per_worker",
-    RECYCLED_MEMORY: "max_worker_memory",
-    IDLE: "idle_timeout",
-    BUDGET: "max_total_workers",
-}
+#: Signals the watchdog thread leaves to the worker's main thread (as the
+#: parent's threads do: ``_process.MAIN_THREAD_SIGNALS``).
+_MAIN_THREAD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass(frozen=True)
@@ -247,7 +239,7 @@ def _serve_tasks(reader: BinaryIO) -> None:
             started = time.perf_counter()
             ok, data = run_task(payload)
             elapsed = time.perf_counter() - started
-            _send(_RESULT if ok else _ERROR, data, task_id=task_id, value=elapsed)
+            _send(RESULT if ok else ERROR, data, task_id=task_id, value=elapsed)
             del data, payload
             reason, detail = _should_retire()
             if reason:
@@ -276,7 +268,7 @@ def _watch_parent(parent_pid: int) -> NoReturn:
     covers a fork server that was killed itself.)
     """
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
     while os.getppid() == parent_pid:
         time.sleep(PARENT_CHECK_INTERVAL)
     os._exit(ORPHAN_EXIT_CODE)
@@ -285,7 +277,7 @@ def _watch_parent(parent_pid: int) -> NoReturn:
 def _should_retire() -> tuple[int, float]:
     """After each task: has this worker done its share (tasks or memory)?
 
-    Returns (reason, detail), reason 0 if not.
+    Returns (reason, detail) for ``LEAVING``, reason ``NO_REASON`` if not.
     """
     global _tasks_done
     _tasks_done += 1
@@ -296,74 +288,10 @@ def _should_retire() -> tuple[int, float]:
         size = resident_memory()
         if size > limits.max_memory:
             return RECYCLED_MEMORY, size
-    return 0, 0.0
+    return NO_REASON, 0.0
 
 
-# -- the task envelope ---------------------------------------------------------
-
-
-def _reduce_method(method: types.MethodType) -> tuple[Any, tuple[Any, str]]:
-    # By reference, as the standard pickle does: cloudpickle would copy the
-    # function by value and lose its source file (and a traceback's lines).
-    return getattr, (method.__self__, method.__func__.__name__)
-
-
-class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
-    dispatch_table = ChainMap(
-        {types.MethodType: _reduce_method}, cloudpickle.CloudPickler.dispatch_table
-    )
-
-
-def _dumps(obj: object) -> bytes:
-    """cloudpickle (lambdas, closures, ``__main__``'s functions go by value)."""
-    buffer = io.BytesIO()
-    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    return buffer.getvalue()
-
-
-def dump_result(obj: object) -> bytes:
-    """Pickle a task's result: the standard pickle first (fast), cloudpickle if it must."""
-    try:
-        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        return _dumps(obj)
-
-
-#: Arguments the standard pickle sends exactly as cloudpickle would.
-_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
-
-
-def _plain_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """A call the standard pickle sends as cloudpickle would: a function found
-    by its module and name (not ``__main__``'s, not a lambda or closure, not
-    from a module registered to go by value), and arguments of plain types."""
-    if type(fn) is types.FunctionType:
-        module = fn.__module__
-        if module in (None, "__main__") or "<" in fn.__qualname__ or module in _BY_VALUE_MODULES:
-            return False
-    elif type(fn) is not types.BuiltinFunctionType:
-        return False
-    plain = _PLAIN_TYPES
-    return all(type(arg) in plain for arg in args) and all(
-        type(value) in plain for value in kwargs.values()
-    )
-
-
-_BY_VALUE_MODULES: Any = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
-
-
-def dump_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """(Parent side) pickle a call for `run_task`; raises if it cannot be pickled.
-
-    A plain call (see `_plain_call`) goes by the standard pickle, four times
-    faster than cloudpickle, with the same bytes' meaning.
-    """
-    if _plain_call(fn, args, kwargs):
-        try:
-            return pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            pass  # (cloudpickle says why, below)
-    return _dumps((fn, args, kwargs))
+# -- tasks -----------------------------------------------------------------------
 
 
 def run_task(payload: bytes | memoryview) -> tuple[bool, bytes]:
@@ -371,39 +299,16 @@ def run_task(payload: bytes | memoryview) -> tuple[bool, bytes]:
     try:
         fn, args, kwargs = cloudpickle.loads(payload)
     except BaseException as error:
-        return False, _dump_error(error, unpickling_arguments=True)
+        return False, dump_error(error, unpickling_arguments=True)
     try:
         result = fn(*args, **kwargs)
     except BaseException as error:
-        return False, _dump_error(error)
+        return False, dump_error(error)
     del fn, args, kwargs
     try:
         return True, dump_result(result)
     except BaseException as error:
-        return False, _dump_error(error, pickling_result=True)
-
-
-def _dump_error(
-    error: BaseException, *, unpickling_arguments: bool = False, pickling_result: bool = False
-) -> bytes:
-    """Pickle ``(kind, error, traceback text)``; an unpicklable error becomes a description."""
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    kind = "arguments" if unpickling_arguments else "result" if pickling_result else "raised"
-    try:
-        return _dumps((kind, error, text))
-    except BaseException as pickling_error:
-        description = (
-            f"{type(error).__qualname__}: {error} (the exception itself could not be "
-            f"pickled: {pickling_error!r})"
-        )
-        return _dumps((kind, RuntimeError(description), text))
-
-
-class PartialChunk(NamedTuple):
-    """A ``map`` chunk that failed part-way through (see `run_chunk`)."""
-
-    results: list[Any]  #: of the calls before the failing one, in order
-    error: bytes  #: the failing call's exception, pickled as a failed task's (`_dump_error`)
+        return False, dump_error(error, pickling_result=True)
 
 
 def run_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[Any] | PartialChunk:
@@ -420,7 +325,7 @@ def run_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[
     except BaseException as error:
         if not results:
             raise
-        return PartialChunk(results, _dump_error(error))
+        return PartialChunk(results, dump_error(error))
     return results
 
 
@@ -432,13 +337,13 @@ def run_chunk_single(fn: Callable[[Any], Any], chunk: Iterable[Any]) -> list[Any
     except BaseException as error:
         if not results:
             raise
-        return PartialChunk(results, _dump_error(error))
+        return PartialChunk(results, dump_error(error))
     return results
 
 
 def dump_config(config: WorkerConfig) -> bytes:
     """(Parent side) pickle a pool's configuration, the part of ``INIT`` that never changes."""
-    return _dumps(config)
+    return dumps(config)
 
 
 def init_message(config: bytes, env: dict[bytes, bytes] | None) -> bytes:

@@ -54,56 +54,54 @@ import signal
 import socket
 import threading
 import time
-import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
-from concurrent.futures.process import _RemoteTraceback
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, TypeVar
 
 from . import _process, _signals, _threads
 from ._durations import MAX_WAIT, Duration, to_bytes, to_count, to_seconds, wait_step
-from ._process import (
+from ._protocol import (
+    BUDGET,
+    DEADLINE,
     ERROR,
     EXIT,
+    EXIT_REASONS,
+    IDLE,
     INIT_FAILED,
     INITIALIZER,
     LEAVING,
+    MEMORY,
     READY,
     RESULT,
+    SHUTDOWN,
     STARTED,
     STATUS,
     TASKS,
     TASKS_META,
     TO_WORKER,
     Message,
+    MessageReader,
+    PartialChunk,
+    dump_call,
+    load_outcome,
 )
 from ._worker import (
-    BUDGET,
-    DEADLINE,
-    EXIT_REASONS,
-    IDLE,
-    MEMORY,
-    SHUTDOWN,
-    PartialChunk,
     WorkerConfig,
     WorkerLimits,
-    dump_call,
     dump_config,
     init_message,
     run_chunk,
     run_chunk_single,
 )
 from .errors import (
-    ArgumentUnpicklingError,
     ForkServerError,
     PoolShutDownError,
     PoolTerminatedError,
     ResultTimeoutError,
-    ResultUnpicklingError,
     TaskKilledError,
     TaskTimeoutError,
     UsedAfterForkError,
@@ -660,7 +658,7 @@ class _Worker:
         self.pid = pid
         self.sock = sock
         self.status_fd = status_fd
-        self.reader = _process.MessageReader()
+        self.reader = MessageReader()
         self.outbuf: deque[memoryview] = deque()
         #: Tasks sent and not answered, in the order sent (so the first is
         #: the one running).
@@ -687,40 +685,6 @@ class _Worker:
     @property
     def ended(self) -> bool:
         return self.status_done and (self.sock_done or self.status is not None)
-
-
-def _remote_traceback(text: str) -> BaseException:
-    """The worker's traceback, as ``ProcessPoolExecutor`` attaches it (``__cause__``)."""
-    return _RemoteTraceback(f'\n"""\n{text}"""')  # type: ignore[arg-type]
-
-
-def _load_outcome(ok: bool, data: bytes | bytearray) -> tuple[bool, Any]:
-    """Turn `run_task`'s reply into ``(ok, result or exception)``, in the parent."""
-    try:
-        loaded = pickle.loads(data)
-    except BaseException as unpickling_error:
-        what = "result" if ok else "exception"
-        result_failure = ResultUnpicklingError(
-            f"the task ran, but its {what} failed to unpickle in the parent process: "
-            f"{type(unpickling_error).__name__}: {unpickling_error}"
-        )
-        # Its traceback as text: the frames themselves would pin the pool's
-        # I/O thread's locals until a garbage collection.
-        text = "".join(traceback.format_exception(unpickling_error))
-        result_failure.__cause__ = _remote_traceback(text)
-        return False, result_failure
-    if ok:
-        return True, loaded
-    kind, error, text = loaded
-    if kind == "arguments":
-        argument_failure = ArgumentUnpicklingError(
-            "the task's function or arguments failed to unpickle in the worker process: "
-            f"{type(error).__name__}: {error}"
-        )
-        argument_failure.__cause__ = _remote_traceback(text)
-        return False, argument_failure
-    error.__cause__ = _remote_traceback(text)
-    return False, error
 
 
 _SUBMITTED, _COMPLETED, _FAILED, _CANCELLED = range(4)
@@ -2250,7 +2214,7 @@ class BaseWorkerPool(WorkerPool):
             budget_changed = self._take_messages(messages, ended, results, failures)
         finally:
             # (Whatever happened: the tasks taken out of _outstanding settle.)
-            done = [(future, *_load_outcome(ok, body)) for future, ok, body in results]
+            done = [(future, *load_outcome(ok, body)) for future, ok, body in results]
             done.extend(failures)
             try:
                 if self._places_to_return:
@@ -2726,7 +2690,7 @@ def _map_results(
                 # A call failed part-way: the results before it go out
                 # first, as they would with one task per call.
                 if isinstance(results, PartialChunk):
-                    failure = _load_outcome(False, results.error)[1]
+                    failure = load_outcome(False, results.error)[1]
                     results = results.results
                 elif isinstance(results, tuple):
                     results, failure = results

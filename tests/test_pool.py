@@ -35,7 +35,8 @@ from pool_manager import (
     WorkerLostError,
     WorkerPoolBrokenError,
 )
-from pool_manager._worker import PartialChunk, run_chunk, run_chunk_single
+from pool_manager._protocol import PartialChunk
+from pool_manager._worker import run_chunk, run_chunk_single
 
 from .helpers import (
     add,

@@ -1,0 +1,424 @@
+"""The wire protocol: every byte format and every code that crosses a process boundary.
+
+Three processes talk (see ``_process.py`` for who starts whom): the *parent*
+(a pool's process), the *fork server*, and each *worker*. This module says
+what the bytes between them mean, for both sides: ``pool.py`` and
+``_process.py`` in the parent, ``_process.py`` and ``_worker.py`` in the fork
+server and its workers. It imports nothing of the package at its top (the
+parent's `load_outcome` imports two errors when it needs them), so that any
+module may import it, and the fork server loads little at boot.
+
+Parent ↔ worker: one Unix stream socket per worker
+    Each message is a fixed header and a body. Parent to worker:
+    `TO_WORKER` (body length, kind), kinds `INIT`, `TASKS`, `EXIT`. Worker
+    to parent: `TO_PARENT` (body length, kind, reason, task id, value),
+    kinds `RESULT`, `ERROR`, `LEAVING`, `STARTED`, `INIT_FAILED`, `READY`,
+    read by `MessageReader` into `Message` records (whose docstring says
+    what each field means for each kind). A worker reads ``INIT`` (the body:
+    `INIT_META`, then the parent's state and the pool's configuration), says
+    ``READY`` (or ``INIT_FAILED``), then reads ``TASKS`` (the body:
+    `TASKS_META`, then the tasks) until ``EXIT``. Tasks travel in batches
+    (one message, many tasks) when they queue up; results travel one
+    message per task, so a worker that dies has reported every task it
+    finished.
+
+Parent ↔ fork server: a control socket, and one status pipe per worker
+    The server writes `SERVER_READY` once it has booted. To start a worker
+    the parent sends `FORK_REQUEST` with two descriptors (the worker's end
+    of its socket, the write end of its status pipe); the server answers
+    `WORKER_PID`. When it has reaped the worker it writes its exit status
+    (`STATUS`) to the status pipe and closes it; a worker that ended itself
+    exits with one of the ``*_EXIT_CODE`` statuses below.
+
+The task envelope
+    A task crosses as ``(task id, timeout, payload)``: the payload is the
+    pickled ``(fn, args, kwargs)`` (`dump_call`, in the parent), loaded
+    *inside* the task in the worker, so an argument that fails to unpickle
+    fails that task alone. Its outcome comes back as a ``RESULT`` (the
+    pickled result: `dump_result`) or an ``ERROR`` (the pickled ``(kind,
+    exception, traceback text)``: `dump_error`), and the parent loads it
+    per task (`load_outcome`), for the same reason. A ``map`` chunk that
+    fails part-way returns a `PartialChunk`.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import socket
+import struct
+import traceback
+import types
+from collections import ChainMap
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+__all__ = [
+    "BUDGET",
+    "DEADLINE",
+    "ERROR",
+    "EXIT",
+    "EXIT_REASONS",
+    "FORK_REQUEST",
+    "IDLE",
+    "INIT",
+    "INITIALIZER",
+    "INIT_FAILED",
+    "INIT_FAILED_EXIT_CODE",
+    "INIT_META",
+    "LEAVING",
+    "MEMORY",
+    "NO_REASON",
+    "ORPHAN_EXIT_CODE",
+    "READY",
+    "RECYCLED_MEMORY",
+    "RECYCLED_TASKS",
+    "RESULT",
+    "SERVER_READY",
+    "SETUP",
+    "SHUTDOWN",
+    "STARTED",
+    "STATUS",
+    "TASKS",
+    "TASKS_META",
+    "TO_PARENT",
+    "TO_WORKER",
+    "UNREACHABLE_EXIT_CODE",
+    "WORKER_PID",
+    "Message",
+    "MessageReader",
+    "PartialChunk",
+    "dump_call",
+    "dump_error",
+    "dump_result",
+    "dumps",
+    "load_outcome",
+]
+
+# -- parent → worker -----------------------------------------------------------
+
+#: Parent → worker header: body length, kind.
+TO_WORKER = struct.Struct("<QB")
+#: Kinds, parent → worker: set yourself up (the body: see `INIT_META`); run
+#: these tasks (the body: see `TASKS_META`); leave once the tasks you hold
+#: have run (no body: why is the pool's to remember, see the reasons below).
+INIT, TASKS, EXIT = 1, 2, 3
+
+#: An ``INIT`` body: the length of the pickled parent state (its working
+#: directory and environment as of this worker's start: ``_worker.ParentState``),
+#: that state, then the pool's cloudpickled configuration
+#: (``_worker.WorkerConfig``: limits, initializer).
+INIT_META = struct.Struct("<I")
+
+#: A ``TASKS`` body: the length of a pickled list of (task id, timeout,
+#: payload length), that list, then the payloads one after another (so a
+#: large argument is sent from the bytes it was pickled into, not copied).
+#: A payload is a pickled call (`dump_call`); a timeout is in seconds, or None.
+TASKS_META = struct.Struct("<I")
+
+# -- worker → parent -----------------------------------------------------------
+
+#: Worker → parent header: body length, kind, reason, task id, value.
+TO_PARENT = struct.Struct("<QBBqd")
+#: Kinds, worker → parent (what their fields hold: see `Message`).
+RESULT, ERROR, LEAVING, STARTED, INIT_FAILED, READY = 1, 2, 3, 4, 5, 6
+
+#: ``INIT_FAILED`` reasons: applying ``INIT`` failed (the directory, the
+#: environment, unpickling the initializer or its arguments); the
+#: initializer raised.
+SETUP, INITIALIZER = 1, 2
+
+#: Why a worker ended. Only the ``RECYCLED_*`` reasons travel (a worker's
+#: ``LEAVING``: it did its share after a task); the pool keeps the others
+#: itself, for the worker it ended (``DEADLINE``: a task ran past its
+#: timeout; ``MEMORY``: past ``kill_worker_memory``) or told to leave with
+#: ``EXIT`` (``IDLE``: past ``idle_timeout``; ``BUDGET``: the caps across
+#: keys took its place; ``SHUTDOWN``: the pool shuts down).
+NO_REASON, DEADLINE, MEMORY, RECYCLED_TASKS, RECYCLED_MEMORY, IDLE, BUDGET, SHUTDOWN = range(8)
+
+#: How the parent words a clean exit's reason (its worker events, its stats).
+EXIT_REASONS = {
+    RECYCLED_TASKS: "max_tasks_per_worker",
+    RECYCLED_MEMORY: "max_worker_memory",
+    IDLE: "idle_timeout",
+    BUDGET: "max_total_workers",
+}
+
+
+class Message(NamedTuple):
+    """A message from a worker (a `TO_PARENT` header and its body), as `MessageReader` reads it.
+
+    What ``reason``, ``task_id``, ``value`` and ``body`` hold depends on
+    ``kind`` (a field a kind does not use is 0, or empty):
+
+    - ``RESULT``: the task ``task_id`` returned; ``value``: its run time in
+      the worker (seconds); ``body``: the pickled result (`dump_result`).
+    - ``ERROR``: the task ``task_id`` failed (it raised, its call failed to
+      unpickle, or its result failed to pickle); ``value``: its run time;
+      ``body``: the pickled ``(kind, exception, traceback text)`` (`dump_error`).
+    - ``LEAVING``: the worker leaves after the task it just answered;
+      ``reason``: ``RECYCLED_TASKS`` (``value``: the tasks it ran) or
+      ``RECYCLED_MEMORY`` (``value``: its resident memory, in bytes).
+    - ``STARTED``: the task ``task_id``, which has a deadline, starts now;
+      ``value``: its timeout in seconds (the pool's clock for it starts
+      when it reads this).
+    - ``INIT_FAILED``: the worker could not set itself up; ``reason``:
+      ``SETUP`` or ``INITIALIZER``; ``body``: the traceback, UTF-8 text. It
+      exits with ``INIT_FAILED_EXIT_CODE``.
+    - ``READY``: the worker has set itself up (its initializer has run) and
+      takes tasks.
+    """
+
+    kind: int
+    reason: int
+    task_id: int
+    value: float
+    body: bytes | bytearray
+
+
+#: Bodies at least this large are read straight into a buffer of their size.
+_LARGE_BODY = 1 << 16
+_CHUNK = 1 << 18
+# (The I/O thread builds a Message per message: tuple.__new__ takes about 60%
+# of the time Message(...) does, which goes through a Python-level __new__.)
+_new_message = tuple.__new__
+
+
+class MessageReader:
+    """Reads `TO_PARENT` messages from one worker's non-blocking socket."""
+
+    __slots__ = ("_body", "_filled", "_head", "_buffer")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._body: bytearray | None = None  # a large body being read in place
+        self._filled = 0
+        self._head: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+
+    @property
+    def partial(self) -> bool:
+        """A message has begun to arrive, and not all of it has."""
+        return self._body is not None or bool(self._buffer)
+
+    def read(self, sock: socket.socket, out: list[Message], drain: bool = False) -> bool:
+        """Read what is there (``drain``: until none is left); False at end of stream."""
+        while True:
+            body = self._body
+            try:
+                if body is not None:
+                    with memoryview(body) as view:
+                        count = sock.recv_into(view[self._filled :])
+                    if count:
+                        self._filled += count
+                        if self._filled == len(body):
+                            out.append(Message(*self._head, body))
+                            self._body = None
+                        continue
+                    return False
+                data = sock.recv(_CHUNK)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            self._buffer += data
+            self._parse(out)
+            if len(data) < _CHUNK and not drain:
+                return True
+
+    def _parse(self, out: list[Message]) -> None:
+        buffer = self._buffer
+        size = TO_PARENT.size
+        offset = 0
+        while len(buffer) - offset >= size:
+            length, kind, reason, task_id, value = TO_PARENT.unpack_from(buffer, offset)
+            start = offset + size
+            end = start + length
+            if len(buffer) < end:
+                if length >= _LARGE_BODY:
+                    # Read the rest straight into a buffer of its own.
+                    body = bytearray(length)
+                    have = len(buffer) - start
+                    body[:have] = buffer[start:]
+                    self._body, self._filled = body, have
+                    self._head = (kind, reason, task_id, value)
+                    offset = len(buffer)
+                break
+            out.append(
+                _new_message(Message, (kind, reason, task_id, value, bytes(buffer[start:end])))
+            )
+            offset = end
+        if offset:
+            del buffer[:offset]
+
+
+# -- parent ↔ fork server --------------------------------------------------------
+
+#: The fork server's first byte to the parent: booted, ready to fork.
+SERVER_READY = b"R"
+#: The parent's request to fork a worker: this byte, with two descriptors
+#: (``SCM_RIGHTS``): the worker's end of its socket, the write end of its
+#: status pipe. A request without them (or the control socket's end) tells
+#: the server to end its workers and exit.
+FORK_REQUEST = b"F"
+#: The server's answer to a ``FORK_REQUEST``: the worker's pid, or minus the
+#: ``errno`` of a fork that failed.
+WORKER_PID = struct.Struct("<q")
+#: An exit status, as the fork server writes it to a status pipe once it has
+#: reaped the worker (as ``Popen.returncode`` words it: negative for a signal).
+STATUS = struct.Struct("<i")
+
+#: Exit statuses of a worker that ended itself, besides 0 (it left: after
+#: ``EXIT`` or ``LEAVING``, or at its socket's end) and 1 (an error: its
+#: socket broke as it wrote, the pool's process gone, or a bug): its parent
+#: (the fork server) died; it could not set itself up (or its initializer
+#: raised: after ``INIT_FAILED``); its loop returned or raised past its last
+#: guard, which it never should.
+ORPHAN_EXIT_CODE = 75
+INIT_FAILED_EXIT_CODE = 78
+UNREACHABLE_EXIT_CODE = 70
+
+# -- the task envelope -----------------------------------------------------------
+
+
+def _reduce_method(method: types.MethodType) -> tuple[Any, tuple[Any, str]]:
+    # By reference, as the standard pickle does: cloudpickle would copy the
+    # function by value and lose its source file (and a traceback's lines).
+    return getattr, (method.__self__, method.__func__.__name__)
+
+
+class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+    dispatch_table = ChainMap(
+        {types.MethodType: _reduce_method}, cloudpickle.CloudPickler.dispatch_table
+    )
+
+
+def dumps(obj: object) -> bytes:
+    """cloudpickle (lambdas, closures, ``__main__``'s functions go by value)."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+#: Arguments the standard pickle sends exactly as cloudpickle would.
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+_BY_VALUE_MODULES: Any = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
+
+
+def _plain_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """A call the standard pickle sends as cloudpickle would: a function found
+    by its module and name (not ``__main__``'s, not a lambda or closure, not
+    from a module registered to go by value), and arguments of plain types."""
+    if type(fn) is types.FunctionType:
+        module = fn.__module__
+        if module in (None, "__main__") or "<" in fn.__qualname__ or module in _BY_VALUE_MODULES:
+            return False
+    elif type(fn) is not types.BuiltinFunctionType:
+        return False
+    plain = _PLAIN_TYPES
+    return all(type(arg) in plain for arg in args) and all(
+        type(value) in plain for value in kwargs.values()
+    )
+
+
+def dump_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """(Parent side) pickle a call, a task's payload; raises if it cannot be pickled.
+
+    The worker loads it with ``cloudpickle.loads`` (``_worker.run_task``).
+    A plain call (see `_plain_call`) goes by the standard pickle, four times
+    faster than cloudpickle, with the same bytes' meaning.
+    """
+    if _plain_call(fn, args, kwargs):
+        try:
+            return pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pass  # (cloudpickle says why, below)
+    return dumps((fn, args, kwargs))
+
+
+def dump_result(obj: object) -> bytes:
+    """(Worker side) pickle a task's result, a ``RESULT`` body: the standard
+    pickle first (fast), cloudpickle if it must."""
+    try:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return dumps(obj)
+
+
+def dump_error(
+    error: BaseException, *, unpickling_arguments: bool = False, pickling_result: bool = False
+) -> bytes:
+    """(Worker side) pickle a task's failure, an ``ERROR`` body: ``(kind, error,
+    traceback text)``, ``kind`` one of ``"arguments"`` (the call failed to
+    unpickle), ``"result"`` (the result failed to pickle), ``"raised"``. An
+    exception that cannot be pickled becomes a ``RuntimeError`` that describes it.
+    """
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    kind = "arguments" if unpickling_arguments else "result" if pickling_result else "raised"
+    try:
+        return dumps((kind, error, text))
+    except BaseException as pickling_error:
+        description = (
+            f"{type(error).__qualname__}: {error} (the exception itself could not be "
+            f"pickled: {pickling_error!r})"
+        )
+        return dumps((kind, RuntimeError(description), text))
+
+
+class PartialChunk(NamedTuple):
+    """A ``map`` chunk that failed part-way through (see ``_worker.run_chunk``):
+    the result of a task that ran one."""
+
+    results: list[Any]  #: of the calls before the failing one, in order
+    error: bytes  #: the failing call's exception, pickled as a failed task's (`dump_error`)
+
+
+def _remote_traceback(text: str) -> BaseException:
+    """The worker's traceback, as ``ProcessPoolExecutor`` attaches it (``__cause__``)."""
+    # (Imported here, as the errors below: the parent alone decodes outcomes,
+    # and the fork server, which imports this module, need not load them.)
+    from concurrent.futures.process import _RemoteTraceback
+
+    return _RemoteTraceback(f'\n"""\n{text}"""')  # type: ignore[arg-type]
+
+
+def load_outcome(ok: bool, data: bytes | bytearray) -> tuple[bool, Any]:
+    """(Parent side) a ``RESULT`` (``ok``) or ``ERROR`` body as ``(ok, result or exception)``.
+
+    The exception has the worker's traceback as its ``__cause__``; one that
+    could not be loaded becomes `ResultUnpicklingError`, a call that could not
+    be loaded in the worker `ArgumentUnpicklingError`.
+    """
+    try:
+        loaded = pickle.loads(data)
+    except BaseException as unpickling_error:
+        from .errors import ResultUnpicklingError
+
+        what = "result" if ok else "exception"
+        result_failure = ResultUnpicklingError(
+            f"the task ran, but its {what} failed to unpickle in the parent process: "
+            f"{type(unpickling_error).__name__}: {unpickling_error}"
+        )
+        # Its traceback as text: the frames themselves would pin the pool's
+        # I/O thread's locals until a garbage collection.
+        text = "".join(traceback.format_exception(unpickling_error))
+        result_failure.__cause__ = _remote_traceback(text)
+        return False, result_failure
+    if ok:
+        return True, loaded
+    kind, error, text = loaded
+    if kind == "arguments":
+        from .errors import ArgumentUnpicklingError
+
+        argument_failure = ArgumentUnpicklingError(
+            "the task's function or arguments failed to unpickle in the worker process: "
+            f"{type(error).__name__}: {error}"
+        )
+        argument_failure.__cause__ = _remote_traceback(text)
+        return False, argument_failure
+    error.__cause__ = _remote_traceback(text)
+    return False, error
