@@ -27,6 +27,10 @@ How a task and a pool's life flow through the parts::
   each deadline, and when a lease is released or a pool goes idle.
 - ``pool.py``: ``WorkerPool`` (what the manager needs) and ``BaseWorkerPool``
   (its workers, dispatch, backpressure, futures, crash isolation).
+- ``_map.py``: ``map`` for every pool (ordered, chunked, lazy where it must
+  be), shared by ``BaseWorkerPool`` and the Dask pool.
+- ``_compat.py``: what ``ProcessPoolExecutor`` code expects beyond
+  ``Executor`` (``mp_context``, the ``_processes`` view of the workers).
 - ``_process.py``: the fork server that starts workers.
 - ``_worker.py``: what runs in a worker (its loop, the watchdog that ends it
   with the fork server), and how a pool sets a worker up (``INIT``).

@@ -54,6 +54,7 @@ __all__ = [
     "ForkServerGone",
     "acquire_server",
     "cpu_count",
+    "kill_worker",
     "release_server",
     "signals_blocked",
 ]
@@ -528,7 +529,7 @@ def serve(control_fd: int, stderr_fd: int = -1) -> None:
                 if pid == 0:
                     try:
                         # Its own process group: what its tasks start can be
-                        # ended with it (see _end_group).
+                        # ended with it (see kill_worker).
                         with contextlib.suppress(OSError):
                             os.setpgid(0, 0)
                         signal.set_wakeup_fd(-1)
@@ -546,7 +547,7 @@ def serve(control_fd: int, stderr_fd: int = -1) -> None:
                 control.sendall(WORKER_PID.pack(pid))
     finally:
         for pid in children:
-            _end_group(pid)
+            kill_worker(pid)
         for pid, status_fd in list(children.items()):
             with contextlib.suppress(ChildProcessError):
                 _, status = os.waitpid(pid, 0)
@@ -571,14 +572,18 @@ def _reap(children: dict[int, int]) -> None:
                 # Killed (timeout, kill_task, terminate, memory) or failed: the
                 # processes its task started go with it. A clean exit leaves
                 # them, as ProcessPoolExecutor does.
-                _end_group(pid)
+                kill_worker(pid)
             with contextlib.suppress(OSError):
                 os.write(status_fd, STATUS.pack(code))
             os.close(status_fd)
 
 
-def _end_group(pid: int) -> None:
-    """SIGKILL worker ``pid``'s process group (the worker, and what its tasks started)."""
+def kill_worker(pid: int) -> None:
+    """SIGKILL worker ``pid``'s process group (the worker, and what its tasks started).
+
+    (Each worker leads a group of its own: see the fork server.) Used by the
+    fork server and by pools alike.
+    """
     try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:

@@ -66,8 +66,9 @@ except ImportError as error:
 
 from . import _threads
 from ._durations import to_count
+from ._map import OpenMaps, map_lazily
 from .errors import PoolShutDownError, PoolTerminatedError, WorkerLostError
-from .pool import OpenMaps, TaskCounts, WorkerPool, map_lazily, wait_for_room
+from .pool import TaskCounts, WorkerPool, wait_for_room
 
 __all__ = ["DaskPoolFactory", "DaskWorkerPool"]
 

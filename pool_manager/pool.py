@@ -39,7 +39,6 @@ pool can take fail with `WorkerStartError`.
 from __future__ import annotations
 
 import abc
-import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -50,7 +49,6 @@ import multiprocessing
 import os
 import pickle
 import selectors
-import signal
 import socket
 import threading
 import time
@@ -58,12 +56,13 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from concurrent.futures import Executor, Future
-from concurrent.futures import TimeoutError as FuturesTimeoutError
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, TypeVar
 
 from . import _process, _signals, _threads
-from ._durations import MAX_WAIT, Duration, to_bytes, to_count, to_seconds, wait_step
+from ._compat import ProcessView, resolve_start_method
+from ._durations import Duration, to_bytes, to_count, to_seconds, wait_step
+from ._map import OpenMaps, known_length, map_lazily
 from ._protocol import (
     BUDGET,
     DEADLINE,
@@ -85,7 +84,6 @@ from ._protocol import (
     TO_WORKER,
     Message,
     MessageReader,
-    PartialChunk,
     dump_call,
     load_outcome,
 )
@@ -128,9 +126,6 @@ logger = logging.getLogger("pool_manager")
 #: submit starts it again. ``None`` keeps workers until the pool is disposed.
 DEFAULT_IDLE_TIMEOUT: float = 300.0
 
-#: The start methods ``mp_context`` may name (for ``ProcessPoolExecutor``
-#: compatibility): every worker starts from the fork server whatever is named.
-START_METHODS = ("fork", "forkserver", "spawn", "loky", "loky_init_main")
 
 #: Dispatch: tasks sent to a worker ahead of the one it runs cover about this
 #: many seconds of work (by the pool's measured task time) ...
@@ -169,12 +164,6 @@ START_RETRY_WINDOW = 10.0
 _TRANSIENT_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOBUFS}
 )
-
-#: ``map`` with no chunk size: a sized input is cut in about this many
-#: chunks per worker; an unsized one in chunks of about this many seconds.
-CHUNKS_PER_WORKER = 16
-TARGET_CHUNK_SECONDS = 0.01
-MAX_CHUNK = 65536
 
 
 class WorkerPool(Executor, abc.ABC):
@@ -237,7 +226,7 @@ class WorkerPool(Executor, abc.ABC):
             return start()
         from .progress import with_progress
 
-        return with_progress(start, progress, self.name, _known_length(iterables), "item")
+        return with_progress(start, progress, self.name, known_length(iterables), "item")
 
     @property
     @abc.abstractmethod
@@ -732,67 +721,6 @@ def _megabytes(size: float) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
-    """``future``'s result by ``end_time``; cancels it if that fails.
-
-    Raises `ResultTimeoutError` (both ``TimeoutError`` classes, on 3.10 too)
-    when ``end_time`` passes first.
-    """
-    try:
-        if end_time is None:
-            return future.result()
-        try:
-            # (In steps: a wait of centuries overflows Condition.wait.)
-            while end_time - time.monotonic() > MAX_WAIT:
-                with contextlib.suppress(FuturesTimeoutError):
-                    return future.result(MAX_WAIT)
-            return future.result(end_time - time.monotonic())
-        except concurrent.futures.TimeoutError as error:
-            if future.done() and not future.cancelled() and future.exception() is error:
-                raise  # the task's own exception, not the wait's
-            raise ResultTimeoutError(
-                "map: a result was not ready within its timeout; the tasks not started "
-                "were cancelled"
-            ) from None
-    finally:
-        future.cancel()
-
-
-def _resolve_start_method(mp_context: object) -> str | None:
-    """Check a ``ProcessPoolExecutor``-style ``mp_context``; returns its start method."""
-    if mp_context is None:
-        return None
-    if isinstance(mp_context, str):
-        method = mp_context
-    else:
-        get_start_method = getattr(mp_context, "get_start_method", None)
-        if not callable(get_start_method):
-            raise TypeError(
-                "mp_context must be None, a start method name or a multiprocessing "
-                f"context, not {type(mp_context).__name__}"
-            )
-        method = get_start_method()
-    if method not in START_METHODS:
-        raise ValueError(
-            f"mp_context start method {method!r} is not supported; use one of "
-            f"{', '.join(START_METHODS)} (workers always start from the fork server)"
-        )
-    return str(method)
-
-
-def _known_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
-    """How many calls ``map`` makes, if every iterable knows its length."""
-    lengths = []
-    for iterable in iterables:
-        if not isinstance(iterable, Sized):
-            return None
-        try:
-            lengths.append(len(iterable))
-        except TypeError:
-            return None
-    return min(lengths) if lengths else 0
-
-
 def _task_kind(fn: Callable[..., Any], args: tuple[Any, ...]) -> object:
     """Tasks of one kind take about as long: the same code (for ``map``'s
     chunks, the code mapped)."""
@@ -814,15 +742,6 @@ def _grant_places(pools: list[BaseWorkerPool]) -> None:
     """Tell each pool handed a place under ``max_busy_workers`` (no lock held)."""
     for pool in pools:
         pool._place_granted()
-
-
-def _kill(pid: int) -> None:
-    """SIGKILL worker ``pid`` and its process group (what its task started)."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:  # (not a group leader yet, or gone)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _worker_env(env: object) -> dict[bytes, bytes] | None:
@@ -996,7 +915,7 @@ class BaseWorkerPool(WorkerPool):
         self._max_size: int = size
         self._max_pending = max_pending
         self._idle_timeout = to_seconds("idle_timeout", idle_timeout, allow_none=True)
-        self._start_method = _resolve_start_method(mp_context)
+        self._start_method = resolve_start_method(mp_context)
         config = WorkerConfig(
             self._limits,
             initializer,
@@ -1233,11 +1152,11 @@ class BaseWorkerPool(WorkerPool):
         return self._max_size
 
     @property
-    def _processes(self) -> dict[int, _ProcessView]:
+    def _processes(self) -> dict[int, ProcessView]:
         """The workers that take tasks, by pid (as ``ProcessPoolExecutor._processes``)."""
         with self._lock:
             return {
-                pid: _ProcessView(worker)
+                pid: ProcessView(worker)
                 for pid, worker in self._workers.items()
                 if worker.leaving is None
             }
@@ -1374,7 +1293,7 @@ class BaseWorkerPool(WorkerPool):
                     if worker.assigned[0] is future:
                         # It is running (or about to): end its worker.
                         self._kills[worker.pid] = future.task_id
-                        _kill(worker.pid)
+                        _process.kill_worker(worker.pid)
                         return True
                     break
             # Sent to a worker behind another task, where it can no longer be
@@ -1405,7 +1324,7 @@ class BaseWorkerPool(WorkerPool):
         for future in pending:
             future.cancel()
         for pid in pids:
-            _kill(pid)
+            _process.kill_worker(pid)
         self.dispose(wait=True)
 
     def map(
@@ -1787,7 +1706,7 @@ class BaseWorkerPool(WorkerPool):
                     thread.start()
             except RuntimeError as error:  # no thread to serve it: the worker goes
                 self._remains.io = None
-                _kill(pid)
+                _process.kill_worker(pid)
                 sock.close()
                 os.close(status_fd)
                 io.close()
@@ -2011,7 +1930,7 @@ class BaseWorkerPool(WorkerPool):
         failures: list[tuple[_TaskFuture, bool | None, Any]] = []
         with self._lock:
             for worker in self._workers.values():
-                _kill(worker.pid)
+                _process.kill_worker(worker.pid)
                 self._forget_worker(worker, selector)
                 self._worker_events.append(("worker_lost", worker.pid, "the I/O thread failed"))
             self._workers.clear()
@@ -2171,7 +2090,7 @@ class BaseWorkerPool(WorkerPool):
         the size reached)."""
         worker.dying = (reason, task_id, detail)
         worker.deadline = None
-        _kill(worker.pid)
+        _process.kill_worker(worker.pid)
 
     def _memory_check_due(self, timeout: float | None) -> tuple[list[_Worker] | None, float | None]:
         """(Holds _lock) The workers to measure against ``kill_worker_memory`` now
@@ -2491,229 +2410,3 @@ class BaseWorkerPool(WorkerPool):
             f"<{type(self).__name__} {state} workers={self.worker_count}/{self._max_size} "
             f"unfinished={self.unfinished_tasks}>"
         )
-
-
-class _ProcessView:
-    """A worker seen as a ``multiprocessing.Process`` (pid, is_alive, join, terminate)."""
-
-    def __init__(self, worker: _Worker) -> None:
-        self._worker = worker
-        self.pid = worker.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._worker.status if self._worker.ended else None
-
-    def is_alive(self) -> bool:
-        return not self._worker.ended
-
-    def join(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._worker.ended and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.005)
-
-    def terminate(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-
-    def kill(self) -> None:
-        _kill(self.pid)
-
-
-class _MapHold:
-    """Held by a lazy ``map`` iterator while it is unfinished (see `OpenMaps`)."""
-
-    __slots__ = ("__weakref__",)
-
-
-class OpenMaps:
-    """A pool's lazy ``map`` iterators that are not exhausted, closed or collected.
-
-    Each iterator holds a `_MapHold` until it ends (its generator drops it on
-    exhaustion, on error and on ``close()``; an iterator never started drops
-    it when collected). The set is weak and takes no lock, so an iterator
-    collected on any thread, under any lock, costs nothing but its removal.
-    """
-
-    def __init__(self) -> None:
-        self._holds: weakref.WeakSet[_MapHold] = weakref.WeakSet()
-
-    def __len__(self) -> int:
-        return len(self._holds)
-
-    def hold(self) -> _MapHold:
-        hold = _MapHold()
-        self._holds.add(hold)
-        return hold
-
-
-class _ChunkSizer:
-    """``map``'s chunk size: fixed, cut from a known length, or measured as it goes."""
-
-    def __init__(
-        self,
-        chunksize: int | None,
-        length: int | None,
-        workers: int,
-        target: float = TARGET_CHUNK_SECONDS,
-    ) -> None:
-        self.fixed = chunksize
-        self._target = target  # seconds of calls in a measured chunk
-        if chunksize is None and length is not None:
-            self.fixed = max(1, min(MAX_CHUNK, -(-length // (workers * CHUNKS_PER_WORKER))))
-        self._size = 1
-        self._per_call: float | None = None
-
-    def next_size(self) -> int:
-        if self.fixed is not None:
-            return self.fixed
-        size = self._size
-        if self._per_call is None:
-            self._size = min(MAX_CHUNK, size * 2)  # ramp up until the first measure
-        return size
-
-    def observe(self, calls: int, run_time: float | None) -> None:
-        if self.fixed is not None or not calls or run_time is None:
-            return
-        self._per_call = run_time / calls
-        self._size = max(1, min(MAX_CHUNK, int(self._target / max(self._per_call, 1e-7))))
-
-
-def map_lazily(
-    fn: Callable[..., T],
-    iterables: tuple[Iterable[Any], ...],
-    *,
-    submit: Callable[[float | None, Callable[..., Any], tuple[Any, ...]], Future[Any]],
-    submit_chunk: Callable[[float | None, list[Any]], Future[list[Any] | PartialChunk]],
-    timeout: float | None,
-    chunksize: int | None,
-    workers: int,
-    window: int | None,
-    progress: bool | str,
-    name: str | None,
-    target_chunk_seconds: float = TARGET_CHUNK_SECONDS,
-    open_maps: OpenMaps | None = None,
-) -> Iterator[T]:
-    """The ordered, chunked map that `BaseWorkerPool.map` and other pools share.
-
-    ``submit(deadline, fn, args)`` sends one call; ``submit_chunk(deadline,
-    chunk)`` sends a list of argument items (a tuple each when there is more
-    than one iterable) and its future's result is the list of results, or a
-    `PartialChunk` when a call failed after others had returned (or a
-    ``(results, exception)`` tuple, from a runner that does without
-    pool_manager: the Dask pool's): those results are yielded, then the
-    error raised (as with one task per call). Under
-    backpressure both wait for room until ``deadline`` (``time.monotonic()``
-    time ``timeout`` after the call; None: no limit), then raise
-    ``TimeoutError``: the map raises it, and cancels what it submitted. With no
-    ``chunksize``, an input with a length is cut into about
-    ``CHUNKS_PER_WORKER`` chunks per worker and submitted at once; an input
-    without one is read ``window`` tasks ahead (``max(8, 4 * workers)`` when
-    ``window`` is None) in chunks sized by the measured time of each call.
-    A ``window`` also bounds an input with a length (backpressure).
-    Measured chunks hold about ``target_chunk_seconds`` of calls.
-    ``progress``/``name``: see `BaseWorkerPool.map`. The iterator is in
-    ``open_maps`` until it is exhausted, closed or collected.
-    """
-    if chunksize is not None:
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-            raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-    end_time = None if timeout is None else timeout + time.monotonic()
-    length = _known_length(iterables)
-
-    def start() -> Iterator[T]:
-        single = len(iterables) == 1
-        calls: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables)
-        ahead = max(8, 4 * workers) if window is None and length is None else window
-        sizer = _ChunkSizer(chunksize, length, workers, target_chunk_seconds)
-        if sizer.fixed == 1:
-            if single:
-                tasks: Iterator[Future[Any]] = (submit(end_time, fn, (arg,)) for arg in calls)
-            else:
-                tasks = (submit(end_time, fn, args) for args in calls)
-            chunked = False
-        else:
-
-            def chunk_tasks() -> Iterator[Future[Any]]:
-                while True:
-                    chunk = list(itertools.islice(calls, sizer.next_size()))
-                    if not chunk:
-                        return
-                    yield submit_chunk(end_time, chunk)
-
-            tasks = chunk_tasks()
-            chunked = True
-        submitted: deque[Future[Any]] = deque()
-        # Held from before the first submission: the pool is never idle in between.
-        hold = None if open_maps is None else open_maps.hold()
-        try:
-            submitted.extend(itertools.islice(tasks, ahead))
-        except BaseException:  # the pool stayed full to the deadline, or shut down
-            for future in submitted:
-                future.cancel()
-            hold = None  # (the traceback keeps this frame)
-            raise
-        return _map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer, hold=hold)
-
-    if not progress:
-        return start()
-    from .progress import with_progress
-
-    return with_progress(start, progress, name, length, "item")
-
-
-def _map_results(
-    submitted: deque[Future[Any]],
-    tasks: Iterator[Future[Any]],
-    end_time: float | None,
-    *,
-    chunked: bool,
-    sizer: _ChunkSizer,
-    hold: _MapHold | None,
-) -> Iterator[Any]:
-    # A generator of its own, so that map_lazily submits its first window
-    # now. It keeps no reference to a result it has handed out (nor to its
-    # future), as Executor.map does: results go out by list.pop().
-    unsubmitted: BaseException | None = None  # why the rest of the input was not sent
-    try:
-        while submitted:
-            future = submitted.popleft()
-            results = _result_or_cancel(future, end_time)
-            failure: BaseException | None = None
-            if not chunked:
-                results = [results]
-            else:
-                # A call failed part-way: the results before it go out
-                # first, as they would with one task per call.
-                if isinstance(results, PartialChunk):
-                    failure = load_outcome(False, results.error)[1]
-                    results = results.results
-                elif isinstance(results, tuple):
-                    results, failure = results
-                sizer.observe(len(results), getattr(future, "run_time", None))
-            del future
-            # Keep the pool fed before handing the result out.
-            if unsubmitted is None and failure is None:
-                try:
-                    submitted.extend(itertools.islice(tasks, 1))
-                except ResultTimeoutError as error:
-                    # The pool stayed full to the deadline. Results ready by
-                    # then still go out; the first one that is not raises.
-                    unsubmitted = error
-            results.reverse()
-            while results:
-                yield results.pop()
-            if failure is not None:
-                raise failure
-        if unsubmitted is not None:
-            raise unsubmitted
-    finally:
-        # The map is over: no longer in its pool's OpenMaps (nor kept there
-        # by a traceback that holds this frame).
-        del hold
-        for future in submitted:
-            future.cancel()

@@ -1,0 +1,283 @@
+"""``map`` for every pool here: ordered, chunked, lazy where it must be.
+
+`map_lazily` is the one implementation `BaseWorkerPool.map` and
+`DaskWorkerPool.map` share: it cuts the input into chunks (`_ChunkSizer`:
+fixed, cut from a known length, or sized by measured run times), keeps a
+bounded window of them submitted, yields results in order (those before a
+failing call first: see `PartialChunk`), and cancels what is left when the
+consumer stops early or the timeout passes. `OpenMaps` is how a pool knows
+it has a lazy iterator not yet finished (a manager does not expire it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import itertools
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sized
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
+from typing import Any, TypeVar
+
+from ._durations import MAX_WAIT
+from ._protocol import PartialChunk, load_outcome
+from .errors import ResultTimeoutError
+
+__all__ = [
+    "CHUNKS_PER_WORKER",
+    "MAX_CHUNK",
+    "TARGET_CHUNK_SECONDS",
+    "OpenMaps",
+    "known_length",
+    "map_lazily",
+]
+
+T = TypeVar("T")
+
+
+#: ``map`` with no chunk size: a sized input is cut in about this many
+#: chunks per worker; an unsized one in chunks of about this many seconds.
+CHUNKS_PER_WORKER = 16
+TARGET_CHUNK_SECONDS = 0.01
+MAX_CHUNK = 65536
+
+
+def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
+    """``future``'s result by ``end_time``; cancels it if that fails.
+
+    Raises `ResultTimeoutError` (both ``TimeoutError`` classes, on 3.10 too)
+    when ``end_time`` passes first.
+    """
+    try:
+        if end_time is None:
+            return future.result()
+        try:
+            # (In steps: a wait of centuries overflows Condition.wait.)
+            while end_time - time.monotonic() > MAX_WAIT:
+                with contextlib.suppress(FuturesTimeoutError):
+                    return future.result(MAX_WAIT)
+            return future.result(end_time - time.monotonic())
+        except concurrent.futures.TimeoutError as error:
+            if future.done() and not future.cancelled() and future.exception() is error:
+                raise  # the task's own exception, not the wait's
+            raise ResultTimeoutError(
+                "map: a result was not ready within its timeout; the tasks not started "
+                "were cancelled"
+            ) from None
+    finally:
+        future.cancel()
+
+
+def known_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """How many calls ``map`` makes, if every iterable knows its length."""
+    lengths = []
+    for iterable in iterables:
+        if not isinstance(iterable, Sized):
+            return None
+        try:
+            lengths.append(len(iterable))
+        except TypeError:
+            return None
+    return min(lengths) if lengths else 0
+
+
+class _MapHold:
+    """Held by a lazy ``map`` iterator while it is unfinished (see `OpenMaps`)."""
+
+    __slots__ = ("__weakref__",)
+
+
+class OpenMaps:
+    """A pool's lazy ``map`` iterators that are not exhausted, closed or collected.
+
+    Each iterator holds a `_MapHold` until it ends (its generator drops it on
+    exhaustion, on error and on ``close()``; an iterator never started drops
+    it when collected). The set is weak and takes no lock, so an iterator
+    collected on any thread, under any lock, costs nothing but its removal.
+    """
+
+    def __init__(self) -> None:
+        self._holds: weakref.WeakSet[_MapHold] = weakref.WeakSet()
+
+    def __len__(self) -> int:
+        return len(self._holds)
+
+    def hold(self) -> _MapHold:
+        hold = _MapHold()
+        self._holds.add(hold)
+        return hold
+
+
+class _ChunkSizer:
+    """``map``'s chunk size: fixed, cut from a known length, or measured as it goes."""
+
+    def __init__(
+        self,
+        chunksize: int | None,
+        length: int | None,
+        workers: int,
+        target: float = TARGET_CHUNK_SECONDS,
+    ) -> None:
+        self.fixed = chunksize
+        self._target = target  # seconds of calls in a measured chunk
+        if chunksize is None and length is not None:
+            self.fixed = max(1, min(MAX_CHUNK, -(-length // (workers * CHUNKS_PER_WORKER))))
+        self._size = 1
+        self._per_call: float | None = None
+
+    def next_size(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        size = self._size
+        if self._per_call is None:
+            self._size = min(MAX_CHUNK, size * 2)  # ramp up until the first measure
+        return size
+
+    def observe(self, calls: int, run_time: float | None) -> None:
+        if self.fixed is not None or not calls or run_time is None:
+            return
+        self._per_call = run_time / calls
+        self._size = max(1, min(MAX_CHUNK, int(self._target / max(self._per_call, 1e-7))))
+
+
+def map_lazily(
+    fn: Callable[..., T],
+    iterables: tuple[Iterable[Any], ...],
+    *,
+    submit: Callable[[float | None, Callable[..., Any], tuple[Any, ...]], Future[Any]],
+    submit_chunk: Callable[[float | None, list[Any]], Future[list[Any] | PartialChunk]],
+    timeout: float | None,
+    chunksize: int | None,
+    workers: int,
+    window: int | None,
+    progress: bool | str,
+    name: str | None,
+    target_chunk_seconds: float = TARGET_CHUNK_SECONDS,
+    open_maps: OpenMaps | None = None,
+) -> Iterator[T]:
+    """The ordered, chunked map that `BaseWorkerPool.map` and other pools share.
+
+    ``submit(deadline, fn, args)`` sends one call; ``submit_chunk(deadline,
+    chunk)`` sends a list of argument items (a tuple each when there is more
+    than one iterable) and its future's result is the list of results, or a
+    `PartialChunk` when a call failed after others had returned (or a
+    ``(results, exception)`` tuple, from a runner that does without
+    pool_manager: the Dask pool's): those results are yielded, then the
+    error raised (as with one task per call). Under
+    backpressure both wait for room until ``deadline`` (``time.monotonic()``
+    time ``timeout`` after the call; None: no limit), then raise
+    ``TimeoutError``: the map raises it, and cancels what it submitted. With no
+    ``chunksize``, an input with a length is cut into about
+    ``CHUNKS_PER_WORKER`` chunks per worker and submitted at once; an input
+    without one is read ``window`` tasks ahead (``max(8, 4 * workers)`` when
+    ``window`` is None) in chunks sized by the measured time of each call.
+    A ``window`` also bounds an input with a length (backpressure).
+    Measured chunks hold about ``target_chunk_seconds`` of calls.
+    ``progress``/``name``: see `BaseWorkerPool.map`. The iterator is in
+    ``open_maps`` until it is exhausted, closed or collected.
+    """
+    if chunksize is not None:
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    end_time = None if timeout is None else timeout + time.monotonic()
+    length = known_length(iterables)
+
+    def start() -> Iterator[T]:
+        single = len(iterables) == 1
+        calls: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables)
+        ahead = max(8, 4 * workers) if window is None and length is None else window
+        sizer = _ChunkSizer(chunksize, length, workers, target_chunk_seconds)
+        if sizer.fixed == 1:
+            if single:
+                tasks: Iterator[Future[Any]] = (submit(end_time, fn, (arg,)) for arg in calls)
+            else:
+                tasks = (submit(end_time, fn, args) for args in calls)
+            chunked = False
+        else:
+
+            def chunk_tasks() -> Iterator[Future[Any]]:
+                while True:
+                    chunk = list(itertools.islice(calls, sizer.next_size()))
+                    if not chunk:
+                        return
+                    yield submit_chunk(end_time, chunk)
+
+            tasks = chunk_tasks()
+            chunked = True
+        submitted: deque[Future[Any]] = deque()
+        # Held from before the first submission: the pool is never idle in between.
+        hold = None if open_maps is None else open_maps.hold()
+        try:
+            submitted.extend(itertools.islice(tasks, ahead))
+        except BaseException:  # the pool stayed full to the deadline, or shut down
+            for future in submitted:
+                future.cancel()
+            hold = None  # (the traceback keeps this frame)
+            raise
+        return _map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer, hold=hold)
+
+    if not progress:
+        return start()
+    from .progress import with_progress
+
+    return with_progress(start, progress, name, length, "item")
+
+
+def _map_results(
+    submitted: deque[Future[Any]],
+    tasks: Iterator[Future[Any]],
+    end_time: float | None,
+    *,
+    chunked: bool,
+    sizer: _ChunkSizer,
+    hold: _MapHold | None,
+) -> Iterator[Any]:
+    # A generator of its own, so that map_lazily submits its first window
+    # now. It keeps no reference to a result it has handed out (nor to its
+    # future), as Executor.map does: results go out by list.pop().
+    unsubmitted: BaseException | None = None  # why the rest of the input was not sent
+    try:
+        while submitted:
+            future = submitted.popleft()
+            results = _result_or_cancel(future, end_time)
+            failure: BaseException | None = None
+            if not chunked:
+                results = [results]
+            else:
+                # A call failed part-way: the results before it go out
+                # first, as they would with one task per call.
+                if isinstance(results, PartialChunk):
+                    failure = load_outcome(False, results.error)[1]
+                    results = results.results
+                elif isinstance(results, tuple):
+                    results, failure = results
+                sizer.observe(len(results), getattr(future, "run_time", None))
+            del future
+            # Keep the pool fed before handing the result out.
+            if unsubmitted is None and failure is None:
+                try:
+                    submitted.extend(itertools.islice(tasks, 1))
+                except ResultTimeoutError as error:
+                    # The pool stayed full to the deadline. Results ready by
+                    # then still go out; the first one that is not raises.
+                    unsubmitted = error
+            results.reverse()
+            while results:
+                yield results.pop()
+            if failure is not None:
+                raise failure
+        if unsubmitted is not None:
+            raise unsubmitted
+    finally:
+        # The map is over: no longer in its pool's OpenMaps (nor kept there
+        # by a traceback that holds this frame).
+        del hold
+        for future in submitted:
+            future.cancel()
