@@ -27,6 +27,8 @@ How a task and a pool's life flow through the parts::
   each deadline, and when a lease is released or a pool goes idle.
 - ``pool.py``: ``WorkerPool`` (what the manager needs) and ``BaseWorkerPool``
   (its workers, dispatch, backpressure, futures, crash isolation).
+- ``_dispatch.py``: dispatch decisions as pure functions (a task's kind, each
+  kind's run time, how many tasks a worker is handed at once).
 - ``_map.py``: ``map`` for every pool (ordered, chunked, lazy where it must
   be), shared by ``BaseWorkerPool`` and the Dask pool.
 - ``_compat.py``: what ``ProcessPoolExecutor`` code expects beyond

@@ -41,10 +41,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
-import functools
 import itertools
 import logging
-import math
 import multiprocessing
 import os
 import pickle
@@ -61,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, 
 
 from . import _process, _signals, _threads
 from ._compat import ProcessView, resolve_start_method
+from ._dispatch import RunTimes, batch_size, task_kind
 from ._durations import Duration, to_bytes, to_count, to_seconds, wait_step
 from ._map import OpenMaps, known_length, map_lazily
 from ._protocol import (
@@ -126,16 +125,6 @@ logger = logging.getLogger("pool_manager")
 #: submit starts it again. ``None`` keeps workers until the pool is disposed.
 DEFAULT_IDLE_TIMEOUT: float = 300.0
 
-
-#: Dispatch: tasks sent to a worker ahead of the one it runs cover about this
-#: many seconds of work (by the pool's measured task time) ...
-PREFETCH_SECONDS = 0.002
-#: ... never more than this many tasks in a worker's hands, nor in one message.
-MAX_DEPTH = 64
-#: Tasks longer than this (seconds, measured) are sent one at a time.
-LONG_TASK = 0.02
-#: Kinds of task whose run time a pool keeps (see _task_kind).
-MAX_TASK_KINDS = 256
 
 #: Under ``max_busy_workers``, while another pool waits for a place, a worker
 #: is handed more work only this many seconds after it took its place (then
@@ -721,23 +710,6 @@ def _megabytes(size: float) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-def _task_kind(fn: Callable[..., Any], args: tuple[Any, ...]) -> object:
-    """Tasks of one kind take about as long: the same code (for ``map``'s
-    chunks, the code mapped)."""
-    if (fn is run_chunk or fn is run_chunk_single) and args:
-        return ("chunk", _task_kind(args[0], ()))
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    kind = getattr(fn, "__code__", None)
-    if kind is not None:
-        return kind
-    try:
-        hash(fn)
-    except TypeError:
-        return type(fn)
-    return fn
-
-
 def _grant_places(pools: list[BaseWorkerPool]) -> None:
     """Tell each pool handed a place under ``max_busy_workers`` (no lock held)."""
     for pool in pools:
@@ -940,8 +912,8 @@ class BaseWorkerPool(WorkerPool):
         self._kills: dict[int, int] = {}  # pid -> id of the task kill_task killed it for
         self._exit_reasons: dict[int, str] = {}  # pid -> why it left cleanly, until asked
         self._fruitless = 0  # workers in a row that ended without finishing a task
-        #: Each kind of task's run time, averaged (seconds), by `_task_kind`.
-        self._estimates: dict[object, float] = {}
+        #: Each kind of task's run time (see _dispatch).
+        self._estimates = RunTimes()
         self._terminating = False
         self._counts = [0, 0, 0, 0]  # submitted, completed, failed, cancelled
         self._worker_event_callbacks: list[Callable[[str, int, str], object]] = []
@@ -1241,7 +1213,7 @@ class BaseWorkerPool(WorkerPool):
                 failure.__cause__ = error
             failed.set_exception(failure)
             return failed
-        kind = _task_kind(fn, args)
+        kind = task_kind(fn, args)
         with self._lock:
             if self._max_pending is not None and not wait_for_room(self, deadline, block):
                 return None
@@ -1470,17 +1442,6 @@ class BaseWorkerPool(WorkerPool):
             return False
         return active < min(self.worker_count, len(self._outstanding))
 
-    def _depth(self, kind: object) -> int:
-        """How many tasks of ``kind`` a worker may hold (the one it runs, and more).
-
-        One until that kind's run time is known: a pool warmed by other tasks
-        does not hand out a backlog of long ones in advance.
-        """
-        estimate = self._estimates.get(kind)
-        if estimate is None or estimate >= LONG_TASK:
-            return 1
-        return min(MAX_DEPTH, 1 + math.ceil(PREFETCH_SECONDS / max(estimate, 1e-6)))
-
     def _dispatch(self) -> None:
         """Hand queued tasks to workers, starting workers as allowed.
 
@@ -1537,7 +1498,7 @@ class BaseWorkerPool(WorkerPool):
                     idle_worker.holds_place = False
                     self._places_to_return += 1
         while pending:
-            depth = self._depth(pending[0].kind)
+            depth = self._estimates.depth(pending[0].kind)
             active = 0
             idle = None
             best = None  # the least loaded busy worker with room
@@ -1583,8 +1544,7 @@ class BaseWorkerPool(WorkerPool):
             room = depth - len(worker.assigned)
             if max_tasks is not None:
                 room = min(room, max_tasks - worker.sent)
-            share = math.ceil(len(pending) / max(1, active))
-            count = max(1, min(room, share, MAX_DEPTH))
+            count = batch_size(room, len(pending), active)
             batch: list[_TaskFuture] = []
             while pending and len(batch) < count:
                 future = pending.popleft()
@@ -2175,13 +2135,7 @@ class BaseWorkerPool(WorkerPool):
                     if worker.deadline is not None and worker.deadline[1] == task_id:
                         worker.deadline = None
                     if future is not None:
-                        estimates = self._estimates
-                        estimate = estimates.get(future.kind)
-                        if estimate is None and len(estimates) >= MAX_TASK_KINDS:
-                            del estimates[next(iter(estimates))]  # the oldest kind
-                        estimates[future.kind] = (
-                            value if estimate is None else 0.8 * estimate + 0.2 * value
-                        )
+                        self._estimates.observe(future.kind, value)
                     if not assigned:
                         worker.idle_since = now
                     if future is not None and self._outstanding.pop(task_id, None) is not None:

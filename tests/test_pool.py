@@ -678,18 +678,3 @@ def test_a_pool_warmed_by_short_tasks_does_not_hand_out_long_ones_in_advance() -
         assert slow[-1].cancel() and slow[-2].cancel()
         pids = [f.result(timeout=60) for f in slow[:4]]
         assert len(set(pids)) == 2  # both workers took turns at them
-
-
-def test_tasks_of_one_function_are_one_kind_for_the_run_time_estimate() -> None:
-    import functools
-
-    from pool_manager.pool import _task_kind
-
-    assert _task_kind(square, (1,)) == _task_kind(square, (2,))
-    assert _task_kind(functools.partial(add, 1), ()) == _task_kind(add, ())
-    assert _task_kind(square, ()) != _task_kind(add, ())
-    # map's chunks are a kind of their own per mapped function
-    from pool_manager._worker import run_chunk
-
-    assert _task_kind(run_chunk, (square, [])) != _task_kind(square, ())
-    assert _task_kind(run_chunk, (square, [])) == _task_kind(run_chunk, (square, [1]))
