@@ -478,7 +478,8 @@ class _Planner:
     pools below their fair share as waiting; grant fair shares from what is
     free; take back allowance pools cannot use now; grant fair shares
     again, then demands, then wants; take places from busy pools for the
-    pools still waiting (rules 2 and 3); mark the waiting again.
+    pools still waiting (rules 2 and 3); hand out what that freed at once;
+    mark the waiting again.
     """
 
     def __init__(self, limit: int, accounts: list[_Account], tickets: Iterator[int]) -> None:
@@ -502,6 +503,7 @@ class _Planner:
         self.grant_demands()
         self.grant_wants()
         self.take_from_busy()
+        self.grant_freed()
         self.waiting = self.mark_waiting()
         return self.to_tell()
 
@@ -613,6 +615,14 @@ class _Planner:
                 need -= 1
                 if donor.allowed < self.fair(donor) and donor.waiting_since is None:
                     donor.waiting_since = self.ticket()  # the back of the queue
+
+    def grant_freed(self) -> None:
+        """A donor of rules 2 and 3 may give up allowance it did not use (more
+        than its live workers): that place is free at once, and goes as free
+        places do (fair shares first, then demands), not to wait for the next
+        plan while a pool waits."""
+        self.grant_fair_shares()
+        self.grant_demands()
 
     def most_above_share(self, waiter: _Account) -> _Account | None:
         """Rule 2's donor: the pool most above its fair share, then the least

@@ -14,6 +14,7 @@ wake-up), in a bounded number of steps.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from collections.abc import Callable
 
@@ -342,6 +343,30 @@ def _restore(budget: WorkerBudget, pools: list[_ModelPool], snapshot: _Snapshot)
 
 TestBudgetMachine = BudgetMachine.TestCase
 TestBudgetMachine.settings = SETTINGS
+
+
+def test_a_place_freed_by_taking_back_unused_allowance_goes_to_a_waiting_pool() -> None:
+    """Found by `BudgetMachine`: rule 2 took from a pool above its fair share an
+    allowance it did not use (more allowed than live workers), so a place came
+    free at once, and the plan left it free while a pool waited with work."""
+    budget = WorkerBudget(6)
+    pools = [_ModelPool(f"p{i}", budget, want) for i, want in enumerate([1, 3, 1, 4, 1, 3])]
+    accounts = list(budget._accounts.values())
+    # (allowed, demand, live, waiting since, held since), as the plan found them.
+    found = [(0, 1, 0, 29, 17), (1, 1, 1, None, 20), (0, 0, 0, None, 0)]
+    found += [(1, 2, 2, 27, 12), (0, 1, 1, 23, 3), (0, 1, 1, 25, 11)]
+    for pool, account, (allowed, demand, live, waiting, held) in zip(pools, accounts, found):
+        account.allowed, account.demand, account.want, account.live = (
+            allowed,
+            demand,
+            pool.want,
+            live,
+        )
+        account.waiting_since, account.held_since, account.last_used = waiting, held, account.order
+    budget._ticket = itertools.count(32)
+    budget._plan(accounts)
+    free = 6 - sum(max(a.allowed, a.live) for a in accounts)
+    assert (accounts[0].allowed, free) == (1, 0)
 
 
 # -- BusySlots ------------------------------------------------------------------
