@@ -82,6 +82,17 @@ When it runs, and why no wake-up is lost
     taken: it is the innermost lock). Pools are told of a new allowance
     with no lock of the budget's held.
 
+The pools' side
+    `BudgetedPool` names all the budget calls on a pool: it reads the
+    pool's `BudgetReport` (``want``, ``demand``, ``live``) and its
+    ``last_submit``, and gives one order, `BudgetedPool.apply_allowance`
+    ("look at your allowance": a level to reach, see above). `PlacedPool` is
+    what `BusySlots` asks of a pool (`PlacedPool.place_granted`), and
+    `PlaceRules` the busy-place policy a pool applies as it dispatches.
+    `BaseWorkerPool` implements both protocols, and so do the stand-in pools
+    of ``tests/test_budget_model.py``, whose state machines test these rules
+    with no processes. The planner (`_Planner`) is pure: one method per rule.
+
 ``manager.stats()["budget"]``: the limit, the allowance in use, the live
 workers, and the keys' pools waiting for a worker (`BudgetStats`).
 """
@@ -92,21 +103,24 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypedDict
+from typing import NamedTuple, Protocol, TypedDict, TypeVar
 
 from . import _process
 from ._durations import to_count
 
-if TYPE_CHECKING:
-    from .pool import BaseWorkerPool
-
 __all__ = [
+    "BUSY_QUANTUM",
     "DEFAULT_WORKERS_PER_CPU",
     "MIN_DEFAULT_WORKERS",
+    "BudgetReport",
     "BudgetStats",
+    "BudgetedPool",
     "BusySlots",
+    "PlaceHolder",
+    "PlaceRules",
+    "PlacedPool",
     "WorkerBudget",
     "default_busy_limit",
     "default_limit",
@@ -118,6 +132,13 @@ __all__ = [
 #: next task of its key a start.
 DEFAULT_WORKERS_PER_CPU = 4
 MIN_DEFAULT_WORKERS = 32
+
+#: Under ``max_busy_workers``, while another pool waits for a place, a worker
+#: is handed more work only this many seconds after it took its place (then
+#: it gives the place up once it has run what it holds): a time slice, so
+#: that a hand-over's idle moment is paid once per slice, not once per task.
+#: (Read at each dispatch, by `BusySlots.rules`.)
+BUSY_QUANTUM = 0.04
 
 
 def default_limit(pool_size: int = 1) -> int:
@@ -153,21 +174,141 @@ class BudgetStats(TypedDict):
     busy_waiting: int  #: pools with tasks queued, waiting for a place to run them
 
 
+# -- the contract between the caps and the pools -----------------------------
+
+
+class BudgetReport(NamedTuple):
+    """What a pool tells `WorkerBudget` of itself at each rebalance
+    (`BudgetedPool.budget_report`)."""
+
+    #: The workers it was granted (its ``worker_count``): what it takes at
+    #: once, while it has work and the budget has room to spare.
+    want: int
+    #: The workers it could use now: ``want``, and no more than its
+    #: unfinished tasks (queued or running). 0: it has no work.
+    demand: int
+    #: Its live worker processes, those leaving included: the ones above its
+    #: allowance are leaving (it sheds them as they go idle), and their
+    #: places count against the budget until they have exited.
+    live: int
+    #: Of those, the ones not told to leave: busy ones above its allowance
+    #: stay until they go idle, so an allowance raised back up to this many
+    #: takes no free place (and starts no process).
+    active: int
+
+
+class BudgetedPool(Protocol):
+    """What `WorkerBudget` reads from and tells a pool: all it calls on one.
+
+    `BaseWorkerPool` implements it (in its section for the budget), and so
+    do the stand-in pools of the tests. Whatever implements it keeps the
+    pool's side of the contract: it never runs more workers than its
+    allowance (`WorkerBudget.allowed`) but for busy ones above it, which
+    get no more work and leave as they go idle; it reports every change
+    that may matter (`WorkerBudget.submitted`, `WorkerBudget.changed`,
+    `WorkerBudget.unregister`) with none of its locks held.
+    """
+
+    @property
+    def last_submit(self) -> float:
+        """``time.monotonic()`` of its last submit (0.0: none yet).
+
+        Read with no lock (of the pool's or the budget's) held: a stale
+        value only orders the pools less exactly by last use.
+        """
+        ...
+
+    def budget_report(self) -> BudgetReport:
+        """What it wants, could use and runs now (`BudgetReport`), read in one go.
+
+        Called by a rebalance with no lock of the budget's held; it may take
+        the pool's own lock. It may call back into the budget (``changed``,
+        ``submitted``: another thread's change landing while a plan reads
+        the pools), never wait for a rebalance.
+        """
+        ...
+
+    def apply_allowance(self) -> None:
+        """The budget's one order: look at your allowance (`WorkerBudget.allowed`)
+        and match it from now on.
+
+        An allowance is a level, not a step: the pool reads the newest one
+        when it is told, and keeps its live workers at or below it at every
+        dispatch from then on (idle ones above it leave at once, busy ones
+        as they go idle); below it, with work queued, it starts workers.
+
+        Called with no lock of the budget's held, nor any pool's ``_lock``
+        (a disposing pool's ``_dispose_lock`` may be held: it is the
+        outermost). It may take its own lock, and call back into the budget
+        (``allowed``, ``changed``: a rebalance called from in here only
+        makes the running one plan again) and into `BusySlots`.
+        """
+        ...
+
+
+class PlacedPool(Protocol):
+    """What a pool under ``max_busy_workers`` must do for `BusySlots`.
+
+    `BusySlots` calls nothing on a pool under its lock: `BusySlots.give_back`
+    and `BusySlots.leave` return the pools that were in line and are now
+    handed a place, and their caller, once it holds no lock, calls
+    `place_granted` on each.
+    """
+
+    def place_granted(self) -> None:
+        """A place was handed to this pool (it was in line): take it for an
+        idle or new worker and dispatch (`BusySlots.take` then returns True),
+        and give back what it did not take (`BusySlots.give_back`, with a
+        count of 0: a place handed and not taken goes back with it).
+
+        Called with no lock held. It may call `BusySlots` again, and tell
+        the pools that returns in turn.
+        """
+        ...
+
+
+class PlaceHolder(Protocol):
+    """What the busy-place policy (`PlaceRules`, `BusySlots.places_to_release`)
+    reads of a worker: ``pool._Worker``."""
+
+    @property
+    def holds_place(self) -> bool:
+        """It holds a place under ``max_busy_workers``."""
+        ...
+
+    @property
+    def place_since(self) -> float:
+        """``time.monotonic()`` it took that place."""
+        ...
+
+    @property
+    def assigned(self) -> Sized:
+        """The tasks in its hands (sent and not answered): empty when idle."""
+        ...
+
+
+_W = TypeVar("_W", bound=PlaceHolder)
+
+
+# -- the worker budget (max_total_workers) -------------------------------------
+
+
 @dataclass(eq=False)
 class _Account:
-    pool: BaseWorkerPool
+    pool: BudgetedPool
     order: int  #: registration order, a tie-breaker
     allowed: int = 0
     last_used: float = 0.0  #: time.monotonic() of its last submit
-    waiting_since: int | None = None  #: a ticket (see _plan): when it began to wait
+    waiting_since: int | None = None  #: a ticket (see _Planner): when it began to wait
     held_since: int = 0  #: a ticket: when it last got a worker
-    # Filled in by each rebalance, from the pool:
+    # Filled in by each rebalance, from the pool's BudgetReport:
     demand: int = 0  #: workers it could use now: granted, and no more than its unfinished tasks
     want: int = 0  #: workers it was granted (used while there is room)
     #: Its live worker processes, leaving ones included: those above its
     #: allowance are leaving (the pool sheds them as they go idle), and their
     #: places count against the budget until they have exited.
     live: int = 0
+    active: int = 0  #: live workers not told to leave (see `BudgetReport.active`)
 
 
 def _first(ticket: int | None) -> float:
@@ -208,13 +349,13 @@ class WorkerBudget:
 
     # -- the pools' side ---------------------------------------------------
 
-    def register(self, pool: BaseWorkerPool) -> None:
+    def register(self, pool: BudgetedPool) -> None:
         with self._lock:
             self._accounts.setdefault(
                 id(pool), _Account(pool, next(self._order), last_used=time.monotonic())
             )
 
-    def unregister(self, pool: BaseWorkerPool) -> None:
+    def unregister(self, pool: BudgetedPool) -> None:
         """The pool is disposed: its allowance returns to the budget."""
         with self._lock:
             account = self._accounts.pop(id(pool), None)
@@ -222,13 +363,13 @@ class WorkerBudget:
         if account is not None and (account.allowed or account.live):
             self.rebalance()
 
-    def allowed(self, pool: BaseWorkerPool) -> int:
+    def allowed(self, pool: BudgetedPool) -> int:
         """The workers ``pool`` may run now (may be 0: its tasks wait)."""
         with self._lock:
             account = self._accounts.get(id(pool))
             return account.allowed if account is not None else 0
 
-    def submitted(self, pool: BaseWorkerPool, wants_more: bool) -> None:
+    def submitted(self, pool: BudgetedPool, wants_more: bool) -> None:
         """``pool`` accepted a task; ``wants_more``: it could use more workers than allowed."""
         with self._lock:
             account = self._accounts.get(id(pool))
@@ -242,7 +383,7 @@ class WorkerBudget:
         if wants_more and worth_it:
             self.rebalance()
 
-    def changed(self, pool: BaseWorkerPool, went_idle: bool, worker_ended: bool) -> None:
+    def changed(self, pool: BudgetedPool, went_idle: bool, worker_ended: bool) -> None:
         """``pool`` finished tasks (``went_idle``: it has none left) or lost a worker.
 
         Call with no lock held, after the change is visible in the pool.
@@ -284,15 +425,17 @@ class WorkerBudget:
             generation = self._generation
         # What each pool could use and runs now: read outside our lock (it
         # takes each pool's lock in turn).
-        info = {id(a): a.pool._budget_info() for a in accounts}
+        reports = {id(a): a.pool.budget_report() for a in accounts}
         with self._lock:
-            accounts = [a for a in self._accounts.values() if id(a) in info]
+            accounts = [a for a in self._accounts.values() if id(a) in reports]
             for account in accounts:
-                account.want, account.demand, account.live = info[id(account)]
+                report = reports[id(account)]
+                account.want = report.want
+                account.demand = report.demand
+                account.live = report.live
+                account.active = report.active
                 # Each submit stamps its pool (no lock on that hot path).
-                account.last_used = max(
-                    account.last_used, getattr(account.pool, "last_submit", 0.0)
-                )
+                account.last_used = max(account.last_used, account.pool.last_submit)
             changed = self._plan(accounts)
             if (self._waiting or self._short) and self._generation != generation:
                 self._again = True  # a pool changed after it was read: plan again
@@ -300,139 +443,17 @@ class WorkerBudget:
         # with no lock of ours held.
         changed.sort(key=lambda a: a.allowed >= a.live)
         for account in changed:
-            account.pool._budget_apply()
+            account.pool.apply_allowance()
 
     def _plan(self, accounts: list[_Account]) -> list[_Account]:
         """Move allowance between pools (holds _lock). Returns the pools to tell."""
         assert self._limit is not None
-        # Tickets, not times: they order events within one plan too.
-        plan_started = next(self._ticket)
-
-        def ticket() -> int:
-            return next(self._ticket)
-
-        limit = self._limit
-        before = {id(a): a.allowed for a in accounts}
-        busy = [a for a in accounts if a.demand > 0]
-        share = max(1, math.ceil(limit / len(busy))) if busy else limit
-
-        def fair(account: _Account) -> int:
-            return min(account.demand, share)
-
-        for account in accounts:
-            if account.allowed < fair(account):
-                if account.waiting_since is None:
-                    account.waiting_since = ticket()
-            else:
-                account.waiting_since = None
-
-        def occupied(account: _Account) -> int:
-            # Its allowance, or its live workers if more (some are leaving).
-            return max(account.allowed, account.live)
-
-        def free() -> int:
-            return limit - sum(occupied(a) for a in accounts)
-
-        def hand_out(cap: Callable[[_Account], int]) -> None:
-            needy = [a for a in accounts if a.allowed < cap(a)]
-            needy.sort(key=lambda a: (_first(a.waiting_since), a.order))
-            room = free()
-            progress = True
-            while progress:
-                progress = False
-                for account in needy:  # one at a time, in turn
-                    # A raise that a live worker already stands in (one
-                    # above the allowance, busy) takes no free place.
-                    cost = 1 if account.allowed >= account.live else 0
-                    if cost <= room and account.allowed < cap(account):
-                        account.allowed += 1
-                        account.held_since = ticket()
-                        room -= cost
-                        progress = True
-
-        # Rule 1, with what is free.
-        hand_out(fair)
-        # Allowance a pool cannot use now (more than its unfinished work),
-        # least recently used pool first, while some pool wants more.
-        # (Free places, and places that workers leaving will free.)
-        wanted = sum(max(0, a.demand - a.allowed) for a in accounts)
-        room = max(0, free()) + sum(max(0, a.live - a.allowed) for a in accounts)
-        if wanted > room:
-            for account in sorted(accounts, key=lambda a: (a.last_used, a.order)):
-                unused = account.allowed - account.demand
-                if unused > 0:
-                    account.allowed -= unused
-                    room += unused
-                    if wanted <= room:
-                        break
-        hand_out(fair)
-        hand_out(lambda a: a.demand)
-        # Room to spare: a pool with work gets all it was granted at once, as
-        # without a budget (its workers then take the tasks that come next).
-        hand_out(lambda a: a.want if a.demand > 0 else 0)
-
-        # Rules 2 and 3: a pool below its fair share takes a busy worker's
-        # place, unless workers already leaving will free enough of them.
-        incoming = sum(max(0, occupied(a) - a.allowed) for a in accounts)
-        waiters = sorted(
-            (a for a in accounts if a.allowed < fair(a)),
-            key=lambda a: (_first(a.waiting_since), a.order),
-        )
-        no_donor = False
-        for waiter in waiters:
-            if no_donor:
-                break  # donors only ever become fewer: the next waiters find none
-            need = fair(waiter) - waiter.allowed
-            covered = min(need, incoming)
-            incoming -= covered
-            need -= covered
-            while need > 0:
-                over = [a for a in accounts if a.allowed > fair(a) and a is not waiter]
-                if over:
-                    donor = max(over, key=lambda a: (a.allowed - fair(a), -a.last_used))
-                else:
-                    # Taking turns: a pool whose workers have been running
-                    # since an earlier rebalance (so each has a task to finish
-                    # before it leaves), the longest holder first.
-                    holders = [
-                        a
-                        for a in accounts
-                        if a is not waiter
-                        and a.demand > 0
-                        and a.allowed >= fair(a) > 0
-                        and a.held_since < plan_started
-                        and a.live >= a.allowed
-                    ]
-                    if not holders:
-                        no_donor = True
-                        break
-                    donor = min(holders, key=lambda a: (a.held_since, a.order))
-                donor.allowed -= 1
-                need -= 1
-                if donor.allowed < fair(donor) and donor.waiting_since is None:
-                    donor.waiting_since = ticket()  # the back of the queue
-
-        waiting = 0
-        for account in accounts:
-            if account.allowed < fair(account):
-                waiting += 1
-                if account.waiting_since is None:
-                    account.waiting_since = ticket()
-            else:
-                account.waiting_since = None
-        self._waiting = waiting
+        planner = _Planner(self._limit, accounts, self._ticket)
+        to_tell = planner.plan()
+        self._waiting = planner.waiting
         self._short = sum(1 for a in accounts if a.allowed < a.demand)
-        self._in_use = sum(occupied(a) for a in accounts)
-
-        # Tell each pool whose allowance changed; and, so that no order is
-        # ever lost, each whose workers do not match it yet: more live than
-        # allowed (the pool sheds them: idle ones at once, busy ones as they
-        # go idle), or fewer than allowed with work waiting (it starts them).
-        return [
-            a
-            for a in accounts
-            if a.allowed != before[id(a)] or a.live > a.allowed or a.live < min(a.allowed, a.demand)
-        ]
+        self._in_use = sum(planner.occupied(a) for a in accounts)
+        return to_tell
 
     # -- stats ---------------------------------------------------------------
 
@@ -450,6 +471,263 @@ class WorkerBudget:
             )
 
 
+class _Planner:
+    """One plan: the rules of the module docstring, applied in turn to the accounts.
+
+    Pure: it reads and changes only the accounts (their ``allowed``,
+    ``waiting_since`` and ``held_since``), calls no pool, and takes no lock
+    (`WorkerBudget._plan` runs it under the budget's). Its tickets come from
+    the budget's counter, so that "waiting since" and "held since" order
+    events across plans as well as within one.
+
+    `plan` runs the steps in this order, each a method below: mark the
+    pools below their fair share as waiting; grant fair shares from what is
+    free; take back allowance pools cannot use now; grant fair shares
+    again, then demands, then wants; take places from busy pools for the
+    pools still waiting (rules 2 and 3); hand out what that freed at once;
+    mark the waiting again.
+    """
+
+    def __init__(self, limit: int, accounts: list[_Account], tickets: Iterator[int]) -> None:
+        self.limit = limit
+        self.accounts = accounts
+        self._tickets = tickets
+        #: Tickets, not times: they order events within one plan too.
+        self.started = next(tickets)
+        self._before = {id(a): a.allowed for a in accounts}
+        busy = [a for a in accounts if a.demand > 0]
+        #: Each pool with work's fair share, before its demand caps it (`fair`).
+        self.share = max(1, math.ceil(limit / len(busy))) if busy else limit
+        self.waiting = 0  #: pools below their fair share, when the plan is done
+        #: The pools rules 2 and 3 took a place from in this plan (by id).
+        self.donors: set[int] = set()
+
+    def plan(self) -> list[_Account]:
+        """Run every rule; returns the pools to tell (`to_tell`)."""
+        self.mark_waiting()
+        self.grant_fair_shares()
+        self.take_back_unused()
+        self.grant_fair_shares()
+        self.grant_demands()
+        self.grant_wants()
+        self.take_from_busy()
+        self.grant_freed()
+        self.waiting = self.mark_waiting()
+        return self.to_tell()
+
+    # -- measures ----------------------------------------------------------
+
+    def ticket(self) -> int:
+        return next(self._tickets)
+
+    def fair(self, account: _Account) -> int:
+        """Its fair share: ``max(1, ceil(N / pools with work))``, and no more than its demand."""
+        return min(account.demand, self.share)
+
+    @staticmethod
+    def occupied(account: _Account) -> int:
+        """The places it takes: its allowance, or its live workers if more (some are leaving)."""
+        return max(account.allowed, account.live)
+
+    def free(self) -> int:
+        """Places neither allowed to a pool nor held by a worker still leaving."""
+        return self.limit - sum(self.occupied(a) for a in self.accounts)
+
+    # -- the rules -----------------------------------------------------------
+
+    def mark_waiting(self) -> int:
+        """A pool below its fair share is waiting: it keeps the ticket of when it
+        began to (its place in the queue); a pool at or above it leaves the
+        queue. Returns how many wait."""
+        waiting = 0
+        for account in self.accounts:
+            if account.allowed < self.fair(account):
+                waiting += 1
+                if account.waiting_since is None:
+                    account.waiting_since = self.ticket()
+            else:
+                account.waiting_since = None
+        return waiting
+
+    def hand_out(self, cap: Callable[[_Account], int]) -> None:
+        """Free places go to the pools below ``cap``, the longest waiting first
+        (then the earliest registered), one place each in turn, until none
+        is free or every pool has reached its cap.
+
+        A pool whose busy worker (not told to leave) stands above its
+        allowance, from an earlier plan's rule 2 or 3, takes its allowance
+        back up to that worker at no cost in free places: the worker holds
+        its place already, and now stays. Never ahead of its turn: once a
+        pool cannot be served, none behind it is (else a pool that gave its
+        place up for one waiting before it would take it straight back); and
+        not a donor of this plan (that would undo the plan).
+        """
+        needy = [a for a in self.accounts if a.allowed < cap(a)]
+        needy.sort(key=lambda a: (_first(a.waiting_since), a.order))
+        room = self.free()
+        progress = True
+        while progress:
+            progress = False
+            for account in needy:  # one at a time, in turn
+                if account.allowed >= cap(account):
+                    continue
+                holds = account.allowed < account.active and id(account) not in self.donors
+                cost = 0 if holds else 1
+                if cost > room:
+                    return
+                account.allowed += 1
+                account.held_since = self.ticket()
+                room -= cost
+                progress = True
+
+    def grant_fair_shares(self) -> None:
+        """Rule 1: what is free goes first to the pools below their fair share."""
+        self.hand_out(self.fair)
+
+    def take_back_unused(self) -> None:
+        """Growing: allowance a pool cannot use now (more than its unfinished
+        work) is taken back, least recently used pool first, while the pools
+        want more than is free (free places, and the places that workers
+        leaving will free)."""
+        accounts = self.accounts
+        wanted = sum(max(0, a.demand - a.allowed) for a in accounts)
+        room = max(0, self.free()) + sum(max(0, a.live - a.allowed) for a in accounts)
+        if wanted <= room:
+            return
+        for account in sorted(accounts, key=lambda a: (a.last_used, a.order)):
+            unused = account.allowed - account.demand
+            if unused > 0:
+                account.allowed -= unused
+                room += unused
+                if wanted <= room:
+                    return
+
+    def grant_demands(self) -> None:
+        """Then, what is still free goes to the pools below what they could use now."""
+        self.hand_out(lambda a: a.demand)
+
+    def grant_wants(self) -> None:
+        """Room to spare: a pool with work gets all it was granted at once, as
+        without a budget (its workers then take the tasks that come next)."""
+        self.hand_out(lambda a: a.want if a.demand > 0 else 0)
+
+    def take_from_busy(self) -> None:
+        """Rules 2 and 3: a pool still below its fair share takes the place of
+        a busy worker elsewhere (it leaves after its current task: the
+        donor's allowance drops now, and its pool sheds the worker as it goes
+        idle), unless workers already leaving will free enough places. The
+        pools waiting longest are served first; a donor left below its own
+        fair share joins the back of the queue."""
+        accounts = self.accounts
+        incoming = sum(max(0, self.occupied(a) - a.allowed) for a in accounts)
+        waiters = sorted(
+            (a for a in accounts if a.allowed < self.fair(a)),
+            key=lambda a: (_first(a.waiting_since), a.order),
+        )
+        for waiter in waiters:
+            need = self.fair(waiter) - waiter.allowed
+            covered = min(need, incoming)
+            incoming -= covered
+            need -= covered
+            while need > 0:
+                donor = self.most_above_share(waiter) or self.longest_holder(waiter)
+                if donor is None:
+                    return  # donors only ever become fewer: the next waiters find none
+                donor.allowed -= 1
+                self.donors.add(id(donor))
+                need -= 1
+                if donor.allowed < self.fair(donor) and donor.waiting_since is None:
+                    donor.waiting_since = self.ticket()  # the back of the queue
+
+    def grant_freed(self) -> None:
+        """A donor of rules 2 and 3 may give up allowance it did not use (more
+        than its live workers): that place is free at once, and goes as free
+        places do (fair shares first, then demands), not to wait for the next
+        plan while a pool waits."""
+        self.grant_fair_shares()
+        self.grant_demands()
+
+    def most_above_share(self, waiter: _Account) -> _Account | None:
+        """Rule 2's donor: the pool most above its fair share, then the least
+        recently used (None: no pool is above it)."""
+        over = [a for a in self.accounts if a.allowed > self.fair(a) and a is not waiter]
+        if not over:
+            return None
+        return max(over, key=lambda a: (a.allowed - self.fair(a), -a.last_used))
+
+    def longest_holder(self, waiter: _Account) -> _Account | None:
+        """Rule 3's donor, when no pool is above its fair share (taking turns):
+        of the pools with work at their fair share whose workers have been
+        running since an earlier plan (so each has a task to finish before
+        it leaves), the one that has held its place longest (None: none)."""
+        holders = [
+            a
+            for a in self.accounts
+            if a is not waiter
+            and a.demand > 0
+            and a.allowed >= self.fair(a) > 0
+            and a.held_since < self.started
+            and a.live >= a.allowed
+        ]
+        if not holders:
+            return None
+        return min(holders, key=lambda a: (a.held_since, a.order))
+
+    def to_tell(self) -> list[_Account]:
+        """The pools to tell (`BudgetedPool.apply_allowance`): each whose
+        allowance changed; and, so that no order is ever lost, each whose
+        workers do not match it yet: more live than allowed (the pool sheds
+        them: idle ones at once, busy ones as they go idle), or fewer than
+        allowed with work waiting (it starts them)."""
+        before = self._before
+        return [
+            a
+            for a in self.accounts
+            if a.allowed != before[id(a)] or a.live > a.allowed or a.live < min(a.allowed, a.demand)
+        ]
+
+
+# -- the busy places (max_busy_workers) -------------------------------------------
+
+
+class PlaceRules:
+    """When a pool's workers give up their places under ``max_busy_workers``,
+    and which busy worker may be handed more work: the policy for one
+    dispatch of one pool (`BusySlots.rules`). The pool applies it.
+
+    While another pool waits in line for a place, a worker works within a
+    time slice of its place (`BUSY_QUANTUM`): once the slice is over, it is
+    handed no more work, and gives its place back as soon as it is idle.
+    With no pool waiting, a worker keeps its place while work comes
+    (`BusySlots.places_to_release`).
+    """
+
+    __slots__ = ("now", "others_waiting", "quantum")
+
+    def __init__(self, others_waiting: bool, now: float, quantum: float) -> None:
+        self.others_waiting = others_waiting  #: another pool is in line (read once)
+        self.now = now  #: time.monotonic() of the dispatch
+        self.quantum = quantum  #: the time slice (`BUSY_QUANTUM`)
+
+    def slice_over(self, workers: Iterable[_W]) -> list[_W]:
+        """The idle workers whose place goes to the line now: another pool
+        waits, and their time slice is over."""
+        if not self.others_waiting:
+            return []
+        return [
+            w
+            for w in workers
+            if w.holds_place and not w.assigned and self.now - w.place_since >= self.quantum
+        ]
+
+    def may_hand_more(self, worker: PlaceHolder) -> bool:
+        """``worker`` (busy) may be handed more work: it holds a place, and no
+        other pool waits or its time slice is not over."""
+        return worker.holds_place and (
+            not self.others_waiting or self.now - worker.place_since < self.quantum
+        )
+
+
 class BusySlots:
     """At most ``limit`` workers running tasks at once, across the pools that share it.
 
@@ -457,23 +735,24 @@ class BusySlots:
     processes working (CPU), so that many keys' warm pools never
     oversubscribe the machine. A worker takes a place when it is handed
     work while idle, and gives it back when it has run all it was handed
-    and its pool has no more on the way. A pool that finds no place free
-    waits in line (first come, first served); a place given back goes to
-    the first pool in line. While a pool waits, a worker elsewhere is
-    handed more work only within a time slice of its place (40 ms, see
-    ``pool.BUSY_QUANTUM``), so the places go round the pools with work and
-    no key starves another.
+    and its pool has no more on the way (`places_to_release`). A pool that
+    finds no place free waits in line (first come, first served); a place
+    given back goes to the first pool in line. While a pool waits, a worker
+    elsewhere is handed more work only within a time slice of its place
+    (`BUSY_QUANTUM`, `PlaceRules`), so the places go round the pools with
+    work and no key starves another.
 
+    The whole policy is here; a pool applies it (``BaseWorkerPool._dispatch``).
     The lock is innermost: pools call in holding their own lock, and the
-    pool a place is handed to is told (`BaseWorkerPool._place_granted`) with
-    no lock held.
+    pool a place is handed to is told (`PlacedPool.place_granted`) with no
+    lock held.
     """
 
     def __init__(self, limit: int | None) -> None:
         self._limit = None if limit is None else to_count("max_busy_workers", limit, minimum=1)
         self._lock = threading.Lock()
         self._busy = 0  # places taken, including those handed to a pool in line
-        self._line: dict[int, BaseWorkerPool] = {}  # id(pool) -> pool, in order of arrival
+        self._line: dict[int, PlacedPool] = {}  # id(pool) -> pool, in order of arrival
         self._handed: dict[int, int] = {}  # id(pool) -> places handed to it, not taken yet
 
     @property
@@ -484,7 +763,7 @@ class BusySlots:
     def has_waiters(self) -> bool:
         return bool(self._line)
 
-    def others_waiting(self, pool: BaseWorkerPool) -> bool:
+    def others_waiting(self, pool: PlacedPool) -> bool:
         """Some pool other than ``pool`` waits for a place (a racy read: a hint)."""
         line = self._line
         return len(line) > (1 if id(pool) in line else 0)
@@ -494,7 +773,26 @@ class BusySlots:
         with self._lock:
             return self._limit, self._busy, len(self._line)
 
-    def take(self, pool: BaseWorkerPool) -> bool:
+    # -- the policy (pure: the pool applies it, under its own lock) ---------------
+
+    def rules(self, pool: PlacedPool, now: float) -> PlaceRules:
+        """The time-slice rules for one dispatch of ``pool`` at ``now``."""
+        return PlaceRules(self.others_waiting(pool), now, BUSY_QUANTUM)
+
+    @staticmethod
+    def places_to_release(workers: Iterable[_W], more_coming: bool) -> list[_W]:
+        """The workers whose place goes back now: each has run all it was
+        handed, and no more work is on its way to their pool (``more_coming``:
+        tasks queued, or a ``submit`` blocked by backpressure that will add
+        one as soon as it wakes). Giving a place up between two tasks of a
+        batch would cost a hand-over per task."""
+        if more_coming:
+            return []
+        return [w for w in workers if w.holds_place and not w.assigned]
+
+    # -- places ----------------------------------------------------------------
+
+    def take(self, pool: PlacedPool) -> bool:
         """A place for one of ``pool``'s workers; False puts ``pool`` in line."""
         with self._lock:
             handed = self._handed.get(id(pool), 0)
@@ -510,25 +808,26 @@ class BusySlots:
             self._line.setdefault(id(pool), pool)
             return False
 
-    def give_back(self, pool: BaseWorkerPool, count: int = 1) -> list[BaseWorkerPool]:
+    def give_back(self, pool: PlacedPool, count: int = 1) -> list[PlacedPool]:
         """``pool`` frees ``count`` places (and any handed to it but not taken).
 
-        Returns the pools now handed a place: call `_place_granted` on each,
-        with no lock held.
+        Returns the pools now handed a place: call `PlacedPool.place_granted`
+        on each, with no lock held.
         """
         with self._lock:
             count += self._handed.pop(id(pool), 0)
             self._busy -= count
             return self._hand_out()
 
-    def leave(self, pool: BaseWorkerPool) -> list[BaseWorkerPool]:
+    def leave(self, pool: PlacedPool) -> list[PlacedPool]:
         """``pool`` needs no place any more (disposed): out of line, handed places back."""
         with self._lock:
             self._line.pop(id(pool), None)
             self._busy -= self._handed.pop(id(pool), 0)
             return self._hand_out()
 
-    def _hand_out(self) -> list[BaseWorkerPool]:
+    def _hand_out(self) -> list[PlacedPool]:
+        """Which pool gets a free place: the first in line, one place each."""
         granted = []
         while self._line and (self._limit is None or self._busy < self._limit):
             key = next(iter(self._line))

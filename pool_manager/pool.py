@@ -94,6 +94,7 @@ from ._worker import (
     run_chunk,
     run_chunk_single,
 )
+from .budget import BudgetReport
 from .errors import (
     ForkServerError,
     PoolShutDownError,
@@ -111,7 +112,7 @@ from .errors import (
 from .memory import resident_memory
 
 if TYPE_CHECKING:
-    from .budget import BusySlots, WorkerBudget
+    from .budget import BusySlots, PlacedPool, WorkerBudget
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "TaskCounts", "WorkerPool"]
 
@@ -125,12 +126,6 @@ logger = logging.getLogger("pool_manager")
 #: submit starts it again. ``None`` keeps workers until the pool is disposed.
 DEFAULT_IDLE_TIMEOUT: float = 300.0
 
-
-#: Under ``max_busy_workers``, while another pool waits for a place, a worker
-#: is handed more work only this many seconds after it took its place (then
-#: it gives the place up once it has run what it holds): a time slice, so
-#: that a hand-over's idle moment is paid once per slice, not once per task.
-BUSY_QUANTUM = 0.04
 
 #: How many workers in a row may end before finishing a task (a failing
 #: initializer, workers killed as they start) before the queued tasks fail.
@@ -710,10 +705,10 @@ def _megabytes(size: float) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-def _grant_places(pools: list[BaseWorkerPool]) -> None:
+def _grant_places(pools: list[PlacedPool]) -> None:
     """Tell each pool handed a place under ``max_busy_workers`` (no lock held)."""
     for pool in pools:
-        pool._place_granted()
+        pool.place_granted()
 
 
 def _worker_env(env: object) -> dict[bytes, bytes] | None:
@@ -1092,15 +1087,22 @@ class BaseWorkerPool(WorkerPool):
             self._budget.register(self)
         return True
 
-    def _budget_info(self) -> tuple[int, int, int]:
-        """(For the budget) workers granted, workers it could use now, live workers."""
+    # For the caps across keys only, not for users: the pool's side of
+    # `budget.BudgetedPool` (budget_report, apply_allowance, last_submit) and
+    # of `budget.PlacedPool` (place_granted, with the dispatch below), whose
+    # docstrings hold the contract.
+
+    def budget_report(self) -> BudgetReport:
+        """(For the budget) workers granted, workers it could use now, live
+        workers, and those of them not told to leave."""
         want = self.worker_count
         with self._lock:
             unfinished = len(self._outstanding)
             live = len(self._workers)
-        return want, min(want, unfinished), live
+            active = sum(1 for w in self._workers.values() if w.leaving is None)
+        return BudgetReport(want=want, demand=min(want, unfinished), live=live, active=active)
 
-    def _budget_apply(self) -> None:
+    def apply_allowance(self) -> None:
         """(For the budget) take the new allowance. Never under its lock.
 
         The pool matches it from then on, at every dispatch (`_shed_surplus`):
@@ -1446,26 +1448,22 @@ class BaseWorkerPool(WorkerPool):
         """Hand queued tasks to workers, starting workers as allowed.
 
         Under ``max_busy_workers`` (`BusySlots`), an idle worker needs a place
-        before it is handed work; while another pool waits for a place, a
-        worker is handed more only within its time slice (`BUSY_QUANTUM`).
+        before it is handed work; when a worker gives its place back, and
+        which busy worker may be handed more, is `BusySlots`' policy
+        (`BusySlots.places_to_release`, `budget.PlaceRules`): this applies it.
         """
         if self._allowed is not None and len(self._workers) > self._allowed:
             self._shed_surplus(self._allowed)
         pending = self._pending
         if pending and not self._terminating:
             self._dispatch_pending(pending)
-        if self._busy_slots is None:
+        busy = self._busy_slots
+        if busy is None:
             return
-        # A place goes back when its worker has run all it was handed and no
-        # more work is on its way: none queued, and no ``submit`` blocked by
-        # backpressure (it will add a task as soon as it wakes). Giving it
-        # up between two tasks of a batch would cost a hand-over per task.
-        if pending or self._blocked_submits:
-            return
-        for worker in self._workers.values():
-            if worker.holds_place and not worker.assigned:
-                worker.holds_place = False
-                self._places_to_return += 1
+        more_coming = bool(pending or self._blocked_submits)
+        for worker in busy.places_to_release(self._workers.values(), more_coming):
+            worker.holds_place = False
+            self._places_to_return += 1
 
     def _shed_surplus(self, allowed: int) -> None:
         """More workers than the budget allows: the idle ones above it leave now.
@@ -1485,18 +1483,12 @@ class BaseWorkerPool(WorkerPool):
         limit = self._worker_limit()
         max_tasks = self._limits.max_tasks
         busy = self._busy_slots
-        others_wait = busy is not None and busy.others_waiting(self)
         now = time.monotonic()
-        if others_wait:
-            # Its time slice over, an idle worker's place goes to the line.
-            for idle_worker in self._workers.values():
-                if (
-                    idle_worker.holds_place
-                    and not idle_worker.assigned
-                    and now - idle_worker.place_since >= BUSY_QUANTUM
-                ):
-                    idle_worker.holds_place = False
-                    self._places_to_return += 1
+        rules = None if busy is None else busy.rules(self, now)
+        if rules is not None:
+            for idle_worker in rules.slice_over(self._workers.values()):
+                idle_worker.holds_place = False
+                self._places_to_return += 1
         while pending:
             depth = self._estimates.depth(pending[0].kind)
             active = 0
@@ -1512,13 +1504,9 @@ class BaseWorkerPool(WorkerPool):
                 if not held:
                     if idle is None or candidate.holds_place:
                         idle = candidate
-                elif (
-                    busy is None
-                    or (
-                        candidate.holds_place
-                        and (not others_wait or now - candidate.place_since < BUSY_QUANTUM)
-                    )
-                ) and (best is None or held < len(best.assigned)):
+                elif (rules is None or rules.may_hand_more(candidate)) and (
+                    best is None or held < len(best.assigned)
+                ):
                     best = candidate
             if active > limit:
                 best = None  # shrinking: its busy workers leave as they go idle
@@ -1578,7 +1566,7 @@ class BaseWorkerPool(WorkerPool):
             count, self._places_to_return = self._places_to_return, 0
         _grant_places(busy.give_back(self, count))
 
-    def _place_granted(self) -> None:
+    def place_granted(self) -> None:
         """(For `BusySlots`) a place was handed to this pool: use it, or hand it on."""
         with self._lock:
             self._dispatch()

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-import pool_manager.pool as pool_module
+import pool_manager.budget as budget_module
 from pool_manager import WorkerPoolManager
 from pool_manager.budget import (
     DEFAULT_WORKERS_PER_CPU,
     MIN_DEFAULT_WORKERS,
+    BudgetReport,
     WorkerBudget,
     default_busy_limit,
     default_limit,
@@ -206,7 +207,7 @@ def test_a_key_flooding_does_not_starve_another_of_a_place_to_run(
 ) -> None:
     # A's first tasks last as long as the test likes; their time slice is
     # taken as over when they end (a slice of 0), so no timing is involved.
-    monkeypatch.setattr(pool_module, "BUSY_QUANTUM", 0.0)
+    monkeypatch.setattr(budget_module, "BUSY_QUANTUM", 0.0)
     first_gate, backlog_gate = tmp_path / "first", tmp_path / "backlog"
     with _manager(max_total_workers=None, max_busy_workers=2, max_pending=None) as manager:
         a, done_a = manager.get_pool("A", 2)
@@ -240,7 +241,7 @@ def test_a_key_flooding_does_not_starve_another_of_a_place_to_run(
 @pytest.fixture
 def long_time_slice(monkeypatch: pytest.MonkeyPatch) -> None:
     """A place's time slice that never runs out during the test (no timing)."""
-    monkeypatch.setattr(pool_module, "BUSY_QUANTUM", 3600.0)
+    monkeypatch.setattr(budget_module, "BUSY_QUANTUM", 3600.0)
 
 
 @pytest.mark.usefixtures("long_time_slice")
@@ -272,8 +273,8 @@ def test_a_busy_worker_within_its_slice_is_handed_more_while_its_sibling_waits(
             # A's idle worker finds no place, yet its busy one (in its slice)
             # is handed A's short tasks ahead, so none wait in A's queue.
             shorts = [a.submit(square, i) for i in range(40)]
-            with a._lock:
-                queued = len(a._pending)
+            with a._lock:  # type: ignore[attr-defined]
+                queued = len(a._pending)  # type: ignore[attr-defined]
             assert queued == 0
             gate_a.touch()
             assert [f.result(timeout=30) for f in shorts] == [i * i for i in range(40)]
@@ -305,7 +306,7 @@ def test_a_pool_keeps_its_place_while_backpressure_holds_its_next_task(tmp_path:
             second: list[Future[int]] = []
             submitter = threading.Thread(target=lambda: second.append(a.submit(square, 5)))
             submitter.start()
-            assert poll(lambda: a._blocked_submits == 1, timeout=30)
+            assert poll(lambda: a._blocked_submits == 1, timeout=30)  # type: ignore[attr-defined]
             gate_a.touch()
             submitter.join(timeout=30)
             assert second and second[0].result(timeout=30) == 25
@@ -323,23 +324,25 @@ def test_a_pool_keeps_its_place_while_backpressure_holds_its_next_task(tmp_path:
 
 
 class _StandIn:
-    """What the budget reads from and tells a pool, with no workers behind it."""
+    """What the budget reads from and tells a pool (`budget.BudgetedPool`), with no
+    workers behind it."""
 
     def __init__(self, budget: WorkerBudget, demand: int) -> None:
         self.budget = budget
         self.demand = demand
         self.live = 0
         self.told = 0  # times the budget told it to take its allowance
-        budget.register(self)  # type: ignore[arg-type]
+        self.last_submit = 0.0
+        budget.register(self)
 
     @property
     def allowed(self) -> int:
-        return self.budget.allowed(self)  # type: ignore[arg-type]
+        return self.budget.allowed(self)
 
-    def _budget_info(self) -> tuple[int, int, int]:
-        return self.demand, self.demand, self.live
+    def budget_report(self) -> BudgetReport:
+        return BudgetReport(want=self.demand, demand=self.demand, live=self.live, active=self.live)
 
-    def _budget_apply(self) -> None:
+    def apply_allowance(self) -> None:
         self.told += 1
 
     def settle(self) -> None:

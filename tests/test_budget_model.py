@@ -14,14 +14,22 @@ wake-up), in a bounded number of steps.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from collections.abc import Callable
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pool_manager.budget import BusySlots, WorkerBudget
+from pool_manager.budget import (
+    BudgetReport,
+    BusySlots,
+    PlacedPool,
+    PlaceRules,
+    WorkerBudget,
+    _Account,
+)
 
 #: ``make stress`` runs more examples (``POOL_MANAGER_STRESS`` scales them).
 SETTINGS = settings(
@@ -40,7 +48,8 @@ class _Worker:
 
 
 class _ModelPool:
-    """A pool's side of the budget, as `BaseWorkerPool` keeps it (no processes)."""
+    """A pool's side of the budget (`budget.BudgetedPool`), as `BaseWorkerPool`
+    keeps it (no processes)."""
 
     def __init__(self, name: str, budget: WorkerBudget, want: int) -> None:
         self.name = name
@@ -54,18 +63,23 @@ class _ModelPool:
         #: Called once, the next time the budget reads this pool: another
         #: thread's change landing while a plan is in progress.
         self.on_read: Callable[[], None] | None = None
-        budget.register(self)  # type: ignore[arg-type]
+        budget.register(self)
 
     # What the budget calls.
-    def _budget_info(self) -> tuple[int, int, int]:
-        info = (self.want, min(self.want, self.unfinished), len(self.workers))
+    def budget_report(self) -> BudgetReport:
+        report = BudgetReport(
+            want=self.want,
+            demand=min(self.want, self.unfinished),
+            live=len(self.workers),
+            active=len(self.active),
+        )
         hook, self.on_read = self.on_read, None
         if hook is not None:
             hook()
-        return info
+        return report
 
-    def _budget_apply(self) -> None:
-        self.allowed = self.budget.allowed(self)  # type: ignore[arg-type]
+    def apply_allowance(self) -> None:
+        self.allowed = self.budget.allowed(self)
         self.dispatch()
 
     # Its own bookkeeping.
@@ -109,21 +123,21 @@ class _ModelPool:
     def submit(self) -> None:
         self.queued += 1
         self.dispatch()
-        self.budget.submitted(self, self.wants_workers())  # type: ignore[arg-type]
+        self.budget.submitted(self, self.wants_workers())
 
     def finish(self, worker: _Worker) -> None:
         worker.busy = False
         self.dispatch()
-        self.budget.changed(self, went_idle=self.unfinished == 0, worker_ended=False)  # type: ignore[arg-type]
+        self.budget.changed(self, went_idle=self.unfinished == 0, worker_ended=False)
 
     def exit(self, worker: _Worker) -> None:
         self.workers.remove(worker)
         self.dispatch()
-        self.budget.changed(self, went_idle=False, worker_ended=True)  # type: ignore[arg-type]
+        self.budget.changed(self, went_idle=False, worker_ended=True)
 
     def dispose(self) -> None:
         self.disposed = True
-        self.budget.unregister(self)  # type: ignore[arg-type]
+        self.budget.unregister(self)
 
 
 class BudgetMachine(RuleBasedStateMachine):
@@ -203,7 +217,7 @@ class BudgetMachine(RuleBasedStateMachine):
 
     @invariant()
     def allowances_never_exceed_the_limit(self) -> None:
-        allowed = [self.budget.allowed(p) for p in self.pools]  # type: ignore[arg-type]
+        allowed = [self.budget.allowed(p) for p in self.pools]
         assert sum(allowed) <= self.limit, allowed
 
     @invariant()
@@ -257,8 +271,52 @@ class BudgetMachine(RuleBasedStateMachine):
         finally:
             _restore(self.budget, pools, snapshot)
 
+    @invariant()
+    def every_waiting_pool_is_served_while_the_others_flood(self) -> None:
+        """Fairness, on a copy of the world: each pool with tasks queued runs one
+        of them within a bounded number of steps, while every pool that has
+        run one keeps submitting a new task for each task it finishes."""
+        pools = self.open_pools
+        snapshot = _snapshot(self.budget, pools)
+        try:
+            waiting = {id(p): p.queued for p in pools if p.queued}
+            started: dict[_Worker, int] = {}  # worker -> the step its task was first seen
+            steps = 0
+            while waiting:
+                steps += 1
+                assert steps < 500, [(p.name, p.queued, p.running, p.allowed) for p in pools]
+                leaving = [(p, w) for p in pools for w in p.workers if w.leaving and not w.busy]
+                if leaving:
+                    pool, worker = leaving[0]
+                    pool.exit(worker)
+                else:
+                    busy = [(p, w) for p in pools for w in p.workers if w.busy]
+                    assert busy, "work queued, no worker running, none leaving: a lost wake-up"
+                    for _, w in busy:
+                        started.setdefault(w, steps)
+                    # The task running longest finishes first: each ends in turn.
+                    pool, worker = min(busy, key=lambda pw: started[pw[1]])
+                    del started[worker]
+                    pool.finish(worker)
+                    if id(pool) not in waiting:
+                        pool.submit()  # the flood goes on
+                for p in pools:
+                    if id(p) in waiting and p.queued < waiting[id(p)]:
+                        del waiting[id(p)]  # a task of its started
+        finally:
+            _restore(self.budget, pools, snapshot)
 
-def _snapshot(budget: WorkerBudget, pools: list[_ModelPool]) -> object:
+
+#: The budget's accounts, its published counts, and each pool's queue, allowance,
+#: pending hook and workers (with their state).
+_Snapshot = tuple[
+    dict[int, _Account],
+    tuple[int, int, int, int],
+    dict[int, tuple[int, int, Callable[[], None] | None, list[tuple[_Worker, bool, bool]]]],
+]
+
+
+def _snapshot(budget: WorkerBudget, pools: list[_ModelPool]) -> _Snapshot:
     accounts = {key: copy.copy(account) for key, account in budget._accounts.items()}
     state = (
         budget._waiting,
@@ -273,8 +331,8 @@ def _snapshot(budget: WorkerBudget, pools: list[_ModelPool]) -> object:
     return accounts, state, workers
 
 
-def _restore(budget: WorkerBudget, pools: list[_ModelPool], snapshot: object) -> None:
-    accounts, state, workers = snapshot  # type: ignore[misc]
+def _restore(budget: WorkerBudget, pools: list[_ModelPool], snapshot: _Snapshot) -> None:
+    accounts, state, workers = snapshot
     budget._accounts = accounts
     budget._waiting, budget._short, budget._in_use, budget._generation = state
     for pool in pools:
@@ -319,17 +377,46 @@ def test_a_free_place_goes_to_a_waiting_pool_not_to_one_whose_busy_worker_holds_
     p5.submit()
     assert worker.leaving and not worker.busy
     p2.exit(worker)
-    # p5 waits: every place is taken (none left free beside it).
-    assert p5.queued and not p5.workers
-    in_use = sum(max(p.allowed, len(p.workers)) for p in pools if not p.disposed)
-    assert in_use == 5, [(p.name, p.allowed, len(p.workers), p.queued) for p in pools]
+    # No pool waits with work beside a free place.
+    free = 5 - sum(max(p.allowed, len(p.workers)) for p in pools if not p.disposed)
+    waiting = [
+        p.name
+        for p in pools
+        if not p.disposed and p.queued and len(p.active) < min(p.want, p.unfinished)
+    ]
+    assert not (waiting and free > 0), (waiting, free)
+
+
+def test_a_place_freed_by_taking_back_unused_allowance_goes_to_a_waiting_pool() -> None:
+    """Found by `BudgetMachine`: rule 2 took from a pool above its fair share an
+    allowance it did not use (more allowed than live workers), so a place came
+    free at once, and the plan left it free while a pool waited with work."""
+    budget = WorkerBudget(6)
+    pools = [_ModelPool(f"p{i}", budget, want) for i, want in enumerate([1, 3, 1, 4, 1, 3])]
+    accounts = list(budget._accounts.values())
+    # (allowed, demand, live, waiting since, held since), as the plan found them.
+    found = [(0, 1, 0, 29, 17), (1, 1, 1, None, 20), (0, 0, 0, None, 0)]
+    found += [(1, 2, 2, 27, 12), (0, 1, 1, 23, 3), (0, 1, 1, 25, 11)]
+    for pool, account, (allowed, demand, live, waiting, held) in zip(pools, accounts, found):
+        account.allowed, account.demand, account.want, account.live = (
+            allowed,
+            demand,
+            pool.want,
+            live,
+        )
+        account.waiting_since, account.held_since, account.last_used = waiting, held, account.order
+    budget._ticket = itertools.count(32)
+    budget._plan(accounts)
+    free = 6 - sum(max(a.allowed, a.live) for a in accounts)
+    assert (accounts[0].allowed, free) == (1, 0)
 
 
 # -- BusySlots ------------------------------------------------------------------
 
 
 class _PlacePool:
-    """A pool's side of `BusySlots`: a place per busy worker, as `BaseWorkerPool` keeps it."""
+    """A pool's side of `BusySlots` (`budget.PlacedPool`): a place per busy worker, as
+    `BaseWorkerPool` keeps it."""
 
     def __init__(self, name: str, slots: BusySlots, size: int) -> None:
         self.name = name
@@ -339,16 +426,16 @@ class _PlacePool:
         self.running = 0  # workers running a task, each holding a place
         self.granted_calls = 0
 
-    def _place_granted(self) -> None:
+    def place_granted(self) -> None:
         self.granted_calls += 1
         self.dispatch()
 
     def dispatch(self) -> None:
-        while self.queued and self.running < self.size and self.slots.take(self):  # type: ignore[arg-type]
+        while self.queued and self.running < self.size and self.slots.take(self):
             self.queued -= 1
             self.running += 1
         # Places handed to it and not taken go back (as _return_places does).
-        _grant(self.slots.give_back(self, 0))  # type: ignore[arg-type]
+        _grant(self.slots.give_back(self, 0))
 
     def submit(self, count: int) -> None:
         self.queued += count
@@ -360,12 +447,12 @@ class _PlacePool:
             self.queued -= 1
             return
         self.running -= 1
-        _grant(self.slots.give_back(self, 1))  # type: ignore[arg-type]
+        _grant(self.slots.give_back(self, 1))
 
 
-def _grant(pools: list[object]) -> None:
+def _grant(pools: list[PlacedPool]) -> None:
     for pool in pools:
-        pool._place_granted()  # type: ignore[attr-defined]
+        pool.place_granted()
 
 
 class PlacesMachine(RuleBasedStateMachine):
@@ -418,3 +505,39 @@ class PlacesMachine(RuleBasedStateMachine):
 
 TestPlacesMachine = PlacesMachine.TestCase
 TestPlacesMachine.settings = SETTINGS
+
+
+# -- the time slices (PlaceRules), and when a place goes back -----------------------
+
+
+class _Holder:
+    """A worker as the busy-place policy reads it (`budget.PlaceHolder`)."""
+
+    def __init__(self, holds_place: bool, place_since: float, assigned: int) -> None:
+        self.holds_place = holds_place
+        self.place_since = place_since
+        self.assigned = [object()] * assigned
+
+
+@given(
+    others_waiting=st.booleans(),
+    holds_place=st.booleans(),
+    held_for=st.floats(0, 1),
+    assigned=st.integers(0, 3),
+    more_coming=st.booleans(),
+)
+def test_place_rules(
+    others_waiting: bool, holds_place: bool, held_for: float, assigned: int, more_coming: bool
+) -> None:
+    quantum = 0.04
+    worker = _Holder(holds_place, 100.0 - held_for, assigned)
+    rules = PlaceRules(others_waiting, 100.0, quantum)
+    slice_over = held_for >= quantum
+    # An idle worker's place goes to the line once its slice is over, if another pool waits.
+    gives_up = holds_place and not assigned and others_waiting and slice_over
+    assert rules.slice_over([worker]) == ([worker] if gives_up else [])
+    # A busy worker takes more only with a place, and within its slice while another waits.
+    assert rules.may_hand_more(worker) == (holds_place and (not others_waiting or not slice_over))
+    # With no more work on its way, an idle worker's place goes back, waiting pools or not.
+    released = holds_place and not assigned and not more_coming
+    assert BusySlots.places_to_release([worker], more_coming) == ([worker] if released else [])
