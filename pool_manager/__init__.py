@@ -52,6 +52,31 @@ function (``tests/test_layout.py``). At the bottom, ``_protocol`` imports
 nothing of the package at its top; ``_worker`` imports only it, and the fork
 server (``_process``) imports both.
 
+Threads, and what each may change:
+
+- *Callers* (the application's threads): a pool's queue, counts and
+  futures, and its dispatch (under the pool's ``_lock``), which may start a
+  worker (a fork-server round trip, today under that lock); the manager's
+  map and leases (under its ``_lock``); the budget (``submitted``).
+- *A pool's I/O thread* (one per pool with live workers): alone reads and
+  writes that pool's sockets and status pipes (its selector, each
+  ``_Worker``'s reader); under the pool's lock, settles its tasks, ends
+  workers past a deadline, ``kill_worker_memory`` or ``idle_timeout``, and
+  dispatches; runs the futures' done-callbacks (guarded, `_threads`); tells
+  the budget, which may then change *other* pools' allowances (each pool's
+  lock taken in turn, never two at once).
+- *A pool's start-retry thread* (only while its workers fail to start):
+  that pool's dispatch, after a back-off.
+- *The supervisor* (one per manager): ``sweep()``: expiry, retirement,
+  disposal (pool locks in turn, never under the manager's), memory samples,
+  rebalancing.
+- *The SIGTERM drainer* (one per process, with a manager that handles
+  signals): the graceful drain, then ``terminate``.
+- *A Dask client's event loop*: settles a `DaskWorkerPool`'s futures.
+- *Finalizers* (a dropped manager or pool, on whichever thread collects
+  it): only what never waits: a ``SimpleQueue.put``, a wake-up byte behind
+  a lock taken without blocking, a list append.
+
 Locks, outermost first (a thread holding one may take those after it, never
 those before): a pool's ``_dispose_lock``; the manager's ``_lock`` (never
 held while a pool is called, so it stands alone); a pool's ``_lock``; the
@@ -76,8 +101,9 @@ Every wait, and who ends it (on every path, errors included):
   failed, disposal.
 - ``get_pool`` waiting for another thread's build of the key's pool (a
   ``Future``): the builder, on every path.
-- the supervisor (its ``_wakeup``): a lease released, a pool idle, a pool
-  built or retired, shutdown; else its next deadline.
+- the supervisor (its ``_wakeups`` queue): a lease released, a pool idle, a
+  pool built or retired, shutdown, its manager collected; else its next
+  deadline.
 - a pool waiting for a worker or a place under the caps across keys: no
   thread waits; the task stays queued, and the budget (``budget.py``) and
   `BusySlots` hand allowance and places on as tasks finish and workers exit.
