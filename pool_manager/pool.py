@@ -559,8 +559,9 @@ class _Remains:
 def _io_thread(pool_ref: weakref.ReferenceType[BaseWorkerPool], remains: _Remains) -> None:
     """A pool's I/O thread: see `BaseWorkerPool._io_round`.
 
-    It holds the pool while the pool has unfinished tasks, and only weakly
-    while the pool is idle: a pool dropped then is collected, its finalizer
+    It holds the pool weakly while it waits on an idle pool (a pool with
+    unfinished tasks is held by `_busy_pools` anyway, whatever this thread
+    last saw): a pool dropped while idle is collected, and its finalizer
     wakes this thread, which closes the workers' sockets and ends.
     """
     _threads.mark_library_thread()
@@ -677,6 +678,11 @@ class TaskCounts(TypedDict):
 #: Pools that have started workers, for the exit hooks (_signals.py).
 _live_pools: weakref.WeakSet[BaseWorkerPool] = weakref.WeakSet()
 _signals.configure_pools(lambda: list(_live_pools))
+#: The pools with unfinished tasks: held here, so that a pool dropped with
+#: work still does it (its futures settle, their callbacks run), as a
+#: ``ProcessPoolExecutor`` does; once idle, a pool nothing refers to is
+#: collected (see `_Remains`).
+_busy_pools: set[BaseWorkerPool] = set()
 #: Every pool of this process, for the fork hook below.
 _all_pools: weakref.WeakSet[BaseWorkerPool] = weakref.WeakSet()
 
@@ -695,6 +701,7 @@ def _inert_in_forked_child() -> None:
         pool._close_inherited()
     _live_pools.clear()
     _all_pools.clear()
+    _busy_pools.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -1226,6 +1233,8 @@ class BaseWorkerPool(WorkerPool):
             future = _TaskFuture(self, task_id, payload, timeout)
             future.kind = kind
             self._outstanding[task_id] = future
+            if len(self._outstanding) == 1:
+                _busy_pools.add(self)  # (kept alive while it has work)
             self._counts[_SUBMITTED] += 1
             self._pending.append(future)
             budget = self._budget
@@ -2310,6 +2319,7 @@ class BaseWorkerPool(WorkerPool):
             went_idle = not self._outstanding
             callbacks: list[Callable[[], object]] = []
             if went_idle:
+                _busy_pools.discard(self)
                 self._drained.notify_all()
                 callbacks = list(self._idle_callbacks)
                 if self._shut_down:

@@ -94,3 +94,25 @@ def test_many_forgotten_managers_leave_nothing_behind() -> None:
     gc.collect()
     assert [f.result() for f in results] == [i * i for i in range(20)]
     assert poll(lambda: gc.collect() >= 0 and _library_threads() == threads_before, timeout=60)
+
+
+def test_a_pool_dropped_after_work_submitted_to_its_idle_workers_still_does_it(
+    tmp_path: Path,
+) -> None:
+    # The I/O thread of an idle pool holds it weakly as it waits, and a
+    # submit whose message goes out at once does not wake it: the pool must
+    # be kept by its unfinished work, not by what that thread last saw.
+    pool = BaseWorkerPool(1, idle_timeout=None)
+    assert pool.submit(square, 2).result(timeout=60) == 4
+    gate = tmp_path / "gate"
+    done: list[int] = []
+    pool.submit(wait_then_square, str(gate), 6).add_done_callback(lambda f: done.append(f.result()))
+    pids = pool.worker_pids()
+    ref = weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert ref() is not None
+    gate.touch()
+    assert poll(lambda: done == [36], timeout=60), "the task was dropped with its pool"
+    assert poll(lambda: gc.collect() >= 0 and ref() is None, timeout=30)
+    assert poll(lambda: _gone(pids), timeout=30)
