@@ -540,17 +540,7 @@ class _Remains:
             key.data for key in selector.get_map().values() if key.data is not None
         ]
         for worker in dict.fromkeys(workers):
-            if not worker.sock_done:
-                worker.sock_done = True
-                with contextlib.suppress(KeyError, ValueError):
-                    selector.unregister(worker.sock)
-                worker.sock.close()
-            if not worker.status_done:
-                worker.status_done = True
-                with contextlib.suppress(KeyError, ValueError):
-                    selector.unregister(worker.status_fd)
-                with contextlib.suppress(OSError):
-                    os.close(worker.status_fd)
+            worker.close(selector)
         server, self.server = self.server, None
         if server is not None:
             _process.release_server()
@@ -659,6 +649,20 @@ class _Worker:
     @property
     def ended(self) -> bool:
         return self.status_done and (self.sock_done or self.status is not None)
+
+    def close(self, selector: selectors.BaseSelector) -> None:
+        """Close the pool's end of its socket and its status pipe (once each)."""
+        if not self.sock_done:
+            self.sock_done = True
+            with contextlib.suppress(KeyError, ValueError):
+                selector.unregister(self.sock)
+            self.sock.close()
+        if not self.status_done:
+            self.status_done = True
+            with contextlib.suppress(KeyError, ValueError):
+                selector.unregister(self.status_fd)
+            with contextlib.suppress(OSError):
+                os.close(self.status_fd)
 
 
 _SUBMITTED, _COMPLETED, _FAILED, _CANCELLED = range(4)
@@ -1914,17 +1918,7 @@ class BaseWorkerPool(WorkerPool):
         if worker.holds_place:
             worker.holds_place = False
             self._places_to_return += 1
-        if not worker.sock_done:
-            worker.sock_done = True
-            with contextlib.suppress(KeyError, ValueError):
-                selector.unregister(worker.sock)
-            worker.sock.close()
-        if not worker.status_done:
-            worker.status_done = True
-            with contextlib.suppress(KeyError, ValueError):
-                selector.unregister(worker.status_fd)
-            with contextlib.suppress(OSError):
-                os.close(worker.status_fd)
+        worker.close(selector)
         worker.outbuf.clear()
         worker.assigned.clear()
 

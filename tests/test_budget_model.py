@@ -256,10 +256,7 @@ class BudgetMachine(RuleBasedStateMachine):
             ):
                 steps += 1
                 assert steps < 500, [(p.name, p.queued, p.running, p.allowed) for p in pools]
-                leaving = [(p, w) for p in pools for w in p.workers if w.leaving and not w.busy]
-                if leaving:
-                    pool, worker = leaving[0]
-                    pool.exit(worker)
+                if _exit_a_leaving_worker(pools):
                     continue
                 busy = [(p, w) for p in pools for w in p.workers if w.busy]
                 assert busy, (
@@ -285,11 +282,7 @@ class BudgetMachine(RuleBasedStateMachine):
             while waiting:
                 steps += 1
                 assert steps < 500, [(p.name, p.queued, p.running, p.allowed) for p in pools]
-                leaving = [(p, w) for p in pools for w in p.workers if w.leaving and not w.busy]
-                if leaving:
-                    pool, worker = leaving[0]
-                    pool.exit(worker)
-                else:
+                if not _exit_a_leaving_worker(pools):
                     busy = [(p, w) for p in pools for w in p.workers if w.busy]
                     assert busy, "work queued, no worker running, none leaving: a lost wake-up"
                     for _, w in busy:
@@ -305,6 +298,16 @@ class BudgetMachine(RuleBasedStateMachine):
                         del waiting[id(p)]  # a task of its started
         finally:
             _restore(self.budget, pools, snapshot)
+
+
+def _exit_a_leaving_worker(pools: list[_ModelPool]) -> bool:
+    """One step of a drain: an idle worker told to leave exits (False: none is)."""
+    for pool in pools:
+        for worker in pool.workers:
+            if worker.leaving and not worker.busy:
+                pool.exit(worker)
+                return True
+    return False
 
 
 #: The budget's accounts, its published counts, and each pool's queue, allowance,
