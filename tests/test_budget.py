@@ -118,14 +118,19 @@ def test_one_key_flooding_does_not_starve_another(tmp_path: Path) -> None:
             assert manager.stats()["budget"]["waiting"] == 1  # B, until A gives a worker back
             first_gate.touch()  # A's workers finish their task; one of them leaves for B
             assert b_future.result(timeout=30) == 49
-            # B ran while A's backlog (gated until now) was not done.
-            assert b_done_with_a_unfinished and b_done_with_a_unfinished[0] == 28
+            # B ran while A's backlog (gated until now) was not done. (A's
+            # second first task, let go by the same gate, may finish a moment
+            # after B's: 28 or 29 unfinished.)
+            assert b_done_with_a_unfinished and b_done_with_a_unfinished[0] >= 28
             assert manager.stats()["total_workers"] <= 2
             backlog_gate.touch()
             assert [f.result(timeout=30) for f in backlog] == [i * i for i in range(2, 30)]
             assert all(isinstance(f.result(timeout=30), int) for f in firsts)
             assert a.task_counts()["completed"] == 30
         finally:
+            # (Open both gates whatever failed: shutdown waits for the work.)
+            first_gate.touch()
+            backlog_gate.touch()
             done_a()
             done_b()
 
