@@ -43,6 +43,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -521,7 +522,7 @@ class _Remains:
         """The pool's finalizer: it may run on any thread, at any point (no lock, no wait).
 
         With an I/O thread, that thread ends the workers and lets the server
-        go (`_abandoned`); else the server's hold is given back soon.
+        go (`abandoned`); else the server's hold is given back soon.
         """
         if os.getpid() != self.owner_pid:
             return  # (a forked child's copy: the parent's to release)
@@ -549,10 +550,10 @@ class _Remains:
 def _io_thread(pool_ref: weakref.ReferenceType[BaseWorkerPool], remains: _Remains) -> None:
     """A pool's I/O thread: see `BaseWorkerPool._io_round`.
 
-    It holds the pool weakly while it waits on an idle pool (a pool with
-    unfinished tasks is held by `_busy_pools` anyway, whatever this thread
-    last saw): a pool dropped while idle is collected, and its finalizer
-    wakes this thread, which closes the workers' sockets and ends.
+    It holds the pool only weakly while it waits (a pool with unfinished
+    tasks is held by `_busy_pools`): a pool dropped while idle is collected,
+    and its finalizer wakes this thread, which closes the workers' sockets
+    and ends.
     """
     _threads.mark_library_thread()
     io = remains.io
@@ -562,18 +563,15 @@ def _io_thread(pool_ref: weakref.ReferenceType[BaseWorkerPool], remains: _Remain
     try:
         while pool is not None:
             try:
-                round_ = pool._io_round(selector)
-                if round_ is None:
+                timeout = pool._io_round(selector)
+                if timeout is None:
                     break  # no worker left (the pool closed the pipe's write end)
-                timeout, busy = round_
-                if not busy:
-                    pool = None
+                pool = None  # (held weakly while it waits)
                 # (An idle timeout of a month overflows epoll: wait in steps.)
                 events = selector.select(wait_step(timeout))
+                pool = pool_ref()
                 if pool is None:
-                    pool = pool_ref()
-                    if pool is None:
-                        break
+                    break
                 pool._io_events(events, selector)
             except BaseException as error:
                 if pool is None:
@@ -1816,14 +1814,12 @@ class BaseWorkerPool(WorkerPool):
 
     # -- the I/O thread -------------------------------------------------------
 
-    def _io_round(self, selector: selectors.BaseSelector) -> tuple[float | None, bool] | None:
+    def _io_round(self, selector: selectors.BaseSelector) -> float | None:
         """(I/O thread) Before it waits: register new workers, enforce the limits.
 
-        Returns how long the thread may wait (None: until something happens)
-        and whether the pool has unfinished tasks (then the thread holds the
-        pool while it waits); None once no worker is left: then the thread
-        ends (a later worker starts a new one), and the wake-up pipe's write
-        end is closed.
+        Returns how long the thread may wait (``math.inf``: until something
+        happens); None once no worker is left: then the thread ends (a later
+        worker starts a new one), and the wake-up pipe's write end is closed.
         """
         with self._lock:
             self._apply_io_changes(selector)
@@ -1837,10 +1833,9 @@ class BaseWorkerPool(WorkerPool):
                 return None
             timeout = self._check_workers()
             watched, timeout = self._memory_check_due(timeout)
-            busy = bool(self._outstanding)
         if watched:
             self._check_memory(watched)
-        return timeout, busy
+        return math.inf if timeout is None else timeout
 
     def _io_events(
         self, events: list[tuple[selectors.SelectorKey, int]], selector: selectors.BaseSelector
