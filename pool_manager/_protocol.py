@@ -181,7 +181,7 @@ class Message(NamedTuple):
 #: Bodies at least this large are read straight into a buffer of their size.
 _LARGE_BODY = 1 << 16
 _CHUNK = 1 << 18
-# (The I/O thread builds a Message per message: tuple.__new__ takes about 60%
+# (The I/O loop builds a Message per message: tuple.__new__ takes about 60%
 # of the time Message(...) does, which goes through a Python-level __new__.)
 _new_message = tuple.__new__
 
@@ -404,7 +404,7 @@ def load_outcome(ok: bool, data: bytes | bytearray) -> tuple[bool, Any]:
             f"{type(unpickling_error).__name__}: {unpickling_error}"
         )
         # Its traceback as text: the frames themselves would pin the pool's
-        # I/O thread's locals until a garbage collection.
+        # I/O loop's locals until a garbage collection.
         text = "".join(traceback.format_exception(unpickling_error))
         result_failure.__cause__ = _remote_traceback(text)
         return False, result_failure

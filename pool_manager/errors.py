@@ -84,8 +84,8 @@ class WorkerPoolBrokenError(PoolManagerError, BrokenProcessPool):
     A ``concurrent.futures.process.BrokenProcessPool`` (so a ``BrokenExecutor``),
     as ``ProcessPoolExecutor`` raises. The pool itself is not broken: it has
     already replaced its workers. (Also raised, with the error as its cause,
-    for every unfinished task of a pool whose I/O thread met an unexpected
-    error: the pool ended its workers, and starts new ones for new tasks.)
+    for every unfinished task of a pool whose I/O (on the I/O loop) met an
+    unexpected error: the pool ended its workers, and starts new ones for new tasks.)
     """
 
 

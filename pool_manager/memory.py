@@ -3,7 +3,7 @@
 The supervisor calls `sample_workers` at ``memory_sample_interval`` and keeps
 the result for `WorkerPoolManager.stats`. The limits are each pool's own, so
 that a standalone pool has them too: ``max_worker_memory`` in the worker
-after each task, ``kill_worker_memory`` by the pool's I/O thread with
+after each task, ``kill_worker_memory`` by the process's I/O loop with
 `resident_memory` every 50 ms (from outside: a task growing inside one C call
 that holds the GIL is caught too).
 

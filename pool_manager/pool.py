@@ -12,28 +12,33 @@ How a task travels::
       │        (cancellable)     (a batch     (one message      (runs the batch
       │                           per worker)  per batch)        in order)
       ▼                                                             │
-    future ◀── the pool's I/O thread ◀──── one message per result ◀─┘
+    future ◀──── the I/O loop ◀──────────── one message per result ◀─┘
+      │          (settles it)
+      └─▶ done-callbacks, on the pool's strand of the callback threads
 
 Dispatch runs wherever something changes (a submit, a result, a worker
 start or exit) under the pool's lock, and never blocks: sockets are
-non-blocking, and what does not fit is flushed by the I/O thread. An idle
-worker gets a task straight from ``submit``. When tasks queue up, a worker
-gets several in one message, and a few more than it is running (enough for
-about a millisecond of work, by the measured task time), so that it never
-waits for the parent between tasks.
+non-blocking, what does not fit is flushed by the I/O loop, and a worker
+to start is asked of the process's starter (`_starter.py`), which makes the
+fork-server round trip with no pool lock held and hands the worker back
+(`_worker_started`) with its first batch, taken from the queue when it was
+asked for. When tasks queue up, a worker gets several in one message, and
+a few more than it is running (enough for about a millisecond of work, by
+the measured task time), so that it never waits for the parent between
+tasks.
 
-Each pool has one I/O thread while it has live workers: it reads results,
-flushes output, learns of worker exits from the fork server's status pipes,
-and retires workers idle past ``idle_timeout``. A worker that dies takes
-only the task it was running; the tasks sent to it but not started go back
-to the front of the queue.
+One I/O loop serves every pool of the process (`_io_loop.py`): a pool with
+live workers is attached to it, and the loop reads results, flushes output,
+learns of worker exits from the fork server's status pipes, ends workers
+past a deadline or ``kill_worker_memory``, and retires workers idle past
+``idle_timeout``. A worker that dies takes only the task it was running;
+the tasks sent to it but not started go back to the front of the queue.
 
 A worker that cannot start (the system is out of descriptors, processes or
-memory) is tried again with a back-off by the pool's *start-retry thread*,
-which runs only while that lasts (a pool with no worker has no I/O thread
-to do it): nothing sleeps under the pool's lock, and ``submit`` never
-waits for it. When it gives up, the queued tasks that no live worker of the
-pool can take fail with `WorkerStartError`.
+memory) is tried again with a back-off (the starter calls the pool back,
+`_start_retry_due`): nothing sleeps under the pool's lock, and ``submit``
+never waits for it. When it gives up, the queued tasks that no live worker
+of the pool can take fail with `WorkerStartError`.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from . import _process, _signals, _threads
 from ._compat import ProcessView, resolve_start_method
 from ._dispatch import RunTimes, batch_size, task_kind
 from ._durations import Duration, to_bytes, to_count, to_seconds, wait_step
+from ._io_loop import get_loop
 from ._map import OpenMaps, known_length, map_lazily
 from ._protocol import (
     BUDGET,
@@ -87,6 +93,7 @@ from ._protocol import (
     dump_call,
     load_outcome,
 )
+from ._starter import get_starter
 from ._worker import (
     WorkerConfig,
     WorkerLimits,
@@ -382,7 +389,7 @@ class _TaskFuture(_threads.GuardedCallbacksFuture):
     It settles only after the pool has counted the task as finished. Until
     the task is dispatched to a worker it can be cancelled; once dispatched
     it is *running*, as a ``ProcessPoolExecutor`` task in its call queue.
-    Its done-callbacks run on the pool's I/O thread, which they cannot end
+    Its done-callbacks run on the pool's strand of the callback threads, which they cannot end
     (`_threads.GuardedCallbacksFuture`). It holds its pool until it settles,
     then weakly: finished futures kept by a caller do not keep a dropped pool
     (and its workers) alive.
@@ -412,6 +419,12 @@ class _TaskFuture(_threads.GuardedCallbacksFuture):
         else:
             self.set_exception(value)
 
+    def _finish_quietly(self, ok: bool, value: Any) -> list[Callable[[Future[Any]], object]]:
+        """`_finish` without running the done-callbacks: returns them (see `_finish_tasks`)."""
+        self._payload = None
+        self._pool = None
+        return self.settle_quietly(ok, value)
+
     def cancel(self) -> bool:
         pool = self._pool
         if pool is None:
@@ -424,7 +437,7 @@ class _TaskFuture(_threads.GuardedCallbacksFuture):
 
 class _StartTrouble:
     """Workers of a pool fail to start (guarded by the pool's lock): since when,
-    why, and when the start-retry thread tries again."""
+    why, and when the starter tries again."""
 
     __slots__ = ("attempts", "error", "given_up", "retry_at", "since")
 
@@ -436,6 +449,16 @@ class _StartTrouble:
         self.given_up = False  #: no more tries: fail what no live worker can take
 
 
+class _Start:
+    """A worker asked of the starter, not yet here (guarded by the pool's lock)."""
+
+    __slots__ = ("batch", "place")
+
+    def __init__(self, place: bool) -> None:
+        self.place = place  #: it holds a place under max_busy_workers
+        self.batch: list[_TaskFuture] = []  #: its first tasks, sent once it is here
+
+
 def _worth_retrying(error: BaseException) -> bool:
     """A worker start failed for want of something the system may soon have again."""
     if isinstance(error, ForkServerError):
@@ -445,152 +468,51 @@ def _worth_retrying(error: BaseException) -> bool:
     return isinstance(error, RuntimeError)  # "can't start new thread": out of processes
 
 
-class _IOResources:
-    """A new I/O thread's wake-up pipe and selector, made before its worker starts."""
-
-    __slots__ = ("_lock", "_write_closed", "selector", "wake_read", "wake_write")
-
-    def __init__(self, wake_read: int, wake_write: int, selector: selectors.BaseSelector) -> None:
-        self.wake_read = wake_read
-        self.wake_write = wake_write
-        self.selector = selector
-        #: Guards closing ``wake_write`` against `wake_nowait` (which never waits for it).
-        self._lock = threading.Lock()
-        self._write_closed = False
-
-    @classmethod
-    def create(cls) -> _IOResources:
-        wake_read, wake_write = os.pipe()
-        try:
-            os.set_blocking(wake_read, False)
-            os.set_blocking(wake_write, False)
-            selector = selectors.DefaultSelector()
-        except BaseException:
-            os.close(wake_read)
-            os.close(wake_write)
-            raise
-        resources = cls(wake_read, wake_write, selector)
-        try:
-            selector.register(wake_read, selectors.EVENT_READ, None)
-        except BaseException:
-            resources.close()
-            raise
-        return resources
-
-    def wake_nowait(self) -> None:
-        """Wake the I/O thread, from anywhere (a finalizer): takes no lock it must wait for.
-
-        (If the lock is held, the thread is closing the pipe: it is ending anyway.)
-        """
-        if self._lock.acquire(blocking=False):
-            try:
-                if not self._write_closed:
-                    with contextlib.suppress(OSError):
-                        os.write(self.wake_write, b"\0")
-            finally:
-                self._lock.release()
-
-    def close_write(self) -> None:
-        with self._lock:
-            if not self._write_closed:
-                self._write_closed = True
-                os.close(self.wake_write)
-
-    def close_read(self) -> None:
-        self.selector.close()
-        os.close(self.wake_read)
-
-    def close(self) -> None:
-        self.close_read()
-        self.close_write()
-
-
 class _Remains:
-    """What a pool holds outside the Python heap (its I/O thread's resources,
-    the fork server), for the pool's finalizer and its I/O thread, so that a
-    pool dropped without ``shutdown()`` is collected and lets go of them, as a
-    ``ProcessPoolExecutor`` does. Changed under the pool's lock."""
+    """What a pool holds outside the Python heap (its workers' sockets and pipes,
+    its place in the I/O loop, the fork server), for the pool's finalizer and
+    the loop, so that a pool dropped without ``shutdown()`` is collected and
+    lets go of them, as a ``ProcessPoolExecutor`` does. Changed under the
+    pool's lock."""
 
-    __slots__ = ("io", "owner_pid", "server")
+    __slots__ = ("owner_pid", "server", "token", "workers")
 
-    def __init__(self) -> None:
-        self.io: _IOResources | None = None  # while an I/O thread runs
+    def __init__(self, workers: dict[int, _Worker]) -> None:
+        self.token: int | None = None  # its token in the I/O loop, while attached
         self.server: _process.ForkServer | None = None  # held, from the first worker start
+        self.workers = workers  # the pool's own dict of its live workers
         self.owner_pid = os.getpid()
 
     def collected(self) -> None:
         """The pool's finalizer: it may run on any thread, at any point (no lock, no wait).
 
-        With an I/O thread, that thread ends the workers and lets the server
-        go (`abandoned`); else the server's hold is given back soon.
+        Attached to the I/O loop, the loop ends the workers and lets the
+        server go (`abandoned`); else the server's hold is given back soon.
         """
         if os.getpid() != self.owner_pid:
             return  # (a forked child's copy: the parent's to release)
-        io = self.io
-        if io is not None:
-            io.wake_nowait()
+        token = self.token
+        if token is not None:
+            get_loop().abandon_nowait(token)
         elif self.server is not None:
             self.server = None
             _process.release_server_soon()
 
     def abandoned(self, selector: selectors.BaseSelector) -> None:
-        """(The I/O thread, its pool collected) close every worker's socket and
-        status pipe (an idle worker exits when its socket closes), let go of
-        the fork server."""
-        workers: list[_Worker] = [
-            key.data for key in selector.get_map().values() if key.data is not None
-        ]
-        for worker in dict.fromkeys(workers):
+        """(The I/O loop, the pool collected) close every worker's socket and status
+        pipe (an idle worker exits when its socket closes), let go of the fork server."""
+        for worker in list(self.workers.values()):
             worker.close(selector)
+        self.workers.clear()
         server, self.server = self.server, None
         if server is not None:
-            _process.release_server()
-
-
-def _io_thread(pool_ref: weakref.ReferenceType[BaseWorkerPool], remains: _Remains) -> None:
-    """A pool's I/O thread: see `BaseWorkerPool._io_round`.
-
-    It holds the pool only weakly while it waits (a pool with unfinished
-    tasks is held by `_busy_pools`): a pool dropped while idle is collected,
-    and its finalizer wakes this thread, which closes the workers' sockets
-    and ends.
-    """
-    _threads.mark_library_thread()
-    io = remains.io
-    assert io is not None
-    selector = io.selector
-    pool = pool_ref()
-    try:
-        while pool is not None:
-            try:
-                timeout = pool._io_round(selector)
-                if timeout is None:
-                    break  # no worker left (the pool closed the pipe's write end)
-                pool = None  # (held weakly while it waits)
-                # (An idle timeout of a month overflows epoll: wait in steps.)
-                events = selector.select(wait_step(timeout))
-                pool = pool_ref()
-                if pool is None:
-                    break
-                pool._io_events(events, selector)
-            except BaseException as error:
-                if pool is None:
-                    pool = pool_ref()
-                if pool is not None:
-                    # Then serve again: it ends at once if no worker is left.
-                    pool._io_failed(error, selector)
-        if pool is None:
-            remains.abandoned(selector)
-            io.close_write()
-    finally:
-        io.close_read()
-    if pool is not None and pool._shut_down:
-        pool._drop_server()
+            # (Not on the loop: the last hold waits for the server to exit.)
+            _threads.get_runner().run(_threads.Strand(), _process.release_server)
 
 
 class _Worker:
     """The pool's side of one worker process (guarded by the pool's lock,
-    but for its reader, which only the I/O thread touches)."""
+    but for its reader, which only the I/O loop touches)."""
 
     __slots__ = (
         "assigned",
@@ -603,6 +525,7 @@ class _Worker:
         "outbuf",
         "pid",
         "holds_place",
+        "owner",
         "place_since",
         "ready",
         "registered",
@@ -616,8 +539,11 @@ class _Worker:
         "finished_tasks",
     )
 
-    def __init__(self, pid: int, sock: socket.socket, status_fd: int, now: float) -> None:
+    def __init__(
+        self, pid: int, sock: socket.socket, status_fd: int, now: float, owner: int
+    ) -> None:
         self.pid = pid
+        self.owner = owner  # its pool's token in the I/O loop
         self.sock = sock
         self.status_fd = status_fd
         self.reader = MessageReader()
@@ -908,7 +834,8 @@ class BaseWorkerPool(WorkerPool):
         self._not_full = threading.Condition(self._lock)  # backpressure waiters
         self._blocked_submits = 0  # submit calls waiting on _not_full
         self._drained = threading.Condition(self._lock)  # waiters for no unfinished work
-        self._io_done = threading.Condition(self._lock)  # waiters for the I/O thread's end
+        #: Waiters for the last worker to be gone (none starting, none attached to the loop).
+        self._io_done = threading.Condition(self._lock)
         self._outstanding: dict[int, _TaskFuture] = {}  # unfinished, by task id
         self._pending: deque[_TaskFuture] = deque()  # accepted, not dispatched
         self._workers: dict[int, _Worker] = {}  # live (leaving included), by pid
@@ -933,20 +860,21 @@ class BaseWorkerPool(WorkerPool):
         self._allowed: int | None = None  # the budget's allowance (None: no budget)
         self._busy_slots: BusySlots | None = None  # max_busy_workers (see attach_budget)
         self._places_to_return = 0  # places of workers that went idle, to give back
-        #: The fork server this pool holds (see _process) and its I/O thread's
-        #: pipe and selector; the finalizer lets go of them.
-        self._remains = _Remains()
+        #: The fork server this pool holds (see _process), its workers and its
+        #: token in the I/O loop: the finalizer lets go of them.
+        self._remains = _Remains(self._workers)
         weakref.finalize(self, self._remains.collected).atexit = False
-        self._io_thread: threading.Thread | None = None
-        self._last_io_thread: threading.Thread | None = None
-        self._wake_fd: int | None = None  # the I/O thread's wake-up pipe
-        self._io_changes: list[_Worker] = []  # for the I/O thread: new, or output waiting
+        self._io_token: int | None = None  # attached to the I/O loop (while it has workers)
+        self._disposal_waits = False  # a dispose(wait=True) is under way
+        self._io_changes: list[_Worker] = []  # for the I/O loop: new, or output waiting
+        #: Workers asked of the starter (`_request_start`) and not yet here,
+        #: in the order asked; they count as live.
+        self._starts: deque[_Start] = deque()
         #: Workers failing to start (see _start_failed); None while they start.
-        #: While it is set, the start-retry thread runs.
         self._start_trouble: _StartTrouble | None = None
-        self._retry_thread: threading.Thread | None = None
-        self._last_retry_thread: threading.Thread | None = None
-        self._retry_due = threading.Condition(self._lock)  # the retry thread waits here
+        #: This pool's done-callbacks and worker events, run in order off the
+        #: service threads (`_threads.CallbackRunner`).
+        self._strand = _threads.Strand()
         #: Tasks failed under _lock with no thread to finish them (none could
         #: start): whoever releases the lock next finishes them.
         self._undelivered: list[tuple[_TaskFuture, bool | None, Any]] = []
@@ -973,10 +901,6 @@ class BaseWorkerPool(WorkerPool):
             if not worker.status_done:
                 with contextlib.suppress(OSError):
                     os.close(worker.status_fd)
-        io = self._remains.io
-        if io is not None:
-            with contextlib.suppress(OSError):
-                io.close()
 
     # -- WorkerPool ------------------------------------------------------
 
@@ -1032,13 +956,17 @@ class BaseWorkerPool(WorkerPool):
             return self._exit_reasons.pop(pid, None)
 
     def _emit_worker_events(self) -> None:
+        if _threads.on_service_thread():
+            if self._worker_events:
+                _threads.get_runner().run(self._strand, self._emit_worker_events)
+            return
         with self._lock:
             events, self._worker_events = self._worker_events, []
             callbacks = list(self._worker_event_callbacks)
         for kind, pid, reason in events:
             logger.debug("worker %d: %s (%s)", pid, kind, reason)
             for callback in callbacks:
-                # A listener's bug must not fail tasks, nor end the I/O thread.
+                # A listener's bug must not fail tasks, nor end a callback thread.
                 _threads.call_guarded(
                     callback, kind, pid, reason, failed="a worker event callback failed"
                 )
@@ -1046,14 +974,14 @@ class BaseWorkerPool(WorkerPool):
     def release_idle_resources(self) -> bool:
         """Let go of the fork server once every worker has exited and no task waits.
 
-        (The pool's I/O thread ends by itself when its last worker exits.) An
-        idle pool then costs only its Python objects; the next submit starts
-        workers again. Returns True if anything was released.
+        (The pool leaves the I/O loop by itself when its last worker exits.)
+        An idle pool then costs only its Python objects; the next submit
+        starts workers again. Returns True if anything was released.
         """
         if self._inherited():
             return False
         with self._lock:
-            if self._outstanding or self._workers:
+            if self._outstanding or self._workers or self._starts:
                 return False
         return self._drop_server()
 
@@ -1107,8 +1035,8 @@ class BaseWorkerPool(WorkerPool):
         want = self.worker_count
         with self._lock:
             unfinished = len(self._outstanding)
-            live = len(self._workers)
-            active = sum(1 for w in self._workers.values() if w.leaving is None)
+            live = len(self._workers) + len(self._starts)
+            active = self._active()
         return BudgetReport(want=want, demand=min(want, unfinished), live=live, active=active)
 
     def apply_allowance(self) -> None:
@@ -1156,7 +1084,7 @@ class BaseWorkerPool(WorkerPool):
 
         Returns a ``concurrent.futures.Future``. Blocks while the pool is full
         (only when ``max_pending`` is set), but never on a thread that must
-        not stall: a pool's I/O thread (where done-callbacks run), a
+        not stall: the library's callback threads (where done-callbacks run), a
         manager's supervisor (where ``on_event`` may run) or a thread running
         an asyncio event loop (``loop.run_in_executor``). There the task is
         admitted at once, beyond ``max_pending``: waiting would hold up the
@@ -1400,10 +1328,10 @@ class BaseWorkerPool(WorkerPool):
             self._dispose(wait)
 
     def _dispose(self, wait: bool) -> None:
-        if wait and threading.current_thread() is self._io_thread:
-            # From a future's callback, which runs on the pool's I/O thread:
-            # waiting for that thread would wait forever. The work still
-            # finishes and the workers still stop, as with wait=False.
+        if wait and _threads.on_service_thread():
+            # (From an idle callback, say, on the I/O loop: waiting for the
+            # loop would wait forever.) The work still finishes and the
+            # workers still stop, as with wait=False.
             wait = False
         with self._lock:
             self._shut_down = True
@@ -1413,17 +1341,11 @@ class BaseWorkerPool(WorkerPool):
                     self._drained.wait()
             if not self._outstanding:
                 self._retire_all()
-            self._retry_due.notify_all()  # with nothing queued, the retry thread ends
             if not wait:
                 return
-            while self._io_thread is not None:
+            self._disposal_waits = True  # (this thread lets the fork server go)
+            while self._io_token is not None or self._starts:
                 self._io_done.wait()
-            thread = self._last_io_thread
-            retry_thread = self._last_retry_thread
-        if thread is not None:
-            thread.join()
-        if retry_thread is not None and retry_thread is not threading.current_thread():
-            retry_thread.join()
         self._drop_server()
         _live_pools.discard(self)
         if self._busy_slots is not None:
@@ -1450,24 +1372,31 @@ class BaseWorkerPool(WorkerPool):
         Not when its allowance has room (it starts workers itself), nor when
         the allowance is unused for want of a place under ``max_busy_workers``.
         """
-        active = sum(1 for w in self._workers.values() if w.leaving is None)
+        active = self._active()
         if active < (self._allowed or 0):
             return False
         return active < min(self.worker_count, len(self._outstanding))
 
-    def _dispatch(self) -> None:
+    def _active(self) -> int:
+        """(Holds _lock) Workers that take tasks: live and not told to leave, or starting."""
+        return len(self._starts) + sum(1 for w in self._workers.values() if w.leaving is None)
+
+    def _dispatch(self, start: bool = True) -> None:
         """Hand queued tasks to workers, starting workers as allowed.
 
         Under ``max_busy_workers`` (`BusySlots`), an idle worker needs a place
         before it is handed work; when a worker gives its place back, and
         which busy worker may be handed more, is `BusySlots`' policy
         (`BusySlots.places_to_release`, `budget.PlaceRules`): this applies it.
+        With ``start`` false (just after a failed start), no worker is started.
         """
-        if self._allowed is not None and len(self._workers) > self._allowed:
+        if self._allowed is not None and len(self._workers) + len(self._starts) > self._allowed:
             self._shed_surplus(self._allowed)
         pending = self._pending
+        if pending and not self._outstanding:
+            pending.clear()  # (what is left was cancelled: each task queued is outstanding)
         if pending and not self._terminating:
-            self._dispatch_pending(pending)
+            self._dispatch_pending(pending, start)
         busy = self._busy_slots
         if busy is None:
             return
@@ -1482,7 +1411,7 @@ class BaseWorkerPool(WorkerPool):
         The busy ones above it leave as they go idle (each dispatch looks
         again), and are handed no more work meanwhile (`_dispatch_pending`).
         """
-        surplus = sum(1 for w in self._workers.values() if w.leaving is None) - allowed
+        surplus = self._active() - allowed
         for worker in list(self._workers.values()):
             if surplus <= 0:
                 return
@@ -1490,7 +1419,7 @@ class BaseWorkerPool(WorkerPool):
                 self._retire(worker, BUDGET)
                 surplus -= 1
 
-    def _dispatch_pending(self, pending: deque[_TaskFuture]) -> None:
+    def _dispatch_pending(self, pending: deque[_TaskFuture], may_start: bool) -> None:
         limit = self._worker_limit()
         max_tasks = self._limits.max_tasks
         busy = self._busy_slots
@@ -1502,7 +1431,7 @@ class BaseWorkerPool(WorkerPool):
                 self._places_to_return += 1
         while pending:
             depth = self._estimates.depth(pending[0].kind)
-            active = 0
+            active = len(self._starts)
             idle = None
             best = None  # the least loaded busy worker with room
             for candidate in self._workers.values():
@@ -1521,28 +1450,35 @@ class BaseWorkerPool(WorkerPool):
                     best = candidate
             if active > limit:
                 best = None  # shrinking: its busy workers leave as they go idle
-            worker = None
+            worker: _Worker | None = None
+            start = None
             if idle is not None:
                 # Without a place, it waits in line; a busy worker within
                 # its time slice may still take more.
                 worker = idle if self._take_place(idle) else best
-            elif active < limit and self._may_start(now) and (busy is None or busy.take(self)):
-                worker = self._start_worker()
-                if worker is None:
-                    if busy is not None:
-                        self._places_to_return += 1
-                    worker = best
-                else:
-                    worker.holds_place = busy is not None
-                    worker.place_since = now
+            elif (
+                may_start
+                and active < limit
+                and self._may_start(now)
+                and (busy is None or busy.take(self))
+            ):
+                start = self._request_start(busy is not None)
+                if start is not None:
                     active += 1
+                else:
+                    worker = best
             else:
                 worker = best
-            if worker is None:
+            if worker is not None:
+                room = depth - len(worker.assigned)
+                if max_tasks is not None:
+                    room = min(room, max_tasks - worker.sent)
+            elif start is not None:
+                # Its first batch is its own from now on (running, as with
+                # ProcessPoolExecutor's call queue): sent once it is here.
+                room = depth if max_tasks is None else min(depth, max_tasks)
+            else:
                 return
-            room = depth - len(worker.assigned)
-            if max_tasks is not None:
-                room = min(room, max_tasks - worker.sent)
             count = batch_size(room, len(pending), active)
             batch: list[_TaskFuture] = []
             while pending and len(batch) < count:
@@ -1554,7 +1490,14 @@ class BaseWorkerPool(WorkerPool):
                         continue
                     future._dispatched = True
                 batch.append(future)
-            if batch:
+            if not batch:
+                continue
+            if worker is None:
+                assert start is not None
+                start.batch = batch
+            else:
+                if worker.place_since == math.inf:
+                    worker.place_since = now  # (its first batch: see _add_worker)
                 self._send_tasks(worker, batch)
 
     def _take_place(self, worker: _Worker) -> bool:
@@ -1599,7 +1542,7 @@ class BaseWorkerPool(WorkerPool):
         self._send(worker, head, *payloads)
 
     def _send(self, worker: _Worker, *parts: bytes) -> None:
-        """Send without blocking; what does not fit now, the I/O thread sends."""
+        """Send without blocking; what does not fit now, the I/O loop sends."""
         if worker.sock_done:
             return
         if not worker.outbuf:
@@ -1608,7 +1551,7 @@ class BaseWorkerPool(WorkerPool):
             except BlockingIOError:
                 sent = 0
             except OSError:
-                return  # the worker is gone: the I/O thread will see it
+                return  # the worker is gone: the I/O loop will see it
             for part in parts:
                 if sent >= len(part):
                     sent -= len(part)
@@ -1631,72 +1574,117 @@ class BaseWorkerPool(WorkerPool):
         for worker in list(self._workers.values()):
             self._retire(worker, SHUTDOWN)
 
-    def _start_worker(self) -> _Worker | None:
-        """Fork a new worker from the fork server; None if that failed (`_start_failed`)."""
-        io = None
+    def _request_start(self, place: bool) -> _Start | None:
+        """(Holds _lock) Ask the starter for a worker (``place``: it holds a place
+        under ``max_busy_workers``); it counts as live from now on. None if
+        there is no thread to start it (a start failure, `_start_failed`)."""
         try:
-            if self._io_thread is None:
-                # Made first: a process out of descriptors fails this start,
-                # rather than the I/O thread once its worker runs.
-                io = _IOResources.create()
-            remains = self._remains
-            if remains.server is None:
-                remains.server = _process.acquire_server()
-            try:
-                pid, sock, status_fd = remains.server.start_worker()
-            except _process.ForkServerGone:
-                remains.server = _process.acquire_server(replace=remains.server)
-                pid, sock, status_fd = remains.server.start_worker()
-        except (OSError, ForkServerError) as error:
-            if io is not None:
-                io.close()
+            get_starter().request(self)
+        except RuntimeError as error:
+            self._places_to_return += place
             self._start_failed(error)
             return None
-        if io is not None:
-            self._remains.io = io
-            thread = threading.Thread(
-                target=_io_thread,
-                args=(weakref.ref(self), self._remains),
-                name="pool_manager-io",
-                daemon=True,
-            )
+        start = _Start(place)
+        self._starts.append(start)
+        _live_pools.add(self)  # (for the exit hook: its worker is on its way)
+        return start
+
+    def _start_one(self) -> None:
+        """(The starter's thread, no lock held) Fork one worker from the fork
+        server, then file it (`_worker_started`)."""
+        started: tuple[int, socket.socket, int] | None = None
+        error: BaseException | None = None
+        remains = self._remains
+        try:
+            server = remains.server  # (only this thread sets it while a start is on)
+            if server is None:
+                server = _process.acquire_server()
+                with self._lock:
+                    remains.server = server
             try:
-                with _process.signals_blocked():
-                    thread.start()
-            except RuntimeError as error:  # no thread to serve it: the worker goes
-                self._remains.io = None
-                _process.kill_worker(pid)
-                sock.close()
-                os.close(status_fd)
-                io.close()
+                started = server.start_worker()
+            except _process.ForkServerGone:
+                server = _process.acquire_server(replace=server)
+                with self._lock:
+                    remains.server = server
+                started = server.start_worker()
+        except BaseException as failure:  # (a bug too: the pool must hear of it)
+            error = failure
+        self._worker_started(started, error)
+
+    def _worker_started(
+        self, started: tuple[int, socket.socket, int] | None, error: BaseException | None
+    ) -> None:
+        """(The starter's thread) A start asked for ended: file the new worker
+        and dispatch, or count the failure (`_start_failed`)."""
+        with self._lock:
+            start = self._starts.popleft()
+            place = start.place
+            if started is not None:
+                pid, sock, status_fd = started
+                if self._io_token is None:
+                    try:
+                        token = get_loop().attach(self, self._remains)
+                    except (OSError, RuntimeError) as failure:  # no loop to serve it
+                        _process.kill_worker(pid)
+                        sock.close()
+                        os.close(status_fd)
+                        started, error = None, failure
+                    else:
+                        self._io_token = self._remains.token = token
+            if started is None:
+                self._places_to_return += place
+                self._requeue(start.batch)
+                assert error is not None
                 self._start_failed(error)
-                return None
-            self._wake_fd = io.wake_write
-            self._io_thread = self._last_io_thread = thread
+                # (Its tasks may go to live workers, but no other start is
+                # tried now: after a retry's back-off, or the next submit.)
+                self._dispatch(start=False)
+            else:
+                worker = self._add_worker(*started, place)
+                batch = [f for f in start.batch if f.task_id in self._outstanding]
+                if batch:
+                    worker.place_since = time.monotonic()
+                    self._send_tasks(worker, batch)
+                self._dispatch()
+            if not self._starts:
+                self._io_done.notify_all()
+        self._after_unlock()
+
+    def _add_worker(self, pid: int, sock: socket.socket, status_fd: int, place: bool) -> _Worker:
+        """(Holds _lock, attached to the loop) A worker has started: it is the pool's."""
         if self._start_trouble is not None:
-            self._start_trouble = None
-            self._retry_due.notify_all()  # the retry thread's work is done
+            self._start_trouble = None  # (a retry due finds nothing to do)
+        assert self._io_token is not None
         sock.setblocking(False)
-        worker = _Worker(pid, sock, status_fd, time.monotonic())
+        now = time.monotonic()
+        worker = _Worker(pid, sock, status_fd, now, self._io_token)
+        worker.holds_place = place
+        # (Its time slice under max_busy_workers starts with its first batch:
+        # a place is not given up before it was used.)
+        worker.place_since = math.inf if place else now
         self._workers[pid] = worker
         _live_pools.add(self)
         # Made now: the worker gets the directory and environment of its start.
         self._send(worker, init_message(self._config, self._env))
         self._io_changes.append(worker)
-        if io is None:
-            self._wake()
+        self._wake()
+        if self._terminating:
+            _process.kill_worker(pid)
+        elif self._shut_down and not self._outstanding:
+            self._retire(worker, SHUTDOWN)
         return worker
 
     # -- workers that fail to start --------------------------------------------
 
     def _may_start(self, now: float) -> bool:
-        """(Holds _lock) No failed start waits for its retry (the retry thread makes it)."""
+        """(Holds _lock) No failed start waits for its retry (the starter calls it)."""
         trouble = self._start_trouble
         return trouble is None or (not trouble.given_up and now >= trouble.retry_at)
 
     def _start_failed(self, error: BaseException) -> None:
-        """(Holds _lock) A worker did not start: the retry thread tries again
-        after a back-off, or gives up (`_give_up_starting`)."""
+        """(Holds _lock) A worker did not start: the starter calls `_start_retry_due`
+        after a back-off, or the pool gives up (`_give_up_starting`)."""
         now = time.monotonic()
         trouble = self._start_trouble
         if trouble is None:
@@ -1711,20 +1699,12 @@ class BaseWorkerPool(WorkerPool):
         else:
             backoff = START_RETRY_FIRST * 2 ** min(trouble.attempts - 1, 32)
             trouble.retry_at = now + min(START_RETRY_MAX, backoff)
-        if self._retry_thread is not None:
-            self._retry_due.notify_all()
-            return
-        thread = threading.Thread(
-            target=self._retry_starts, name="pool_manager-start-retry", daemon=True
-        )
-        try:
-            with _process.signals_blocked():
-                thread.start()
-        except RuntimeError:
-            # No thread to try again later (out of processes): give up now.
-            self._give_up_starting(self._undelivered)
-            return
-        self._retry_thread = self._last_retry_thread = thread
+            try:
+                get_starter().call_at(trouble.retry_at, self)
+                return
+            except RuntimeError:
+                pass  # no thread to try again later (out of threads): give up now
+        self._give_up_starting(self._undelivered)
 
     def _give_up_starting(self, failures: list[tuple[_TaskFuture, bool | None, Any]]) -> None:
         """(Holds _lock) Stop retrying; fail the queued tasks unless a live worker will run them.
@@ -1740,40 +1720,23 @@ class BaseWorkerPool(WorkerPool):
     def _has_queued(self) -> bool:
         return any(not future._dropped for future in self._pending)
 
-    def _retry_starts(self) -> None:
-        """The start-retry thread: runs while workers fail to start (see `_start_failed`).
-
-        Waits (on ``_retry_due``, never sleeping with the lock held) until a
-        retry is due and tries then; ends when a worker starts, when nothing
-        is queued, or when it gives up (then the tasks fail here).
-        """
-        failures: list[tuple[_TaskFuture, bool | None, Any]] = []
+    def _start_retry_due(self) -> None:
+        """(The starter's thread) A failed start's back-off is over: try again if a
+        worker is still wanted, else stop (the next one wanted is tried at once)."""
         with self._lock:
-            while True:
-                trouble = self._start_trouble
-                if trouble is None:
-                    break  # a worker started
-                if trouble.given_up or self._terminating or not self._has_queued():
-                    self._give_up_starting(failures)
-                    break
-                delay = trouble.retry_at - time.monotonic()
-                if delay > 0:
-                    self._retry_due.wait(delay)
-                    continue
-                attempts = trouble.attempts
+            trouble = self._start_trouble
+            if trouble is None or trouble.given_up or trouble.retry_at > time.monotonic():
+                return  # (a worker started, or a later retry is due)
+            if self._terminating or not self._has_queued():
+                self._give_up_starting(self._undelivered)
+            else:
+                starting = len(self._starts)
                 self._dispatch()
-                if self._start_trouble is trouble and trouble.attempts == attempts:
+                if len(self._starts) == starting and self._start_trouble is trouble:
                     # No worker was wanted after all (one came free, or the
                     # budget said no): the next one wanted is tried at once.
                     self._start_trouble = None
-                    break
-            self._retry_thread = None
-            failures.extend(self._undelivered)
-            self._undelivered.clear()
-        if self._places_to_return:
-            self._return_places()
-        if failures:
-            self._finish_tasks(failures)
+        self._after_unlock()
 
     def _after_unlock(self) -> None:
         """What a change made under the lock leaves to do once it is released:
@@ -1791,13 +1754,13 @@ class BaseWorkerPool(WorkerPool):
             self._finish_tasks(done)
 
     def _wake(self) -> None:
-        if self._wake_fd is not None:
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._wake_fd, b"\0")
+        """(Holds _lock) The I/O loop has something new of this pool's to look at."""
+        if self._io_token is not None:
+            get_loop().changed(self._io_token)
 
     def _drop_server(self) -> bool:
         with self._lock:
-            if self._workers or self._remains.server is None:
+            if self._workers or self._starts or self._remains.server is None:
                 return False
             self._remains.server = None
         _process.release_server()
@@ -1812,24 +1775,21 @@ class BaseWorkerPool(WorkerPool):
         self._finish_tasks([(future, None, None)])
         return True
 
-    # -- the I/O thread -------------------------------------------------------
+    # -- on the I/O loop (_io_loop.py) -------------------------------------------
 
     def _io_round(self, selector: selectors.BaseSelector) -> float | None:
-        """(I/O thread) Before it waits: register new workers, enforce the limits.
+        """(I/O loop) Register new workers, enforce the limits.
 
-        Returns how long the thread may wait (``math.inf``: until something
-        happens); None once no worker is left: then the thread ends (a later
-        worker starts a new one), and the wake-up pipe's write end is closed.
+        Returns how long the loop may wait for this pool (``math.inf``: until
+        something happens); None once no worker is left: then the pool has
+        left the loop (a later worker attaches it again).
         """
         with self._lock:
             self._apply_io_changes(selector)
             if not self._workers:
-                self._io_thread = None
-                io, self._remains.io = self._remains.io, None
-                self._wake_fd = None
+                self._io_token = self._remains.token = None
+                self._io_changes.clear()
                 self._io_done.notify_all()
-                if io is not None:
-                    io.close_write()
                 return None
             timeout = self._check_workers()
             watched, timeout = self._memory_check_due(timeout)
@@ -1837,19 +1797,23 @@ class BaseWorkerPool(WorkerPool):
             self._check_memory(watched)
         return math.inf if timeout is None else timeout
 
+    def _io_detached(self) -> None:
+        """(I/O loop, no lock held) The pool has left the loop: a pool shut down
+        with nobody waiting lets go of the fork server, on a callback thread
+        (the last hold waits for the server to exit)."""
+        with self._lock:
+            if not self._shut_down or self._disposal_waits:
+                return  # (a dispose(wait=True) lets it go itself, before it returns)
+        _threads.get_runner().run(self._strand, self._drop_server)
+
     def _io_events(
         self, events: list[tuple[selectors.SelectorKey, int]], selector: selectors.BaseSelector
     ) -> None:
-        """(I/O thread) Serve what the wait returned: sockets to read and write, exits."""
+        """(I/O loop) Serve what the wait returned: sockets to read and write, exits."""
         messages: list[tuple[_Worker, Message]] = []
         ended: list[_Worker] = []
         for key, mask in events:
             worker = key.data
-            if worker is None:
-                with contextlib.suppress(OSError):
-                    while os.read(key.fd, 4096):
-                        pass
-                continue
             if key.fileobj is worker.sock:
                 if mask & selectors.EVENT_WRITE:
                     self._flush(worker, selector)
@@ -1869,16 +1833,16 @@ class BaseWorkerPool(WorkerPool):
         Every unfinished task fails with `WorkerPoolBrokenError` (the error
         as its cause) rather than wait for an answer nobody would read. The
         pool stays usable: the next submit starts new workers, and a new
-        I/O thread if this one has ended.
+        attachment to the I/O loop.
         """
         logger.critical(
-            "pool_manager: the I/O thread of %r failed; ending its workers and failing its "
+            "pool_manager: the I/O loop failed serving %r; ending its workers and failing its "
             "unfinished tasks",
             self,
             exc_info=error,
         )
         failure = WorkerPoolBrokenError(
-            f"the pool's I/O thread failed ({type(error).__name__}: {error}), so the pool "
+            f"the I/O loop failed serving the pool ({type(error).__name__}: {error}), so the pool "
             "ended its worker processes and this task was lost; new tasks get new workers. "
             "This is a bug in pool_manager: please report it, with the logged traceback"
         )
@@ -1888,7 +1852,7 @@ class BaseWorkerPool(WorkerPool):
             for worker in self._workers.values():
                 _process.kill_worker(worker.pid)
                 self._forget_worker(worker, selector)
-                self._worker_events.append(("worker_lost", worker.pid, "the I/O thread failed"))
+                self._worker_events.append(("worker_lost", worker.pid, "the I/O loop failed"))
             self._workers.clear()
             self._io_changes.clear()
             self._kills.clear()
@@ -1991,7 +1955,7 @@ class BaseWorkerPool(WorkerPool):
         return True
 
     def _check_workers(self) -> float | None:
-        """(I/O thread, holds _lock) End the workers whose task ran past its
+        """(I/O loop, holds _lock) End the workers whose task ran past its
         deadline, retire those idle past ``idle_timeout``; returns seconds
         until the next of these is due (None: none)."""
         now = time.monotonic()
@@ -2020,7 +1984,7 @@ class BaseWorkerPool(WorkerPool):
 
     @staticmethod
     def _answer_arriving(worker: _Worker) -> bool:
-        """Has ``worker`` begun sending something the I/O thread has not read yet?"""
+        """Has ``worker`` begun sending something the I/O loop has not read yet?"""
         if worker.reader.partial:
             return True  # (a large result, read in parts: its task has finished)
         if worker.sock_done:
@@ -2040,7 +2004,7 @@ class BaseWorkerPool(WorkerPool):
 
     def _memory_check_due(self, timeout: float | None) -> tuple[list[_Worker] | None, float | None]:
         """(Holds _lock) The workers to measure against ``kill_worker_memory`` now
-        (None: not due), and the I/O thread's wait: ``timeout``, or less if the
+        (None: not due), and the I/O loop's wait for the pool: ``timeout``, or less if the
         next check comes first."""
         if self._kill_memory is None:
             return None, timeout
@@ -2316,6 +2280,9 @@ class BaseWorkerPool(WorkerPool):
         # The futures settle whatever happens before: they are counted as
         # finished, and a waiter on one must not wait forever.
         remaining = iter(done)
+        if _threads.on_service_thread():
+            self._finish_quietly(remaining, budget, went_idle, worker_ended, callbacks)
+            return
         try:
             # A pool may wait for a worker (maybe this one's), or this pool's
             # workers may now be free for a pool that could use more.
@@ -2335,6 +2302,37 @@ class BaseWorkerPool(WorkerPool):
                     self._settle(future, ok, value)
                 except BaseException:
                     logger.exception("settling %r failed", future)
+
+    def _finish_quietly(
+        self,
+        remaining: Iterator[tuple[_TaskFuture, bool | None, Any]],
+        budget: WorkerBudget | None,
+        went_idle: bool,
+        worker_ended: bool,
+        idle_callbacks: list[Callable[[], object]],
+    ) -> None:
+        """`_finish_tasks` on a service thread (the I/O loop, the starter): the
+        futures settle here, and their done-callbacks run on this pool's
+        strand of `_threads.CallbackRunner` (user code never runs here)."""
+        settled: list[tuple[Future[Any], list[Callable[[Future[Any]], object]]]] = []
+        try:
+            if budget is not None:
+                budget.changed(self, went_idle=went_idle, worker_ended=worker_ended)
+            for callback in idle_callbacks:  # (a manager's: quick, never waits)
+                _threads.call_guarded(callback, failed="an idle callback failed")
+        finally:
+            for future, ok, value in remaining:
+                try:
+                    if ok is None:
+                        self._settle(future, ok, value)  # (a cancel: no callback is left)
+                    else:
+                        callbacks = future._finish_quietly(ok, value)
+                        if callbacks:
+                            settled.append((future, callbacks))
+                except BaseException:
+                    logger.exception("settling %r failed", future)
+            if settled:
+                _threads.get_runner().run(self._strand, lambda: _threads.run_callbacks(settled))
 
     @staticmethod
     def _settle(future: _TaskFuture, ok: bool | None, value: Any) -> None:

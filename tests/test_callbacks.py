@@ -1,9 +1,10 @@
 """Callbacks never stall nor end a library thread, and every future settles.
 
-Done-callbacks, idle callbacks and worker-event callbacks run on a pool's
-I/O thread; the manager's ``on_event`` there, on the supervisor or on the
-caller's thread. A ``submit`` made there is never held by backpressure (it
-would wait for room only that thread can make), and whatever a callback
+Done-callbacks and worker-event callbacks run on the library's callback
+threads (idle callbacks, a manager's, on the I/O loop); the manager's
+``on_event`` there, on the supervisor or on the caller's thread. A
+``submit`` made there is never held by backpressure (it would wait for
+room only that thread can make), and whatever a callback
 raises (``SystemExit`` included) is logged while the thread goes on. Real
 worker processes; what would hang on a regression fails by a timeout.
 """
@@ -60,7 +61,7 @@ def test_a_done_callback_can_submit_to_a_full_pool(tmp_path: Path) -> None:
         follow_ups: list[Future[int]] = []
 
         def chain(_: Future[str]) -> None:
-            # On the I/O thread. The first follow-up fills the pool (one
+            # On a callback thread. The first follow-up fills the pool (one
             # worker, max_pending=0); the others are admitted beyond it.
             for x in range(3):
                 follow_ups.append(pool.submit(square, x))
@@ -176,7 +177,7 @@ def test_an_on_event_callback_that_raises_stops_neither_pools_nor_the_supervisor
 
     def on_event(event: PoolEvent) -> None:
         seen.append((event.kind, event.key))
-        # worker_lost comes on the pool's I/O thread, pool_expired on the supervisor.
+        # worker_lost comes on a callback thread, pool_expired on the supervisor.
         if event.kind in ("worker_lost", "pool_expired"):
             raise error
 
@@ -202,7 +203,7 @@ def test_an_on_event_callback_that_raises_stops_neither_pools_nor_the_supervisor
 
 
 class _IOFaultPool(BaseWorkerPool):
-    """A pool whose I/O thread meets ``fault`` at the next message from a worker."""
+    """A pool whose I/O (on the I/O loop) meets ``fault`` at the next message from a worker."""
 
     fault: BaseException | None = None
 
@@ -229,11 +230,11 @@ def test_an_error_in_the_io_loop_fails_every_unfinished_task_and_the_pool_goes_o
                 failure = future.exception(timeout=30)
                 assert isinstance(failure, WorkerPoolBrokenError)
                 assert failure.__cause__ is error
-                assert "I/O thread failed" in str(failure)
+                assert "I/O loop failed" in str(failure)
             # Its workers were ended (the running task with them); new work gets new ones.
             assert poll(lambda: not pool.worker_pids(), timeout=30)
             assert pool.submit(square, 4).result(timeout=30) == 16
             assert pool.task_counts()["failed"] == 2
     finally:
         gate.touch()
-    assert "the I/O thread of" in caplog.text
+    assert "the I/O loop failed serving" in caplog.text
