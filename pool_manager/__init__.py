@@ -21,8 +21,15 @@ How a task and a pool's life flow through the parts::
                                                               (forked from the
                                                                fork server)
 
-- ``manager.py``: the map of ``_PoolEntry`` records, the ``_Lease`` objects
-  that keep a pool alive, and ``sweep()``, which decides every transition.
+- ``manager.py``: the ``_Lease`` objects that keep a pool alive, each
+  key's pool built once, and ``sweep()``, which makes every time-driven
+  transition. Its parts: ``_poolmap.py`` (the map of ``_PoolEntry``
+  records and their deadlines: what is due to retire or expire),
+  ``_records.py`` (the records it keeps and returns), ``_events.py`` (each
+  ``PoolEvent``, logged and passed on), ``_sampling.py`` (memory samples),
+  ``_stats.py`` (``stats()``).
+- ``budget.py``: the worker budget across keys (``max_total_workers``);
+  ``_places.py``: the busy places (``max_busy_workers``, `BusySlots`).
 - ``supervisor.py``: one daemon thread per manager that runs ``sweep()`` at
   each deadline, and when a lease is released or a pool goes idle.
 - ``pool.py``: ``WorkerPool`` (what the manager needs) and ``BaseWorkerPool``
@@ -106,7 +113,8 @@ Every wait, and who ends it (on every path, errors included):
   deadline.
 - a pool waiting for a worker or a place under the caps across keys: no
   thread waits; the task stays queued, and the budget (``budget.py``) and
-  `BusySlots` hand allowance and places on as tasks finish and workers exit.
+  `BusySlots` (``_places.py``) hand allowance and places on as tasks finish
+  and workers exit.
   Their decision logic is tested as a state machine
   (``tests/test_budget_model.py``).
 """

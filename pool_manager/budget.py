@@ -22,7 +22,7 @@ The default
     the CPUs this process may use, and at least ``MIN_DEFAULT_WORKERS`` (32)
     (`default_limit`): it caps memory, and an idle worker forked from the
     fork server costs about 3 MB, while a warm one spares its key a start.
-    CPU is capped apart, by ``max_busy_workers`` (`BusySlots`, below).
+    CPU is capped apart, by ``max_busy_workers`` (`BusySlots`, in ``_places.py``).
     ``None``: no cap (each pool still keeps its ``pool_size``).
 
 Growing
@@ -88,7 +88,9 @@ The pools' side
     ``last_submit``, and gives one order, `BudgetedPool.apply_allowance`
     ("look at your allowance": a level to reach, see above). `PlacedPool` is
     what `BusySlots` asks of a pool (`PlacedPool.place_granted`), and
-    `PlaceRules` the busy-place policy a pool applies as it dispatches.
+    `PlaceRules` the busy-place policy a pool applies as it dispatches (the
+    three live in ``_places.py``, with `BUSY_QUANTUM`; this module
+    re-exports them).
     `BaseWorkerPool` implements both protocols, and so do the stand-in pools
     of ``tests/test_budget_model.py``, whose state machines test these rules
     with no processes. The planner (`_Planner`) is pure: one method per rule.
@@ -103,12 +105,16 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, TypedDict, TypeVar
+from typing import NamedTuple, Protocol, TypedDict
 
 from . import _process
 from ._durations import to_count
+
+# The busy places (max_busy_workers) live in _places; this module is their
+# public home too.
+from ._places import BUSY_QUANTUM, BusySlots, PlacedPool, PlaceHolder, PlaceRules
 
 __all__ = [
     "BUSY_QUANTUM",
@@ -132,13 +138,6 @@ __all__ = [
 #: next task of its key a start.
 DEFAULT_WORKERS_PER_CPU = 4
 MIN_DEFAULT_WORKERS = 32
-
-#: Under ``max_busy_workers``, while another pool waits for a place, a worker
-#: is handed more work only this many seconds after it took its place (then
-#: it gives the place up once it has run what it holds): a time slice, so
-#: that a hand-over's idle moment is paid once per slice, not once per task.
-#: (Read at each dispatch, by `BusySlots.rules`.)
-BUSY_QUANTUM = 0.04
 
 
 def default_limit(pool_size: int = 1) -> int:
@@ -244,50 +243,6 @@ class BudgetedPool(Protocol):
         makes the running one plan again) and into `BusySlots`.
         """
         ...
-
-
-class PlacedPool(Protocol):
-    """What a pool under ``max_busy_workers`` must do for `BusySlots`.
-
-    `BusySlots` calls nothing on a pool under its lock: `BusySlots.give_back`
-    and `BusySlots.leave` return the pools that were in line and are now
-    handed a place, and their caller, once it holds no lock, calls
-    `place_granted` on each.
-    """
-
-    def place_granted(self) -> None:
-        """A place was handed to this pool (it was in line): take it for an
-        idle or new worker and dispatch (`BusySlots.take` then returns True),
-        and give back what it did not take (`BusySlots.give_back`, with a
-        count of 0: a place handed and not taken goes back with it).
-
-        Called with no lock held. It may call `BusySlots` again, and tell
-        the pools that returns in turn.
-        """
-        ...
-
-
-class PlaceHolder(Protocol):
-    """What the busy-place policy (`PlaceRules`, `BusySlots.places_to_release`)
-    reads of a worker: ``pool._Worker``."""
-
-    @property
-    def holds_place(self) -> bool:
-        """It holds a place under ``max_busy_workers``."""
-        ...
-
-    @property
-    def place_since(self) -> float:
-        """``time.monotonic()`` it took that place."""
-        ...
-
-    @property
-    def assigned(self) -> Sized:
-        """The tasks in its hands (sent and not answered): empty when idle."""
-        ...
-
-
-_W = TypeVar("_W", bound=PlaceHolder)
 
 
 # -- the worker budget (max_total_workers) -------------------------------------
@@ -685,154 +640,3 @@ class _Planner:
             for a in self.accounts
             if a.allowed != before[id(a)] or a.live > a.allowed or a.live < min(a.allowed, a.demand)
         ]
-
-
-# -- the busy places (max_busy_workers) -------------------------------------------
-
-
-class PlaceRules:
-    """When a pool's workers give up their places under ``max_busy_workers``,
-    and which busy worker may be handed more work: the policy for one
-    dispatch of one pool (`BusySlots.rules`). The pool applies it.
-
-    While another pool waits in line for a place, a worker works within a
-    time slice of its place (`BUSY_QUANTUM`): once the slice is over, it is
-    handed no more work, and gives its place back as soon as it is idle.
-    With no pool waiting, a worker keeps its place while work comes
-    (`BusySlots.places_to_release`).
-    """
-
-    __slots__ = ("now", "others_waiting", "quantum")
-
-    def __init__(self, others_waiting: bool, now: float, quantum: float) -> None:
-        self.others_waiting = others_waiting  #: another pool is in line (read once)
-        self.now = now  #: time.monotonic() of the dispatch
-        self.quantum = quantum  #: the time slice (`BUSY_QUANTUM`)
-
-    def slice_over(self, workers: Iterable[_W]) -> list[_W]:
-        """The idle workers whose place goes to the line now: another pool
-        waits, and their time slice is over."""
-        if not self.others_waiting:
-            return []
-        return [
-            w
-            for w in workers
-            if w.holds_place and not w.assigned and self.now - w.place_since >= self.quantum
-        ]
-
-    def may_hand_more(self, worker: PlaceHolder) -> bool:
-        """``worker`` (busy) may be handed more work: it holds a place, and no
-        other pool waits or its time slice is not over."""
-        return worker.holds_place and (
-            not self.others_waiting or self.now - worker.place_since < self.quantum
-        )
-
-
-class BusySlots:
-    """At most ``limit`` workers running tasks at once, across the pools that share it.
-
-    ``max_total_workers`` caps the processes alive (memory); this caps the
-    processes working (CPU), so that many keys' warm pools never
-    oversubscribe the machine. A worker takes a place when it is handed
-    work while idle, and gives it back when it has run all it was handed
-    and its pool has no more on the way (`places_to_release`). A pool that
-    finds no place free waits in line (first come, first served); a place
-    given back goes to the first pool in line. While a pool waits, a worker
-    elsewhere is handed more work only within a time slice of its place
-    (`BUSY_QUANTUM`, `PlaceRules`), so the places go round the pools with
-    work and no key starves another.
-
-    The whole policy is here; a pool applies it (``BaseWorkerPool._dispatch``).
-    The lock is innermost: pools call in holding their own lock, and the
-    pool a place is handed to is told (`PlacedPool.place_granted`) with no
-    lock held.
-    """
-
-    def __init__(self, limit: int | None) -> None:
-        self._limit = None if limit is None else to_count("max_busy_workers", limit, minimum=1)
-        self._lock = threading.Lock()
-        self._busy = 0  # places taken, including those handed to a pool in line
-        self._line: dict[int, PlacedPool] = {}  # id(pool) -> pool, in order of arrival
-        self._handed: dict[int, int] = {}  # id(pool) -> places handed to it, not taken yet
-
-    @property
-    def limit(self) -> int | None:
-        return self._limit
-
-    @property
-    def has_waiters(self) -> bool:
-        return bool(self._line)
-
-    def others_waiting(self, pool: PlacedPool) -> bool:
-        """Some pool other than ``pool`` waits for a place (a racy read: a hint)."""
-        line = self._line
-        return len(line) > (1 if id(pool) in line else 0)
-
-    def counts(self) -> tuple[int | None, int, int]:
-        """(limit, places taken, pools in line)."""
-        with self._lock:
-            return self._limit, self._busy, len(self._line)
-
-    # -- the policy (pure: the pool applies it, under its own lock) ---------------
-
-    def rules(self, pool: PlacedPool, now: float) -> PlaceRules:
-        """The time-slice rules for one dispatch of ``pool`` at ``now``."""
-        return PlaceRules(self.others_waiting(pool), now, BUSY_QUANTUM)
-
-    @staticmethod
-    def places_to_release(workers: Iterable[_W], more_coming: bool) -> list[_W]:
-        """The workers whose place goes back now: each has run all it was
-        handed, and no more work is on its way to their pool (``more_coming``:
-        tasks queued, or a ``submit`` blocked by backpressure that will add
-        one as soon as it wakes). Giving a place up between two tasks of a
-        batch would cost a hand-over per task."""
-        if more_coming:
-            return []
-        return [w for w in workers if w.holds_place and not w.assigned]
-
-    # -- places ----------------------------------------------------------------
-
-    def take(self, pool: PlacedPool) -> bool:
-        """A place for one of ``pool``'s workers; False puts ``pool`` in line."""
-        with self._lock:
-            handed = self._handed.get(id(pool), 0)
-            if handed:
-                if handed == 1:
-                    del self._handed[id(pool)]
-                else:
-                    self._handed[id(pool)] = handed - 1
-                return True
-            if self._limit is None or (self._busy < self._limit and not self._line):
-                self._busy += 1
-                return True
-            self._line.setdefault(id(pool), pool)
-            return False
-
-    def give_back(self, pool: PlacedPool, count: int = 1) -> list[PlacedPool]:
-        """``pool`` frees ``count`` places (and any handed to it but not taken).
-
-        Returns the pools now handed a place: call `PlacedPool.place_granted`
-        on each, with no lock held.
-        """
-        with self._lock:
-            count += self._handed.pop(id(pool), 0)
-            self._busy -= count
-            return self._hand_out()
-
-    def leave(self, pool: PlacedPool) -> list[PlacedPool]:
-        """``pool`` needs no place any more (disposed): out of line, handed places back."""
-        with self._lock:
-            self._line.pop(id(pool), None)
-            self._busy -= self._handed.pop(id(pool), 0)
-            return self._hand_out()
-
-    def _hand_out(self) -> list[PlacedPool]:
-        """Which pool gets a free place: the first in line, one place each."""
-        granted = []
-        while self._line and (self._limit is None or self._busy < self._limit):
-            key = next(iter(self._line))
-            waiter = self._line.pop(key)
-            self._handed[key] = self._handed.get(key, 0) + 1
-            self._busy += 1
-            granted.append(waiter)
-        return granted

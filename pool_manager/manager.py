@@ -12,15 +12,22 @@ The manager only ever disposes a pool with no lease and no unfinished work
 anything. Time-driven transitions happen in
 `sweep`, which the supervisor thread runs at each deadline and tests run by
 hand with a fake clock.
+
+The manager keeps the leases (`_Lease`), the building of each key's pool,
+disposal and shutdown here, and leaves the rest to private modules, all
+under its one lock where they hold state: ``_poolmap.py`` (the map, the
+retiring pools and their deadlines: which pools a sweep retires and
+expires), ``_records.py`` (`PoolState`, `PoolStats`, `ManagerStats`,
+`SweepResult`, `PoolEvent`, re-exported here, and the `_PoolEntry` of each
+pool), ``_events.py`` (each event, logged and passed to ``on_event``),
+``_sampling.py`` (the memory samples) and ``_stats.py`` (`stats`' records).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import enum
 import functools
-import heapq
 import itertools
 import logging
 import os
@@ -30,14 +37,23 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any
 
-from . import _process, _signals, _threads, memory
+from . import _process, _signals, memory
 from ._durations import Duration, to_bytes, to_count, to_seconds
-from .budget import BudgetStats, BusySlots, WorkerBudget, default_busy_limit, default_limit
+from ._events import EventLog
+from ._poolmap import PoolMap
+
+# The records live in _records, USS_EVERY in _sampling; this module is their
+# documented home too (``X as X``: re-exported, though not in __all__).
+from ._records import ManagerStats, PoolState, PoolStats, SweepResult, _PoolEntry, _SweepPlan
+from ._records import PoolEvent as PoolEvent
+from ._sampling import USS_EVERY as USS_EVERY
+from ._sampling import MemorySampler
+from ._stats import PoolSnapshot, manager_stats
+from .budget import BusySlots, WorkerBudget, default_busy_limit, default_limit
 from .errors import FactoryError, ManagerShutDownError, UsedAfterForkError
-from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TakenOnAThread, TaskCounts, WorkerPool
+from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TakenOnAThread, WorkerPool
 from .supervisor import Supervisor
 
 __all__ = [
@@ -51,117 +67,8 @@ __all__ = [
 
 logger = logging.getLogger("pool_manager")
 
-#: USS is read at one memory sample in this many (it costs ~17x RSS to read).
-USS_EVERY = 6
-
 #: Builds the pool for a new key; called with the manager's ``pool_size``.
 Factory = Callable[[int], WorkerPool]
-
-
-class PoolState(str, enum.Enum):
-    """Where a pool is in its life."""
-
-    LEASED = "leased"  #: in the map, with at least one live lease
-    IDLE = "idle"  #: in the map, no lease
-    RETIRING = "retiring"  #: too old: out of the map, disposed once released and done
-    DISPOSING = "disposing"  #: its workers are being stopped
-    DISPOSED = "disposed"  #: gone
-
-
-class PoolStats(TypedDict):
-    """One pool in `WorkerPoolManager.stats`."""
-
-    key: Hashable
-    state: str  #: a `PoolState` value
-    workers: int  #: live worker processes
-    worker_pids: list[int]
-    worker_count: int  #: workers granted so far
-    max_size: int
-    leases: int
-    unfinished_tasks: int
-    tasks: TaskCounts  #: submitted, running, queued, completed, failed, cancelled
-    age: float  #: seconds since the pool was built
-    idle_for: float  #: seconds since its last use (0 while leased or busy)
-    memory: dict[int, memory.WorkerMemory]  #: per worker pid, at the last sample
-    memory_rss: int | None  #: the workers' RSS at the last sample (bytes); None if not sampled
-    memory_uss: int | None  #: their USS, where the OS gives it and it was read
-
-
-class ManagerStats(TypedDict):
-    """A snapshot of a manager, from `WorkerPoolManager.stats`."""
-
-    pools: dict[Hashable, PoolStats]  #: the pools in the map, by key
-    retiring: list[PoolStats]  #: retired pools still finishing their work
-    pool_count: int  #: pools in the map
-    # The totals count retiring pools too (pool_count does not).
-    total_workers: int  #: live worker processes across all pools
-    total_leases: int
-    total_unfinished_tasks: int
-    total_memory_rss: int  #: the workers' RSS at the last sample (bytes)
-    memory_sampled_at: float | None  #: clock time of the last memory sample
-    last_sweep_at: float | None  #: clock time of the supervisor's last sweep
-    last_sweep_seconds: float | None  #: how long that sweep took (real seconds)
-    budget: BudgetStats  #: the max_total_workers budget: limit, in use, waiting pools
-    shut_down: bool
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    """What one `WorkerPoolManager.sweep` did."""
-
-    expired: list[Hashable] = field(default_factory=list)  #: keys disposed as stale
-    retired: list[Hashable] = field(default_factory=list)  #: keys retired for age
-    relieved: list[Hashable] = field(default_factory=list)  #: idle keys disposed for memory
-    disposed: int = 0  #: pools whose workers were stopped
-    next_deadline: float | None = None  #: clock time of the next check, if any
-
-
-@dataclass(frozen=True)
-class PoolEvent:
-    """Something that happened to a pool or one of its workers (see ``on_event``).
-
-    ``kind`` is one of ``pool_built``, ``pool_expired``, ``pool_retired``,
-    ``pool_disposed``, ``pool_relieved`` (disposed under memory pressure),
-    ``worker_started``, ``worker_recycled`` (``reason``: ``max_tasks_per_worker``
-    or ``max_worker_memory``), ``worker_exited`` (``reason``: ``idle_timeout``)
-    and ``worker_lost`` (``reason``: how it died, or ``task_timeout``,
-    ``kill_worker_memory``, ``kill_task``). Worker starts and clean exits are
-    noticed at the supervisor's memory samples; losses at once.
-    """
-
-    kind: str
-    key: Hashable
-    at: float  #: the manager's clock
-    pid: int | None = None
-    reason: str = ""
-    message: str = ""  #: the log line
-
-
-@dataclass(eq=False)
-class _PoolEntry:
-    """The manager's record of one pool. All fields are guarded by the manager's lock."""
-
-    key: Hashable
-    pool: WorkerPool
-    created: float
-    last_used: float
-    leases: int = 0
-    state: PoolState = PoolState.IDLE
-    serial: int = 0  #: tells this pool from a later one under the same key
-    #: A sweep saw it in use by an open lazy ``map`` only: in use until the
-    #: sweep that sees the map ended (when it ended is not reported).
-    mapping: bool = False
-    known_pids: frozenset[int] = frozenset()  #: workers seen at the last sample
-    memory: dict[int, memory.WorkerMemory] = field(default_factory=dict)
-
-    def idle(self) -> bool:
-        pool = self.pool
-        return self.leases == 0 and pool.unfinished_tasks == 0 and pool.unfinished_maps == 0
-
-    def only_maps_open(self) -> bool:
-        """Idle but for a lazy ``map`` iterator still open on the pool."""
-        pool = self.pool
-        return self.leases == 0 and pool.unfinished_tasks == 0 and pool.unfinished_maps > 0
 
 
 class _Lease:
@@ -321,8 +228,6 @@ class WorkerPoolManager:
         stale = to_seconds("stale_pool_expiration", stale_pool_expiration)
         lifetime = to_seconds("max_pool_lifetime", max_pool_lifetime)
         assert stale is not None and lifetime is not None
-        self._stale_after: float = stale
-        self._max_lifetime: float = lifetime
         if max_pending is self._UNSET:
             max_pending = self._pool_size
         elif max_pending is not None:
@@ -346,39 +251,32 @@ class WorkerPoolManager:
         # Checked now, by the pool that would take them, rather than at the
         # first get_pool.
         BaseWorkerPool(1, **self._worker_options)
-        self._sample_every = to_seconds(
-            "memory_sample_interval", memory_sample_interval, allow_none=True
-        )
+        sample_every = to_seconds("memory_sample_interval", memory_sample_interval, allow_none=True)
         self._min_available = to_bytes("min_available_memory", min_available_memory)
-        if self._min_available is not None and self._sample_every is None:
+        if self._min_available is not None and sample_every is None:
             raise ValueError("min_available_memory needs a memory_sample_interval")
         if on_event is not None and not callable(on_event):
             raise TypeError("on_event must be callable")
-        self._on_event = on_event
         if not callable(clock):
             raise TypeError("clock must be a callable returning seconds")
         self._clock = clock
+        self._events = EventLog(on_event, clock)
         #: The process that built it: in a process forked from it, the manager
         #: is inert (using it raises UsedAfterForkError; shutting it down does
         #: nothing).
         self._owner_pid = os.getpid()
-        self._next_sample: float | None = None  # clock time; None: sample at once
-        self._sampled_at: float | None = None
-        self._samples_taken = 0
         self._last_sweep: tuple[float, float] | None = None  # clock time, real seconds
 
-        # _lock guards _entries, _building, _retiring, _disposing, _shut_down,
-        # and every _PoolEntry's fields. Never held while a factory runs or a
+        # _lock guards _map (the pools by key, the retiring ones, their
+        # deadlines), _building, _disposing, _shut_down, every _PoolEntry's
+        # fields, and _memory's schedule. Never held while a factory runs or a
         # pool is disposed.
         self._lock = threading.Lock()
-        self._entries: dict[Hashable, _PoolEntry] = {}
+        self._map = PoolMap(stale, lifetime)
+        self._memory = MemorySampler(sample_every, self._map, self._lock, self._events)
         self._building: dict[Hashable, Future[None]] = {}
-        self._retiring: set[_PoolEntry] = set()
         self._disposing: set[_PoolEntry] = set()
         self._shut_down = False
-        # (clock time, tie-breaker, key, entry serial): when a pool is next worth a look.
-        self._deadlines: list[tuple[float, int, Hashable, int]] = []
-        self._deadline_order = itertools.count()
 
         grace = to_seconds("shutdown_grace", shutdown_grace)
         assert grace is not None
@@ -427,12 +325,12 @@ class WorkerPoolManager:
     @property
     def stale_pool_expiration(self) -> float:
         """Seconds an unused pool is kept."""
-        return self._stale_after
+        return self._map.stale_after
 
     @property
     def max_pool_lifetime(self) -> float:
         """Seconds after which a pool is retired."""
-        return self._max_lifetime
+        return self._map.max_lifetime
 
     def _inherited(self) -> bool:
         """True in a process forked from the one that built the manager."""
@@ -503,14 +401,14 @@ class WorkerPoolManager:
                         "this WorkerPoolManager is shut down; create a new one"
                     )
                 now = self._clock()
-                entry = self._entries.get(key)
+                entry = self._map.entries.get(key)
                 if entry is not None and _shut_down(entry.pool):
                     # Shut down by its user (``with pool:``, the exit hook):
                     # it leaves the map as a retired pool would, and is
                     # disposed once its leases are released and its work done.
                     self._retire_locked(entry)
                     entry = None
-                if entry is not None and now - entry.created >= self._max_lifetime:
+                if entry is not None and now - entry.created >= self._map.max_lifetime:
                     self._retire_locked(entry)
                     retired_age = now - entry.created
                     entry = None
@@ -529,14 +427,7 @@ class WorkerPoolManager:
             building.result()  # the builder's exception, if it failed; else lease it
 
         if retired_age is not None:
-            self._emit(
-                logging.INFO,
-                "pool_retired",
-                key,
-                "pool for key %r retired after %.1fs",
-                key,
-                retired_age,
-            )
+            self._events.pool_retired(key, retired_age)
         lease = _Lease(self, entry)
         try:
             entry.pool.grant_workers(send_size)
@@ -617,8 +508,7 @@ class WorkerPoolManager:
                     key, pool, created=now, last_used=now, leases=1, serial=next(_serials)
                 )
                 entry.state = PoolState.LEASED
-                self._entries[key] = entry
-                self._push_deadline(entry, now + self._max_lifetime)
+                self._map.add(entry)
         if shut_down:
             pool.dispose(wait=True)
             shut_down_error = ManagerShutDownError(
@@ -633,16 +523,9 @@ class WorkerPoolManager:
             pool.attach_budget(self._budget, self._busy)
         pool.add_idle_callback(functools.partial(self._pool_went_idle, entry))
         building.set_result(None)
-        pool.add_worker_event_callback(functools.partial(self._on_worker_event, entry))
+        pool.add_worker_event_callback(functools.partial(self._events.worker_lost, key))
         self._supervisor.wake()  # a new retirement deadline (and memory to sample)
-        self._emit(
-            logging.INFO,
-            "pool_built",
-            key,
-            "pool built for key %r (max_size=%d)",
-            key,
-            pool.max_size,
-        )
+        self._events.pool_built(key, pool.max_size)
         return entry
 
     def _release(self, lease: _Lease) -> None:
@@ -657,7 +540,7 @@ class WorkerPoolManager:
                 return
             if entry.state is PoolState.LEASED:
                 entry.state = PoolState.IDLE
-            self._push_deadline(entry, entry.last_used + self._stale_after)
+            self._map.expires_after_use(entry)
         self._supervisor.wake()
 
     def _pool_went_idle(self, entry: _PoolEntry) -> None:
@@ -666,69 +549,25 @@ class WorkerPoolManager:
             entry.last_used = self._clock()
             if entry.leases > 0:
                 return
-            self._push_deadline(entry, entry.last_used + self._stale_after)
+            self._map.expires_after_use(entry)
         self._supervisor.wake()
 
-    def _emit(
-        self,
-        level: int,
-        kind: str,
-        key: Hashable,
-        message: str,
-        *args: object,
-        pid: int | None = None,
-        reason: str = "",
-    ) -> None:
-        """Log an event and pass it to ``on_event``. Never holds _lock."""
-        logger.log(level, message, *args)
-        callback = self._on_event
-        if callback is None:
-            return
-        event = PoolEvent(
-            kind, key, self._clock(), pid, reason, message % args if args else message
-        )
-        # On the supervisor or an I/O thread, nothing it raises may end the thread.
-        _threads.call_guarded(callback, event, failed=f"the on_event callback failed for {kind}")
-
-    def _on_worker_event(self, entry: _PoolEntry, kind: str, pid: int, reason: str) -> None:
-        self._emit(
-            logging.WARNING,
-            kind,
-            entry.key,
-            "worker %d of the pool for key %r was lost: %s",
-            pid,
-            entry.key,
-            reason,
-            pid=pid,
-            reason=reason,
-        )
-
-    def _push_deadline(self, entry: _PoolEntry, deadline: float) -> None:
-        """Schedule a check of ``entry`` at clock time ``deadline`` (holds _lock)."""
-        # Key and serial, not the entry: a disposed pool is not kept alive here.
-        heapq.heappush(
-            self._deadlines, (deadline, next(self._deadline_order), entry.key, entry.serial)
-        )
-
     def _retire_locked(self, entry: _PoolEntry) -> None:
-        del self._entries[entry.key]
-        entry.state = PoolState.RETIRING
-        self._retiring.add(entry)
         # Callers log the retirement once the lock is released: a log handler
         # may call back into the manager.
-        if entry.idle():
+        if self._map.retire(entry):
             self._supervisor.wake()
 
     # -- the map ---------------------------------------------------------
 
     def __len__(self) -> int:
         """The number of pools in the map (retiring ones not counted)."""
-        return len(self._entries)
+        return len(self._map.entries)
 
     def __contains__(self, key: object) -> bool:
         """True if ``key`` has a pool in the map now."""
         try:
-            return key in self._entries
+            return key in self._map.entries
         except TypeError:
             return False
 
@@ -736,7 +575,7 @@ class WorkerPoolManager:
         """The keys with a pool in the map now."""
         self._check_owner()
         with self._lock:
-            return list(self._entries)
+            return list(self._map.entries)
 
     # -- the supervisor's checks -----------------------------------------
 
@@ -745,145 +584,63 @@ class WorkerPoolManager:
 
         Retires pools older than ``max_pool_lifetime``, removes pools unused
         for ``stale_pool_expiration``, and disposes every removed pool that has
-        no lease and no unfinished work (blocking while its workers stop).
-        Returns what it did and when the next check is due.
+        no lease and no unfinished work (blocking while its workers stop);
+        then samples memory if a sample is due (disposing idle pools under
+        memory pressure), and rebalances the worker budget. Returns what it
+        did and when the next check is due.
         """
         if self._inherited():
             return SweepResult()  # (the parent's pools: nothing to do here)
         started = time.perf_counter()
-        expired: list[tuple[Hashable, float]] = []  # key, seconds unused
-        retired: list[tuple[Hashable, float]] = []  # key, age
-        due: list[_PoolEntry] = []
         with self._lock:
             if self._shut_down:
                 return SweepResult()
             now = self._clock()
-            # Only what is due: deadlines come off a heap, so a sweep costs the
-            # pools it acts on, not the number of keys. Entries are pushed
-            # again when their deadline moves (lazy invalidation).
-            deadlines = self._deadlines
-            while deadlines and deadlines[0][0] <= now:
-                _, _, key, serial = heapq.heappop(deadlines)
-                entry = self._entries.get(key)
-                if entry is None or entry.serial != serial:
-                    continue  # retired, expired or replaced since it was pushed
-                if now >= entry.created + self._max_lifetime:
-                    self._retire_locked(entry)
-                    retired.append((entry.key, now - entry.created))
-                elif entry.idle():
-                    if entry.mapping:
-                        entry.mapping = False  # its map ended since the last look
-                        entry.last_used = now
-                    if now >= entry.last_used + self._stale_after:
-                        del self._entries[entry.key]
-                        expired.append((entry.key, now - entry.last_used))
-                        due.append(entry)
-                    else:
-                        self._push_deadline(entry, entry.last_used + self._stale_after)
-                elif entry.only_maps_open():
-                    # In use by its map's consumer as of now. Nothing reports
-                    # the iterator's end (it may be collected on any thread,
-                    # under any lock): look again a stale period on.
-                    entry.mapping = True
-                    entry.last_used = now
-                    self._push_deadline(entry, now + self._stale_after)
-                # Leased or busy: releasing the lease or finishing the work pushes it.
-            next_deadline = deadlines[0][0] if deadlines else None
-            for entry in list(self._retiring):
-                if entry.idle():
-                    self._retiring.discard(entry)
-                    due.append(entry)
-                elif entry.only_maps_open():
-                    recheck = now + self._stale_after
-                    if next_deadline is None or recheck < next_deadline:
-                        next_deadline = recheck
-            for entry in due:
-                entry.state = PoolState.DISPOSING
-                self._disposing.add(entry)
-        for key, age in retired:
-            self._emit(
-                logging.INFO, "pool_retired", key, "pool for key %r retired after %.1fs", key, age
-            )
-        for key, unused in expired:
-            self._emit(
-                logging.INFO,
-                "pool_expired",
-                key,
-                "pool for key %r expired after %.1fs unused",
-                key,
-                unused,
-            )
-        for entry in due:
-            self._dispose(entry)
+            plan = self._map.take_due(now)  # retirement and expiry
+            self._map.take_retired_done(now, plan)  # retired pools now released and done
+            self._disposing_locked(plan.due)
+        self._dispose_swept(plan)
         relieved: list[Hashable] = []
-        if self._sample_every is not None and (
-            self._next_sample is None or now >= self._next_sample
-        ):
-            relieved = self._sample_memory(now)
-        sample_at = self._next_sample
-        if (
-            self._sample_every is not None
-            and sample_at is not None
-            and self._entries
-            and (next_deadline is None or sample_at < next_deadline)
-        ):
-            next_deadline = sample_at
+        if self._memory.due(now):
+            self._memory.sample(now)
+            relieved = self._relieve_memory_pressure()
+        next_deadline = self._memory.next_deadline(plan.next_deadline, bool(self._map.entries))
         # (A worker leaving to make room for another pool's rebalances the
         # budget itself as it exits; this is a safety net, not a poll.)
         self._budget.rebalance()
         with self._lock:
             self._last_sweep = (now, time.perf_counter() - started)
         return SweepResult(
-            [key for key, _ in expired],
-            [key for key, _ in retired],
+            [key for key, _ in plan.expired],
+            [key for key, _ in plan.retired],
             relieved,
-            len(due) + len(relieved),
+            len(plan.due) + len(relieved),
             next_deadline,
         )
 
-    def _sample_memory(self, now: float) -> list[Hashable]:
-        """Sample every worker's memory; under memory pressure, dispose idle pools."""
-        assert self._sample_every is not None
-        with self._lock:
-            self._next_sample = now + self._sample_every
-            entries = [*self._entries.values(), *self._retiring]
-        unique = self._samples_taken % USS_EVERY == 0
-        self._samples_taken += 1
-        for entry in entries:
-            pids = entry.pool.worker_pids()
-            if not pids and entry.idle():
-                # Its workers have all exited: release the executor's threads and pipes too.
-                entry.pool.release_idle_resources()
-            sample = memory.sample_workers(pids, unique=unique, previous=entry.memory)
-            with self._lock:
-                entry.memory = sample
-                known, entry.known_pids = entry.known_pids, frozenset(pids)
-            self._worker_changes(entry, known, entry.known_pids)
-        with self._lock:
-            self._sampled_at = now
+    def _dispose_swept(self, plan: _SweepPlan) -> None:
+        """Report what a sweep retired and expired, then dispose what it removed."""
+        if plan.wake:
+            self._supervisor.wake()
+        for key, age in plan.retired:
+            self._events.pool_retired(key, age)
+        for key, unused in plan.expired:
+            self._events.pool_expired(key, unused)
+        for entry in plan.due:
+            self._dispose(entry)
+
+    def _relieve_memory_pressure(self) -> list[Hashable]:
+        """Below ``min_available_memory``, dispose idle pools, least recently used first."""
         if self._min_available is None:
             return []
         relieved: list[Hashable] = []
         while (available := memory.available_memory()) < self._min_available:
             with self._lock:
-                idle = [e for e in self._entries.values() if e.idle()]
-                if not idle:
+                victim = self._map.take_least_recently_used_idle()
+                if victim is None:
                     break
-                victim = min(idle, key=lambda e: e.last_used)
-                del self._entries[victim.key]
-                victim.state = PoolState.DISPOSING
-                self._disposing.add(victim)
-            self._emit(
-                logging.WARNING,
-                "pool_relieved",
-                victim.key,
-                "memory pressure: %.0f MB available, below min_available_memory=%.0f MB: "
-                "disposing the idle pool for key %r (least recently used)",
-                available / 1e6,
-                self._min_available / 1e6,
-                victim.key,
-                reason="min_available_memory",
-            )
+                self._disposing_locked([victim])
+            self._events.pool_relieved(victim.key, available, self._min_available)
             self._dispose(victim)
             relieved.append(victim.key)
         return relieved
@@ -891,36 +648,11 @@ class WorkerPoolManager:
     def _supervised_sweep(self) -> float | None:
         return self.sweep().next_deadline
 
-    def _worker_changes(
-        self, entry: _PoolEntry, known: frozenset[int], now_alive: frozenset[int]
-    ) -> None:
-        """Events for the workers that started or left since the last sample."""
-        for pid in sorted(now_alive - known):
-            self._emit(
-                logging.DEBUG,
-                "worker_started",
-                entry.key,
-                "worker %d started for the pool for key %r",
-                pid,
-                entry.key,
-                pid=pid,
-            )
-        for pid in sorted(known - now_alive):
-            reason = entry.pool.worker_exit_reason(pid)
-            if reason is None:
-                continue  # lost (already reported) or stopped with its pool
-            kind = "worker_exited" if reason == "idle_timeout" else "worker_recycled"
-            self._emit(
-                logging.DEBUG if kind == "worker_exited" else logging.INFO,
-                kind,
-                entry.key,
-                "worker %d of the pool for key %r left (%s)",
-                pid,
-                entry.key,
-                reason,
-                pid=pid,
-                reason=reason,
-            )
+    def _disposing_locked(self, entries: list[_PoolEntry]) -> None:
+        """``entries``, out of the map, are being disposed (holds _lock)."""
+        for entry in entries:
+            entry.state = PoolState.DISPOSING
+            self._disposing.add(entry)
 
     def _dispose(self, entry: _PoolEntry) -> None:
         # Two threads may dispose one pool (a sweep, and a shutdown that waits
@@ -934,9 +666,7 @@ class WorkerPoolManager:
             entry.state = PoolState.DISPOSED
             self._disposing.discard(entry)
         if first:
-            self._emit(
-                logging.INFO, "pool_disposed", entry.key, "pool for key %r disposed", entry.key
-            )
+            self._events.pool_disposed(entry.key)
 
     # -- stats -----------------------------------------------------------
 
@@ -945,62 +675,19 @@ class WorkerPoolManager:
         self._check_owner()
         with self._lock:
             now = self._clock()
-            entries = list(self._entries.values())
-            retiring = list(self._retiring)
-            snapshot = [
-                (e, e.state, e.leases, now - e.created, now - e.last_used, dict(e.memory))
-                for e in itertools.chain(entries, retiring)
+            snapshots = [
+                PoolSnapshot(
+                    e, e.state, e.leases, now - e.created, now - e.last_used, dict(e.memory)
+                )
+                for e in itertools.chain(self._map.entries.values(), self._map.retiring)
             ]
             shut_down = self._shut_down
-            sampled_at = self._sampled_at
+            sampled_at = self._memory.sampled_at
             last_sweep = self._last_sweep
-        pools: dict[Hashable, PoolStats] = {}
-        retiring_stats: list[PoolStats] = []
-        total = total_rss = total_leases = total_unfinished = 0
-        for entry, state, leases, age, idle_for, sample in snapshot:
-            pids = entry.pool.worker_pids()
-            unfinished = entry.pool.unfinished_tasks
-            mapping = entry.pool.unfinished_maps > 0
-            total += len(pids)
-            live = {pid: sample[pid] for pid in pids if pid in sample}
-            # None, not 0, until every live worker has been sampled.
-            rss = sum(m["rss"] for m in live.values()) if len(live) == len(pids) else None
-            uss_values = [m["uss"] for m in live.values()]
-            uss = None if rss is None or None in uss_values else sum(u or 0 for u in uss_values)
-            total_rss += rss or 0
-            total_leases += leases
-            total_unfinished += unfinished
-            stats = PoolStats(
-                key=entry.key,
-                state=state.value,
-                workers=len(pids),
-                worker_pids=pids,
-                worker_count=entry.pool.worker_count,
-                max_size=entry.pool.max_size,
-                leases=leases,
-                unfinished_tasks=unfinished,
-                tasks=entry.pool.task_counts(),
-                age=age,
-                idle_for=idle_for if leases == 0 and unfinished == 0 and not mapping else 0.0,
-                memory=live,
-                memory_rss=rss,
-                memory_uss=uss,
-            )
-            if state is PoolState.RETIRING:
-                retiring_stats.append(stats)
-            else:
-                pools[entry.key] = stats
-        return ManagerStats(
-            pools=pools,
-            retiring=retiring_stats,
-            pool_count=len(pools),
-            total_workers=total,
-            total_leases=total_leases,
-            total_unfinished_tasks=total_unfinished,
-            total_memory_rss=total_rss,
-            memory_sampled_at=sampled_at,
-            last_sweep_at=last_sweep[0] if last_sweep else None,
-            last_sweep_seconds=last_sweep[1] if last_sweep else None,
+        return manager_stats(
+            snapshots,
+            sampled_at=sampled_at,
+            last_sweep=last_sweep,
             budget=self._budget.stats(self._busy),
             shut_down=shut_down,
         )
@@ -1067,12 +754,10 @@ class WorkerPoolManager:
         """
         with self._lock:
             self._shut_down = True
-            entries = [*self._entries.values(), *self._retiring, *self._disposing]
-            self._entries.clear()
-            self._retiring.clear()
-            for entry in entries:
-                entry.state = PoolState.DISPOSING
-                self._disposing.add(entry)
+            entries = [*self._map.entries.values(), *self._map.retiring, *self._disposing]
+            self._map.entries.clear()
+            self._map.retiring.clear()
+            self._disposing_locked(entries)
         self._supervisor.stop(wait=False)
         _live_managers.discard(self)
         if self.handles_signals:
@@ -1095,5 +780,5 @@ class WorkerPoolManager:
             self.shutdown(wait=True)
 
     def __repr__(self) -> str:
-        state = "shut down" if self._shut_down else f"{len(self._entries)} pools"
+        state = "shut down" if self._shut_down else f"{len(self._map.entries)} pools"
         return f"<WorkerPoolManager {state}, pool_size={self._pool_size}>"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-import pool_manager.budget as budget_module
+import pool_manager._places as places_module
 from pool_manager import WorkerPoolManager
 from pool_manager.budget import (
     DEFAULT_WORKERS_PER_CPU,
@@ -214,7 +214,7 @@ def test_a_key_flooding_does_not_starve_another_of_a_place_to_run(
 ) -> None:
     # A's first tasks last as long as the test likes; their time slice is
     # taken as over when they end (a slice of 0), so no timing is involved.
-    monkeypatch.setattr(budget_module, "BUSY_QUANTUM", 0.0)
+    monkeypatch.setattr(places_module, "BUSY_QUANTUM", 0.0)
     first_gate, backlog_gate = tmp_path / "first", tmp_path / "backlog"
     with _manager(max_total_workers=None, max_busy_workers=2, max_pending=None) as manager:
         a, done_a = manager.get_pool("A", 2)
@@ -249,7 +249,7 @@ def test_a_key_flooding_does_not_starve_another_of_a_place_to_run(
 @pytest.fixture
 def long_time_slice(monkeypatch: pytest.MonkeyPatch) -> None:
     """A place's time slice that never runs out during the test (no timing)."""
-    monkeypatch.setattr(budget_module, "BUSY_QUANTUM", 3600.0)
+    monkeypatch.setattr(places_module, "BUSY_QUANTUM", 3600.0)
 
 
 @pytest.mark.usefixtures("long_time_slice")
