@@ -17,9 +17,10 @@ How a task and a pool's life flow through the parts::
       │                         process teardown)           per worker; cloudpickle)
       │                              │ dispose()                 │
       │                              ▼                           ▼
-      └───────◀── future ◀──── _TaskFuture ◀── I/O thread ◀── worker processes
-                                                              (forked from the
-                                                               fork server)
+      └───────◀── future ◀──── _TaskFuture ◀── I/O loop ◀──── worker processes
+                 (callbacks on a callback thread)              (forked from the
+                                                               fork server by
+                                                               the starter)
 
 - ``manager.py``: the ``_Lease`` objects that keep a pool alive, each
   key's pool built once, and ``sweep()``, which makes every time-driven
@@ -40,6 +41,10 @@ How a task and a pool's life flow through the parts::
   be), shared by ``BaseWorkerPool`` and the Dask pool.
 - ``_compat.py``: what ``ProcessPoolExecutor`` code expects beyond
   ``Executor`` (``mp_context``, the ``_processes`` view of the workers).
+- ``_io_loop.py``: the process's one I/O loop, which serves every pool's
+  worker sockets and status pipes, and its deadlines.
+- ``_starter.py``: the process's worker starter (fork-server round trips,
+  off every pool's lock, and the retries after a failed start).
 - ``_process.py``: the fork server that starts workers.
 - ``_worker.py``: what runs in a worker (its loop, the watchdog that ends it
   with the fork server), and how a pool sets a worker up (``INIT``).
@@ -47,9 +52,10 @@ How a task and a pool's life flow through the parts::
   reason code between a pool, the fork server and its workers, the
   ``Message`` records a pool reads, and the task envelope (how a call, a
   result and an error are pickled, and loaded again).
-- ``_threads.py``: the threads that must never stall (each pool's I/O
-  thread, the supervisor, any running event loop): backpressure never holds
-  a ``submit`` there, and no callback can end them.
+- ``_threads.py``: the threads that must never stall (the I/O loop, the
+  starter, the callback threads, the supervisor, any running event loop):
+  backpressure never holds a ``submit`` there, and no callback can end
+  them; and `CallbackRunner`, where user callbacks run.
 - ``errors.py``: every error a user can meet.
 
 Data flows one way (caller → manager → pool → worker → future), and
@@ -59,21 +65,29 @@ function (``tests/test_layout.py``). At the bottom, ``_protocol`` imports
 nothing of the package at its top; ``_worker`` imports only it, and the fork
 server (``_process``) imports both.
 
-Threads, and what each may change:
+Threads, and what each may change (a process has one I/O loop, one
+starter and a few callback threads however many pools it has):
 
 - *Callers* (the application's threads): a pool's queue, counts and
-  futures, and its dispatch (under the pool's ``_lock``), which may start a
-  worker (a fork-server round trip, today under that lock); the manager's
-  map and leases (under its ``_lock``); the budget (``submitted``).
-- *A pool's I/O thread* (one per pool with live workers): alone reads and
-  writes that pool's sockets and status pipes (its selector, each
-  ``_Worker``'s reader); under the pool's lock, settles its tasks, ends
-  workers past a deadline, ``kill_worker_memory`` or ``idle_timeout``, and
-  dispatches; runs the futures' done-callbacks (guarded, `_threads`); tells
-  the budget, which may then change *other* pools' allowances (each pool's
-  lock taken in turn, never two at once).
-- *A pool's start-retry thread* (only while its workers fail to start):
-  that pool's dispatch, after a back-off.
+  futures, and its dispatch (under the pool's ``_lock``), which never
+  blocks: a worker to start is asked of the starter; the manager's map and
+  leases (under its ``_lock``); the budget (``submitted``).
+- *The I/O loop* (``pool_manager-io``, while any pool has a worker): alone
+  reads and writes every pool's worker sockets and status pipes (its
+  selector, each ``_Worker``'s reader); under a pool's lock, settles that
+  pool's tasks (without running their done-callbacks), ends workers past a
+  deadline, ``kill_worker_memory`` or ``idle_timeout``, and dispatches;
+  runs a manager's idle callback (quick, never waits); tells the budget,
+  which may then change *other* pools' allowances (each pool's lock taken
+  in turn, never two at once). No user code runs here.
+- *The starter* (``pool_manager-starter``, while a start or a retry is
+  due): the fork-server round trips, with no pool lock held; then, under
+  the pool's lock, files the new worker and dispatches, or counts the
+  failure. No user code runs here either.
+- *The callback threads* (``pool_manager-callbacks``, up to 4, more only
+  while all are stuck): done-callbacks and worker-event callbacks, each
+  pool's one at a time and in order (`_threads.CallbackRunner`), and the
+  last hold on the fork server (which waits for it to exit).
 - *The supervisor* (one per manager): ``sweep()``: expiry, retirement,
   disposal (pool locks in turn, never under the manager's), memory samples,
   rebalancing.
@@ -87,10 +101,11 @@ Threads, and what each may change:
 Locks, outermost first (a thread holding one may take those after it, never
 those before): a pool's ``_dispose_lock``; the manager's ``_lock`` (never
 held while a pool is called, so it stands alone); a pool's ``_lock``; the
-fork server's lock and the process's ``_server_lock`` (a worker start, under
-the pool's lock); the worker budget's and `BusySlots`' locks (innermost:
-nothing is called under them). The budget tells pools of a new allowance
-with no lock of its own held.
+worker budget's and `BusySlots`' locks, the I/O loop's, the starter's and
+the callback runner's (innermost: nothing is called under them). The fork
+server's lock and the process's ``_server_lock`` are taken by the starter
+and a disposal with no pool lock held. The budget tells pools of a new
+allowance with no lock of its own held.
 
 Every wait, and who ends it (on every path, errors included):
 
@@ -99,13 +114,17 @@ Every wait, and who ends it (on every path, errors included):
   deadline. Never on a thread that must not stall (``_threads.py``).
 - ``dispose`` waiting for unfinished work (``_drained``): the last task
   leaving the pool's books, which every path (result, failure, cancel,
-  kill, a lost worker) does through `_finish_tasks`; then for the I/O
-  thread (``_io_done``): that thread, once no worker is left.
+  kill, a lost worker) does through `_finish_tasks`; then for its last
+  worker (``_io_done``): the I/O loop once no worker is left, the starter
+  once no start is under way. Never waits on a service thread.
 - a task stuck past its deadline, or a worker past ``kill_worker_memory``:
-  the pool's I/O thread, which wakes for the next deadline and every 50 ms
+  the I/O loop, which wakes for the pool's next deadline and every 50 ms
   for memory, and kills the worker (nothing inside the worker is relied on).
-- the start-retry thread (``_retry_due``): a worker started, a start
-  failed, disposal.
+- the starter (its ``_wanted`` condition): a start asked for, a retry due.
+- the I/O loop (its selector): a worker's message or exit, a pool's change
+  (its wake-up pipe), a pool's next deadline.
+- a callback thread (the runner's ``_work``): a callback to run; it ends
+  after ``IDLE_EXIT`` seconds with none.
 - ``get_pool`` waiting for another thread's build of the key's pool (a
   ``Future``): the builder, on every path.
 - the supervisor (its ``_wakeups`` queue): a lease released, a pool idle, a
