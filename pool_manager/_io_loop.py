@@ -230,6 +230,7 @@ class IOLoop:
                     self._round(token, selector)
                 while self._abandoned:
                     self._abandon(self._abandoned.pop(), selector)
+                _threads.run_deferred()  # (the budget's rebalance, once a round)
                 with self._lock:
                     if not self._clients and not self._dirty and not self._abandoned:
                         self._run = None  # (attach starts a new run)

@@ -43,10 +43,12 @@ __all__ = [
     "GuardedCallbacksFuture",
     "Strand",
     "call_guarded",
+    "defer",
     "get_runner",
     "mark_library_thread",
     "must_not_stall",
     "on_service_thread",
+    "run_deferred",
 ]
 
 logger = logging.getLogger("pool_manager")
@@ -62,6 +64,35 @@ def mark_library_thread(service: bool = False) -> None:
     """
     _local.library = True
     _local.service = service
+    if service:
+        _local.deferred = {}
+
+
+def defer(work: Callable[[], object]) -> None:
+    """On a service thread, run ``work`` once when the thread ends its current
+    round (`run_deferred`: the I/O loop's, before it waits again), however
+    often it is deferred meanwhile; on any other thread, now.
+
+    It is how the I/O loop coalesces what many results in one round ask for
+    (the worker budget's rebalance) into one call.
+    """
+    deferred: dict[Callable[[], object], None] | None = getattr(_local, "deferred", None)
+    if deferred is None:
+        work()
+    else:
+        deferred[work] = None  # (an ordered set: a bound method is equal to itself)
+
+
+def run_deferred() -> None:
+    """(A service thread, at the end of its round) run what was deferred, in order."""
+    deferred: dict[Callable[[], object], None] = _local.deferred
+    while deferred:
+        work = next(iter(deferred))
+        del deferred[work]
+        try:
+            work()
+        except Exception:
+            logger.exception("pool_manager: deferred work failed")
 
 
 def on_service_thread() -> bool:

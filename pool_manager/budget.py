@@ -109,7 +109,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypedDict
 
-from . import _process
+from . import _process, _threads
 from ._durations import to_count
 
 # The busy places (max_busy_workers) live in _places; this module is their
@@ -353,7 +353,9 @@ class WorkerBudget:
             self._generation += 1
             needed = worker_ended or self._waiting > 0 or (went_idle and self._short > 0)
         if needed:
-            self.rebalance()
+            # (On the I/O loop, once at the end of its round, for all the
+            # results of the round: see _threads.defer.)
+            _threads.defer(self.rebalance)
 
     # -- rebalancing -------------------------------------------------------
 

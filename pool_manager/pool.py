@@ -1171,7 +1171,13 @@ class BaseWorkerPool(WorkerPool):
             # Under a budget, a pool that could use another worker asks for
             # it before dispatching: else its workers would take every task
             # queued (prefetch) and it would never grow.
-            ask = budget is not None and self._wants_workers()
+            # (Only while its demand, min(granted, unfinished), grows: past
+            # that, the budget hears of the pool as its tasks finish.)
+            ask = (
+                budget is not None
+                and len(self._outstanding) <= self.worker_count
+                and self._wants_workers()
+            )
             if not ask:
                 self._dispatch()
         if ask:

@@ -199,3 +199,25 @@ def test_disposing_from_a_done_callback_with_wait_returns_once_the_pool_is_done(
     assert disposed.wait(30)
     assert later.result(timeout=0) == 9
     assert pool.worker_pids() == []
+
+
+def test_deferred_work_runs_once_at_the_end_of_a_service_threads_round() -> None:
+    calls: list[str] = []
+
+    def work() -> None:
+        calls.append(threading.current_thread().name)
+
+    _threads.defer(work)  # (not a service thread: now)
+    assert calls == ["MainThread"]
+
+    def service_round() -> None:
+        _threads.mark_library_thread(service=True)
+        for _ in range(5):
+            _threads.defer(work)
+        calls.append("before the end of the round")
+        _threads.run_deferred()
+
+    thread = threading.Thread(target=service_round, name="service")
+    thread.start()
+    thread.join(30)
+    assert calls == ["MainThread", "before the end of the round", "service"]
