@@ -632,13 +632,15 @@ class _Planner:
 
     def to_tell(self) -> list[_Account]:
         """The pools to tell (`BudgetedPool.apply_allowance`): each whose
-        allowance changed; and, so that no order is ever lost, each whose
-        workers do not match it yet: more live than allowed (the pool sheds
-        them: idle ones at once, busy ones as they go idle), or fewer than
-        allowed with work waiting (it starts them)."""
+        allowance changed; and, so that no order is ever lost, each with fewer
+        workers than allowed and work waiting (it starts them). A pool with
+        more live workers than allowed is not told again: it sheds them at
+        each of its dispatches (idle ones at once, busy ones as they go idle),
+        and a task of its finishing is one; telling it at every plan cost more
+        than the plan itself once plans came often (one each I/O loop round)."""
         before = self._before
         return [
             a
             for a in self.accounts
-            if a.allowed != before[id(a)] or a.live > a.allowed or a.live < min(a.allowed, a.demand)
+            if a.allowed != before[id(a)] or a.live < min(a.allowed, a.demand)
         ]
