@@ -50,7 +50,8 @@ class _Dispatch:
     """`BaseWorkerPool`'s dispatch, its side of the caps across keys, and the
     end of every task (`_finish_tasks`)."""
 
-    # The pool's state it uses (made in `BaseWorkerPool.__init__`, guarded by _lock).
+    # The pool's state it uses, declared for the type checker (made and described
+    # in `BaseWorkerPool.__init__`; what changes, under _lock).
     _lock: threading.Lock
     _not_full: threading.Condition
     _blocked_submits: int
@@ -78,6 +79,7 @@ class _Dispatch:
     last_submit: float
 
     if TYPE_CHECKING:
+        # What it calls on the pool's other parts, where they are defined.
 
         @property
         def worker_count(self) -> int: ...

@@ -4,7 +4,7 @@ pool implement it), and `TaskCounts`, what a pool counts of its tasks.
 
 `TakenOnAThread` hands what a thread took (a submission, a lease) to a
 coroutine, or undoes it if the coroutine was cancelled: `WorkerPool.run`
-and the manager's asynchronous lease use it.
+and `WorkerPoolManager.lease_async` use it.
 
 ``pool.py`` re-exports these names: ``from pool_manager.pool import
 WorkerPool`` is how the rest of the package and its users reach them.

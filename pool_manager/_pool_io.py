@@ -45,7 +45,6 @@ from ._protocol import (
     MessageReader,
     load_outcome,
 )
-from .budget import BudgetReport
 from .errors import (
     PoolTerminatedError,
     TaskKilledError,
@@ -59,7 +58,7 @@ from .memory import resident_memory
 
 if TYPE_CHECKING:
     from ._pool_tasks import _TaskFuture
-    from .budget import WorkerBudget
+    from .budget import BudgetReport, WorkerBudget
 
 logger = logging.getLogger("pool_manager")
 
@@ -200,7 +199,8 @@ class _WorkerIO:
     """`BaseWorkerPool`'s side of the I/O loop (`_io_loop.LoopClient`): the
     methods the loop calls, and what they do under the pool's lock."""
 
-    # The pool's state it uses (made in `BaseWorkerPool.__init__`, guarded by _lock).
+    # The pool's state it uses, declared for the type checker (made and described
+    # in `BaseWorkerPool.__init__`; what changes, under _lock).
     _lock: threading.Lock
     _io_done: threading.Condition
     _outstanding: dict[int, _TaskFuture]
@@ -227,6 +227,7 @@ class _WorkerIO:
     last_submit: float
 
     if TYPE_CHECKING:
+        # What it calls on the pool's other parts, where they are defined.
 
         def _dispatch(self, start: bool = True) -> None: ...
 

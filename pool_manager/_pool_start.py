@@ -95,7 +95,8 @@ class _WorkerStarts:
     """`BaseWorkerPool`'s worker starts (`_starter.StartClient`): asked for under
     the pool's lock, made on the starter's thread, retried after a back-off."""
 
-    # The pool's state it uses (made in `BaseWorkerPool.__init__`, guarded by _lock).
+    # The pool's state it uses, declared for the type checker (made and described
+    # in `BaseWorkerPool.__init__`; what changes, under _lock).
     _lock: threading.Lock
     _io_done: threading.Condition
     _outstanding: dict[int, _TaskFuture]
@@ -114,6 +115,7 @@ class _WorkerStarts:
     _env: dict[bytes, bytes] | None
 
     if TYPE_CHECKING:
+        # What it calls on the pool's other parts, where they are defined.
 
         def _dispatch(self, start: bool = True) -> None: ...
 

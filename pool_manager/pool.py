@@ -1,10 +1,28 @@
-"""A pool of worker processes for one key: the ``WorkerPool`` interface and
-``BaseWorkerPool``, its implementation.
+"""A pool of worker processes for one key: ``BaseWorkerPool``, the
+implementation of the ``WorkerPool`` interface (``_pool_interface.py``;
+imported from here, as ``TaskCounts`` is).
 
 A pool knows nothing of keys, leases or expiry (that is the manager's job).
 It owns: its worker processes (forked from the fork server, ``_process.py``),
 how many of them it may run (``grant_workers``, the worker budget), its queue
 of tasks, backpressure, and the futures it hands out.
+
+``BaseWorkerPool`` is made of parts, a module each, that share its state
+(made and described in its ``__init__``; what changes, under its ``_lock``):
+
+- this module: its constructor, the ``WorkerPool`` and ``Executor`` methods
+  (``submit``, ``map``, ``kill_task``, ``terminate``, ``shutdown``,
+  ``dispose``), its checks after a fork;
+- ``_pool_dispatch.py`` (the mixin `_Dispatch`): dispatch, the pool's side
+  of the caps across keys (the worker budget, the busy places), and
+  ``_finish_tasks``, through which every task leaves the pool's books;
+- ``_pool_start.py`` (`_WorkerStarts`): worker starts on the starter, their
+  retries after a failure (``START_RETRY_*``), the hold on the fork server;
+- ``_pool_io.py`` (`_WorkerIO`, and the records `_Worker` and `_Remains`):
+  what runs on the I/O loop;
+- ``_pool_tasks.py``: the future ``submit`` returns (`_TaskFuture`), and
+  `wait_for_room` (backpressure, shared with the Dask pool);
+- ``_pool_registry.py``: the process's pools, for the exit and fork hooks.
 
 How a task travels::
 
@@ -21,11 +39,11 @@ start or exit) under the pool's lock, and never blocks: sockets are
 non-blocking, what does not fit is flushed by the I/O loop, and a worker
 to start is asked of the process's starter (`_starter.py`), which makes the
 fork-server round trip with no pool lock held and hands the worker back
-(`_worker_started`) with its first batch, taken from the queue when it was
-asked for. When tasks queue up, a worker gets several in one message, and
-a few more than it is running (enough for about a millisecond of work, by
-the measured task time), so that it never waits for the parent between
-tasks.
+(`_worker_started`, ``_pool_start.py``) with its first batch, taken from
+the queue when it was asked for. When tasks queue up, a worker gets
+several in one message, and a few more than it is running (enough for
+about a millisecond of work, by the measured task time), so that it never
+waits for the parent between tasks.
 
 One I/O loop serves every pool of the process (`_io_loop.py`): a pool with
 live workers is attached to it, and the loop reads results, flushes output,
@@ -36,9 +54,9 @@ the tasks sent to it but not started go back to the front of the queue.
 
 A worker that cannot start (the system is out of descriptors, processes or
 memory) is tried again with a back-off (the starter calls the pool back,
-`_start_retry_due`): nothing sleeps under the pool's lock, and ``submit``
-never waits for it. When it gives up, the queued tasks that no live worker
-of the pool can take fail with `WorkerStartError`.
+`_start_retry_due`, ``_pool_start.py``): nothing sleeps under the pool's
+lock, and ``submit`` never waits for it. When it gives up, the queued tasks
+that no live worker of the pool can take fail with `WorkerStartError`.
 """
 
 from __future__ import annotations
@@ -84,8 +102,12 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "TaskCounts", "WorkerPool"]
 
+# Also imported from here (``import X as X`` above): `TakenOnAThread` (by the
+# manager), `wait_for_room` (by the Dask pool), and the parts' constants, to
+# read. ``START_RETRY_*`` and ``MEMORY_CHECK_INTERVAL`` are read where they
+# live (``_pool_start.py``, ``_pool_io.py``): a test changes them there.
+
 T = TypeVar("T")
-V = TypeVar("V")
 P = ParamSpec("P")
 
 logger = logging.getLogger("pool_manager")
@@ -287,7 +309,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
         #: start): whoever releases the lock next finishes them.
         self._undelivered: list[tuple[_TaskFuture, bool | None, Any]] = []
         #: The process that built it: in a process forked from that one, the
-        #: pool is inert (see _inert_in_forked_child).
+        #: pool is inert (see _pool_registry._inert_in_forked_child).
         self._owner_pid = os.getpid()
         _all_pools.add(self)
 
