@@ -33,8 +33,15 @@ How a task and a pool's life flow through the parts::
   ``_places.py``: the busy places (``max_busy_workers``, `BusySlots`).
 - ``supervisor.py``: one daemon thread per manager that runs ``sweep()`` at
   each deadline, and when a lease is released or a pool goes idle.
-- ``pool.py``: ``WorkerPool`` (what the manager needs) and ``BaseWorkerPool``
-  (its workers, dispatch, backpressure, futures, crash isolation).
+- ``pool.py``: ``BaseWorkerPool`` (its workers, dispatch, backpressure,
+  futures, crash isolation), and, imported from it, ``WorkerPool`` (what
+  the manager needs of a pool) and ``TaskCounts``, which live in
+  ``_pool_interface.py``. Its parts, each a module: ``_pool_dispatch.py``
+  (dispatch, the caps across keys, ``_finish_tasks``), ``_pool_start.py``
+  (worker starts and their retries), ``_pool_io.py`` (what it does on the
+  I/O loop, and its ``_Worker`` records), ``_pool_tasks.py`` (its futures,
+  ``wait_for_room``), ``_pool_registry.py`` (the process's pools, for the
+  exit and fork hooks).
 - ``_dispatch.py``: dispatch decisions as pure functions (a task's kind, each
   kind's run time, how many tasks a worker is handed at once).
 - ``_map.py``: ``map`` for every pool (ordered, chunked, lazy where it must

@@ -64,7 +64,7 @@ class LoopClient(Protocol):
 
 
 class Abandonable(Protocol):
-    """What the loop does for a collected pool (see `pool._Remains`)."""
+    """What the loop does for a collected pool (see `_pool_io._Remains`)."""
 
     def abandoned(self, selector: selectors.BaseSelector) -> None: ...
 

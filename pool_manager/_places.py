@@ -57,7 +57,7 @@ class PlacedPool(Protocol):
 
 class PlaceHolder(Protocol):
     """What the busy-place policy (`PlaceRules`, `BusySlots.places_to_release`)
-    reads of a worker: ``pool._Worker``."""
+    reads of a worker: ``_pool_io._Worker``."""
 
     @property
     def holds_place(self) -> bool:

@@ -33,7 +33,7 @@ from pool_manager import (
     WorkerStartError,
     _process,
 )
-from pool_manager import pool as pool_module
+from pool_manager import _pool_start as start_module  # (where the retries read START_RETRY_*)
 
 from .helpers import poll, square, wait_then_square
 
@@ -115,7 +115,7 @@ def test_a_worker_that_fails_to_start_is_retried_with_a_back_off_and_the_task_ru
     assert len(attempts) == 4
     gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:])]
     # Each retry waits longer than the one before (0.05 s, 0.1 s, 0.2 s).
-    expected = [pool_module.START_RETRY_FIRST * 2**i for i in range(3)]
+    expected = [start_module.START_RETRY_FIRST * 2**i for i in range(3)]
     assert all(gap >= 0.9 * wait for gap, wait in zip(gaps, expected)), gaps
 
 
@@ -123,7 +123,7 @@ def test_a_worker_that_fails_to_start_is_retried_with_a_back_off_and_the_task_ru
 def test_a_worker_that_never_starts_fails_the_queued_tasks_naming_the_os_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pool_module, "START_RETRY_WINDOW", 0.5)
+    monkeypatch.setattr(start_module, "START_RETRY_WINDOW", 0.5)
     attempts = failing_start(monkeypatch, failures=float("inf"))
     with BaseWorkerPool(2) as pool:
         started = time.monotonic()
@@ -152,7 +152,7 @@ def test_a_pool_whose_worker_is_alive_keeps_its_tasks_while_more_workers_fail_to
     with BaseWorkerPool(2) as pool:
         first = pool.submit(wait_then_square, str(gate), 3)
         assert poll(lambda: pool.task_counts()["running"] == 1, timeout=30)
-        monkeypatch.setattr(pool_module, "START_RETRY_WINDOW", 0.3)
+        monkeypatch.setattr(start_module, "START_RETRY_WINDOW", 0.3)
         attempts = failing_start(monkeypatch, failures=float("inf"))
         second = pool.submit(square, 4)  # no idle worker: it wants a second one
         assert poll(lambda: attempts, timeout=30)
@@ -253,7 +253,7 @@ OUT_OF_DESCRIPTORS = """
     import json, os, resource
     import psutil
     from pool_manager import BaseWorkerPool
-    import pool_manager.pool as pool_module
+    import pool_manager._pool_start as start_module
 
     def exhaust(leave):
         hog = []
@@ -276,7 +276,7 @@ OUT_OF_DESCRIPTORS = """
 
     # Out of descriptors at the first submit (the fork server cannot even be
     # spawned), then they come back while the pool retries: the task runs.
-    pool_module.START_RETRY_WINDOW = 60.0
+    start_module.START_RETRY_WINDOW = 60.0
     first = BaseWorkerPool(1)
     hog = exhaust(0)
     future = first.submit(pow, 2, 10)
@@ -288,7 +288,7 @@ OUT_OF_DESCRIPTORS = """
     # socket pair, the status pipe; the I/O loop already runs for the
     # first pool's worker): the tasks fail, naming the error, until there
     # are enough; then the same pools run tasks.
-    pool_module.START_RETRY_WINDOW = 0.3
+    start_module.START_RETRY_WINDOW = 0.3
     pools = [BaseWorkerPool(1) for _ in range(7)]
     failures = []
     for leave, pool in enumerate(pools):
@@ -442,7 +442,7 @@ def test_a_fork_server_that_dies_at_boot_raises_what_it_printed(tmp_path: Path) 
     kind, text, cause = report["task"]
     assert (kind, cause) == ("WorkerStartError", "ForkServerError")
     assert "no cloudpickle in here" in text
-    assert report["seconds"] < pool_module.START_RETRY_WINDOW  # not retried: it would die again
+    assert report["seconds"] < start_module.START_RETRY_WINDOW  # not retried: it would die again
     assert report["later"] == 8
     assert report["manager_later"] == 9
     assert report["children"] == 0

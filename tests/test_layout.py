@@ -202,8 +202,8 @@ MAX_CLASS_LINES = 650
 #: What is over a limit today, each with its ceiling (its size when it was
 #: listed): it may shrink, never grow; an entry whose module or class is
 #: back under the limit fails the test, so that it is taken off the list.
-OVERSIZE_MODULES = {"pool.py": 2360}
-OVERSIZE_CLASSES = {"BaseWorkerPool": 1632}
+OVERSIZE_MODULES: dict[str, int] = {}
+OVERSIZE_CLASSES: dict[str, int] = {}
 
 
 def _sizes() -> tuple[dict[str, int], dict[str, int]]:
