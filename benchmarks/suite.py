@@ -225,6 +225,22 @@ MEASURES: list[Measure] = [
         quick_repeat=1,
         timeout=300.0,
     ),
+    Measure(
+        # Issue 13's many-core shape: many keys with a small cap each, more
+        # caller threads; run it with --workers all on a many-core machine.
+        "keyed_batches_many",
+        "keyed batches, many keys: {batches} × {tasks} × 1 ms tasks, {keys} keys of "
+        "pool_size {pool_size}, {threads} threads (s) [fork: one shared executor]",
+        "keyed_batches_many",
+        "s",
+        False,
+        ["pool_manager", "ppe"],
+        {"batches": 800, "keys": 64, "pool_size": 4, "tasks": 20, "threads": 32},
+        {"batches": 100, "keys": 64, "pool_size": 4, "tasks": 20, "threads": 32},
+        repeat=3,
+        quick_repeat=1,
+        timeout=300.0,
+    ),
 ]
 BY_NAME = {measure.name: measure for measure in MEASURES}
 
@@ -665,6 +681,11 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             "7. 10 MB argument echoed back within 5% of loky's speed or faster",
             [versus(">= 0.95x loky", "echo_10mb", "loky", 0.95)],
         ),
+        (
+            "8. many keys (issue 13, with --workers all on a many-core machine): "
+            "no slower than one shared ProcessPoolExecutor of as many workers",
+            [versus(">= 1x one shared executor", "keyed_batches_many", "ppe", 1.0)],
+        ),
     ]
     out = []
     for title, checks in table:
@@ -844,7 +865,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, metavar="N", help="samples per measure and library")
     parser.add_argument(
-        "--workers", type=int, default=2, metavar="N", help="workers per pool (default 2)"
+        "--workers",
+        default="2",
+        metavar="N",
+        help="workers per pool (default 2); 'all': the CPUs this process may use",
     )
     parser.add_argument(
         "--budget",
@@ -861,6 +885,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="directory for suite.md and suite.json (default: benchmarks/results)",
     )
     args = parser.parse_args(argv)
+    if args.workers == "all":
+        args.workers = len(os.sched_getaffinity(0))
+    elif args.workers.isdigit() and int(args.workers) > 0:
+        args.workers = int(args.workers)
+    else:
+        parser.error(f"--workers takes a positive number or 'all', not {args.workers!r}")
     args.only = [x for item in args.only for x in item.split(",") if x] or list(BY_NAME)
     args.libs = [x for item in args.libs for x in item.split(",") if x] or list(LIBRARIES)
     for name in args.only:
@@ -916,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         "measures": [m.name for m in measures],
     }
     extra: dict[str, Any] = {"workers": args.workers}
-    if any(m.name in ("efficiency", "keyed_batches") for m in measures):
+    if any(m.name in ("efficiency", "keyed_batches", "keyed_batches_many") for m in measures):
         iterations, measured = calibrate(0.05)
         extra |= {
             "iterations": iterations,

@@ -519,8 +519,13 @@ def idle_uss(library: str, p: dict[str, Any]) -> Result:
 
 
 def keyed_batches(library: str, p: dict[str, Any]) -> Result:
-    """Seconds for the batches: each takes its key's pool and runs small CPU tasks."""
+    """Seconds for the batches: each takes its key's pool and runs small CPU tasks.
+
+    ``pool_size`` (if given): each key's cap, the shared executor keeping
+    ``workers``; else both are ``workers``.
+    """
     workers, tasks, iterations = p["workers"], p["tasks"], p["iterations_1ms"]
+    size = p.get("pool_size", workers)
     batches, extra = p["batches"], {}
 
     def run(batch: Callable[[str], None], count: int) -> float:
@@ -531,12 +536,12 @@ def keyed_batches(library: str, p: dict[str, Any]) -> Result:
         return time.perf_counter() - started
 
     if library == "pool_manager":
-        manager = new_manager(workers)
+        manager = new_manager(size)
         extra = manager_info(manager)
         try:
 
             def keyed(key: str) -> None:
-                with leased(manager, key, workers) as pool:
+                with leased(manager, key, size) as pool:
                     for future in [pool.submit(burn, iterations) for _ in range(tasks)]:
                         future.result()
 
@@ -725,6 +730,7 @@ MEASURES: dict[str, Callable[[str, dict[str, Any]], Result]] = {
     "efficiency": efficiency,
     "idle_uss": idle_uss,
     "keyed_batches": keyed_batches,
+    "keyed_batches_many": keyed_batches,
 }
 
 
