@@ -207,6 +207,12 @@ class QueuedPool(WorkerPool, Generic[F]):
         return len(self._open_maps)
 
     def add_idle_callback(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` each time `unfinished_tasks` drops to zero.
+
+        It runs on whichever thread finished the last task (for a Dask pool,
+        usually the Client's event-loop thread): keep it short. What it
+        raises is logged and ignored.
+        """
         with self._lock:
             self._idle_callbacks.append(callback)
 
