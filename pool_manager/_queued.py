@@ -183,8 +183,9 @@ class QueuedPool(WorkerPool, Generic[F]):
 
         A pool starts with all `max_size` workers usable; its first call
         (the manager makes it for every pool it builds) switches it to
-        using only what it was granted. Queued tasks that now fit are sent.
-        Starts no process itself.
+        using only what it was granted. Queued tasks that now fit are sent
+        (`BaseWorkerPool` may ask its starter for workers to take them); the
+        call itself starts no process.
         """
         self._check_owner()
         to_count("send_size", count, minimum=0)
