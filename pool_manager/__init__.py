@@ -8,7 +8,7 @@ disposed when it sits unused and retired when it grows old. Every pool is a
 How a task and a pool's life flow through the parts::
 
     caller ──get_pool(key)──▶ WorkerPoolManager ──lease──▶ WorkerPool
-      │                       (key → pool map,            (BaseWorkerPool:
+      │                       (key → pool map,            (QueuedPool:
       │                        leases, factories)          grant, backpressure)
       │                              ▲                           │ submit
       │                              │ sweep()                   ▼
@@ -33,15 +33,22 @@ How a task and a pool's life flow through the parts::
   ``_places.py``: the busy places (``max_busy_workers``, `BusySlots`).
 - ``supervisor.py``: one daemon thread per manager that runs ``sweep()`` at
   each deadline, and when a lease is released or a pool goes idle.
-- ``pool.py``: ``BaseWorkerPool`` (its workers, dispatch, backpressure,
-  futures, crash isolation), and, imported from it, ``WorkerPool`` (what
-  the manager needs of a pool) and ``TaskCounts``, which live in
+- ``_queued.py``: ``QueuedPool``, the one base of every pool that queues
+  tasks (``BaseWorkerPool`` and the Dask pool): admission and backpressure
+  (``max_pending``), the grant of workers, the counts, cancel while
+  queued, idle callbacks, ``shutdown``; and the base of their futures.
+  Only the engine's part (sending, results, ``dispose``) differs.
+- ``pool.py``: ``BaseWorkerPool`` (its workers, dispatch, futures, crash
+  isolation), and, imported from it, ``WorkerPool`` (what the manager
+  needs of a pool) and ``TaskCounts``, which live in
   ``_pool_interface.py``. Its parts, each a module: ``_pool_dispatch.py``
   (dispatch, the caps across keys, ``_finish_tasks``), ``_pool_start.py``
   (worker starts and their retries), ``_pool_io.py`` (what it does on the
-  I/O loop, and its ``_Worker`` records), ``_pool_tasks.py`` (its futures,
-  ``wait_for_room``), ``_pool_registry.py`` (the process's pools, for the
-  exit and fork hooks).
+  I/O loop, and its ``_Worker`` records), ``_pool_tasks.py`` (its
+  futures), ``_pool_registry.py`` (the process's pools, for the exit and
+  fork hooks).
+- ``dask.py``: ``DaskWorkerPool``, a key's pool on a Dask cluster (a
+  ``QueuedPool`` too; optional, and imported by nothing else).
 - ``_dispatch.py``: dispatch decisions as pure functions (a task's kind, each
   kind's run time, how many tasks a worker is handed at once).
 - ``_map.py``: ``map`` for every pool (ordered, chunked, lazy where it must
@@ -116,9 +123,11 @@ allowance with no lock of its own held.
 
 Every wait, and who ends it (on every path, errors included):
 
-- ``submit`` blocked by backpressure (a pool's ``_not_full``): a task
-  finishing (`_finish_tasks`), a grant of more workers, shutdown; ``map``'s
-  deadline. Never on a thread that must not stall (``_threads.py``).
+- ``submit`` blocked by backpressure (a pool's ``_not_full``,
+  `QueuedPool._wait_for_room`): a task finishing (`_finish_tasks`, or the
+  Dask pool's ``_finish``, through `QueuedPool._count_finished`), a grant
+  of more workers, shutdown; ``map``'s deadline. Never on a thread that
+  must not stall (``_threads.py``).
 - ``dispose`` waiting for unfinished work (``_drained``): the last task
   leaving the pool's books, which every path (result, failure, cancel,
   kill, a lost worker) does through `_finish_tasks`; then for its last

@@ -18,7 +18,7 @@ import pickle
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +26,8 @@ from . import _threads
 from ._dispatch import RunTimes, batch_size
 from ._io_loop import get_loop
 from ._pool_registry import _busy_pools
-from ._pool_tasks import _CANCELLED, _COMPLETED, _FAILED, _SUBMITTED
 from ._protocol import BUDGET, EXIT, SHUTDOWN, TASKS, TASKS_META, TO_WORKER
+from ._queued import _SUBMITTED
 from ._worker import WorkerLimits
 from .budget import BudgetReport
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ._pool_io import _Worker
     from ._pool_start import _Start
     from ._pool_tasks import _TaskFuture
+    from ._queued import _QueuedFuture
     from .budget import BusySlots, PlacedPool, WorkerBudget
 
 logger = logging.getLogger("pool_manager")
@@ -51,9 +52,8 @@ class _Dispatch:
     end of every task (`_finish_tasks`)."""
 
     # The pool's state it uses, declared for the type checker (made and described
-    # in `BaseWorkerPool.__init__`; what changes, under _lock).
+    # in `BaseWorkerPool.__init__` and `QueuedPool.__init__`; what changes, under _lock).
     _lock: threading.Lock
-    _not_full: threading.Condition
     _blocked_submits: int
     _drained: threading.Condition
     _outstanding: dict[int, _TaskFuture]
@@ -62,9 +62,7 @@ class _Dispatch:
     _estimates: RunTimes
     _terminating: bool
     _counts: list[int]
-    _granted: int | None
     _shut_down: bool
-    _idle_callbacks: list[Callable[[], object]]
     _budget: WorkerBudget | None
     _allowed: int | None
     _busy_slots: BusySlots | None
@@ -75,7 +73,6 @@ class _Dispatch:
     _strand: _threads.Strand
     _undelivered: list[tuple[_TaskFuture, bool | None, Any]]
     _limits: WorkerLimits
-    _max_pending: int | None
     last_submit: float
 
     if TYPE_CHECKING:
@@ -89,6 +86,18 @@ class _Dispatch:
         def _may_start(self, now: float) -> bool: ...
 
         def _request_start(self, place: bool) -> _Start | None: ...
+
+        # (QueuedPool's, ``_queued.py``)
+        def _grant_at_least_one(self) -> None: ...
+
+        def _count_finished(
+            self, outcomes: Iterable[bool | None]
+        ) -> list[Callable[[], object]]: ...
+
+        def _run_idle_callbacks(self, callbacks: list[Callable[[], object]]) -> None: ...
+
+        @staticmethod
+        def _settle(future: _QueuedFuture, ok: bool | None, value: Any) -> None: ...
 
     # -- the worker budget (budget.py) ---------------------------------------
 
@@ -146,13 +155,8 @@ class _Dispatch:
 
     # -- dispatch (all under _lock) ------------------------------------------
 
-    def _capacity(self) -> int:
-        assert self._max_pending is not None
-        return max(1, self.worker_count) + self._max_pending
-
     def _worker_limit(self) -> int:
-        if self._granted == 0:
-            self._granted = 1  # a pool must be able to make progress
+        self._grant_at_least_one()
         allowed = self._allowed
         return self.worker_count if allowed is None else allowed
 
@@ -275,10 +279,10 @@ class _Dispatch:
                 future = pending.popleft()
                 if future._dropped:
                     continue
-                if not future._dispatched:
+                if not future._sent:
                     if not future.set_running_or_notify_cancel():
                         continue
-                    future._dispatched = True
+                    future._sent = True
                 batch.append(future)
             if not batch:
                 continue
@@ -395,18 +399,12 @@ class _Dispatch:
         sees the pool without it.
         """
         with self._lock:
-            counts = self._counts
-            for _, ok, _ in done:
-                counts[_CANCELLED if ok is None else _COMPLETED if ok else _FAILED] += 1
-            if self._max_pending is not None:
-                self._not_full.notify_all()
+            callbacks = self._count_finished(ok for _, ok, _ in done)
             budget = self._budget
             went_idle = not self._outstanding
-            callbacks: list[Callable[[], object]] = []
             if went_idle:
                 _busy_pools.discard(self)
                 self._drained.notify_all()
-                callbacks = list(self._idle_callbacks)
                 if self._shut_down:
                     self._retire_all()
         # The futures settle whatever happens before: they are counted as
@@ -422,8 +420,7 @@ class _Dispatch:
                 budget.changed(self, went_idle=went_idle, worker_ended=worker_ended)
             # (Before the futures settle: a manager's idle clock starts before
             # a waiter on the last future wakes.)
-            for callback in callbacks:
-                _threads.call_guarded(callback, failed="an idle callback failed")
+            self._run_idle_callbacks(callbacks)
             for future, ok, value in remaining:
                 self._settle(future, ok, value)
         finally:
@@ -450,8 +447,7 @@ class _Dispatch:
         try:
             if budget is not None:
                 budget.changed(self, went_idle=went_idle, worker_ended=worker_ended)
-            for callback in idle_callbacks:  # (a manager's: quick, never waits)
-                _threads.call_guarded(callback, failed="an idle callback failed")
+            self._run_idle_callbacks(idle_callbacks)  # (a manager's: quick, never waits)
         finally:
             for future, ok, value in remaining:
                 try:
@@ -465,12 +461,3 @@ class _Dispatch:
                     logger.exception("settling %r failed", future)
             if settled:
                 _threads.get_runner().run(self._strand, lambda: _threads.run_callbacks(settled))
-
-    @staticmethod
-    def _settle(future: _TaskFuture, ok: bool | None, value: Any) -> None:
-        if ok is None:
-            future._payload = None
-            Future.cancel(future)
-            future.set_running_or_notify_cancel()
-        else:
-            future._finish(ok, value)

@@ -1,6 +1,7 @@
 """What every pool is: `WorkerPool`, what a `WorkerPoolManager` needs of a
 pool on top of ``Executor`` (`BaseWorkerPool` in ``pool.py`` and the Dask
-pool implement it), and `TaskCounts`, what a pool counts of its tasks.
+pool implement it, both through `QueuedPool`, ``_queued.py``), and
+`TaskCounts`, what a pool counts of its tasks.
 
 `TakenOnAThread` hands what a thread took (a submission, a lease) to a
 coroutine, or undoes it if the coroutine was cancelled: `WorkerPool.run`
@@ -163,7 +164,7 @@ class WorkerPool(Executor, abc.ABC):
         """The pool's tasks: submitted, running, queued, completed, failed, cancelled.
 
         The default knows only the unfinished tasks (counted as queued);
-        `BaseWorkerPool` counts them all.
+        `BaseWorkerPool` and the Dask pool (`QueuedPool`) count them all.
         """
         return TaskCounts(
             submitted=0,

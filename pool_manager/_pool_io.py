@@ -333,9 +333,9 @@ class _WorkerIO:
             self._fruitless = 0
             self._pending.clear()
             for future in self._outstanding.values():
-                if not future._dispatched:
-                    future._dispatched = future.set_running_or_notify_cancel()
-                    if not future._dispatched:
+                if not future._sent:
+                    future._sent = future.set_running_or_notify_cancel()
+                    if not future._sent:
                         continue
                 failures.append((future, False, failure))
             self._outstanding.clear()
@@ -688,9 +688,9 @@ class _WorkerIO:
         pending, self._pending = self._pending, deque()
         for future in pending:
             if not future._dropped and self._outstanding.pop(future.task_id, None) is not None:
-                if not future._dispatched:
-                    future._dispatched = future.set_running_or_notify_cancel()
-                    if not future._dispatched:
+                if not future._sent:
+                    future._sent = future.set_running_or_notify_cancel()
+                    if not future._sent:
                         continue
                 failures.append((future, False, error))
 

@@ -25,7 +25,10 @@ How a task travels::
   ``Client.submit`` sends everything at once.
 - Backpressure: with ``max_pending`` set, ``submit`` blocks while
   ``worker_count + max_pending`` tasks are unfinished, as `BaseWorkerPool`
-  does. ``map`` submits only what the pool can hold (Dask's own ``map`` is
+  does: both are `QueuedPool`s (``_queued.py``), which hold admission,
+  backpressure, the counts, cancel while queued and ``shutdown``; this
+  module holds sending to the cluster, its answers, and ``dispose``.
+  ``map`` submits only what the pool can hold (Dask's own ``map`` is
   eager), and reads an input without a length a bounded window ahead.
 - Disposal shuts the key's ``ClientExecutor`` down (it holds no thread or
   process of its own) and never closes the shared client.
@@ -48,10 +51,8 @@ import atexit
 import functools
 import itertools
 import logging
-import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Executor, Future
 from typing import Any, TypeVar
@@ -64,11 +65,10 @@ except ImportError as error:
         "pip install 'pool-manager[dask]'"
     ) from error
 
-from . import _threads
 from ._durations import to_count
-from ._map import OpenMaps, map_lazily
-from .errors import PoolShutDownError, PoolTerminatedError, WorkerLostError
-from .pool import TaskCounts, WorkerPool, wait_for_room
+from ._map import map_lazily
+from ._queued import QueuedPool, _QueuedFuture
+from .errors import PoolTerminatedError, WorkerLostError
 
 __all__ = ["DaskPoolFactory", "DaskWorkerPool"]
 
@@ -81,8 +81,6 @@ logger = logging.getLogger("pool_manager")
 #: (a Dask task costs about a millisecond of scheduling, so chunks are
 #: longer than a `BaseWorkerPool`'s).
 TARGET_CHUNK_SECONDS = 0.1
-
-_SUBMITTED, _COMPLETED, _FAILED, _CANCELLED = range(4)
 
 _UNSET: Any = object()
 
@@ -106,31 +104,29 @@ def _on_loop_of(client: Client) -> bool:
     return running is getattr(client.loop, "asyncio_loop", running)
 
 
-class _DaskTaskFuture(_threads.GuardedCallbacksFuture):
+class _DaskTaskFuture(_QueuedFuture):
     """The future `DaskWorkerPool.submit` returns.
 
     While the task waits in the pool's local queue it can be cancelled; once
-    sent to the cluster it is *running* (as a ``ProcessPoolExecutor`` task in
-    its call queue), whether or not a Dask worker has started it yet. Its
-    done-callbacks run on the Client's event-loop thread, which they cannot
-    end (`_threads.GuardedCallbacksFuture`).
+    sent to the cluster (``_sent``) it is *running* (as a
+    ``ProcessPoolExecutor`` task in its call queue), whether or not a Dask
+    worker has started it yet. Its done-callbacks run on the Client's
+    event-loop thread, which they cannot end
+    (`_threads.GuardedCallbacksFuture`).
     """
 
     def __init__(
         self, pool: DaskWorkerPool, call: tuple[Callable[..., Any], tuple[Any, ...]]
     ) -> None:
-        super().__init__()
-        self._pool = pool
+        super().__init__(pool)
         self._call: tuple[Callable[..., Any], tuple[Any, ...]] | None = call  # until sent
         self._inner: Future[Any] | None = None  # the ClientExecutor's future, until answered
-        self._sent = False  # handed to the cluster (set under the pool's lock)
-        self._dropped = False  # cancelled while queued (set under the pool's lock)
         self._sent_at = 0.0
         #: Seconds from sending the task to the cluster to its answer, once answered.
         self.run_time: float | None = None
 
-    def cancel(self) -> bool:
-        return self._pool._cancel(self)
+    def _let_go(self) -> None:
+        self._call = None
 
 
 def _not_sent(client: Client) -> CancelledError:
@@ -200,7 +196,7 @@ def _chunk_runner(fn: Callable[..., Any], starred: bool) -> Callable[[list[Any]]
     return run_chunk
 
 
-class DaskWorkerPool(WorkerPool):
+class DaskWorkerPool(QueuedPool[_DaskTaskFuture]):
     """One key's pool on a Dask cluster: an ``Executor`` whose tasks run on ``client``.
 
     Usually built by `DaskPoolFactory` for a `WorkerPoolManager`. At most
@@ -233,6 +229,9 @@ class DaskWorkerPool(WorkerPool):
         TypeError, ValueError: for arguments of the wrong type or range.
     """
 
+    _size_label = "cap"
+    _idle_callback_failed = "an idle callback of a Dask pool failed"
+
     def __init__(
         self,
         client: Client,
@@ -247,29 +246,18 @@ class DaskWorkerPool(WorkerPool):
         options = _executor_options(
             client, max_pending, retries, resources, workers, allow_other_workers
         )
-        self._max_size = to_count("max_size", max_size, minimum=1)
-        self._max_pending = max_pending
+        # The local queue (_pending), its lock and conditions, the counts and
+        # the grant (_drained: waiters for every future settled); _lock
+        # guards them and everything below.
+        super().__init__(to_count("max_size", max_size, minimum=1), max_pending)
         self._client = client
         # Client.get_executor is not annotated: its ClientExecutor is an Executor.
         self._executor: Executor = client.get_executor(**options)  # type: ignore[no-untyped-call]
 
-        # _lock guards everything below; the conditions share it.
-        self._lock = threading.Lock()
-        self._not_full = threading.Condition(self._lock)  # backpressure waiters
-        self._blocked_submits = 0  # submit calls waiting on _not_full
-        self._drained = threading.Condition(self._lock)  # waiters for every future settled
-        self._queue: deque[_DaskTaskFuture] = deque()  # accepted, not sent (some dropped)
         self._outstanding: set[_DaskTaskFuture] = set()  # accepted, not finished
         self._in_flight: set[_DaskTaskFuture] = set()  # sent to the cluster, not answered
         self._unsettled = 0  # accepted, future not yet settled (dispose waits for 0)
-        self._counts = [0, 0, 0, 0]  # submitted, completed, failed, cancelled
-        self._granted: int | None = None  # None: not granted piecemeal, all usable
-        self._shut_down = False
         self._stop_sending = False  # terminate, or shutdown(cancel_futures=True)
-        self._idle_callbacks: list[Callable[[], object]] = []
-        self._open_maps = OpenMaps()  # lock-free (see OpenMaps)
-        # Held while the executor is shut down: a second dispose returns after it.
-        self._dispose_lock = threading.Lock()
         self._executor_closed = False
         _live_pools.add(self)
 
@@ -280,48 +268,10 @@ class DaskWorkerPool(WorkerPool):
         """The ``distributed.Client`` this pool runs its tasks on (shared; never closed here)."""
         return self._client
 
-    @property
-    def max_size(self) -> int:
-        """The most tasks of this pool on the cluster at once, ever."""
-        return self._max_size
-
-    @property
-    def max_pending(self) -> int | None:
-        """Tasks that may wait in the local queue beyond `worker_count` before ``submit`` blocks."""
-        return self._max_pending
-
-    @property
-    def worker_count(self) -> int:
-        """The cap now: at most this many of the pool's tasks are on the cluster at once.
-
-        `max_size` until the first `grant_workers` call; from then on, what
-        was granted (a pool granted none may still send one task at a time).
-        """
-        granted = self._granted
-        return self._max_size if granted is None else granted
-
-    def grant_workers(self, count: int) -> int:
-        """Raise the cap by up to ``count``, never above `max_size`; returns the cap.
-
-        Queued tasks that now fit are sent at once. Starts no process.
-        """
-        to_count("send_size", count, minimum=0)
-        with self._lock:
-            self._granted = min(self._max_size, (self._granted or 0) + count)
-            granted = self._granted
-            if self._max_pending is not None:
-                self._not_full.notify_all()  # the pool holds more now
-        self._dispatch()
-        return granted
-
-    @property
-    def unfinished_tasks(self) -> int:
-        """Tasks accepted by ``submit`` whose futures are not done: queued or on the cluster."""
-        return len(self._outstanding)
-
-    @property
-    def unfinished_maps(self) -> int:
-        return len(self._open_maps)
+    # (max_size, max_pending, worker_count, grant_workers, unfinished_tasks,
+    # unfinished_maps, add_idle_callback, task_counts, is_shut_down and
+    # shutdown: `QueuedPool`'s. worker_count is the cap of tasks on the
+    # cluster; idle callbacks usually run on the Client's event-loop thread.)
 
     def worker_pids(self) -> list[int]:
         """Always ``[]``: the pool starts no local process (Dask's workers are the cluster's).
@@ -329,35 +279,6 @@ class DaskWorkerPool(WorkerPool):
         So the manager's memory samples and worker limits see nothing here.
         """
         return []
-
-    def add_idle_callback(self, callback: Callable[[], object]) -> None:
-        """Call ``callback()`` each time `unfinished_tasks` drops to zero.
-
-        It usually runs on the Client's event-loop thread: keep it short.
-        """
-        with self._lock:
-            self._idle_callbacks.append(callback)
-
-    def task_counts(self) -> TaskCounts:
-        """Tasks submitted, running (sent to the cluster), queued (local), completed, failed,
-        cancelled."""
-        with self._lock:
-            submitted, completed, failed, cancelled = self._counts
-            running = len(self._in_flight)
-            queued = len(self._outstanding) - running
-        return TaskCounts(
-            submitted=submitted,
-            running=running,
-            queued=queued,
-            completed=completed,
-            failed=failed,
-            cancelled=cancelled,
-        )
-
-    @property
-    def is_shut_down(self) -> bool:
-        """True once `shutdown`, `dispose` or `terminate` was called."""
-        return self._shut_down
 
     # -- Executor --------------------------------------------------------
 
@@ -398,17 +319,12 @@ class DaskWorkerPool(WorkerPool):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         call: Callable[..., Any] = functools.partial(fn, **kwargs) if kwargs else fn
         with self._lock:
-            if self._max_pending is not None:
-                wait_for_room(self, deadline)
-            if self._shut_down:
-                raise PoolShutDownError("cannot schedule new futures after shutdown")
-            if self._granted == 0:
-                self._granted = 1  # a pool must be able to make progress
+            self._admit(deadline)
+            self._grant_at_least_one()
             future = _DaskTaskFuture(self, (call, args))
             self._outstanding.add(future)
             self._unsettled += 1
-            self._counts[_SUBMITTED] += 1
-            self._queue.append(future)
+            self._enqueue(future)
         self._dispatch()
         return future
 
@@ -454,31 +370,12 @@ class DaskWorkerPool(WorkerPool):
             timeout=timeout,
             chunksize=chunksize,
             workers=max(1, self.worker_count),
-            window=None if self._max_pending is None else max(1, self._capacity()),
+            window=self._map_window(),
             progress=progress,
             name=self.name,
             target_chunk_seconds=TARGET_CHUNK_SECONDS,
             open_maps=self._open_maps,
         )
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work (``Executor.shutdown``); calls `dispose`.
-
-        With ``cancel_futures``, the tasks still in the local queue are
-        cancelled (tasks already on the cluster finish). With ``wait``,
-        blocks until every accepted task's future is settled and the key's
-        executor is shut down; otherwise returns at once and the work still
-        finishes. The client stays open. Idempotent.
-        """
-        if cancel_futures:
-            with self._lock:
-                self._shut_down = True
-                self._stop_sending = True
-                self._not_full.notify_all()
-                queued = list(self._queue)
-            for future in queued:
-                future.cancel()
-        self.dispose(wait=wait)
 
     def dispose(self, wait: bool = True) -> None:
         """Stop accepting work, let accepted work finish, then shut the key's executor down.
@@ -493,8 +390,7 @@ class DaskWorkerPool(WorkerPool):
         if wait and _on_loop_of(self._client):
             wait = False
         with self._lock:
-            self._shut_down = True
-            self._not_full.notify_all()
+            self._close_admission()
             if not wait:
                 return
         while True:
@@ -532,13 +428,7 @@ class DaskWorkerPool(WorkerPool):
         started, so it runs to its end and its result is dropped. The client
         stays open. Idempotent; `submit` afterwards raises.
         """
-        with self._lock:
-            self._shut_down = True
-            self._stop_sending = True
-            self._not_full.notify_all()
-            queued = list(self._queue)
-        for future in queued:
-            future.cancel()
+        self._cancel_queued(terminate=True)  # (and no more sending: _stop_dispatch)
         with self._lock:
             in_flight = list(self._in_flight)
         cancel_on_cluster = not _on_loop_of(self._client)  # Dask's cancel needs that loop
@@ -553,17 +443,27 @@ class DaskWorkerPool(WorkerPool):
                 inner.cancel()
         self.dispose(wait=True)
 
-    # -- dispatch ------------------------------------------------------------
+    # -- QueuedPool's hooks ------------------------------------------------
 
-    def _capacity(self) -> int:
-        assert self._max_pending is not None
-        return max(1, self.worker_count) + self._max_pending
+    def _running(self) -> int:
+        return len(self._in_flight)
+
+    def _after_grant(self) -> None:
+        self._dispatch()  # (queued tasks that now fit are sent)
+
+    def _stop_dispatch(self, terminate: bool) -> None:
+        self._stop_sending = True
+
+    def _finish_cancelled(self, future: _DaskTaskFuture) -> None:
+        self._finish(future, None, None)
+
+    # -- dispatch ------------------------------------------------------------
 
     def _next_to_send(self) -> _DaskTaskFuture | None:
         """Take the next queued task if the cap allows; it is then running (holds _lock)."""
         if self._stop_sending:
             return None
-        queue = self._queue
+        queue = self._pending
         while queue and len(self._in_flight) < max(1, self.worker_count):
             future = queue.popleft()
             if future._dropped:
@@ -634,15 +534,6 @@ class DaskWorkerPool(WorkerPool):
                 ok, value = False, error
         self._finish(future, ok, value)
 
-    def _cancel(self, future: _DaskTaskFuture) -> bool:
-        with self._lock:
-            if future._sent or future._dropped or future.done():
-                return Future.cancel(future)
-            future._dropped = True  # _next_to_send skips it
-            future._call = None
-        self._finish(future, None, None)
-        return True
-
     def _finish(
         self, future: _DaskTaskFuture, ok: bool | None, value: Any, *, send_next: bool = True
     ) -> None:
@@ -657,17 +548,12 @@ class DaskWorkerPool(WorkerPool):
                 return
             self._outstanding.discard(future)
             self._in_flight.discard(future)
-            self._counts[_CANCELLED if ok is None else _COMPLETED if ok else _FAILED] += 1
-            if self._max_pending is not None:
-                self._not_full.notify_all()
-            callbacks = [] if self._outstanding else list(self._idle_callbacks)
+            callbacks = self._count_finished((ok,))
         try:
             try:
                 if send_next:
                     self._dispatch()
-                for callback in callbacks:
-                    # A listener's bug must not lose the task's result.
-                    _threads.call_guarded(callback, failed="an idle callback of a Dask pool failed")
+                self._run_idle_callbacks(callbacks)
             finally:
                 self._settle(future, ok, value)
         finally:
@@ -675,23 +561,6 @@ class DaskWorkerPool(WorkerPool):
                 self._unsettled -= 1
                 if not self._unsettled:
                     self._drained.notify_all()
-
-    @staticmethod
-    def _settle(future: _DaskTaskFuture, ok: bool | None, value: Any) -> None:
-        if ok is None:
-            Future.cancel(future)
-            future.set_running_or_notify_cancel()
-        elif ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-    def __repr__(self) -> str:
-        state = "shut down" if self._shut_down else "open"
-        return (
-            f"<{type(self).__name__} {state} cap={self.worker_count}/{self._max_size} "
-            f"unfinished={self.unfinished_tasks}>"
-        )
 
 
 class DaskPoolFactory:

@@ -10,9 +10,13 @@ of tasks, backpressure, and the futures it hands out.
 ``BaseWorkerPool`` is made of parts, a module each, that share its state
 (made and described in its ``__init__``; what changes, under its ``_lock``):
 
-- this module: its constructor, the ``WorkerPool`` and ``Executor`` methods
-  (``submit``, ``map``, ``kill_task``, ``terminate``, ``shutdown``,
-  ``dispose``), its checks after a fork;
+- ``_queued.py`` (its base, `QueuedPool`, shared with the Dask pool):
+  admission and backpressure, the grant, the counts, cancel while queued,
+  idle callbacks, ``shutdown``;
+- this module: its constructor, the rest of the ``WorkerPool`` and
+  ``Executor`` methods (``submit``, ``map``, ``kill_task``, ``terminate``,
+  ``dispose``), its checks after a fork, and the hooks `QueuedPool` asks of
+  an engine;
 - ``_pool_dispatch.py`` (the mixin `_Dispatch`): dispatch, the pool's side
   of the caps across keys (the worker budget, the busy places), and
   ``_finish_tasks``, through which every task leaves the pool's books;
@@ -20,8 +24,8 @@ of tasks, backpressure, and the futures it hands out.
   retries after a failure (``START_RETRY_*``), the hold on the fork server;
 - ``_pool_io.py`` (`_WorkerIO`, and the records `_Worker` and `_Remains`):
   what runs on the I/O loop;
-- ``_pool_tasks.py``: the future ``submit`` returns (`_TaskFuture`), and
-  `wait_for_room` (backpressure, shared with the Dask pool);
+- ``_pool_tasks.py``: the future ``submit`` returns (`_TaskFuture`, a
+  `_queued._QueuedFuture`);
 - ``_pool_registry.py``: the process's pools, for the exit and fork hooks.
 
 How a task travels::
@@ -79,7 +83,7 @@ from . import _process, _threads
 from ._compat import ProcessView, resolve_start_method
 from ._dispatch import RunTimes, task_kind
 from ._durations import Duration, to_bytes, to_count, to_seconds
-from ._map import OpenMaps, map_lazily
+from ._map import map_lazily
 from ._pool_dispatch import _Dispatch, _grant_places
 from ._pool_interface import TakenOnAThread as TakenOnAThread
 from ._pool_interface import TaskCounts, WorkerPool
@@ -91,9 +95,9 @@ from ._pool_start import START_RETRY_FIRST as START_RETRY_FIRST
 from ._pool_start import START_RETRY_MAX as START_RETRY_MAX
 from ._pool_start import START_RETRY_WINDOW as START_RETRY_WINDOW
 from ._pool_start import _Start, _StartTrouble, _WorkerStarts
-from ._pool_tasks import _SUBMITTED, _TaskFuture
-from ._pool_tasks import wait_for_room as wait_for_room
+from ._pool_tasks import _TaskFuture
 from ._protocol import dump_call
+from ._queued import QueuedPool
 from ._worker import WorkerConfig, WorkerLimits, dump_config, run_chunk, run_chunk_single
 from .errors import PoolShutDownError, TaskKilledError, UsedAfterForkError
 
@@ -103,9 +107,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "BaseWorkerPool", "TaskCounts", "WorkerPool"]
 
 # Also imported from here (``import X as X`` above): `TakenOnAThread` (by the
-# manager), `wait_for_room` (by the Dask pool), and the parts' constants, to
-# read. ``START_RETRY_*`` and ``MEMORY_CHECK_INTERVAL`` are read where they
-# live (``_pool_start.py``, ``_pool_io.py``): a test changes them there.
+# manager), and the parts' constants, to read. ``START_RETRY_*`` and
+# ``MEMORY_CHECK_INTERVAL`` are read where they live (``_pool_start.py``,
+# ``_pool_io.py``): a test changes them there.
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -147,7 +151,7 @@ def _worker_env(env: object) -> dict[bytes, bytes] | None:
     return converted
 
 
-class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
+class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture]):
     """A process pool for one key, and a drop-in ``ProcessPoolExecutor``.
 
     ``BaseWorkerPool(4)`` behaves like ``ProcessPoolExecutor(4)``: up to four
@@ -244,8 +248,6 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
         self._kill_memory = hard_memory
         self._next_memory_check = 0.0  # time.monotonic(), for kill_worker_memory
         self._task_timeout = to_seconds("task_timeout", task_timeout, allow_none=True)
-        self._max_size: int = size
-        self._max_pending = max_pending
         self._idle_timeout = to_seconds("idle_timeout", idle_timeout, allow_none=True)
         self._start_method = resolve_start_method(mp_context)
         config = WorkerConfig(
@@ -259,15 +261,12 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
         except Exception as error:
             raise TypeError(f"the initializer and initargs must be picklable: {error}") from error
 
-        # _lock guards everything below; the conditions share it.
-        self._lock = threading.Lock()
-        self._not_full = threading.Condition(self._lock)  # backpressure waiters
-        self._blocked_submits = 0  # submit calls waiting on _not_full
-        self._drained = threading.Condition(self._lock)  # waiters for no unfinished work
+        # The queue, its lock and conditions, the counts and the grant (_drained:
+        # waiters for no unfinished task); _lock guards them and everything below.
+        QueuedPool.__init__(self, size, max_pending)
         #: Waiters for the last worker to be gone (none starting, none attached to the loop).
         self._io_done = threading.Condition(self._lock)
         self._outstanding: dict[int, _TaskFuture] = {}  # unfinished, by task id
-        self._pending: deque[_TaskFuture] = deque()  # accepted, not dispatched
         self._workers: dict[int, _Worker] = {}  # live (leaving included), by pid
         self._task_ids = itertools.count(1)
         self._kills: dict[int, int] = {}  # pid -> id of the task kill_task killed it for
@@ -276,14 +275,8 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
         #: Each kind of task's run time (see _dispatch).
         self._estimates = RunTimes()
         self._terminating = False
-        self._counts = [0, 0, 0, 0]  # submitted, completed, failed, cancelled
         self._worker_event_callbacks: list[Callable[[str, int, str], object]] = []
         self._worker_events: list[tuple[str, int, str]] = []  # to emit outside _lock
-        self._granted: int | None = None  # None: not granted piecemeal, all usable
-        self._shut_down = False
-        self._idle_callbacks: list[Callable[[], object]] = []
-        self._open_maps = OpenMaps()  # lock-free (see OpenMaps)
-        self._dispose_lock = threading.Lock()
         self._budget: WorkerBudget | None = None  # see attach_budget
         #: time.monotonic() of the last submit (the budget's "least recently used").
         self.last_submit = 0.0
@@ -334,48 +327,15 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
 
     # -- WorkerPool ------------------------------------------------------
 
-    @property
-    def max_size(self) -> int:
-        return self._max_size
-
-    @property
-    def max_pending(self) -> int | None:
-        """Tasks that may wait beyond the busy workers before ``submit`` blocks."""
-        return self._max_pending
-
-    @property
-    def worker_count(self) -> int:
-        granted = self._granted
-        return self._max_size if granted is None else granted
-
-    def grant_workers(self, count: int) -> int:
-        self._check_owner()
-        to_count("send_size", count, minimum=0)
-        with self._lock:
-            self._granted = min(self._max_size, (self._granted or 0) + count)
-            self._not_full.notify_all()  # more workers: more room under backpressure
-            self._dispatch()
-            granted = self._granted
-        self._after_unlock()
-        return granted
-
-    @property
-    def unfinished_tasks(self) -> int:
-        return len(self._outstanding)
-
-    @property
-    def unfinished_maps(self) -> int:
-        return len(self._open_maps)
+    # (max_size, max_pending, worker_count, grant_workers, unfinished_tasks,
+    # unfinished_maps, add_idle_callback, task_counts, is_shut_down and
+    # shutdown: `QueuedPool`'s.)
 
     def worker_pids(self) -> list[int]:
         if self._inherited():
             return []  # (the parent's workers)
         with self._lock:
             return list(self._workers)
-
-    def add_idle_callback(self, callback: Callable[[], object]) -> None:
-        with self._lock:
-            self._idle_callbacks.append(callback)
 
     def add_worker_event_callback(self, callback: Callable[[str, int, str], object]) -> None:
         with self._lock:
@@ -415,22 +375,6 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
                 return False
         return self._drop_server()
 
-    def task_counts(self) -> TaskCounts:
-        self._check_owner()
-        with self._lock:
-            submitted, completed, failed, cancelled = self._counts
-            unfinished = len(self._outstanding)
-            running = sum(1 for w in self._workers.values() if w.assigned)
-        running = min(running, unfinished)
-        return TaskCounts(
-            submitted=submitted,
-            running=running,
-            queued=unfinished - running,
-            completed=completed,
-            failed=failed,
-            cancelled=cancelled,
-        )
-
     # ProcessPoolExecutor's private views of its workers, which code (and
     # CPython's own tests) read.
 
@@ -447,11 +391,6 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
                 for pid, worker in self._workers.items()
                 if worker.leaving is None
             }
-
-    @property
-    def is_shut_down(self) -> bool:
-        """True once `shutdown` or `dispose` was called."""
-        return self._shut_down
 
     # -- Executor --------------------------------------------------------
 
@@ -530,10 +469,8 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
             return failed
         kind = task_kind(fn, args)
         with self._lock:
-            if self._max_pending is not None and not wait_for_room(self, deadline, block):
+            if not self._admit(deadline, block):
                 return None
-            if self._shut_down:
-                raise PoolShutDownError("cannot schedule new futures after shutdown")
             task_id = next(self._task_ids)
             self.last_submit = time.monotonic()
             future = _TaskFuture(self, task_id, payload, timeout)
@@ -541,8 +478,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
             self._outstanding[task_id] = future
             if len(self._outstanding) == 1:
                 _busy_pools.add(self)  # (kept alive while it has work)
-            self._counts[_SUBMITTED] += 1
-            self._pending.append(future)
+            self._enqueue(future)
             budget = self._budget
             # Under a budget, a pool that could use another worker asks for
             # it before dispatching: else its workers would take every task
@@ -610,14 +546,9 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
         """
         if self._inherited():
             return  # (the parent's: never shut down from a forked child)
+        self._cancel_queued(terminate=True)  # (and no more dispatch: _stop_dispatch)
         with self._lock:
-            self._shut_down = True
-            self._terminating = True
-            self._not_full.notify_all()
-            pending = list(self._pending)
             pids = list(self._workers)
-        for future in pending:
-            future.cancel()
         for pid in pids:
             _process.kill_worker(pid)
         self.dispose(wait=True)
@@ -668,7 +599,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
             timeout=timeout,
             chunksize=chunksize,
             workers=max(1, self.worker_count),
-            window=None if self._max_pending is None else max(1, self._capacity()),
+            window=self._map_window(),
             progress=progress,
             name=self.name,
             open_maps=self._open_maps,
@@ -681,25 +612,6 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
         future = self._submit(self._task_timeout, fn, args, {}, deadline=deadline)
         assert future is not None
         return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work and release the workers (``Executor.shutdown``).
-
-        With ``cancel_futures``, tasks that have not started are cancelled.
-        With ``wait``, blocks until accepted work is done and the worker
-        processes and the pool's thread are gone; otherwise returns at once
-        and the work still finishes. Calls `dispose`, so a subclass's shared
-        data is released too. Idempotent.
-        """
-        if self._inherited():
-            return  # (the parent's: never shut down from a forked child)
-        if cancel_futures:
-            with self._lock:
-                self._shut_down = True
-                pending = list(self._pending)
-            for future in pending:
-                future.cancel()
-        self.dispose(wait=wait)
 
     def dispose(self, wait: bool = True) -> None:
         if self._inherited():
@@ -716,8 +628,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
             # workers still stop, as with wait=False.
             wait = False
         with self._lock:
-            self._shut_down = True
-            self._not_full.notify_all()  # blocked submitters raise PoolShutDownError
+            self._close_admission()  # blocked submitters raise PoolShutDownError
             if wait:
                 while self._outstanding:
                     self._drained.wait()
@@ -736,18 +647,23 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, WorkerPool):
         if self._budget is not None:
             self._budget.unregister(self)  # its places return to the budget
 
-    def _cancel(self, future: _TaskFuture) -> bool:
-        with self._lock:
-            if future._dispatched or future.done() or future._dropped:
-                return Future.cancel(future)
-            future._dropped = True
-            self._outstanding.pop(future.task_id, None)
-        self._finish_tasks([(future, None, None)])
-        return True
+    # -- QueuedPool's hooks ----------------------------------------------
 
-    def __repr__(self) -> str:
-        state = "shut down" if self._shut_down else "open"
-        return (
-            f"<{type(self).__name__} {state} workers={self.worker_count}/{self._max_size} "
-            f"unfinished={self.unfinished_tasks}>"
-        )
+    def _running(self) -> int:
+        return sum(1 for w in self._workers.values() if w.assigned)
+
+    def _use_grant(self) -> None:
+        self._dispatch()
+
+    def _after_grant(self) -> None:
+        self._after_unlock()
+
+    def _stop_dispatch(self, terminate: bool) -> None:
+        if terminate:
+            self._terminating = True  # (running tasks end with their workers)
+
+    def _unqueue(self, future: _TaskFuture) -> None:
+        self._outstanding.pop(future.task_id, None)
+
+    def _finish_cancelled(self, future: _TaskFuture) -> None:
+        self._finish_tasks([(future, None, None)])

@@ -34,13 +34,16 @@ distributed = pytest.importorskip(
 from distributed import Client, KilledWorker  # noqa: E402
 
 from pool_manager import (  # noqa: E402
+    BaseWorkerPool,
     PoolShutDownError,
     PoolTerminatedError,
     WorkerLostError,
     WorkerPool,
     WorkerPoolManager,
 )
-from pool_manager.dask import DaskPoolFactory, DaskWorkerPool  # noqa: E402
+from pool_manager._pool_tasks import _TaskFuture  # noqa: E402
+from pool_manager._queued import QueuedPool, _QueuedFuture  # noqa: E402
+from pool_manager.dask import DaskPoolFactory, DaskWorkerPool, _DaskTaskFuture  # noqa: E402
 
 from .helpers import (  # noqa: E402
     FakeClock,
@@ -154,6 +157,42 @@ def test_results_come_back_through_the_manager(manager: WorkerPoolManager, clien
     stats = manager.stats()["pools"]["a"]
     assert stats["workers"] == 0 and stats["unfinished_tasks"] == 0
     assert stats["tasks"]["completed"] == 53 and stats["tasks"]["failed"] == 1
+
+
+def test_both_engines_admit_and_count_through_one_queued_base() -> None:
+    # The admission code was once copied into the Dask pool, and the copies
+    # drifted: neither engine may define again what QueuedPool holds.
+    shared = [
+        "max_size",
+        "max_pending",
+        "worker_count",
+        "grant_workers",
+        "unfinished_tasks",
+        "unfinished_maps",
+        "add_idle_callback",
+        "task_counts",
+        "is_shut_down",
+        "shutdown",
+        "__repr__",
+        "_capacity",
+        "_map_window",
+        "_admit",
+        "_wait_for_room",
+        "_enqueue",
+        "_grant_at_least_one",
+        "_count_finished",
+        "_run_idle_callbacks",
+        "_cancel",
+        "_cancel_queued",
+        "_close_admission",
+        "_settle",
+    ]
+    for engine in (BaseWorkerPool, DaskWorkerPool):
+        assert issubclass(engine, QueuedPool)
+        below = engine.__mro__[: engine.__mro__.index(QueuedPool)]
+        assert [(cls.__name__, name) for cls in below for name in shared if name in vars(cls)] == []
+    for future_class in (_TaskFuture, _DaskTaskFuture):
+        assert issubclass(future_class, _QueuedFuture) and "cancel" not in vars(future_class)
 
 
 def test_a_manager_subclass_can_make_dask_its_default_factory(
