@@ -205,6 +205,7 @@ class _WorkerIO:
     _io_done: threading.Condition
     _outstanding: dict[int, _TaskFuture]
     _pending: deque[_TaskFuture]
+    _starts: deque[Any]
     _workers: dict[int, _Worker]
     _kills: dict[int, int]
     _exit_reasons: dict[int, str]
@@ -260,7 +261,7 @@ class _WorkerIO:
         """
         with self._lock:
             self._apply_io_changes(selector)
-            if not self._workers:
+            if not self._workers and not self._starts:
                 self._io_token = self._remains.token = None
                 self._io_changes.clear()
                 self._io_done.notify_all()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import os
 import selectors
 import socket
 import threading
@@ -149,10 +148,20 @@ class _WorkerStarts:
     def _request_start(self, place: bool) -> _Start | None:
         """(Holds _lock) Ask the starter for a worker (``place``: it holds a place
         under ``max_busy_workers``); it counts as live from now on. None if
-        there is no thread to start it (a start failure, `_start_failed`)."""
+        there is no thread to start it or to serve it (a start failure,
+        `_start_failed`).
+
+        The pool attaches to the I/O loop here, on the caller's thread, so
+        that the loop's thread is started (if it must be) as the task is
+        submitted, not later on the starter's: a program may have begun to
+        exit by then (Python 3.12 refuses new threads then). It stays
+        attached while a start is under way (`_io_round`).
+        """
         try:
+            if self._io_token is None:
+                self._io_token = self._remains.token = get_loop().attach(self, self._remains)
             get_starter().request(self)
-        except RuntimeError as error:
+        except (OSError, RuntimeError) as error:
             self._places_to_return += place
             self._start_failed(error)
             return None
@@ -192,18 +201,6 @@ class _WorkerStarts:
         with self._lock:
             start = self._starts.popleft()
             place = start.place
-            if started is not None:
-                pid, sock, status_fd = started
-                if self._io_token is None:
-                    try:
-                        token = get_loop().attach(self, self._remains)
-                    except (OSError, RuntimeError) as failure:  # no loop to serve it
-                        _process.kill_worker(pid)
-                        sock.close()
-                        os.close(status_fd)
-                        started, error = None, failure
-                    else:
-                        self._io_token = self._remains.token = token
             if started is None:
                 self._places_to_return += place
                 self._requeue(start.batch)
@@ -212,6 +209,8 @@ class _WorkerStarts:
                 # (Its tasks may go to live workers, but no other start is
                 # tried now: after a retry's back-off, or the next submit.)
                 self._dispatch(start=False)
+                if not self._workers and not self._starts:
+                    self._wake()  # (the loop's next round detaches the pool)
             else:
                 worker = self._add_worker(*started, place)
                 batch = [f for f in start.batch if f.task_id in self._outstanding]

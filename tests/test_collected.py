@@ -20,10 +20,15 @@ from pool_manager import BaseWorkerPool, WorkerPoolManager, _process
 from .helpers import poll, square, wait_then_square
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # (also while it is asked: it may end at any moment)
+        return False
+
+
 def _gone(pids: list[int]) -> bool:
-    return not any(
-        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids
-    )
+    return not any(_alive(pid) for pid in pids)
 
 
 def _collected(ref: weakref.ReferenceType[object]) -> bool:
