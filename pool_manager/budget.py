@@ -632,15 +632,14 @@ class _Planner:
 
     def to_tell(self) -> list[_Account]:
         """The pools to tell (`BudgetedPool.apply_allowance`): each whose
-        allowance changed; and, so that no order is ever lost, each with fewer
-        workers than allowed and work waiting (it starts them). A pool with
-        more live workers than allowed is not told again: it sheds them at
-        each of its dispatches (idle ones at once, busy ones as they go idle),
-        and a task of its finishing is one; telling it at every plan cost more
-        than the plan itself once plans came often (one each I/O loop round)."""
+        allowance changed, and only those. A pool reads its allowance afresh
+        when told, and then matches it on its own at each dispatch: it sheds
+        workers above it (idle ones at once, busy ones as they go idle) and
+        starts workers below it when it has work and may (a place under
+        ``max_busy_workers``, no start failing). Telling again a pool whose
+        workers do not match yet changes nothing; it cost more than the plan
+        itself once plans came every I/O loop round (most such pools were
+        waiting for a busy place, not for the budget).
+        """
         before = self._before
-        return [
-            a
-            for a in self.accounts
-            if a.allowed != before[id(a)] or a.live < min(a.allowed, a.demand)
-        ]
+        return [a for a in self.accounts if a.allowed != before[id(a)]]
