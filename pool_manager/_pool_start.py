@@ -201,9 +201,12 @@ class _WorkerStarts:
         with self._lock:
             start = self._starts.popleft()
             place = start.place
+            # Its first tasks still unfinished (one may have been killed, or
+            # failed by an I/O error, while the worker was on its way).
+            batch = [f for f in start.batch if f.task_id in self._outstanding]
             if started is None:
                 self._places_to_return += place
-                self._requeue(start.batch)
+                self._requeue(batch)
                 assert error is not None
                 self._start_failed(error)
                 # (Its tasks may go to live workers, but no other start is
@@ -213,7 +216,6 @@ class _WorkerStarts:
                     self._wake()  # (the loop's next round detaches the pool)
             else:
                 worker = self._add_worker(*started, place)
-                batch = [f for f in start.batch if f.task_id in self._outstanding]
                 if batch:
                     worker.place_since = time.monotonic()
                     self._send_tasks(worker, batch)
