@@ -113,11 +113,11 @@ class Starter:
                             pool._start_retry_due()
                         else:
                             pool._start_one()
-                        _threads.run_deferred()
                     except Exception:  # (a bug: the pool reports its own failures)
                         logger.critical("pool_manager: a worker start failed", exc_info=True)
                     finally:
                         del pool
+                        _threads.run_deferred()  # (futures settled by the start, too)
                         self._lock.acquire()
             finally:
                 if self._thread is threading.current_thread():
