@@ -126,6 +126,9 @@ class IOLoop:
         self._tokens = itertools.count(1)
         self._run: _Run | None = None
         self._wake_pending = False  # a wake-up byte is in the pipe
+        # The thread is in a round: it looks at _dirty again before it waits,
+        # so `changed` need not write to the pipe.
+        self._awake = False
         #: (time.monotonic(), token) of each pool's next round; stale entries
         #: (a later time than the pool's ``due``) are skipped.
         self._heap: list[tuple[float, int]] = []
@@ -168,8 +171,14 @@ class IOLoop:
         with self._lock:
             self._dirty.add(token)
             run = self._run
-            if run is not None and not self._wake_pending:
+            if run is not None and not self._wake_pending and not self._awake:
                 self._wake_locked(run)
+
+    def in_round(self) -> bool:
+        """The thread is serving a round (not waiting): what a pool asks of it
+        with `changed` now is seen before it waits again. (A hint: read
+        without the lock.)"""
+        return self._awake
 
     def _wake_locked(self, run: _Run) -> None:
         self._wake_pending = True
@@ -215,6 +224,7 @@ class IOLoop:
                 with self._lock:
                     dirty, self._dirty = self._dirty, set()
                     self._wake_pending = False
+                    self._awake = True
                 for token, pool_events in by_pool.items():
                     self._serve_events(token, pool_events, selector)
                     dirty.add(token)  # (what it read may change its deadlines)
@@ -234,9 +244,11 @@ class IOLoop:
                 with self._lock:
                     if not self._clients and not self._dirty and not self._abandoned:
                         self._run = None  # (attach starts a new run)
+                        self._awake = False
                         self._heap.clear()
                         return
                     more = bool(self._dirty or self._abandoned)
+                    self._awake = more  # (else it waits: `changed` wakes it)
                 timeout = None
                 heap = self._heap
                 if more:

@@ -199,6 +199,17 @@ class _Dispatch:
             worker.holds_place = False
             self._places_to_return += 1
 
+    def _dispatch_soon(self) -> None:
+        """(Holds _lock) `_dispatch` for a caller's submit: now, or, while the I/O
+        loop is in a round, in that round (`_io_round`), with the results it
+        reads: queued tasks then go in batches, and the caller makes no
+        system call that would hand the GIL back and forth with the loop."""
+        token = self._io_token
+        if token is not None and self._workers and get_loop().in_round():
+            get_loop().changed(token)
+        else:
+            self._dispatch()
+
     def _shed_surplus(self, allowed: int) -> None:
         """More workers than the budget allows: the idle ones above it leave now.
 

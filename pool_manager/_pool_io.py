@@ -238,6 +238,8 @@ class _WorkerIO:
 
         def _return_places(self) -> None: ...
 
+        def _after_unlock(self) -> None: ...
+
         def _finish_tasks(
             self, done: list[tuple[_TaskFuture, bool | None, Any]], worker_ended: bool = False
         ) -> None: ...
@@ -261,6 +263,8 @@ class _WorkerIO:
         """
         with self._lock:
             self._apply_io_changes(selector)
+            if self._pending:
+                self._dispatch()  # (what callers left for this round: `_dispatch_soon`)
             if not self._workers and not self._starts:
                 self._io_token = self._remains.token = None
                 self._io_changes.clear()
@@ -268,6 +272,7 @@ class _WorkerIO:
                 return None
             timeout = self._check_workers()
             watched, timeout = self._memory_check_due(timeout)
+        self._after_unlock()
         if watched:
             self._check_memory(watched)
         return math.inf if timeout is None else timeout

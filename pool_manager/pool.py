@@ -491,7 +491,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
                 and self._wants_workers()
             )
             if not ask:
-                self._dispatch()
+                self._dispatch_soon()
         if ask:
             assert budget is not None
             budget.submitted(self, True)
