@@ -1,0 +1,300 @@
+"""The main script's module in the workers (``_main_module.py``).
+
+Workers have the parent's main module imported as ``__mp_main__``, so a
+function of the script that a task runs sees what an initializer set, keeps
+state between tasks, and reads the module's data without a copy per task;
+an exception class of the script raised in a worker is the parent's class.
+Where there is no importable main module (``python -c``, standard input), or
+its import fails, ``__main__``'s objects travel by value, as before, with one
+warning. Each test runs a script in a fresh interpreter (it is the process's
+``__main__``), under a hard timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent  # (scripts import this checkout)
+
+#: What every script below defines: a global an initializer sets, a counter,
+#: an exception class, and a report of them as JSON (its last stdout line).
+COMMON = """
+import json, os, sys, warnings
+from pool_manager import BaseWorkerPool
+
+TABLE = None
+COUNT = 0
+
+def setup(size):
+    global TABLE
+    TABLE = list(range(size))
+
+def read_table(index):
+    return TABLE[index]
+
+def bump():
+    global COUNT
+    COUNT += 1
+    return COUNT
+
+class ScriptError(Exception):
+    pass
+
+def fail(message):
+    raise ScriptError(message, ScriptError.__module__)
+
+def counts(size=4):
+    with BaseWorkerPool(1) as pool:
+        return [pool.submit(bump).result(timeout=60) for _ in range(size)]
+"""
+
+
+def run(
+    args: list[str],
+    cwd: Path,
+    stdin: str | None = None,
+    timeout: float = 90,
+) -> tuple[dict[str, Any], str]:
+    """Run the interpreter with ``args`` in ``cwd``; its last stdout line is JSON."""
+    completed = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1]), completed.stderr
+
+
+def run_script(tmp_path: Path, body: str, *args: str) -> tuple[dict[str, Any], str]:
+    path = tmp_path / "script.py"
+    path.write_text(COMMON + textwrap.dedent(body))
+    return run([str(path), *args], tmp_path)
+
+
+def warnings_in(stderr: str) -> int:
+    return stderr.count("RuntimeWarning")
+
+
+@pytest.mark.timeout(150)
+def test_an_initializer_sets_a_global_that_the_tasks_read(tmp_path: Path) -> None:
+    report, stderr = run_script(
+        tmp_path,
+        """
+        if __name__ == "__main__":
+            with BaseWorkerPool(2, initializer=setup, initargs=(100,)) as pool:
+                values = [pool.submit(read_table, i).result(timeout=60) for i in (0, 5, 99)]
+            print(json.dumps({"values": values}))
+        """,
+    )
+    assert report == {"values": [0, 5, 99]}
+    assert warnings_in(stderr) == 0
+
+
+@pytest.mark.timeout(150)
+def test_a_script_function_keeps_its_globals_between_tasks_on_one_worker(
+    tmp_path: Path,
+) -> None:
+    report, _ = run_script(
+        tmp_path,
+        """
+        from pool_manager import WorkerPoolManager
+        if __name__ == "__main__":
+            with WorkerPoolManager(
+                pool_size=1, stale_pool_expiration=600, max_pool_lifetime=3600
+            ) as manager:
+                with manager.lease("k") as pool:
+                    managed = [pool.submit(bump).result(timeout=60) for _ in range(3)]
+            print(json.dumps({"counts": counts(), "managed": managed}))
+        """,
+    )
+    assert report == {"counts": [1, 2, 3, 4], "managed": [1, 2, 3]}
+
+
+@pytest.mark.timeout(150)
+def test_a_large_module_global_is_not_copied_into_each_task(tmp_path: Path) -> None:
+    report, _ = run_script(
+        tmp_path,
+        """
+        import resource
+        import psutil
+        DATA = bytes(100 * 1024 * 1024)
+
+        def size_of_data(index):
+            return len(DATA) + index
+
+        if __name__ == "__main__":
+            before = psutil.Process().memory_info().rss
+            with BaseWorkerPool(2) as pool:
+                sizes = list(pool.map(size_of_data, range(20), chunksize=1))
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (KiB)
+            print(json.dumps({"sizes": sizes[:2], "growth": peak - before}))
+        """,
+    )
+    assert report["sizes"] == [100 * 1024 * 1024, 100 * 1024 * 1024 + 1]
+    assert report["growth"] < 300 * 1024 * 1024, report
+
+
+@pytest.mark.timeout(150)
+def test_an_exception_class_of_the_script_raised_in_a_worker_is_caught_in_the_parent(
+    tmp_path: Path,
+) -> None:
+    report, _ = run_script(
+        tmp_path,
+        """
+        if __name__ == "__main__":
+            with BaseWorkerPool(1) as pool:
+                try:
+                    pool.submit(fail, "no").result(timeout=60)
+                except ScriptError as error:
+                    caught = [type(error).__module__, *error.args]
+            print(json.dumps({"caught": caught}))
+        """,
+    )
+    # Raised as the workers' main module's class, caught as ours.
+    assert report == {"caught": ["__main__", "no", "__mp_main__"]}
+
+
+@pytest.mark.timeout(150)
+def test_lambdas_closures_and_functions_reading_guarded_globals_still_travel_by_value(
+    tmp_path: Path,
+) -> None:
+    report, stderr = run_script(
+        tmp_path,
+        """
+        def read_guarded():
+            return GUARDED
+
+        if __name__ == "__main__":
+            GUARDED = "set under the guard"
+            offset = 10
+            with BaseWorkerPool(1) as pool:
+                results = [
+                    pool.submit(lambda: offset + 1).result(timeout=60),
+                    pool.submit((lambda: lambda: offset + 2)()).result(timeout=60),
+                    pool.submit(read_guarded).result(timeout=60),
+                ]
+            print(json.dumps({"results": results[:3]}))
+        """,
+    )
+    assert report == {"results": [11, 12, "set under the guard"]}
+    assert warnings_in(stderr) == 0
+
+
+@pytest.mark.timeout(150)
+def test_a_script_that_reads_its_arguments_at_top_level_sees_them_in_the_workers(
+    tmp_path: Path,
+) -> None:
+    report, stderr = run_script(
+        tmp_path,
+        """
+        import argparse
+        parser = argparse.ArgumentParser()
+        parser.add_argument("word")
+        WORD = parser.parse_args().word
+
+        def get_word():
+            return [WORD, __name__]
+
+        if __name__ == "__main__":
+            with BaseWorkerPool(1) as pool:
+                word = pool.submit(get_word).result(timeout=60)
+            print(json.dumps({"word": word, "counts": counts()}))
+        """,
+        "hello",
+    )
+    assert report == {"word": ["hello", "__mp_main__"], "counts": [1, 2, 3, 4]}
+    assert warnings_in(stderr) == 0
+
+
+#: Script top levels that fail in the fork server's import (only there).
+FAILING_TOP_LEVELS = {
+    "raises": 'if __name__ != "__main__":\n    raise ValueError("not here")\n',
+    "exits": 'if __name__ != "__main__":\n    sys.exit(3)\n',
+    "ends_the_server": 'if __name__ != "__main__":\n    os._exit(4)\n',
+    "hangs": 'if __name__ != "__main__":\n    import time\n    time.sleep(120)\n',
+    "starts_a_pool_unguarded": (
+        "with BaseWorkerPool(1) as TOP_POOL:\n"
+        "    TOP = TOP_POOL.submit(abs, -7).result(timeout=60)\n"
+    ),
+}
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("top_level", sorted(FAILING_TOP_LEVELS))
+def test_a_main_module_that_fails_to_import_leaves_pools_working_by_value_with_one_warning(
+    tmp_path: Path, top_level: str
+) -> None:
+    report, stderr = run_script(
+        tmp_path,
+        FAILING_TOP_LEVELS[top_level]
+        + textwrap.dedent(
+            """
+            if __name__ == "__main__":
+                from pool_manager import _process
+                _process.MAIN_IMPORT_TIMEOUT = 3.0  # (for "hangs")
+                first = counts()
+                with BaseWorkerPool(2, initializer=setup, initargs=(3,)) as pool:
+                    second = [pool.submit(bump).result(timeout=60) for _ in range(2)]
+                print(json.dumps({"counts": first, "second": second}))
+            """
+        ),
+    )
+    # By value: each task has its own copy of the counter.
+    assert report == {"counts": [1, 1, 1, 1], "second": [1, 1]}
+    assert warnings_in(stderr) == 1, stderr
+    assert "if __name__ == '__main__':" in stderr
+    if top_level == "starts_a_pool_unguarded":
+        assert "a pool was started while the main module was being imported" in stderr
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("how", ["-c", "stdin"])
+def test_a_main_module_that_cannot_be_imported_sends_its_functions_by_value(
+    tmp_path: Path, how: str
+) -> None:
+    code = COMMON + 'print(json.dumps({"counts": counts()}))\n'
+    if how == "-c":
+        report, stderr = run(["-c", code], tmp_path)
+    else:
+        report, stderr = run(["-"], tmp_path, stdin=code)
+    assert report == {"counts": [1, 1, 1, 1]}
+    assert warnings_in(stderr) == 0
+
+
+@pytest.mark.timeout(150)
+def test_a_module_run_with_dash_m_is_the_workers_main_module(tmp_path: Path) -> None:
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helper.py").write_text("START = 10\n")
+    (package / "module.py").write_text(
+        COMMON
+        + textwrap.dedent(
+            """
+            from .helper import START
+
+            def from_start():
+                return START + bump()
+
+            if __name__ == "__main__":
+                with BaseWorkerPool(1) as pool:
+                    values = [pool.submit(from_start).result(timeout=60) for _ in range(3)]
+                print(json.dumps({"values": values, "counts": counts()}))
+            """
+        )
+    )
+    report, stderr = run(["-m", "package.module"], tmp_path)
+    assert report == {"values": [11, 12, 13], "counts": [1, 2, 3, 4]}
+    assert warnings_in(stderr) == 0
