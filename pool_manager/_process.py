@@ -3,8 +3,9 @@
 Starting: a fork server
     Every worker is forked from a *fork server*: one small Python process per
     parent process, started with ``subprocess`` when the first pool (or
-    manager) needs it. It imports this package and cloudpickle, nothing of
-    the application's, and it has a single thread, so forking it is safe
+    manager) needs it. It imports this package and cloudpickle, and of the
+    application's only its main module (below), and it has a single thread
+    (unless that module's top level starts one), so forking it is safe
     where forking the parent (threads holding locks) is not. A fork costs a
     few milliseconds, not the tens of a fresh interpreter, and the workers
     share the server's memory pages until they write to them.

@@ -341,22 +341,23 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
 ByReference = Callable[[object], bool]
 
 
+_cloudpickle_reducer_override = cloudpickle.CloudPickler.reducer_override
+
+
 class _MainPickler(_Pickler):
     """`_Pickler` that lets the standard pickle write ``__main__``'s functions
     and classes by reference (``__main__ name``) where ``by_reference`` says
     the workers have them. (Called for objects that are not of a basic type:
     for a call of plain arguments, the function alone.)"""
 
-    def __init__(self, file: io.BytesIO, by_reference: ByReference) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._by_reference = by_reference
+    _by_reference: ByReference  # (set by `dumps`: no __init__ of ours to call)
 
     def reducer_override(self, obj: Any) -> Any:
         if (type(obj) is types.FunctionType or isinstance(obj, type)) and (
             obj.__module__ == "__main__" and self._by_reference(obj)
         ):
             return NotImplemented  # (the standard pickle's save_global)
-        return super().reducer_override(obj)
+        return _cloudpickle_reducer_override(self, obj)
 
 
 def dumps(obj: object, main: ByReference | None = None) -> bytes:
@@ -366,7 +367,9 @@ def dumps(obj: object, main: ByReference | None = None) -> bytes:
     if main is None:
         _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     else:
-        _MainPickler(buffer, main).dump(obj)
+        pickler = _MainPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler._by_reference = main
+        pickler.dump(obj)
     return buffer.getvalue()
 
 

@@ -176,19 +176,34 @@ def test_lambdas_closures_and_functions_reading_guarded_globals_still_travel_by_
         def read_guarded():
             return GUARDED
 
+        class ReadsGuarded:
+            def get(self):
+                return GUARDED
+
+        def redefined():
+            return "at the top level"
+
         if __name__ == "__main__":
             GUARDED = "set under the guard"
+
+            def redefined():
+                return "under the guard"
+
             offset = 10
             with BaseWorkerPool(1) as pool:
                 results = [
                     pool.submit(lambda: offset + 1).result(timeout=60),
                     pool.submit((lambda: lambda: offset + 2)()).result(timeout=60),
                     pool.submit(read_guarded).result(timeout=60),
+                    pool.submit(ReadsGuarded().get).result(timeout=60),
+                    pool.submit(redefined).result(timeout=60),
                 ]
-            print(json.dumps({"results": results[:3]}))
+            print(json.dumps({"results": results}))
         """,
     )
-    assert report == {"results": [11, 12, "set under the guard"]}
+    assert report == {
+        "results": [11, 12, "set under the guard", "set under the guard", "under the guard"]
+    }
     assert warnings_in(stderr) == 0
 
 
@@ -215,6 +230,26 @@ def test_a_script_that_reads_its_arguments_at_top_level_sees_them_in_the_workers
         "hello",
     )
     assert report == {"word": ["hello", "__mp_main__"], "counts": [1, 2, 3, 4]}
+    assert warnings_in(stderr) == 0
+
+
+@pytest.mark.timeout(150)
+def test_a_task_may_start_a_pool_of_its_own(tmp_path: Path) -> None:
+    # (The fork server refuses pools only while it imports the module: its
+    # workers may start pools, whose fork server imports the module again.)
+    report, stderr = run_script(
+        tmp_path,
+        """
+        def nested():
+            return [__name__, counts(2)]
+
+        if __name__ == "__main__":
+            with BaseWorkerPool(1) as pool:
+                inner = pool.submit(nested).result(timeout=60)
+            print(json.dumps({"inner": inner}))
+        """,
+    )
+    assert report == {"inner": ["__mp_main__", [1, 2]]}
     assert warnings_in(stderr) == 0
 
 
