@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pool_manager._main_module import by_reference, main_to_import
+from pool_manager._protocol import MainReport, MainToImport, dump_call
 
 ROOT = Path(__file__).resolve().parent.parent  # (scripts import this checkout)
 
@@ -333,3 +338,86 @@ def test_a_module_run_with_dash_m_is_the_workers_main_module(tmp_path: Path) -> 
     report, stderr = run(["-m", "package.module"], tmp_path)
     assert report == {"values": [11, 12, 13], "counts": [1, 2, 3, 4]}
     assert warnings_in(stderr) == 0
+
+
+# -- the parent's decisions, in this process ---------------------------------------
+
+
+def fake_main(monkeypatch: pytest.MonkeyPatch, **attributes: Any) -> types.ModuleType:
+    """Make ``sys.modules['__main__']`` a module with these attributes (for the test)."""
+    module = types.ModuleType("__main__")
+    module.__spec__ = None
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    monkeypatch.setitem(sys.modules, "__main__", module)
+    return module
+
+
+def test_the_main_module_to_import_is_a_script_or_a_module_run_by_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    script = tmp_path / "script.py"
+    script.write_text("")
+    fake_main(monkeypatch, __file__=str(script))
+    assert main_to_import() == MainToImport(None, str(script), sys.argv)
+    fake_main(monkeypatch, __spec__=types.SimpleNamespace(name="package.module"))
+    assert main_to_import() == MainToImport("package.module", None, sys.argv)
+    # A package's __main__ (python -m pkg, python -m pytest), python -c, stdin,
+    # a file that is not Python source, a file gone: nothing to import.
+    fake_main(monkeypatch, __spec__=types.SimpleNamespace(name="pytest.__main__"))
+    assert main_to_import() is None
+    fake_main(monkeypatch, __spec__=types.SimpleNamespace(name="__main__"))
+    assert main_to_import() is None
+    fake_main(monkeypatch)
+    assert main_to_import() is None
+    fake_main(monkeypatch, __file__=str(tmp_path / "pytest"))
+    assert main_to_import() is None
+    fake_main(monkeypatch, __file__=str(tmp_path / "gone.py"))
+    assert main_to_import() is None
+
+
+def test_a_main_function_goes_by_reference_only_if_the_workers_have_the_same_one_and_its_globals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    namespace: dict[str, Any] = {"__name__": "__main__", "SHARED": 1, "OURS_ONLY": 2}
+    exec("def reads_shared():\n    return SHARED + len([])\n", namespace)
+    exec("def reads_ours_only():\n    return OURS_ONLY\n", namespace)
+    main = fake_main(monkeypatch, **namespace)
+    shared, ours_only = main.reads_shared, main.reads_ours_only
+    report = MainReport(
+        True,
+        {"reads_shared": 1, "reads_ours_only": 1},
+        {},
+        frozenset({"SHARED", "reads_shared", "reads_ours_only"}),
+    )
+    assert by_reference(shared, report)
+    # It reads a global that their module lacks and ours has: by value.
+    assert not by_reference(ours_only, report)
+    # Defined at another line there: another function.
+    assert not by_reference(shared, report._replace(functions={"reads_shared": 7}))
+    # Not there at all, or their import failed.
+    assert not by_reference(shared, report._replace(functions={}))
+    assert not by_reference(shared, report._replace(imported=False))
+    # Our name now means another function.
+    main.reads_shared = ours_only
+    assert not by_reference(shared, report)
+
+
+def test_dump_call_writes_a_main_function_by_reference_only_where_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec("def task(*args):\n    return args\n", namespace)
+    main = fake_main(monkeypatch, **namespace)
+    task = main.task
+
+    def yes(obj: object) -> bool:
+        return obj is task
+
+    for args in [(1,), ([1],)]:  # (the fast path, and cloudpickle's)
+        by_reference = dump_call(task, args, {}, yes)
+        by_value = dump_call(task, args, {}, None)
+        assert pickle.loads(by_reference)[0] is task
+        assert b"__main__" in by_reference and b"cloudpickle" not in by_reference
+        assert b"cloudpickle" in by_value
+        assert pickle.loads(by_value)[0] is not task
