@@ -269,6 +269,12 @@ class ForkServer:
         with self._lock:
             self._await_ready()
 
+    @property
+    def ready(self) -> bool:
+        """It has booted, and imported the main module if asked (`main_report`
+        would not wait)."""
+        return self._ready
+
     def main_report(self) -> MainReport | None:
         """What the server's import of the main module defines (waits for it,
         as `wait_ready` does, and raises as it does); None if it imported none.

@@ -122,6 +122,11 @@ logger = logging.getLogger("pool_manager")
 DEFAULT_IDLE_TIMEOUT: float = 300.0
 
 
+class _MainReportNotIn(Exception):
+    """Pickling a ``__main__`` object would wait for the fork server's report of
+    its import of the main module (see `BaseWorkerPool._main_by_reference_now`)."""
+
+
 def _worker_env(env: object) -> dict[bytes, bytes] | None:
     """Check a pool's ``env`` (str keys and values, as ``subprocess`` wants them);
     returns it as ``os.environb`` holds it.
@@ -323,6 +328,14 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         report = self._main_report()
         return report is not None and by_reference(obj, report)  # type: ignore[arg-type]
 
+    def _main_by_reference_now(self, obj: object) -> bool:
+        """`_main_by_reference`, for a submit that must not wait (`_submit_nowait`,
+        on an event loop's thread): raises `_MainReportNotIn` if it would."""
+        server = self._remains.server
+        if server is None or server.gone or not server.ready:
+            raise _MainReportNotIn
+        return self._main_by_reference(obj)
+
     def _main_report(self) -> MainReport | None:
         """(No lock held) What the main module in this pool's workers defines:
         the fork server's report (the pool takes its hold on the server now,
@@ -490,7 +503,9 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         block: bool = True,
         deadline: float | None = None,
     ) -> Future[T] | None:
-        """Submit; with ``block`` False, None instead of waiting for room.
+        """Submit; with ``block`` False, None instead of waiting for room, or for
+        the fork server's report on the main module (the first task with an
+        object of ``__main__``, see `_main_by_reference`).
 
         ``deadline`` (a ``time.monotonic()`` time): wait for room until then,
         and raise ``TimeoutError`` if the pool is still full.
@@ -498,10 +513,13 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         self._check_owner()
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        main = None
+        if self._main_importable:
+            main = self._main_by_reference if block else self._main_by_reference_now
         try:
-            payload = dump_call(
-                fn, args, kwargs, self._main_by_reference if self._main_importable else None
-            )
+            payload = dump_call(fn, args, kwargs, main)
+        except _MainReportNotIn:
+            return None  # (submitted on a thread instead, where waiting is fine)
         except Exception as error:
             # As ProcessPoolExecutor: a task that cannot be pickled fails its future.
             if self._shut_down:

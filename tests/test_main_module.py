@@ -258,6 +258,44 @@ def test_a_task_may_start_a_pool_of_its_own(tmp_path: Path) -> None:
     assert warnings_in(stderr) == 0
 
 
+@pytest.mark.timeout(150)
+def test_an_event_loop_does_not_wait_for_the_fork_server_to_import_the_main_module(
+    tmp_path: Path,
+) -> None:
+    # (pool.run submits on the loop's thread when it would not wait: the
+    # first task with a __main__ function is submitted on another thread.)
+    report, _ = run_script(
+        tmp_path,
+        """
+        import asyncio, time
+        if __name__ != "__main__":
+            time.sleep(1.5)  # (a slow top level, in the fork server only)
+
+        async def main():
+            gaps = []
+            async def tick():
+                last = time.monotonic()
+                while True:
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+            ticker = asyncio.create_task(tick())
+            await asyncio.sleep(0.05)  # (ticking)
+            with BaseWorkerPool(1) as pool:
+                values = [await pool.run(bump) for _ in range(3)]
+            ticker.cancel()
+            return values, max(gaps)
+
+        if __name__ == "__main__":
+            values, longest = asyncio.run(main())
+            print(json.dumps({"values": values, "longest": longest}))
+        """,
+    )
+    assert report["values"] == [1, 2, 3]
+    assert report["longest"] < 0.75, report
+
+
 #: Script top levels that fail in the fork server's import (only there).
 FAILING_TOP_LEVELS = {
     "raises": 'if __name__ != "__main__":\n    raise ValueError("not here")\n',
