@@ -162,7 +162,11 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
 
     ``BaseWorkerPool(4)`` behaves like ``ProcessPoolExecutor(4)``: up to four
     worker processes, started as tasks find none idle, fed in order.
-    Submissions travel with cloudpickle, so lambdas and closures work.
+    Submissions travel with cloudpickle, so lambdas and closures work; the
+    main script's functions and classes travel by reference to the script's
+    module, which the workers import (``_main_module.py``; by value where
+    they cannot, or when the function reads what only the script's
+    ``if __name__ == '__main__':`` block sets).
 
     Args:
         max_size: the most worker processes (``ProcessPoolExecutor``'s
@@ -170,6 +174,9 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             Default: the CPUs this process may use.
         initializer, initargs: run ``initializer(*initargs)`` once in each
             worker process, to give it its own state (a model, a connection).
+            When they hold a function or class of the main script, the pool
+            starts the fork server as it is built, and waits for it to
+            import the script (see `submit`).
         mp_context: accepted for ``ProcessPoolExecutor`` compatibility (a
             start method name or ``multiprocessing`` context, checked); every
             worker is forked from the fork server whatever it names, so a
@@ -462,9 +469,12 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         admitted at once, beyond ``max_pending``: waiting would hold up the
         thread that makes room, or the whole event loop. The first submit
         starts a worker process (a few milliseconds: it is forked from the
-        fork server). If no worker can start (see `START_RETRY_WINDOW`), the
-        future fails with `WorkerStartError`; ``submit`` itself does not wait
-        for the retries.
+        fork server). The first task that holds a function or class of the
+        main script waits for the fork server to have imported the script
+        (its top level, once per server; not on an event loop's thread:
+        ``run`` submits it from another thread). If no worker can start
+        (see `START_RETRY_WINDOW`), the future fails with `WorkerStartError`;
+        ``submit`` itself does not wait for the retries.
 
         Raises:
             TypeError: ``fn`` is not callable.
