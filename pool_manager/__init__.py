@@ -60,6 +60,9 @@ How a task and a pool's life flow through the parts::
 - ``_starter.py``: the process's worker starter (fork-server round trips,
   off every pool's lock, and the retries after a failed start).
 - ``_process.py``: the fork server that starts workers.
+- ``_main_module.py``: the main script's module in the workers (the fork
+  server imports it as ``__mp_main__``), and which of ``__main__``'s
+  functions and classes travel by reference to it.
 - ``_worker.py``: what runs in a worker (its loop, the watchdog that ends it
   with the fork server), and how a pool sets a worker up (``INIT``).
 - ``_protocol.py``: the wire, in one place: every frame, message kind and

@@ -3,8 +3,9 @@
 Starting: a fork server
     Every worker is forked from a *fork server*: one small Python process per
     parent process, started with ``subprocess`` when the first pool (or
-    manager) needs it. It imports this package and cloudpickle, nothing of
-    the application's, and it has a single thread, so forking it is safe
+    manager) needs it. It imports this package and cloudpickle, and of the
+    application's only its main module (below), and it has a single thread
+    (unless that module's top level starts one), so forking it is safe
     where forking the parent (threads holding locks) is not. A fork costs a
     few milliseconds, not the tens of a fresh interpreter, and the workers
     share the server's memory pages until they write to them.
@@ -23,6 +24,20 @@ Starting: a fork server
     goes to a pipe the parent reads, so that a server that dies at boot
     raises `ForkServerError` with its traceback; then its stderr (and so
     its workers') is the parent's.
+
+    The main module
+    When the parent's main module is importable (a script, ``python -m
+    pkg.mod``: see ``_main_module.py``), the server imports it once, as
+    ``__mp_main__``, after it says it is ready and before it forks: every
+    worker has it. Then it reports what the module defines (a
+    `MainReport`), which the parent reads with the ready byte
+    (`ForkServer.main_report`): it tells which of ``__main__``'s objects
+    travel by reference. A script's unguarded top level runs there, once
+    per server. An import that fails (or ends the server, or hangs past
+    ``MAIN_IMPORT_TIMEOUT``) leaves the workers without a main module:
+    the parent warns once, and no later server of the process imports it.
+    A pool started while the server imports the module (the script's
+    unguarded top level starts one) raises ``RuntimeError`` there.
 
 The wire
     What crosses between the parent, the server and the workers (the
@@ -46,13 +61,24 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any, NoReturn
 
-from ._protocol import FORK_REQUEST, SERVER_READY, STATUS, UNREACHABLE_EXIT_CODE, WORKER_PID
+from ._protocol import (
+    FORK_REQUEST,
+    MAIN_REPORT,
+    SERVER_READY,
+    STATUS,
+    UNREACHABLE_EXIT_CODE,
+    WORKER_PID,
+    MainReport,
+    MainToImport,
+)
 
 __all__ = [
     "ForkServer",
     "ForkServerGone",
     "acquire_server",
+    "check_not_importing_main",
     "cpu_count",
     "kill_worker",
     "release_server",
@@ -122,16 +148,22 @@ class ForkServerGone(OSError):
 
 
 #: The server's ``-c`` code. Its ``sys.path`` comes as arguments (strings,
-#: so no entry's repr has to be valid Python), which it takes off ``sys.argv``.
+#: so no entry's repr has to be valid Python), which it takes off
+#: ``sys.argv``; the main module to import (a `MainToImport` as a tuple of
+#: strings, or None) as a Python literal.
 _BOOT = (
     "import sys; sys.path[:] = sys.argv[1:]; del sys.argv[1:]; "
-    "from pool_manager._process import serve; serve({control}, {stderr})"
+    "from pool_manager._process import serve; serve({control}, {stderr}, {main})"
 )
 
 #: Seconds a fork server may take to boot before it is killed (and
 #: `ForkServerError` raised): an interpreter start and a few imports, about
 #: 50 ms on an idle machine.
 SERVER_BOOT_TIMEOUT = 60.0
+#: Seconds the server may take to import the main module (its top level
+#: runs) once it has booted; past that it is killed, and the workers of the
+#: process's next servers have no main module.
+MAIN_IMPORT_TIMEOUT = 300.0
 #: The most of a server's boot output kept (its last bytes) for the error.
 _BOOT_OUTPUT_LIMIT = 1 << 16
 
@@ -176,6 +208,13 @@ class ForkServer:
     """
 
     def __init__(self) -> None:
+        main: MainToImport | None = None
+        if not _main_import_failed:
+            from ._main_module import alias_main, main_to_import
+
+            main = main_to_import()
+            if main is not None:
+                alias_main()
         ours, theirs = socket.socketpair()
         self._lock = threading.Lock()
         self._control = ours
@@ -186,7 +225,11 @@ class ForkServer:
             except OSError as error:
                 if error.errno != errno.EBADF:
                     raise  # (no stderr at all: the server writes to /dev/null)
-            code = _BOOT.format(control=theirs.fileno(), stderr=stderr)
+            code = _BOOT.format(
+                control=theirs.fileno(),
+                stderr=stderr,
+                main=None if main is None else repr(tuple(main)),
+            )
             with signals_blocked():
                 self._process = subprocess.Popen(
                     [
@@ -209,7 +252,9 @@ class ForkServer:
                 os.close(stderr)
         self.pid = self._process.pid
         self.gone = False
-        self._ready = False  # its READY byte has been read
+        self._ready = False  # its READY byte and its main report have been read
+        self._imports_main = main is not None
+        self._main_report: MainReport | None = None  # (when it imported the main module)
 
     def wait_ready(self) -> None:
         """Wait until the server has booted (its imports done) and can fork at once.
@@ -218,10 +263,27 @@ class ForkServer:
             ForkServerError: it exited before it was ready, or did not get
                 ready within ``SERVER_BOOT_TIMEOUT`` seconds (then it is
                 killed); the message holds what it printed.
-            ForkServerGone: it had already exited.
+            ForkServerGone: it had already exited, or it exited (or hung)
+                as it imported the main module.
         """
         with self._lock:
             self._await_ready()
+
+    @property
+    def ready(self) -> bool:
+        """It has booted, and imported the main module if asked (`main_report`
+        would not wait)."""
+        return self._ready
+
+    def main_report(self) -> MainReport | None:
+        """What the server's import of the main module defines (waits for it,
+        as `wait_ready` does, and raises as it does); None if it imported none.
+        """
+        if self._ready:  # (set once the report is in: no lock to take)
+            return self._main_report
+        with self._lock:
+            self._await_ready()
+            return self._main_report
 
     def _await_ready(self) -> None:
         # (holds _lock) The first byte on the control socket says it is ready.
@@ -257,6 +319,7 @@ class ForkServer:
                 pass
             pipe.close()
             _write_stderr(output)
+            self._main_report = self._read_main_report()
             self._ready = True
             return
         self.gone = True
@@ -287,6 +350,46 @@ class ForkServer:
             output=text,
             exitcode=exitcode,
         )
+
+    def _read_main_report(self) -> MainReport | None:
+        # (holds _lock) What follows the ready byte: its import of the main
+        # module, which may take as long as the script's top level does.
+        timeout = MAIN_IMPORT_TIMEOUT if self._imports_main else SERVER_BOOT_TIMEOUT
+        deadline = time.monotonic() + timeout
+        header = _recv_exactly(self._control, MAIN_REPORT.size, deadline)
+        length = None if header is None else MAIN_REPORT.unpack(header)[0]
+        body = _recv_exactly(self._control, length, deadline) if length else b""
+        if body is None or length is None:
+            self._main_import_died(timed_out=time.monotonic() >= deadline)
+        if not length:
+            return None
+        import pickle
+
+        report: MainReport = pickle.loads(body)
+        if not report.imported:
+            _main_import_failed_now((report.error.strip().splitlines() or ["?"])[-1])
+        return report
+
+    def _main_import_died(self, timed_out: bool) -> NoReturn:
+        # (holds _lock) The server hung, or exited, as it imported the main
+        # module: the next server (which the caller starts) imports none.
+        self.gone = True
+        if timed_out:
+            self._process.kill()
+        try:
+            exitcode = self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            exitcode = self._process.wait()
+        from .errors import describe_exit
+
+        if timed_out:
+            cause = f"it did not finish within {MAIN_IMPORT_TIMEOUT:g}s"
+        else:
+            cause = f"the fork server ended as it ran it ({describe_exit(exitcode)})"
+        if self._imports_main:
+            _main_import_failed_now(cause)
+        raise ForkServerGone(f"the fork server exited as it booted ({cause})")
 
     def start_worker(self) -> tuple[int, socket.socket, int]:
         """Fork a worker: returns its pid, the pool's end of its socket, its status pipe.
@@ -334,12 +437,19 @@ class ForkServer:
         return pid, ours, status_read
 
     def stop(self) -> None:
-        """Close the control socket (the server exits) and reap the server."""
+        """Close the control socket (the server exits) and reap the server.
+
+        A server still booting (or importing the main module) has no worker
+        and would see the socket close only once it is done: it is killed.
+        """
         with self._lock:
+            booting = not self._ready and not self.gone
             self.gone = True
             self._control.close()
             if self._process.stderr is not None:
                 self._process.stderr.close()  # (still open if it never got ready)
+        if booting:
+            self._process.kill()
         try:
             self._process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -372,14 +482,58 @@ def _write_stderr(data: bytes | bytearray) -> None:
             written += os.write(2, data[written:])
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+def _recv_exactly(sock: socket.socket, size: int, deadline: float | None = None) -> bytes | None:
+    """``size`` bytes from ``sock``; None at its end (or an error), or past ``deadline``."""
     data = b""
     while len(data) < size:
-        chunk = sock.recv(size - len(data))
+        if deadline is not None:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                return None
+        try:
+            chunk = sock.recv(size - len(data))
+        except OSError:
+            if deadline is None:
+                raise
+            return None
         if not chunk:
             return None
         data += chunk
     return data
+
+
+# -- the main module's import -------------------------------------------------------
+
+#: An import of the main module failed (in any server): the process's later
+#: servers import none, and the parent has warned.
+_main_import_failed = False
+#: (The fork server) it is importing the main module: a pool may not start.
+_importing_main = False
+
+
+def _main_import_failed_now(cause: str) -> None:
+    """No later server imports the main module; warn, once per process."""
+    global _main_import_failed
+    if not _main_import_failed:
+        _main_import_failed = True
+        from ._main_module import warn_import_failed
+
+        warn_import_failed(cause)
+
+
+def check_not_importing_main() -> None:
+    """Raise ``RuntimeError`` in a fork server importing the main module: the
+    script's unguarded top level starts a pool (its workers would start a fork
+    server that imports the script again, and so on).
+    """
+    if _importing_main:
+        raise RuntimeError(
+            "a pool was started while the main module was being imported in pool_manager's "
+            "fork server (which imports it for the worker processes, as multiprocessing's "
+            "spawn does): the script starts pools at its top level. Guard that code with "
+            "`if __name__ == '__main__':`."
+        )
 
 
 # One fork server per process, shared by its pools and managers, and stopped
@@ -416,6 +570,7 @@ def acquire_server(replace: ForkServer | None = None) -> ForkServer:
     (without taking another hold).
     """
     global _server, _holders
+    check_not_importing_main()
     old = None
     with _server_lock:
         _settle_released_soon()
@@ -467,11 +622,12 @@ if hasattr(os, "register_at_fork"):
 # -- the fork server, server side ----------------------------------------------
 
 
-def serve(control_fd: int, stderr_fd: int = -1) -> None:
+def serve(control_fd: int, stderr_fd: int = -1, main: tuple[Any, ...] | None = None) -> None:
     """The fork server's main loop (runs in the server process).
 
     ``stderr_fd``: the parent's stderr, which becomes the server's (and its
-    workers') once it has booted; -1: none (``/dev/null``).
+    workers') once it has booted; -1: none (``/dev/null``). ``main``: the
+    main module to import (a `MainToImport`'s fields), or None.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
@@ -482,12 +638,6 @@ def serve(control_fd: int, stderr_fd: int = -1) -> None:
     from . import _worker  # preloaded: every worker has it, and cloudpickle, from the start
 
     control = socket.socket(fileno=control_fd)
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_read, False)
-    os.set_blocking(wake_write, False)
-    signal.set_wakeup_fd(wake_write)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    children: dict[int, int] = {}  # pid -> the write end of its status pipe
     # Booted: from here on, what the server and its workers print goes to
     # the parent's stderr, not to the pipe the parent read during the boot.
     sys.stderr.flush()
@@ -495,7 +645,19 @@ def serve(control_fd: int, stderr_fd: int = -1) -> None:
         stderr_fd = os.open(os.devnull, os.O_WRONLY)
     os.dup2(stderr_fd, 2)
     os.close(stderr_fd)
-    control.sendall(SERVER_READY)
+    try:
+        control.sendall(SERVER_READY)
+        control.sendall(_import_main(main))
+    except OSError:
+        os._exit(0)  # (the parent has gone, or let us go, as we booted)
+    # (Set up after the import: a process the module's top level started is
+    # not ours to reap.)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    children: dict[int, int] = {}  # pid -> the write end of its status pipe
     # poll, not select.select: the control socket has the number it had in
     # the parent, which may be 1024 or more.
     poller = select.poll()
@@ -555,6 +717,31 @@ def serve(control_fd: int, stderr_fd: int = -1) -> None:
                     os.write(status_fd, STATUS.pack(os.waitstatus_to_exitcode(status)))
             os.close(status_fd)
     os._exit(0)
+
+
+def _import_main(main: tuple[Any, ...] | None) -> bytes:
+    """(The fork server) import the main module, if asked: its `MAIN_REPORT`."""
+    global _importing_main
+    if main is None:
+        return MAIN_REPORT.pack(0)
+    import pickle
+
+    from ._main_module import import_main
+
+    _importing_main = True
+    try:
+        report = import_main(MainToImport(*main))
+    finally:
+        _importing_main = False
+        # What its top level printed is out before any fork (else each worker
+        # would print its copy of the buffer again), and SIGINT is ignored
+        # again (the terminal's Ctrl-C is the parent's to handle).
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    body = pickle.dumps(report, pickle.HIGHEST_PROTOCOL)
+    return MAIN_REPORT.pack(len(body)) + body
 
 
 def _reap(children: dict[int, int]) -> None:

@@ -23,7 +23,10 @@ Parent ↔ worker: one Unix stream socket per worker
     finished.
 
 Parent ↔ fork server: a control socket, and one status pipe per worker
-    The server writes `SERVER_READY` once it has booted. To start a worker
+    The server writes `SERVER_READY` once it has booted, then its
+    `MAIN_REPORT`: a length, and (when the parent asked it to import the
+    main module, `MainToImport`) the pickled `MainReport` of that import.
+    To start a worker
     the parent sends `FORK_REQUEST` with two descriptors (the worker's end
     of its socket, the write end of its status pipe); the server answers
     `WORKER_PID`. When it has reaped the worker it writes its exit status
@@ -32,7 +35,9 @@ Parent ↔ fork server: a control socket, and one status pipe per worker
 
 The task envelope
     A task crosses as ``(task id, timeout, payload)``: the payload is the
-    pickled ``(fn, args, kwargs)`` (`dump_call`, in the parent), loaded
+    pickled ``(fn, args, kwargs)`` (`dump_call`, in the parent: the main
+    module's functions and classes by reference where the workers have
+    them, see ``_main_module.py``, else by value), loaded
     *inside* the task in the worker, so an argument that fails to unpickle
     fails that task alone. Its outcome comes back as a ``RESULT`` (the
     pickled result: `dump_result`) or an ``ERROR`` (the pickled ``(kind,
@@ -70,6 +75,7 @@ __all__ = [
     "INIT_FAILED_EXIT_CODE",
     "INIT_META",
     "LEAVING",
+    "MAIN_REPORT",
     "MEMORY",
     "NO_REASON",
     "ORPHAN_EXIT_CODE",
@@ -88,6 +94,8 @@ __all__ = [
     "TO_WORKER",
     "UNREACHABLE_EXIT_CODE",
     "WORKER_PID",
+    "MainReport",
+    "MainToImport",
     "Message",
     "MessageReader",
     "PartialChunk",
@@ -284,6 +292,38 @@ FORK_REQUEST = b"F"
 #: The server's answer to a ``FORK_REQUEST``: the worker's pid, or minus the
 #: ``errno`` of a fork that failed.
 WORKER_PID = struct.Struct("<q")
+#: What follows ``SERVER_READY``: the length of the pickled `MainReport`
+#: that follows it; 0 (and nothing follows) when no import was asked.
+MAIN_REPORT = struct.Struct("<I")
+
+
+class MainToImport(NamedTuple):
+    """The parent's main module, as the fork server imports it (under the name
+    ``__mp_main__``) for every worker: by module name, or by file path."""
+
+    name: str | None  #: ``python -m pkg.mod``: the module's name
+    path: str | None  #: ``python script.py``: the script's absolute path
+    argv: list[str]  #: the parent's ``sys.argv``, in place while the module runs
+
+
+class MainReport(NamedTuple):
+    """The fork server's import of the main module (`MainToImport`): what it defines.
+
+    ``imported`` False: the import raised (``error`` says what); the workers
+    have no main module, and ``__main__``'s objects travel by value.
+    """
+
+    imported: bool
+    #: The module's functions (defined in it): name -> the line of its ``def``.
+    functions: dict[str, int]
+    #: The module's classes (defined in it): name -> the line of its
+    #: ``class`` statement where Python tells it (``__firstlineno__``), else 0.
+    classes: dict[str, int]
+    #: Every global name the module defines (functions and classes included).
+    names: frozenset[str]
+    error: str = ""  #: the traceback of an import that failed
+
+
 #: An exit status, as the fork server writes it to a status pipe once it has
 #: reaped the worker (as ``Popen.returncode`` words it: negative for a signal).
 STATUS = struct.Struct("<i")
@@ -313,10 +353,40 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
     )
 
 
-def dumps(obj: object) -> bytes:
-    """cloudpickle (lambdas, closures, ``__main__``'s functions go by value)."""
+#: Which of ``__main__``'s functions and classes go by reference (to the main
+#: module the workers imported: ``_main_module.py``); None: all by value.
+ByReference = Callable[[object], bool]
+
+
+_cloudpickle_reducer_override = cloudpickle.CloudPickler.reducer_override
+
+
+class _MainPickler(_Pickler):
+    """`_Pickler` that lets the standard pickle write ``__main__``'s functions
+    and classes by reference (``__main__ name``) where ``by_reference`` says
+    the workers have them. (Called for objects that are not of a basic type:
+    for a call of plain arguments, the function alone.)"""
+
+    _by_reference: ByReference  # (set by `dumps`: no __init__ of ours to call)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (type(obj) is types.FunctionType or isinstance(obj, type)) and (
+            obj.__module__ == "__main__" and self._by_reference(obj)
+        ):
+            return NotImplemented  # (the standard pickle's save_global)
+        return _cloudpickle_reducer_override(self, obj)
+
+
+def dumps(obj: object, main: ByReference | None = None) -> bytes:
+    """cloudpickle (lambdas and closures go by value; ``__main__``'s functions
+    and classes too, but those ``main`` says go by reference)."""
     buffer = io.BytesIO()
-    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    if main is None:
+        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    else:
+        pickler = _MainPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler._by_reference = main
+        pickler.dump(obj)
     return buffer.getvalue()
 
 
@@ -326,13 +396,21 @@ _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 _BY_VALUE_MODULES: Any = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
 
 
-def _plain_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def _plain_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    main: ByReference | None = None,
+) -> bool:
     """A call the standard pickle sends as cloudpickle would: a function found
-    by its module and name (not ``__main__``'s, not a lambda or closure, not
-    from a module registered to go by value), and arguments of plain types."""
+    by its module and name (not a lambda or closure, not from a module
+    registered to go by value, not ``__main__``'s unless ``main`` says it goes
+    by reference), and arguments of plain types."""
     if type(fn) is types.FunctionType:
         module = fn.__module__
-        if module in (None, "__main__") or "<" in fn.__qualname__ or module in _BY_VALUE_MODULES:
+        if (
+            module in (None, "__main__") or "<" in fn.__qualname__ or module in _BY_VALUE_MODULES
+        ) and (module != "__main__" or main is None or not main(fn)):
             return False
     elif type(fn) is not types.BuiltinFunctionType:
         return False
@@ -342,19 +420,27 @@ def _plain_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     )
 
 
-def dump_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+def dump_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    main: ByReference | None = None,
+) -> bytes:
     """(Parent side) pickle a call, a task's payload; raises if it cannot be pickled.
 
-    The worker loads it with ``cloudpickle.loads`` (``_worker.run_task``).
-    A plain call (see `_plain_call`) goes by the standard pickle, four times
-    faster than cloudpickle, with the same bytes' meaning.
+    ``main``: which of ``__main__``'s functions and classes go by reference
+    (None: all by value; the fork-server engine's pools pass it when the
+    workers import the main module). The worker loads the call with
+    ``cloudpickle.loads`` (``_worker.run_task``). A plain call (see
+    `_plain_call`) goes by the standard pickle, four times faster than
+    cloudpickle, with the same bytes' meaning.
     """
-    if _plain_call(fn, args, kwargs):
+    if _plain_call(fn, args, kwargs, main):
         try:
             return pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
         except Exception:
             pass  # (cloudpickle says why, below)
-    return dumps((fn, args, kwargs))
+    return dumps((fn, args, kwargs), main)
 
 
 def dump_result(obj: object) -> bytes:

@@ -56,6 +56,7 @@ from ._protocol import (
     TASKS_META,
     TO_PARENT,
     TO_WORKER,
+    ByReference,
     PartialChunk,
     dump_error,
     dump_result,
@@ -341,9 +342,11 @@ def run_chunk_single(fn: Callable[[Any], Any], chunk: Iterable[Any]) -> list[Any
     return results
 
 
-def dump_config(config: WorkerConfig) -> bytes:
-    """(Parent side) pickle a pool's configuration, the part of ``INIT`` that never changes."""
-    return dumps(config)
+def dump_config(config: WorkerConfig, main: ByReference | None = None) -> bytes:
+    """(Parent side) pickle a pool's configuration, the part of ``INIT`` that never
+    changes (``main``: which of ``__main__``'s objects go by reference, as for
+    `dump_call`)."""
+    return dumps(config, main)
 
 
 def init_message(config: bytes, env: dict[bytes, bytes] | None) -> bytes:

@@ -289,7 +289,10 @@ class WorkerPoolManager:
         # else (signal handler, supervisor) is set up.
         server = _process.acquire_server()
         try:
-            server.wait_ready()
+            try:
+                server.wait_ready()
+            except _process.ForkServerGone:  # (it ended as it imported the main module)
+                _process.acquire_server(replace=server).wait_ready()
         except BaseException:
             _process.release_server()
             raise

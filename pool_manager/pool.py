@@ -83,6 +83,7 @@ from . import _process, _threads
 from ._compat import ProcessView, resolve_start_method
 from ._dispatch import RunTimes, task_kind
 from ._durations import Duration, to_bytes, to_count, to_seconds
+from ._main_module import by_reference, main_to_import
 from ._map import map_lazily
 from ._pool_dispatch import _Dispatch, _grant_places
 from ._pool_interface import TakenOnAThread as TakenOnAThread
@@ -96,7 +97,7 @@ from ._pool_start import START_RETRY_MAX as START_RETRY_MAX
 from ._pool_start import START_RETRY_WINDOW as START_RETRY_WINDOW
 from ._pool_start import _Start, _StartTrouble, _WorkerStarts
 from ._pool_tasks import _TaskFuture
-from ._protocol import dump_call
+from ._protocol import ByReference, MainReport, dump_call
 from ._queued import QueuedPool
 from ._worker import WorkerConfig, WorkerLimits, dump_config, run_chunk, run_chunk_single
 from .errors import PoolShutDownError, TaskKilledError, UsedAfterForkError
@@ -119,6 +120,11 @@ logger = logging.getLogger("pool_manager")
 #: Seconds an idle worker process waits for work before it exits; the next
 #: submit starts it again. ``None`` keeps workers until the pool is disposed.
 DEFAULT_IDLE_TIMEOUT: float = 300.0
+
+
+class _MainReportNotIn(Exception):
+    """Pickling a ``__main__`` object would wait for the fork server's report of
+    its import of the main module (see `BaseWorkerPool._main_by_reference_now`)."""
 
 
 def _worker_env(env: object) -> dict[bytes, bytes] | None:
@@ -156,7 +162,11 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
 
     ``BaseWorkerPool(4)`` behaves like ``ProcessPoolExecutor(4)``: up to four
     worker processes, started as tasks find none idle, fed in order.
-    Submissions travel with cloudpickle, so lambdas and closures work.
+    Submissions travel with cloudpickle, so lambdas and closures work; the
+    main script's functions and classes travel by reference to the script's
+    module, which the workers import (``_main_module.py``; by value where
+    they cannot, or when the function reads what only the script's
+    ``if __name__ == '__main__':`` block sets).
 
     Args:
         max_size: the most worker processes (``ProcessPoolExecutor``'s
@@ -164,6 +174,9 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             Default: the CPUs this process may use.
         initializer, initargs: run ``initializer(*initargs)`` once in each
             worker process, to give it its own state (a model, a connection).
+            When they hold a function or class of the main script, the pool
+            starts the fork server as it is built, and waits for it to
+            import the script (see `submit`).
         mp_context: accepted for ``ProcessPoolExecutor`` compatibility (a
             start method name or ``multiprocessing`` context, checked); every
             worker is forked from the fork server whatever it names, so a
@@ -214,6 +227,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         kill_worker_memory: int | str | None = None,
         task_timeout: Duration | None = None,
     ) -> None:
+        _process.check_not_importing_main()
         if max_size is not None and max_workers is not None:
             raise TypeError("give max_size or its alias max_workers, not both")
         size = max_size if max_size is not None else max_workers
@@ -256,10 +270,6 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             initargs,
             bytes(multiprocessing.current_process().authkey),
         )
-        try:
-            self._config = dump_config(config)
-        except Exception as error:
-            raise TypeError(f"the initializer and initargs must be picklable: {error}") from error
 
         # The queue, its lock and conditions, the counts and the grant (_drained:
         # waiters for no unfinished task); _lock guards them and everything below.
@@ -304,7 +314,61 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         #: The process that built it: in a process forked from that one, the
         #: pool is inert (see _pool_registry._inert_in_forked_child).
         self._owner_pid = os.getpid()
+        #: The workers import the main module: __main__'s objects may travel
+        #: by reference (see _main_module; by value where this is False).
+        self._main_importable = main_to_import() is not None
+        try:
+            self._config = dump_config(config, self._by_reference())
+        except Exception as error:
+            raise TypeError(f"the initializer and initargs must be picklable: {error}") from error
         _all_pools.add(self)
+
+    # -- the main module in the workers ---------------------------------------
+
+    def _by_reference(self) -> ByReference | None:
+        return self._main_by_reference if self._main_importable else None
+
+    def _main_by_reference(self, obj: object) -> bool:
+        """(No lock held) The workers have this function or class of ``__main__``:
+        it travels by reference. The first asks the fork server what its import
+        of the main module defines, and may wait for the server to boot."""
+        report = self._main_report()
+        return report is not None and by_reference(obj, report)  # type: ignore[arg-type]
+
+    def _main_by_reference_now(self, obj: object) -> bool:
+        """`_main_by_reference`, for a submit that must not wait (`_submit_nowait`,
+        on an event loop's thread): raises `_MainReportNotIn` if it would."""
+        server = self._remains.server
+        if server is None or server.gone or not server.ready:
+            raise _MainReportNotIn
+        return self._main_by_reference(obj)
+
+    def _main_report(self) -> MainReport | None:
+        """(No lock held) What the main module in this pool's workers defines:
+        the fork server's report (the pool takes its hold on the server now,
+        if it has none). None: no main module (a server that fails to start
+        fails the pool's worker starts on its own)."""
+        server = self._remains.server
+        if server is not None and not server.gone:
+            try:
+                return server.main_report()
+            except Exception:  # (it failed to start: its worker starts say why)
+                return None
+        try:
+            server = _process.acquire_server()
+        except (OSError, RuntimeError):
+            return None
+        report = None
+        with contextlib.suppress(Exception):
+            report = server.main_report()
+        with self._lock:
+            # (While a start is under way the starter sets the server.)
+            keep = self._remains.server is None and not self._starts and not self._shut_down
+            if keep:
+                self._remains.server = server
+        if not keep:
+            _process.release_server()
+        return report
 
     # -- after a fork ------------------------------------------------------
 
@@ -405,9 +469,12 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         admitted at once, beyond ``max_pending``: waiting would hold up the
         thread that makes room, or the whole event loop. The first submit
         starts a worker process (a few milliseconds: it is forked from the
-        fork server). If no worker can start (see `START_RETRY_WINDOW`), the
-        future fails with `WorkerStartError`; ``submit`` itself does not wait
-        for the retries.
+        fork server). The first task that holds a function or class of the
+        main script waits for the fork server to have imported the script
+        (its top level, once per server; not on an event loop's thread:
+        ``run`` submits it from another thread). If no worker can start
+        (see `START_RETRY_WINDOW`), the future fails with `WorkerStartError`;
+        ``submit`` itself does not wait for the retries.
 
         Raises:
             TypeError: ``fn`` is not callable.
@@ -446,7 +513,9 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         block: bool = True,
         deadline: float | None = None,
     ) -> Future[T] | None:
-        """Submit; with ``block`` False, None instead of waiting for room.
+        """Submit; with ``block`` False, None instead of waiting for room, or for
+        the fork server's report on the main module (the first task with an
+        object of ``__main__``, see `_main_by_reference`).
 
         ``deadline`` (a ``time.monotonic()`` time): wait for room until then,
         and raise ``TimeoutError`` if the pool is still full.
@@ -454,8 +523,13 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         self._check_owner()
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        main = None
+        if self._main_importable:
+            main = self._main_by_reference if block else self._main_by_reference_now
         try:
-            payload = dump_call(fn, args, kwargs)
+            payload = dump_call(fn, args, kwargs, main)
+        except _MainReportNotIn:
+            return None  # (submitted on a thread instead, where waiting is fine)
         except Exception as error:
             # As ProcessPoolExecutor: a task that cannot be pickled fails its future.
             if self._shut_down:
