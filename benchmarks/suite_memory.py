@@ -1,0 +1,230 @@
+"""Peak memory of a sample, for the large-data measures of the suite.
+
+Two figures, both read from Linux's ``/proc``:
+
+- `ParentPeak`: how far this process's resident memory rose above where it
+  was when the block began. The kernel's own high-water mark (``VmHWM``) is
+  reset as the block begins (writing ``5`` to ``/proc/self/clear_refs``,
+  Linux 4.0+), so the peak is exact even when it lasted less than a sampling
+  interval (a pickle's copy is made while the GIL is held, and no sampling
+  thread runs then). A thread also samples the resident size every 5 ms, as
+  a cross-check and as the fallback where the reset is refused.
+- `JobPeak`: the memory of the whole job, this process and every process
+  under it (the pool's workers, its fork server or trackers), sampled by a
+  thread every 25 ms: the proportional set size (PSS: a page shared by
+  three processes counts a third in each) from each process's
+  ``smaps_rollup``, less its shared-memory part, plus the growth of the
+  machine's shared memory (``Shmem`` of ``/proc/meminfo``: tmpfs files such
+  as joblib's memory-mapped arrays in ``/dev/shm``) since the block began,
+  so that a file in ``/dev/shm`` counts once and in full, whether mapped,
+  partly mapped or not at all. Reading ``smaps_rollup`` walks a process's
+  page tables (milliseconds for gigabytes), hence the longer interval; a
+  peak shorter than it can be missed, and shared memory that another program
+  creates meanwhile would be counted too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from types import TracebackType
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MB = 1e6
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (``/proc/self/statm``: cheap to read)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE
+
+
+def high_water_bytes() -> int:
+    """The kernel's high-water mark of this process's resident set (``VmHWM``)."""
+    found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(found.group(1)) * 1024 if found else 0
+
+
+def reset_high_water() -> bool:
+    """Set ``VmHWM`` to the resident size now; False where the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return high_water_bytes() <= resident_bytes() + 64 * PAGE
+
+
+class _Sampler:
+    """A daemon thread calling ``sample`` every ``interval`` seconds until stopped."""
+
+    def __init__(self, sample: Callable[[], None], interval: float) -> None:
+        self._sample = sample
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self._interval)  # after the sample: a slow read spaces them out
+
+
+class ParentPeak:
+    """``with ParentPeak() as peak: ...``; then ``peak.growth`` (bytes), ``peak.method``."""
+
+    interval = 0.005
+
+    def __init__(self) -> None:
+        self.baseline = 0
+        self.sampled_peak = 0
+        self.exact = False
+        self.growth = 0
+        self.sampled_growth = 0
+        self._sampler = _Sampler(self._sample, self.interval)
+
+    def _sample(self) -> None:
+        self.sampled_peak = max(self.sampled_peak, resident_bytes())
+
+    def __enter__(self) -> ParentPeak:
+        self.baseline = self.sampled_peak = resident_bytes()
+        self.exact = reset_high_water()
+        self._sampler.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._sampler.stop()
+        self._sample()
+        self.sampled_growth = max(0, self.sampled_peak - self.baseline)
+        high_water = high_water_bytes() if self.exact else 0
+        self.growth = max(0, high_water - self.baseline) if self.exact else self.sampled_growth
+
+    @property
+    def method(self) -> str:
+        if self.exact:
+            return "VmHWM reset at the baseline (exact peak)"
+        return f"RSS sampled every {self.interval * 1e3:g} ms"
+
+    def details(self) -> dict[str, object]:
+        return {
+            "parent_baseline_mb": self.baseline / MB,
+            "parent_growth_mb": self.growth / MB,
+            "parent_sampled_growth_mb": self.sampled_growth / MB,
+            "parent_method": self.method,
+        }
+
+
+def _pss(pid: int) -> int:
+    """A process's PSS in bytes, less its shared-memory part; 0 if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    fields = dict(re.findall(r"^(Pss|Pss_Shmem):\s+(\d+) kB", text, re.M))
+    return (int(fields.get("Pss", 0)) - int(fields.get("Pss_Shmem", 0))) * 1024
+
+
+def _anonymous(pid: int) -> int:
+    """A process's resident anonymous memory (``RssAnon``: a counter, cheap to read)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^RssAnon:\s+(\d+) kB", text, re.M)
+    return int(found.group(1)) * 1024 if found else 0
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process under it, from each thread's ``children`` list."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        found.append(parent)
+        try:
+            threads = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for thread in threads:
+            with suppress(OSError):
+                queue += map(
+                    int, Path(f"/proc/{parent}/task/{thread}/children").read_text().split()
+                )
+    return found
+
+
+def machine_shmem() -> int:
+    """The machine's shared memory (tmpfs, shared anonymous mappings) in bytes."""
+    found = re.search(r"^Shmem:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    return int(found.group(1)) * 1024 if found else 0
+
+
+class JobPeak:
+    """``with JobPeak() as peak: ...``; then ``peak.peak`` (bytes) and its parts at the peak."""
+
+    interval = 0.025
+
+    def __init__(self) -> None:
+        self.baseline = 0  # the job's memory when the block began
+        self.peak = 0
+        self.at_peak: dict[str, float] = {}
+        self.samples = 0
+        self._shmem_start = 0
+        self._anonymous_start: dict[int, int] = {}
+        self._sampler = _Sampler(self._sample, self.interval)
+
+    def _sample(self) -> None:
+        pids = _tree(os.getpid())
+        anonymous = sum(_anonymous(pid) - self._anonymous_start.get(pid, 0) for pid in pids)
+        # A process gone since the start gave its memory back.
+        anonymous -= sum(size for pid, size in self._anonymous_start.items() if pid not in pids)
+        shmem = machine_shmem() - self._shmem_start
+        total = self.baseline + anonymous + shmem
+        self.samples += 1
+        if total > self.peak:
+            self.peak = total
+            self.at_peak = {
+                "processes": len(pids),
+                "anonymous_growth_mb": anonymous / MB,
+                "shmem_growth_mb": shmem / MB,
+            }
+
+    def __enter__(self) -> JobPeak:
+        pids = _tree(os.getpid())
+        self._shmem_start = machine_shmem()
+        self._anonymous_start = {pid: _anonymous(pid) for pid in pids}
+        self.baseline = self.peak = sum(_pss(pid) for pid in pids)
+        self._sampler.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._sampler.stop()
+        self._sample()
+
+    def details(self) -> dict[str, object]:
+        return {
+            "job_baseline_mb": self.baseline / MB,
+            "job_peak_mb": self.peak / MB,
+            "job_at_peak": self.at_peak,
+            "job_samples": self.samples,
+            "job_method": "PSS of the process tree at the start, + the growth of its "
+            f"anonymous RSS and of the machine's shared memory, every {self.interval * 1e3:g} ms",
+        }
