@@ -10,17 +10,19 @@ Two figures, both read from Linux's ``/proc``:
   thread runs then). A thread also samples the resident size every 5 ms, as
   a cross-check and as the fallback where the reset is refused.
 - `JobPeak`: the memory of the whole job, this process and every process
-  under it (the pool's workers, its fork server or trackers), sampled by a
-  thread every 25 ms: the proportional set size (PSS: a page shared by
-  three processes counts a third in each) from each process's
-  ``smaps_rollup``, less its shared-memory part, plus the growth of the
-  machine's shared memory (``Shmem`` of ``/proc/meminfo``: tmpfs files such
-  as joblib's memory-mapped arrays in ``/dev/shm``) since the block began,
-  so that a file in ``/dev/shm`` counts once and in full, whether mapped,
-  partly mapped or not at all. Reading ``smaps_rollup`` walks a process's
-  page tables (milliseconds for gigabytes), hence the longer interval; a
-  peak shorter than it can be missed, and shared memory that another program
-  creates meanwhile would be counted too.
+  under it (the pool's workers, its fork server or trackers). At the start,
+  the sum of their proportional set sizes (PSS: a page shared by three
+  processes counts a third in each, from ``smaps_rollup``), less their
+  shared-memory part; then, sampled by a thread every 25 ms, the growth of
+  the tree's anonymous resident memory (``RssAnon``, a counter: cheap) and
+  of the machine's shared memory (``Shmem`` of ``/proc/meminfo``: tmpfs
+  files such as joblib's memory-mapped arrays in ``/dev/shm``, counted once
+  and in full, mapped or not). Reading PSS at every sample was tried first:
+  ``smaps_rollup`` walks a process's page tables, a tenth of a second or
+  more for a parent holding gigabytes, and it slowed the pool it measured.
+  What this misses: a page a fork shared until written (a copy-on-write
+  break), and a peak shorter than the interval; shared memory that another
+  program creates meanwhile is counted.
 """
 
 from __future__ import annotations
