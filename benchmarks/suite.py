@@ -635,6 +635,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
     if unit in ("%", "MB"):
         return f"{value:.1f}"
+    if unit == "s" and value < 0.1:
+        return f"{value:.4f}"  # a fork-started pool's big_global: milliseconds
     return f"{value:.2f}"
 
 
@@ -659,6 +661,11 @@ def cell(summary: dict[str, Any] | None, unit: str) -> str:
 def median_of(results: dict[str, Any], measure: str, library: str) -> float | None:
     summary = results.get(measure, {}).get(library)
     return None if summary is None else summary.get("median")
+
+
+def ratio_text(value: float) -> str:
+    """A ratio as the tables show it: two decimals, two digits when it is tiny."""
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
 
 
 def ratio(ours: float | None, theirs: float | None, higher_is_better: bool) -> float | None:
@@ -918,7 +925,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---" * (len(peers) + 1) + "|",
     ]
     for label, row in report["ratios"].items():
-        cells = ["—" if row.get(p) is None else f"{row[p]:.2f}x" for p in peers]
+        cells = ["—" if row.get(p) is None else ratio_text(row[p]) for p in peers]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     lines += ["", "## Goals (issues 5 and 14)", ""]

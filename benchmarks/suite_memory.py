@@ -14,15 +14,18 @@ Two figures, both read from Linux's ``/proc``:
   the sum of their proportional set sizes (PSS: a page shared by three
   processes counts a third in each, from ``smaps_rollup``), less their
   shared-memory part; then, sampled by a thread every 25 ms, the growth of
-  the tree's anonymous resident memory (``RssAnon``, a counter: cheap) and
-  of the machine's shared memory (``Shmem`` of ``/proc/meminfo``: tmpfs
-  files such as joblib's memory-mapped arrays in ``/dev/shm``, counted once
-  and in full, mapped or not). Reading PSS at every sample was tried first:
-  ``smaps_rollup`` walks a process's page tables, a tenth of a second or
-  more for a parent holding gigabytes, and it slowed the pool it measured.
-  What this misses: a page a fork shared until written (a copy-on-write
-  break), and a peak shorter than the interval; shared memory that another
-  program creates meanwhile is counted.
+  the tree's anonymous resident memory (``RssAnon``, a counter: cheap), plus
+  the files in ``/dev/shm`` that any process of the tree has mapped or held
+  open so far (joblib's memory-mapped arrays), each counted once and whole
+  while it exists, mapped or not. Reading PSS at every sample was tried
+  first: ``smaps_rollup`` walks a process's page tables, a tenth of a second
+  or more for a parent holding gigabytes, and it slowed the pool it
+  measured. The machine's ``Shmem`` (``/proc/meminfo``) was tried for the
+  shared part: it counts every program's, and another program's 500 MB
+  showed up in a sample. What this misses: a page a fork shared until
+  written (a copy-on-write break), shared memory that is not a named file
+  in ``/dev/shm`` (a memfd, shared anonymous memory: none of the peers
+  passes data so), and a peak shorter than the interval.
 """
 
 from __future__ import annotations
@@ -168,10 +171,32 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def machine_shmem() -> int:
-    """The machine's shared memory (tmpfs, shared anonymous mappings) in bytes."""
-    found = re.search(r"^Shmem:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-    return int(found.group(1)) * 1024 if found else 0
+SHARED_MEMORY = "/dev/shm/"
+
+
+def _shared_files(pid: int) -> set[str]:
+    """The files in ``/dev/shm`` a process maps or holds open (joblib's arrays, say)."""
+    found = set()
+    with suppress(OSError):
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            path = line.split(maxsplit=5)[5:]
+            if path and path[0].startswith(SHARED_MEMORY) and not path[0].endswith("(deleted)"):
+                found.add(path[0])
+    with suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(SHARED_MEMORY) and not target.endswith("(deleted)"):
+                    found.add(target)
+    return found
+
+
+def _allocated(path: str) -> int:
+    """The memory a tmpfs file holds now (its allocated blocks); 0 once it is removed."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
 
 
 class JobPeak:
@@ -184,8 +209,8 @@ class JobPeak:
         self.peak = 0
         self.at_peak: dict[str, float] = {}
         self.samples = 0
-        self._shmem_start = 0
         self._anonymous_start: dict[int, int] = {}
+        self._shared: set[str] = set()  # /dev/shm files the job mapped or opened so far
         self._sampler = _Sampler(self._sample, self.interval)
 
     def _sample(self) -> None:
@@ -193,7 +218,9 @@ class JobPeak:
         anonymous = sum(_anonymous(pid) - self._anonymous_start.get(pid, 0) for pid in pids)
         # A process gone since the start gave its memory back.
         anonymous -= sum(size for pid, size in self._anonymous_start.items() if pid not in pids)
-        shmem = machine_shmem() - self._shmem_start
+        for pid in pids:
+            self._shared |= _shared_files(pid)
+        shmem = sum(_allocated(path) for path in self._shared)
         total = self.baseline + anonymous + shmem
         self.samples += 1
         if total > self.peak:
@@ -201,13 +228,13 @@ class JobPeak:
             self.at_peak = {
                 "processes": len(pids),
                 "anonymous_growth_mb": anonymous / MB,
-                "shmem_growth_mb": shmem / MB,
+                "shared_files_mb": shmem / MB,
             }
 
     def __enter__(self) -> JobPeak:
         pids = _tree(os.getpid())
-        self._shmem_start = machine_shmem()
         self._anonymous_start = {pid: _anonymous(pid) for pid in pids}
+        # (less shared memory: the samples count the /dev/shm files whole)
         self.baseline = self.peak = sum(_pss(pid) for pid in pids)
         self._sampler.start()
         return self
@@ -227,6 +254,7 @@ class JobPeak:
             "job_peak_mb": self.peak / MB,
             "job_at_peak": self.at_peak,
             "job_samples": self.samples,
-            "job_method": "PSS of the process tree at the start, + the growth of its "
-            f"anonymous RSS and of the machine's shared memory, every {self.interval * 1e3:g} ms",
+            "job_method": "PSS of the process tree at the start (less shared memory), + the "
+            "growth of its anonymous RSS, + the /dev/shm files it mapped or opened, "
+            f"every {self.interval * 1e3:g} ms",
         }
