@@ -1,12 +1,12 @@
 """Benchmark suite: pool_manager against its peers, every measure, one run.
 
 Runs each measure for pool_manager and for each peer (ProcessPoolExecutor,
-loky, pebble, mpire, multiprocessing.Pool, and the raw limit of two processes
-and a pipe) in rounds: every sample is a fresh process running
+loky, pebble, mpire, multiprocessing.Pool, joblib for large data, and the raw
+limit of two processes and a pipe) in rounds: every sample is a fresh process running
 ``benchmarks.suite_measures`` for one (measure, library), and the libraries
 take turns within each round so that a machine that slows down mid-run slows
 all of them alike. Reports the median, min and max of each, pool_manager's ratio
-to each peer, and whether each goal of the project's issue 5 is met.
+to each peer, and whether each goal of the project's issues 5 and 14 is met.
 
     python -m benchmarks.suite [--quick] [--only MEASURE,...] [--libs LIB,...]
                                [--repeat N] [--out DIR]
