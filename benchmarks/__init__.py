@@ -1,11 +1,13 @@
 """The benchmarks: ``python -m benchmarks.suite`` (``make bench``), and older scripts.
 
 The suite measures pool_manager against ProcessPoolExecutor, loky, pebble,
-mpire and multiprocessing.Pool, every measure in one run; the peers it finds
-installed are measured (``make bench`` installs them all, from
-``benchmarks/requirements.txt``). ``suite.py`` runs the rounds,
-``suite_measures.py`` one sample in a fresh process, and ``suite_tasks.py``
-holds the tasks.
+mpire, multiprocessing.Pool and (large data) joblib, every measure in one run;
+the peers it finds installed are measured (``make bench`` installs them all,
+from ``benchmarks/requirements.txt``). ``suite.py`` runs the rounds,
+``suite_measures.py`` one sample in a fresh process, ``suite_tasks.py``
+holds the tasks, ``suite_memory.py`` measures the large-data samples' peak
+memory, and ``suite_main_script.py`` is the batch job's script that the
+``big_global`` measure runs as ``__main__``.
 
 This directory is a package, run from the repository's root: ``python -m``
 puts that directory first on ``sys.path``, every sample runs there as

@@ -1,12 +1,12 @@
 """Benchmark suite: pool_manager against its peers, every measure, one run.
 
 Runs each measure for pool_manager and for each peer (ProcessPoolExecutor,
-loky, pebble, mpire, multiprocessing.Pool, and the raw limit of two processes
-and a pipe) in rounds: every sample is a fresh process running
+loky, pebble, mpire, multiprocessing.Pool, joblib for large data, and the raw
+limit of two processes and a pipe) in rounds: every sample is a fresh process running
 ``benchmarks.suite_measures`` for one (measure, library), and the libraries
 take turns within each round so that a machine that slows down mid-run slows
 all of them alike. Reports the median, min and max of each, pool_manager's ratio
-to each peer, and whether each goal of the project's issue 5 is met.
+to each peer, and whether each goal of the project's issues 5 and 14 is met.
 
     python -m benchmarks.suite [--quick] [--only MEASURE,...] [--libs LIB,...]
                                [--repeat N] [--out DIR]
@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,10 +57,22 @@ LIBRARIES: dict[str, str] = {
     "mpire": "mpire",
     "mp_pool": "multiprocessing.Pool",
     "raw": "raw limit",
+    "joblib": "joblib",
 }
 PEERS = [name for name in LIBRARIES if name != "pool_manager"]
 POOLS = ["pool_manager", "ppe", "loky", "pebble", "mpire", "mp_pool"]
-DISTRIBUTIONS = ["pool-manager", "loky", "cloudpickle", "psutil", "pebble", "mpire"]
+#: The large-data measures' libraries (issue 14).
+BIG_DATA = ["pool_manager", "ppe", "ppe_spawn", "loky", "joblib"]
+DISTRIBUTIONS = [
+    "pool-manager",
+    "loky",
+    "cloudpickle",
+    "psutil",
+    "pebble",
+    "mpire",
+    "joblib",
+    "numpy",
+]
 
 
 @dataclass
@@ -80,6 +92,9 @@ class Measure:
     timeout: float = 120.0
     source: str = ""  # a row read off another measure's samples (not run itself) ...
     key: str = "value"  # ... under this key
+    # The most copies of its data (``mb`` MB) a library may hold at once, from the
+    # parameters: the suite makes ``mb`` smaller where the machine's memory is short.
+    copies: Callable[[dict[str, Any]], int] | None = None
 
     def title(self, params: dict[str, Any]) -> str:
         """The row's label, with the sizes actually run."""
@@ -241,8 +256,106 @@ MEASURES: list[Measure] = [
         quick_repeat=1,
         timeout=300.0,
     ),
+    # Issue 14: data the way batch jobs pass it. Each measure's samples give
+    # two rows: the wall time, and (``memory_mb``) the memory it took.
+    Measure(
+        "big_array_8",
+        "{mb:g} MB numpy array as the argument of {tasks} tasks: wall (s)",
+        "big_array",
+        "s",
+        False,
+        BIG_DATA,
+        {"mb": 80, "tasks": 8},
+        {"mb": 20, "tasks": 8},
+        repeat=3,
+        quick_repeat=1,
+        timeout=300.0,
+        copies=lambda p: p["tasks"] + 2 * p["workers"] + 1,
+    ),
+    Measure(
+        "big_array_8_memory",
+        "{mb:g} MB array, {tasks} tasks: the parent's peak RSS growth (MB)",
+        "big_array",
+        "MB",
+        False,
+        BIG_DATA,
+        {},
+        source="big_array_8",
+        key="memory_mb",
+    ),
+    Measure(
+        "big_array_40",
+        "{mb:g} MB numpy array read by {tasks} tasks: wall (s)",
+        "big_array",
+        "s",
+        False,
+        BIG_DATA,
+        {"mb": 400, "tasks": 40, "whole_job": True},
+        {"mb": 100, "tasks": 40, "whole_job": True},
+        repeat=1,  # (16 GB through the pipes for each library that copies: minutes)
+        quick_repeat=1,
+        timeout=600.0,
+        copies=lambda p: p["tasks"] + 2 * p["workers"] + 1,
+    ),
+    Measure(
+        "big_array_40_memory",
+        "{mb:g} MB array, {tasks} tasks: peak memory of the whole job (MB)",
+        "big_array",
+        "MB",
+        False,
+        BIG_DATA,
+        {},
+        source="big_array_40",
+        key="memory_mb",
+    ),
+    Measure(
+        "big_global",
+        "{mb:g} MB global of the main script read by its function, {tasks} tasks, "
+        "chunksize 1: wall (s)",
+        "big_global",
+        "s",
+        False,
+        [*BIG_DATA, "mp_pool"],
+        {"mb": 100, "tasks": 20, "chunksize": 1},
+        {"mb": 20, "tasks": 20, "chunksize": 1},
+        repeat=3,
+        quick_repeat=1,
+        timeout=300.0,
+        copies=lambda p: p["tasks"] + 3 * p["workers"] + 1,
+    ),
+    Measure(
+        "big_global_memory",
+        "{mb:g} MB main-script global, {tasks} tasks: the parent's peak RSS growth (MB)",
+        "big_global",
+        "MB",
+        False,
+        [*BIG_DATA, "mp_pool"],
+        {},
+        source="big_global",
+        key="memory_mb",
+    ),
 ]
 BY_NAME = {measure.name: measure for measure in MEASURES}
+
+#: A measure's data may take this share of the memory available when it is planned ...
+MEMORY_SHARE = 0.6
+#: ... and a sample is stopped if the machine's available memory falls below this.
+MEMORY_FLOOR = max(1 << 30, psutil.virtual_memory().total // 10)
+
+
+def fit_to_memory(measure: Measure, params: dict[str, Any], available: int) -> dict[str, Any]:
+    """``params`` with ``mb`` made smaller (10 MB steps) if its copies would not fit.
+
+    A library that copies the data into each task at submit holds a copy per
+    task in the parent (pool_manager today: 40 × 400 MB = 16 GB), so the
+    worst case, not the typical one, decides.
+    """
+    if measure.copies is None:
+        return params
+    fits = MEMORY_SHARE * available / 1e6 / measure.copies(params)
+    if params["mb"] <= fits:
+        return params
+    return params | {"mb": max(10, int(fits // 10) * 10), "planned_mb": params["mb"]}
 
 
 # -- running samples in their own processes ---------------------------------
@@ -328,6 +441,30 @@ def process_group(command: list[str], cwd: Path) -> Iterator[subprocess.Popen[st
         # after a grace period, in which a tracker may still clean up.
 
 
+def watch(child: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Wait for a sample: (its stderr, why it was stopped or ""), within ``timeout``.
+
+    A sample is stopped (by `process_group`, on the way out) when it runs
+    past its time, or when the machine's available memory falls below
+    `MEMORY_FLOOR`: the large-data measures copy gigabytes, and a shared
+    machine must not run out.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return child.communicate(timeout=0.1)[1], ""
+        except subprocess.TimeoutExpired:
+            available = psutil.virtual_memory().available
+            if available < MEMORY_FLOOR:
+                return "", (
+                    f"stopped: the machine's available memory fell to "
+                    f"{available / 2**30:.1f} GiB (the guard's floor: "
+                    f"{MEMORY_FLOOR / 2**30:.1f} GiB)"
+                )
+            if time.monotonic() > deadline:
+                return "", f"timed out after {timeout:g}s"
+
+
 def run_sample(measure: Measure, library: str, params: dict[str, Any]) -> dict[str, Any]:
     """One sample in a fresh process: the child's JSON result, or an ``error``.
 
@@ -349,18 +486,14 @@ def run_sample(measure: Measure, library: str, params: dict[str, Any]) -> dict[s
             result.name,
         ]
         started = time.perf_counter()
-        stderr, timed_out = "", False
         try:
             with process_group(command, ROOT) as child:
-                try:
-                    _, stderr = child.communicate(timeout=measure.timeout)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
+                stderr, stopped = watch(child, measure.timeout)
         finally:
             leftovers = kill_leftovers(grace=3.0)
         took = time.perf_counter() - started
-        if timed_out:
-            return {"error": f"timed out after {measure.timeout:g}s", "leftovers": leftovers}
+        if stopped:
+            return {"error": stopped, "leftovers": leftovers}
         if child.returncode != 0:
             tail = " | ".join(stderr.strip().splitlines()[-3:])
             return {"error": f"exit {child.returncode}: {tail}", "leftovers": leftovers}
@@ -502,6 +635,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
     if unit in ("%", "MB"):
         return f"{value:.1f}"
+    if unit == "s" and value < 0.1:
+        return f"{value:.4f}"  # a fork-started pool's big_global: milliseconds
     return f"{value:.2f}"
 
 
@@ -526,6 +661,11 @@ def cell(summary: dict[str, Any] | None, unit: str) -> str:
 def median_of(results: dict[str, Any], measure: str, library: str) -> float | None:
     summary = results.get(measure, {}).get(library)
     return None if summary is None else summary.get("median")
+
+
+def ratio_text(value: float) -> str:
+    """A ratio as the tables show it: two decimals, two digits when it is tiny."""
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
 
 
 def ratio(ours: float | None, theirs: float | None, higher_is_better: bool) -> float | None:
@@ -585,7 +725,7 @@ class Check:
 
 
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 5's goals, each with its checks, from the medians of ``results``."""
+    """The goals of issues 5 and 14, each with its checks, from the medians of ``results``."""
 
     def shown(value: float | None, unit: str) -> str:
         return "n/a" if value is None else f"{fmt(value, unit)} {unit}".replace(" /s", "/s")
@@ -617,6 +757,17 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             else "not measured"
         )
         return Check(text, value, target, at_least, detail)
+
+    def per_array(text: str, measure: str, target: float) -> Check:
+        """pool_manager's memory (the measure's ``memory_mb`` row) over the data's size."""
+        memory = median_of(results, f"{measure}_memory", "pool_manager")
+        details = (results.get(measure, {}).get("pool_manager") or {}).get("details", [])
+        size = next((d["array_mb"] for d in details if "array_mb" in d), None)
+        if memory is None or not size:
+            return Check(text, None, target, False, "not measured")
+        value = memory / size
+        detail = f"{value:.2f}x: {memory:.0f} MB for a {size:g} MB array (target < {target:g}x)"
+        return Check(text, value, target, False, detail)
 
     table: list[tuple[str, list[Check]]] = [
         (
@@ -686,6 +837,26 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             "no slower than one shared ProcessPoolExecutor of as many workers",
             [versus(">= 1x one shared executor", "keyed_batches_many", "ppe", 1.0)],
         ),
+        (
+            "9. a large numpy array (80 MB) as the argument of 8 tasks (issue 14): "
+            "the parent's peak growth under 2x the array",
+            [
+                per_array("parent growth < 2x the array", "big_array_8", 2.0),
+                versus("wall time vs joblib", "big_array_8", "joblib", None),
+            ],
+        ),
+        (
+            "10. a large numpy array (400 MB, or what the memory allows) read by 40 tasks "
+            "(issue 14): no slower than joblib, and the whole job's peak under 1.5x the array",
+            [
+                versus("wall time >= 1x joblib", "big_array_40", "joblib", 1.0),
+                per_array("whole job's peak < 1.5x the array", "big_array_40", 1.5),
+            ],
+        ),
+        (
+            "11. 10 MB argument echoed back at 3x loky's speed or faster (issue 14)",
+            [versus(">= 3x loky", "echo_10mb", "loky", 3.0)],
+        ),
     ]
     out = []
     for title, checks in table:
@@ -754,10 +925,10 @@ def markdown(report: dict[str, Any]) -> str:
         "|---" * (len(peers) + 1) + "|",
     ]
     for label, row in report["ratios"].items():
-        cells = ["—" if row.get(p) is None else f"{row[p]:.2f}x" for p in peers]
+        cells = ["—" if row.get(p) is None else ratio_text(row[p]) for p in peers]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    lines += ["", "## Goals (issue 5)", ""]
+    lines += ["", "## Goals (issues 5 and 14)", ""]
     for goal in report["goals"]:
         checks = "; ".join(
             f"{c['check']}: {c['detail']}"
@@ -815,6 +986,13 @@ def markdown(report: dict[str, Any]) -> str:
             + ", ".join(f"{name} {share:.0%}" for name, share in shares.items())
             + "."
         )
+    for name, planned in settings["plan"].items():
+        if "planned_mb" in planned["params"]:
+            lines.append(
+                f"- {name}: {planned['params']['mb']} MB, not {planned['params']['planned_mb']} "
+                f"MB: its worst case had to fit in {MEMORY_SHARE:.0%} of the memory available "
+                f"when it was planned ({settings['memory_available_gb']} GB)."
+            )
     for name, rounds in report["rounds_cut_by_budget"].items():
         lines.append(
             f"- {name}: {rounds} round(s) only: the run had used its time budget "
@@ -836,7 +1014,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 #: The peers that are packages of their own (the rest are the standard library).
-PEER_MODULES = {"loky": "loky", "pebble": "pebble", "mpire": "mpire"}
+PEER_MODULES = {"loky": "loky", "pebble": "pebble", "mpire": "mpire", "joblib": "joblib"}
 
 
 def _installed(library: str) -> bool:
@@ -875,7 +1053,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         metavar="SECONDS",
         help="seconds after which no measure starts another round (each still gets one); "
-        "default 480, or 90 with --quick",
+        "default 900, or 90 with --quick",
+    )
+    parser.add_argument(
+        "--data-mb",
+        type=float,
+        metavar="MB",
+        help="the large-data measures' data size in MB (big_array_8, big_array_40, "
+        "big_global), instead of theirs",
     )
     parser.add_argument(
         "--out",
@@ -904,8 +1089,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.libs = [lib for lib in args.libs if lib not in args.missing]
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if args.data_mb is not None and args.data_mb <= 0:
+        parser.error("--data-mb must be > 0")
     if args.budget is None:
-        args.budget = 90.0 if args.quick else 480.0
+        args.budget = 90.0 if args.quick else 900.0
     return args
 
 
@@ -965,10 +1152,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     plan: Plan = []
+    settings["memory_available_gb"] = round(psutil.virtual_memory().available / 2**30, 1)
     for measure in measures:
         libraries = [lib for lib in measure.libraries if lib in args.libs]
         repeat = args.repeat or (measure.quick_repeat if args.quick else measure.repeat)
         params = extra | ((args.quick and measure.quick_params) or measure.params)
+        if args.data_mb is not None and "mb" in params:
+            params |= {"mb": args.data_mb}
+        params = fit_to_memory(measure, params, psutil.virtual_memory().available)
         plan.append((measure, libraries, repeat, params))
     total = sum(len(libraries) * repeat for _, libraries, repeat, _ in plan)
     titles = {measure.name: measure.title(params) for measure, _, _, params in plan}

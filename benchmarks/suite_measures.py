@@ -17,22 +17,26 @@ process group of its own).
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import multiprocessing
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
+from tempfile import NamedTemporaryFile
 from typing import Any
 
 import psutil
 
+from benchmarks.suite_memory import JobPeak, ParentPeak
 from benchmarks.suite_tasks import (
     burn,
     cpu_burn,
@@ -41,6 +45,7 @@ from benchmarks.suite_tasks import (
     is_tracker,
     nap,
     noop,
+    strided_sum,
     timed_burn,
 )
 
@@ -80,6 +85,11 @@ class Pool:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def run_all(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+        """``fn(*args)`` for each of ``calls``: all submitted, then all waited for."""
+        waits = [self.submit(fn, *args) for args in calls]
+        return [wait() for wait in waits]
 
     def worker_pids(self) -> list[int]:
         """Worker pids: by default the children of this process that are not trackers."""
@@ -248,6 +258,48 @@ class MultiprocessingPool(Pool):
             self._pool.join()
 
 
+class JoblibPool(Pool):
+    """``joblib.Parallel(n_jobs=workers)`` as a batch job calls it: its default backend
+    (loky's reusable executor, which outlives each call) and its default
+    memory-mapping of large numpy arrays (``max_nbytes="1M"``: an array
+    argument is dumped once per call to a file in ``/dev/shm`` that the
+    workers map). joblib has no ``submit``: one call to ``Parallel`` runs a
+    list of calls, and waits for them all.
+    """
+
+    name = "joblib"
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        # By name: joblib is installed in .venv-bench only (the lint one has no stubs).
+        self._joblib: Any = importlib.import_module("joblib")
+        self._started = False
+
+    def start(self) -> None:
+        pass  # the reusable executor starts with the first call
+
+    def _parallel(self, batch_size: int | str = "auto") -> Any:
+        self._started = True
+        return self._joblib.Parallel(n_jobs=self.workers, batch_size=batch_size)
+
+    def run_all(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+        delayed = self._joblib.delayed
+        return list(self._parallel()(delayed(fn)(*args) for args in calls))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Waiter:
+        (result,) = self.run_all(fn, [args])  # joblib waits for the call's results
+        return lambda: result
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> list[Any]:
+        delayed = self._joblib.delayed
+        return list(self._parallel(chunksize or "auto")(delayed(fn)(item) for item in items))
+
+    def close(self) -> None:
+        if self._started:
+            loky = importlib.import_module("joblib.externals.loky")
+            loky.get_reusable_executor().shutdown(wait=True)
+
+
 POOLS: dict[str, Callable[[int], Pool]] = {
     "pool_manager": PoolManagerPool,
     "ppe": lambda workers: ExecutorPool(workers, "fork"),
@@ -256,6 +308,7 @@ POOLS: dict[str, Callable[[int], Pool]] = {
     "pebble": PebblePool,
     "mpire": MpirePool,
     "mp_pool": MultiprocessingPool,
+    "joblib": JoblibPool,
 }
 
 
@@ -285,10 +338,8 @@ def _worker_children() -> list[psutil.Process]:
 
 def warm(pool: Pool, workers: int) -> None:
     """Start every worker (several naps at once), then run a few no-ops."""
-    for wait in [pool.submit(nap, 0.1) for _ in range(workers)]:
-        wait()
-    for wait in [pool.submit(noop) for _ in range(20)]:
-        wait()
+    pool.run_all(nap, [(0.1,)] * workers)
+    pool.run_all(noop, [()] * 20)
 
 
 # -- pool_manager's manager, whatever shape its lease takes -----------------
@@ -446,6 +497,73 @@ def echo_payload(library: str, p: dict[str, Any]) -> Result:
             if len(back) != len(data):
                 raise AssertionError("echo returned a different payload")
     return {"value": p["bytes"] / 1e6 / statistics.median(times)}
+
+
+# -- large data, as batch jobs pass it (issue 14) -----------------------------
+
+
+def big_array(library: str, p: dict[str, Any]) -> Result:
+    """Seconds for ``tasks`` tasks each given one large numpy array; the memory it took.
+
+    The pool is warm before the array (``mb`` MB of float64) is made, so no
+    forked worker shares its pages. Then every task is submitted with the
+    array as its argument (joblib: one ``Parallel`` call) and all are waited
+    for; each returns `strided_sum`, checked against the parent's own.
+    ``memory_mb``: the parent's peak growth over its baseline (`ParentPeak`),
+    or with ``whole_job`` the peak of the whole process tree (`JobPeak`,
+    the parent's growth kept beside it).
+    """
+    try:
+        import numpy
+    except ImportError:
+        raise NotApplicable("numpy is not installed") from None
+    workers, tasks = p["workers"], p["tasks"]
+    with running(library, workers) as pool:
+        warm(pool, workers)
+        array = numpy.ones(int(p["mb"] * 1e6) // 8)  # written: every page resident
+        expected = strided_sum(array)
+        with JobPeak() if p.get("whole_job") else nullcontext() as job, ParentPeak() as parent:
+            started = time.perf_counter()
+            results = pool.run_all(strided_sum, [(array,)] * tasks)
+            elapsed = time.perf_counter() - started
+    if results != [expected] * tasks:
+        raise AssertionError(f"the tasks returned {results[:3]}..., wanted {expected}")
+    memory = job.peak if job is not None else parent.growth
+    return {
+        "value": elapsed,
+        "memory_mb": memory / 1e6,
+        "array_mb": array.nbytes / 1e6,
+        "tasks": tasks,
+        **parent.details(),
+        **(job.details() if job is not None else {}),
+    }
+
+
+#: The batch job's script that `big_global` runs as ``__main__``.
+MAIN_SCRIPT = Path(__file__).resolve().parent / "suite_main_script.py"
+
+
+def big_global(library: str, p: dict[str, Any]) -> Result:
+    """A main script's large global, read by a main-script function in many tasks.
+
+    Runs `MAIN_SCRIPT` as a program of its own (``python path/to/script``,
+    this interpreter), so that the function and the global really are
+    ``__main__``'s: the script builds the global at its top, as a batch job
+    loads its data, and maps the function over the tasks; see that file.
+    """
+    if library not in POOLS:
+        raise NotApplicable(f"no pool named {library!r}")
+    with NamedTemporaryFile("r", suffix=".json", prefix="suite-main-") as result:
+        command = [sys.executable, str(MAIN_SCRIPT), library, "--params", json.dumps(p)]
+        env = os.environ | {"SUITE_GLOBAL_BYTES": str(int(p["mb"] * 1e6))}
+        done = subprocess.run(
+            [*command, "--result", result.name], env=env, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise AssertionError(f"the main script exited {done.returncode}: {tail}")
+        sample: Result = json.loads(Path(result.name).read_text())
+    return sample
 
 
 def efficiency(library: str, p: dict[str, Any]) -> Result:
@@ -731,6 +849,8 @@ MEASURES: dict[str, Callable[[str, dict[str, Any]], Result]] = {
     "idle_uss": idle_uss,
     "keyed_batches": keyed_batches,
     "keyed_batches_many": keyed_batches,
+    "big_array": big_array,
+    "big_global": big_global,
 }
 
 

@@ -11,6 +11,7 @@ others, which would skew the per-task figures.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 
 def noop() -> None:
@@ -78,3 +79,12 @@ def calibrate(seconds: float, *, samples: int = 5) -> tuple[int, float]:
 def is_tracker(cmdline: list[str]) -> bool:
     """Whether a process is multiprocessing's or loky's resource tracker."""
     return "_tracker import main" in " ".join(cmdline)
+
+
+def strided_sum(array: Any) -> float:
+    """A cheap read of a large numpy array: every 4,096th value, summed.
+
+    The task costs little (it touches one page in eight), so what a
+    large-data measure times is the array's way to the worker.
+    """
+    return float(array[::4096].sum())

@@ -50,3 +50,34 @@ def test_a_run_writes_its_report(tmp_path: Path) -> None:
     table = (tmp_path / "suite-quick.md").read_text()
     assert "warm round trip" in table and "python -m benchmarks.suite --quick" in table
     assert str(ROOT / "pool_manager") in report["machine"]["pool_manager"]
+
+
+def test_the_large_data_measures_report_time_and_memory(tmp_path: Path) -> None:
+    # Tiny data (--data-mb): what is checked is that each measure runs, for a pool
+    # that copies the data (pool_manager) and one that forks (ProcessPoolExecutor),
+    # and that big_global really maps a function of a script run as __main__.
+    done = suite(
+        "--quick",
+        "--repeat",
+        "1",
+        "--data-mb",
+        "2",
+        "--only",
+        "big_array_8,big_array_40,big_global",
+        "--libs",
+        "pool_manager,ppe",
+        "--out",
+        str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "suite-quick.json").read_text())
+    for measure in ("big_array_8", "big_array_40", "big_global"):
+        for library in ("pool_manager", "ppe"):
+            time_row = report["results"][measure][library]
+            memory_row = report["results"][f"{measure}_memory"][library]
+            assert time_row["median"] > 0 and memory_row["median"] >= 0, (measure, library)
+    job = report["results"]["big_array_40"]["pool_manager"]["details"][0]
+    assert job["array_mb"] == 2 and job["job_peak_mb"] >= job["job_baseline_mb"] > 0
+    goals = {goal["goal"].split(".")[0]: goal for goal in report["goals"]}
+    assert goals["9"]["checks"][0]["value"] > 0  # the parent's growth over the array's size
+    assert goals["10"]["checks"][1]["value"] > 0  # the whole job's peak over the array's size
