@@ -5,8 +5,11 @@
 fixed, cut from a known length, or sized by measured run times), keeps a
 bounded window of them submitted, yields results in order (those before a
 failing call first: see `PartialChunk`), and cancels what is left when the
-consumer stops early or the timeout passes. `OpenMaps` is how a pool knows
-it has a lazy iterator not yet finished (a manager does not expire it).
+consumer stops early or the timeout passes. With ``return_exceptions`` it
+yields every call's outcome, an exception in place of a result, and runs
+again the calls of a chunk that its worker took down after the call that
+did (`_chunk_outcomes`). `OpenMaps` is how a pool knows it has a lazy
+iterator not yet finished (a manager does not expire it).
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from ._durations import MAX_WAIT
-from ._protocol import PartialChunk, load_outcome
+from ._protocol import CallFailed, PartialChunk, load_outcome
 from .errors import ResultTimeoutError
 
 __all__ = [
@@ -69,6 +72,22 @@ def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
             ) from None
     finally:
         future.cancel()
+
+
+def _outcome(future: Future[Any], end_time: float | None) -> tuple[bool, Any]:
+    """`_result_or_cancel` as ``(ok, result or the task's exception)``.
+
+    What the wait raises itself (the map's timeout, an interrupt) is raised.
+    """
+    try:
+        return True, _result_or_cancel(future, end_time)
+    except BaseException as error:
+        if future.cancelled():
+            if isinstance(error, CancelledError):
+                return False, error
+        elif future.done() and future.exception() is error:
+            return False, error
+        raise
 
 
 def known_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
@@ -157,7 +176,8 @@ def map_lazily(
     name: str | None,
     target_chunk_seconds: float = TARGET_CHUNK_SECONDS,
     open_maps: OpenMaps | None = None,
-) -> Iterator[T]:
+    return_exceptions: bool = False,
+) -> Iterator[Any]:
     """The ordered, chunked map that `BaseWorkerPool.map` and other pools share.
 
     ``submit(deadline, fn, args)`` sends one call; ``submit_chunk(deadline,
@@ -178,6 +198,16 @@ def map_lazily(
     Measured chunks hold about ``target_chunk_seconds`` of calls.
     ``progress``/``name``: see `BaseWorkerPool.map`. The iterator is in
     ``open_maps`` until it is exhausted, closed or collected.
+
+    ``return_exceptions``: yield every call's outcome, in order, an
+    exception in place of a result (see `_chunk_outcomes`); ``submit_chunk``
+    then sends a runner that goes on past a call that raises (its results
+    list holds a `CallFailed`, or the exception itself, in that call's
+    place). A chunk future with per-call reports (a pool's task with a
+    deadline: ``reports``, ``reported_late``, ``lost_with_worker``, see
+    ``_pool_tasks._TaskFuture``) keeps the results before a call that took
+    its worker down, and the calls after it run again as a new task when
+    the map still needs them. The map's ``timeout`` still raises.
     """
     if chunksize is not None:
         if isinstance(chunksize, bool) or not isinstance(chunksize, int):
@@ -194,6 +224,7 @@ def map_lazily(
         calls: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables)
         ahead = max(8, 4 * workers) if window is None and length is None else window
         sizer = _ChunkSizer(chunksize, length, workers, target_chunk_seconds)
+        chunks: dict[Future[Any], list[Any]] = {}  # a submitted chunk's calls, where kept
         if sizer.fixed == 1:
             if single:
                 tasks: Iterator[Future[Any]] = (submit(end_time, fn, (arg,)) for arg in calls)
@@ -207,7 +238,10 @@ def map_lazily(
                     chunk = list(itertools.islice(calls, sizer.next_size()))
                     if not chunk:
                         return
-                    yield submit_chunk(end_time, chunk)
+                    future = submit_chunk(end_time, chunk)
+                    if return_exceptions or getattr(future, "reports", None) is not None:
+                        chunks[future] = chunk  # (to run again what its worker took down)
+                    yield future
 
             tasks = chunk_tasks()
             chunked = True
@@ -221,7 +255,22 @@ def map_lazily(
                 future.cancel()
             hold = None  # (the traceback keeps this frame)
             raise
-        return _map_results(submitted, tasks, end_time, chunked=chunked, sizer=sizer, hold=hold)
+
+        def resend(calls: list[Any]) -> Future[Any]:
+            future = submit_chunk(end_time, calls)
+            chunks[future] = calls
+            return future
+
+        return _map_results(
+            submitted,
+            tasks,
+            end_time,
+            sizer=sizer,
+            hold=hold,
+            chunks=chunks,
+            resend=resend if chunked else None,
+            return_exceptions=return_exceptions,
+        )
 
     if not progress:
         return start()
@@ -230,36 +279,120 @@ def map_lazily(
     return with_progress(start, progress, name, length, "item")
 
 
+class _ChunkOutcome(NamedTuple):
+    """What a chunk's future came to, in the map's terms (see `_chunk_outcomes`)."""
+
+    results: list[Any]  #: to yield, in order (exceptions among them, with return_exceptions)
+    failure: BaseException | None  #: to raise after them
+    rerun: list[Any] | None  #: the chunk's calls to send again, after them
+
+
+def _chunk_outcomes(
+    ok: bool,
+    value: Any,
+    future: Future[Any],
+    chunk: list[Any] | None,
+    return_exceptions: bool,
+) -> _ChunkOutcome:
+    """A chunk's outcomes: its results, the error to raise, the calls to run again.
+
+    Its results are those its worker reported as it went (a task with a
+    deadline: `_pool_tasks._TaskFuture.reports`), then its answer's: a
+    list, a `PartialChunk`, or a Dask runner's ``(results, error)``. A
+    chunk that failed as a whole (``ok`` false) failed at the call after
+    the reported ones: if its worker was lost running that call (past its
+    deadline, past ``kill_worker_memory``, or dead), that call fails alone
+    and the calls after it run again (when the map still needs them: with
+    ``return_exceptions``); any other failure (a chunk without reports, a
+    terminated pool, arguments that would not unpickle, a result that
+    would not) is every unreported call's. A report read after the pool had
+    decided to end the worker means no call overran: the ones not reported
+    run again. With ``return_exceptions``, failures go among the results
+    (a `CallFailed` loaded, or the chunk's error once for each call it
+    took), and nothing is raised.
+    """
+    reports: list[bytes | bytearray] | None = getattr(future, "reports", None)
+    results: list[Any] = []
+    failure: BaseException | None = None
+    for body in reports or ():
+        loaded_ok, loaded = load_outcome(True, body)
+        if not loaded_ok and not return_exceptions:
+            return _ChunkOutcome(results, loaded, None)
+        results.append(loaded)
+    if not ok:
+        failure = value
+    elif isinstance(value, PartialChunk):
+        results.extend(value.results)
+        failure = load_outcome(False, value.error)[1]
+    elif isinstance(value, tuple):
+        results.extend(value[0])
+        failure = value[1]
+    else:
+        results.extend(value)
+    rerun = None
+    if (
+        failure is not None
+        and chunk is not None
+        and reports is not None
+        and getattr(future, "lost_with_worker", False)
+    ):
+        done = len(results)
+        if getattr(future, "reported_late", False):
+            failure, rerun = None, chunk[done:]
+        elif return_exceptions:
+            results.append(failure)
+            failure, rerun = None, chunk[done + 1 :]
+    if return_exceptions:
+        for index, result in enumerate(results):
+            if type(result) is CallFailed:
+                results[index] = load_outcome(False, result.error)[1]
+        if failure is not None:
+            assert chunk is not None
+            results.extend(itertools.repeat(failure, len(chunk) - len(results)))
+            failure = None
+    return _ChunkOutcome(results, failure, rerun or None)
+
+
 def _map_results(
     submitted: deque[Future[Any]],
     tasks: Iterator[Future[Any]],
     end_time: float | None,
     *,
-    chunked: bool,
     sizer: _ChunkSizer,
     hold: _MapHold | None,
+    chunks: dict[Future[Any], list[Any]],
+    resend: Callable[[list[Any]], Future[Any]] | None,
+    return_exceptions: bool,
 ) -> Iterator[Any]:
     # A generator of its own, so that map_lazily submits its first window
     # now. It keeps no reference to a result it has handed out (nor to its
     # future), as Executor.map does: results go out by list.pop().
+    # (``resend``: a chunked map's; it sends calls again as a chunk.)
     unsubmitted: BaseException | None = None  # why the rest of the input was not sent
     try:
         while submitted:
             future = submitted.popleft()
-            results = _result_or_cancel(future, end_time)
-            failure: BaseException | None = None
-            if not chunked:
-                results = [results]
+            ok, value = _outcome(future, end_time)
+            if resend is None:
+                if not (ok or return_exceptions):
+                    raise value
+                results, failure = [value], None
             else:
+                chunk = chunks.pop(future, None)
                 # A call failed part-way: the results before it go out
                 # first, as they would with one task per call.
-                if isinstance(results, PartialChunk):
-                    failure = load_outcome(False, results.error)[1]
-                    results = results.results
-                elif isinstance(results, tuple):
-                    results, failure = results
-                sizer.observe(len(results), getattr(future, "run_time", None))
-            del future
+                results, failure, rerun = _chunk_outcomes(
+                    ok, value, future, chunk, return_exceptions
+                )
+                if ok:
+                    sizer.observe(len(results), getattr(future, "run_time", None))
+                if rerun is not None:
+                    # Before the others: the map's order is the input's.
+                    try:
+                        submitted.appendleft(resend(rerun))
+                    except Exception as error:  # the pool full to the deadline, or shut down
+                        failure = error
+            del future, value
             # Keep the pool fed before handing the result out.
             if unsubmitted is None and failure is None:
                 try:

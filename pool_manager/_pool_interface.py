@@ -18,15 +18,19 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, TypedDict, TypeVar
+from typing import Any, Generic, Literal, ParamSpec, TypedDict, TypeVar, overload
 
-from ._map import known_length
+from ._map import known_length, map_lazily
 
 __all__ = ["TakenOnAThread", "TaskCounts", "WorkerPool"]
 
 T = TypeVar("T")
 V = TypeVar("V")
 P = ParamSpec("P")
+
+
+def _no_chunks(deadline: float | None, chunk: list[Any]) -> Future[Any]:
+    raise AssertionError("WorkerPool.map submits one task per call")  # (chunksize=1)
 
 
 class WorkerPool(Executor, abc.ABC):
@@ -68,6 +72,7 @@ class WorkerPool(Executor, abc.ABC):
         """`submit`, or None if it would block (the default: it might, so None)."""
         return None
 
+    @overload
     def map(
         self,
         fn: Callable[..., T],
@@ -75,14 +80,55 @@ class WorkerPool(Executor, abc.ABC):
         timeout: float | None = None,
         chunksize: int = 1,
         progress: bool | str = False,
-    ) -> Iterator[T]:
+        return_exceptions: Literal[False] = False,
+    ) -> Iterator[T]: ...
+
+    @overload
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: bool | str = False,
+        return_exceptions: bool,
+    ) -> Iterator[T | BaseException]: ...
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: bool | str = False,
+        return_exceptions: bool = False,
+    ) -> Iterator[T | BaseException]:
         """``Executor.map``, with a progress bar if ``progress`` (see `BaseWorkerPool.map`).
+
+        ``return_exceptions`` (as ``asyncio.gather``'s): yield every call's
+        outcome in order, the exception in place of the result for a call
+        that failed, and go on past it (this default submits one task per
+        call; ``timeout`` still raises ``TimeoutError``).
 
         Raises:
             ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
         """
 
-        def start() -> Iterator[T]:
+        def start() -> Iterator[Any]:
+            if return_exceptions:
+                return map_lazily(
+                    fn,
+                    iterables,
+                    submit=lambda deadline, call, args: self.submit(call, *args),
+                    submit_chunk=_no_chunks,
+                    timeout=timeout,
+                    chunksize=1,
+                    workers=1,
+                    window=None,
+                    progress=False,
+                    name=None,
+                    return_exceptions=True,
+                )
             return super(WorkerPool, self).map(fn, *iterables, timeout=timeout, chunksize=chunksize)
 
         if not progress:

@@ -576,6 +576,11 @@ class _WorkerIO:
                 elif kind == STARTED:
                     # (Measured from when the pool hears of it: never early.)
                     worker.deadline = (now + value, task_id, value)
+                    if body:  # a map chunk's next call: the previous one's result
+                        future = self._outstanding.get(task_id)
+                        if future is not None and future.reports is not None:
+                            future.reports.append(body)
+                            future.reported_late |= worker.dying is not None
                 elif kind == READY:
                     worker.ready = True
                 elif kind == INIT_FAILED:
@@ -710,6 +715,7 @@ class _WorkerIO:
         detail: float,
     ) -> BaseException:
         """The error for a task that died with its worker, by how the worker died."""
+        future.lost_with_worker = True
         if killed:
             return TaskKilledError.for_worker(pid, exitcode)
         if reason == DEADLINE:

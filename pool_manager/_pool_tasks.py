@@ -44,6 +44,17 @@ class _TaskFuture(_QueuedFuture):
         self.run_time: float | None = None
         #: What kind of task it is, for the pool's estimate of its run time.
         self.kind: object = None
+        #: A task with a deadline: the pickled results its worker reported
+        #: as it went (a ``map`` chunk's calls, one each: see
+        #: ``_worker.run_chunk``), in order; None: no deadline, no reports.
+        self.reports: list[bytes | bytearray] | None = None if timeout is None else []
+        #: A report was read after the pool had decided to end the worker
+        #: (past its deadline, or ``kill_worker_memory``): the call it
+        #: reported had finished, and the next one had only just started.
+        self.reported_late = False
+        #: It failed because its worker died or was ended while running it
+        #: (``_pool_io._lost_error``), not by an error of its own.
+        self.lost_with_worker = False
 
     def _let_go(self) -> None:
         self._payload = None

@@ -43,7 +43,12 @@ The task envelope
     pickled result: `dump_result`) or an ``ERROR`` (the pickled ``(kind,
     exception, traceback text)``: `dump_error`), and the parent loads it
     per task (`load_outcome`), for the same reason. A ``map`` chunk that
-    fails part-way returns a `PartialChunk`.
+    fails part-way returns a `PartialChunk`; one that runs on past a call
+    that raised (``return_exceptions``) holds a `CallFailed` in that call's
+    place. A chunk with a deadline reports each call's start (``STARTED``,
+    from its second call on) with the previous call's pickled result, so
+    that the deadline is each call's and the results before a call that
+    overran reach the parent before its worker is ended.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ __all__ = [
     "MainToImport",
     "Message",
     "MessageReader",
+    "CallFailed",
     "PartialChunk",
     "dump_call",
     "dump_error",
@@ -172,7 +178,12 @@ class Message(NamedTuple):
       ``RECYCLED_MEMORY`` (``value``: its resident memory, in bytes).
     - ``STARTED``: the task ``task_id``, which has a deadline, starts now;
       ``value``: its timeout in seconds (the pool's clock for it starts
-      when it reads this).
+      when it reads this). A ``map`` chunk sends one more before each of
+      its calls after the first (``_worker.run_chunk``): the clock starts
+      again, for that call; ``body``: the previous call's pickled result
+      (`dump_result`; a `CallFailed` for a call that raised, with
+      ``return_exceptions``). The chunk's own answer then holds only the
+      calls after the last report.
     - ``INIT_FAILED``: the worker could not set itself up; ``reason``:
       ``SETUP`` or ``INITIALIZER``; ``body``: the traceback, UTF-8 text. It
       exits with ``INIT_FAILED_EXIT_CODE``.
@@ -478,6 +489,13 @@ class PartialChunk(NamedTuple):
 
     results: list[Any]  #: of the calls before the failing one, in order
     error: bytes  #: the failing call's exception, pickled as a failed task's (`dump_error`)
+
+
+class CallFailed(NamedTuple):
+    """A call of a ``map`` chunk that raised, in its place among the chunk's results,
+    when the map goes on past it (``return_exceptions``; see ``_worker.run_chunk``)."""
+
+    error: bytes  #: its exception, pickled as a failed task's (`dump_error`)
 
 
 def _remote_traceback(text: str) -> BaseException:

@@ -57,6 +57,7 @@ from ._protocol import (
     TO_PARENT,
     TO_WORKER,
     ByReference,
+    CallFailed,
     PartialChunk,
     dump_error,
     dump_result,
@@ -113,6 +114,9 @@ _limits = WorkerLimits()
 _tasks_done = 0
 _sock: socket.socket | None = None
 _send_lock = threading.Lock()
+#: The task running now, if it has a deadline: its id and timeout (for a
+#: ``map`` chunk's reports, `run_chunk`); None: no deadline.
+_deadline: tuple[int, float] | None = None
 
 
 def _send(
@@ -216,6 +220,7 @@ def _read_message(reader: BinaryIO) -> tuple[int, bytes] | None:
 
 
 def _serve_tasks(reader: BinaryIO) -> None:
+    global _deadline
     while True:
         message = _read_message(reader)
         if message is None:
@@ -236,9 +241,11 @@ def _serve_tasks(reader: BinaryIO) -> None:
         del body, view
         for task_id, timeout, payload in tasks:
             if timeout is not None:
+                _deadline = (task_id, timeout)
                 _send(STARTED, task_id=task_id, value=timeout)
             started = time.perf_counter()
             ok, data = run_task(payload)
+            _deadline = None
             elapsed = time.perf_counter() - started
             _send(RESULT if ok else ERROR, data, task_id=task_id, value=elapsed)
             del data, payload
@@ -312,13 +319,22 @@ def run_task(payload: bytes | memoryview) -> tuple[bool, bytes]:
         return False, dump_error(error, pickling_result=True)
 
 
-def run_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[Any] | PartialChunk:
+def run_chunk(
+    fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]], catch: bool = False
+) -> list[Any] | PartialChunk:
     """Run ``fn`` over one chunk of ``map`` arguments, in order.
 
     Returns the results; if a call raises after others have returned, a
     `PartialChunk`, so that ``map`` yields their results before it raises,
     as it would with one task per call. (A first call that raises raises.)
+    With ``catch`` (``map(..., return_exceptions=True)``), every call runs,
+    and one that raised has a `CallFailed` in its place.
+
+    In a task with a deadline (see `_reported_calls`), each call has the
+    whole deadline, and the result holds only the calls not reported.
     """
+    if _deadline is not None or catch:
+        return _reported_calls(fn, chunk, True, catch)
     results: list[Any] = []
     try:
         # (extend keeps what it appended before an error, as a loop would.)
@@ -330,8 +346,12 @@ def run_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[
     return results
 
 
-def run_chunk_single(fn: Callable[[Any], Any], chunk: Iterable[Any]) -> list[Any] | PartialChunk:
+def run_chunk_single(
+    fn: Callable[[Any], Any], chunk: Iterable[Any], catch: bool = False
+) -> list[Any] | PartialChunk:
     """`run_chunk` for a ``map`` over one iterable (no argument tuples to build)."""
+    if _deadline is not None or catch:
+        return _reported_calls(fn, chunk, False, catch)
     results: list[Any] = []
     try:
         results.extend(map(fn, chunk))
@@ -339,6 +359,42 @@ def run_chunk_single(fn: Callable[[Any], Any], chunk: Iterable[Any]) -> list[Any
         if not results:
             raise
         return PartialChunk(results, dump_error(error))
+    return results
+
+
+def _reported_calls(
+    fn: Callable[..., Any], chunk: Iterable[Any], starred: bool, catch: bool
+) -> list[Any]:
+    """A chunk's calls one at a time: with ``catch``, a `CallFailed` for each
+    call that raises; in a task with a deadline, each call's start reported.
+
+    The deadline is enforced from outside: before each call after the
+    first, a ``STARTED`` restarts the pool's clock (the call has the whole
+    timeout) and carries the previous call's result, so that if this call
+    overruns (or its worker dies), the results before it are already in the
+    parent's socket. The chunk then returns only its last result. Without
+    ``catch`` (so with a deadline), a call that raises fails the task: every
+    result before it was reported. A result that cannot be pickled fails in the report
+    after its call, so its call is the one it is charged to.
+    """
+    deadline = _deadline
+    results: list[Any] = []
+    for item in chunk:
+        if deadline is not None and results:
+            try:
+                body = dump_result(results[0])
+            except BaseException as error:
+                if not catch:
+                    raise
+                body = dump_result(CallFailed(dump_error(error, pickling_result=True)))
+            _send(STARTED, body, task_id=deadline[0], value=deadline[1])
+            results.clear()
+        try:
+            results.append(fn(*item) if starred else fn(item))
+        except BaseException as error:
+            if not catch:
+                raise  # (with a deadline: the results before it were reported)
+            results.append(CallFailed(dump_error(error)))
     return results
 
 

@@ -77,7 +77,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _process, _threads
 from ._compat import ProcessView, resolve_start_method
@@ -204,7 +204,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             fails, with `WorkerMemoryError`.
         task_timeout: seconds a task may run; past that its worker is ended
             and its future fails with `TaskTimeoutError`. Per call:
-            `submit_with_timeout`.
+            `submit_with_timeout`. In `map`, each call's, in a chunk too.
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.
@@ -627,6 +627,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             _process.kill_worker(pid)
         self.dispose(wait=True)
 
+    @overload
     def map(
         self,
         fn: Callable[..., T],
@@ -634,7 +635,29 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         timeout: float | None = None,
         chunksize: int | None = None,
         progress: bool | str = False,
-    ) -> Iterator[T]:
+        return_exceptions: Literal[False] = False,
+    ) -> Iterator[T]: ...
+
+    @overload
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        progress: bool | str = False,
+        return_exceptions: bool,
+    ) -> Iterator[T | BaseException]: ...
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        progress: bool | str = False,
+        return_exceptions: bool = False,
+    ) -> Iterator[T | BaseException]:
         """Return an iterator of ``fn`` over the iterables, in order.
 
         As ``Executor.map``, with an automatic ``chunksize`` when none is
@@ -649,6 +672,29 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         submissions wait that long for room, else on iteration), and the
         tasks the map submitted that have not started are cancelled.
 
+        The pool's ``task_timeout`` is each call's, chunks or not: a call
+        still running that long after it started has its worker ended and
+        fails with `TaskTimeoutError`; the calls before it keep their
+        results. A call that raises, or whose worker dies, costs no result
+        of the calls before it either: they are yielded first, then its
+        error is raised.
+
+        ``return_exceptions`` (as ``asyncio.gather``'s): yield every call's
+        outcome in order, the exception in place of the result for a call
+        that failed, and go on past it. A call that raised yields its
+        exception (one that cannot be pickled, a ``RuntimeError`` that
+        describes it); a call past ``task_timeout``, `TaskTimeoutError`, and
+        a call whose worker died or was ended for ``kill_worker_memory``,
+        `WorkerLostError` (`WorkerMemoryError`): in a chunk with a
+        deadline the worker reports each call, so that error is that
+        call's alone and the chunk's calls after it run again in a new
+        task; in a chunk without one (no ``task_timeout``), every call of
+        the chunk yields it (run with ``chunksize=1`` to lose only the
+        call). Any other failure of a whole task (a terminated pool, a
+        result or argument that cannot be pickled, a failed worker start)
+        is yielded for each call of its task that has no result. The map's
+        ``timeout`` still raises ``TimeoutError``.
+
         ``progress`` (True, or the bar's description) draws a tqdm progress
         bar (the extra ``pool-manager[progress]``) that advances as results
         are handed out, described by the pool's `name` (a manager's key);
@@ -660,15 +706,18 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             ResultTimeoutError: a result was not ready in time, or the pool
                 stayed full until the timeout (a ``TimeoutError`` and a
                 ``concurrent.futures.TimeoutError``, also on 3.10).
-            Exception: (on iteration) whatever ``fn`` raised.
+            Exception: (on iteration, without ``return_exceptions``)
+                whatever ``fn`` raised, or the task's error
+                (`TaskTimeoutError`, `WorkerLostError`, ...).
         """
-        single_runner = run_chunk_single if len(iterables) == 1 else run_chunk
+        runner = run_chunk_single if len(iterables) == 1 else run_chunk
+        catch = (True,) if return_exceptions else ()
         return map_lazily(
             fn,
             iterables,
             submit=self._submit_by,
             submit_chunk=lambda deadline, chunk: self._submit_by(
-                deadline, single_runner, (fn, chunk)
+                deadline, runner, (fn, chunk, *catch)
             ),
             timeout=timeout,
             chunksize=chunksize,
@@ -677,6 +726,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             progress=progress,
             name=self.name,
             open_maps=self._open_maps,
+            return_exceptions=return_exceptions,
         )
 
     def _submit_by(

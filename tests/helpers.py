@@ -224,3 +224,46 @@ def fail_at(x: int, bad: int = 0) -> int:
     if x == bad:
         raise ValueError(f"bad item {x}")
     return x
+
+
+class UnpicklableError(Exception):
+    """An exception that cannot cross to the parent."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("this exception cannot be pickled")
+
+
+def run_step(directory: str, x: int, action: str = "ok") -> int:
+    """One ``map`` call of a scripted run: mark that ``x`` ran (a file named
+    ``"<x>-<pid>-<ns>"`` in ``directory``), then do ``action``: ``"ok"``
+    (return ``x``), ``"sleep"`` (0.2 s, then return ``x``), ``"hang"`` (hold
+    the GIL in C code for longer than any test), ``"raise"`` (ValueError),
+    ``"unpicklable"`` (an exception that cannot be pickled), ``"exit"`` (end
+    the worker process)."""
+    Path(directory, f"{x}-{os.getpid()}-{time.monotonic_ns()}").touch()
+    if action == "sleep":
+        time.sleep(0.2)
+    elif action == "hang":
+        hold_the_gil()
+    elif action == "raise":
+        raise ValueError(f"call {x} raised")
+    elif action == "unpicklable":
+        raise UnpicklableError(f"call {x}")
+    elif action == "exit":
+        os._exit(3)
+    return x
+
+
+def runs_per_call(directory: str) -> dict[int, int]:
+    """How many times each ``x`` ran, from the marks `run_step` left."""
+    counts: dict[int, int] = {}
+    for name in os.listdir(directory):
+        if name[0].isdigit():
+            x = int(name.split("-")[0])
+            counts[x] = counts.get(x, 0) + 1
+    return counts
+
+
+def run_scripted(directory: str, actions: tuple[str, ...], x: int) -> int:
+    """`run_step` for call ``x``, with its action from ``actions``."""
+    return run_step(directory, x, actions[x])

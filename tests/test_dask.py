@@ -43,7 +43,12 @@ from pool_manager import (  # noqa: E402
 )
 from pool_manager._pool_tasks import _TaskFuture  # noqa: E402
 from pool_manager._queued import QueuedPool, _QueuedFuture  # noqa: E402
-from pool_manager.dask import DaskPoolFactory, DaskWorkerPool, _DaskTaskFuture  # noqa: E402
+from pool_manager.dask import (  # noqa: E402
+    DaskPoolFactory,
+    DaskWorkerPool,
+    _chunk_runner,
+    _DaskTaskFuture,
+)
 
 from .helpers import (  # noqa: E402
     FakeClock,
@@ -54,6 +59,8 @@ from .helpers import (  # noqa: E402
     poll,
     raise_value_error,
     record_interval,
+    run_scripted,
+    runs_per_call,
     square,
     wait_for_count,
     wait_for_path,
@@ -253,6 +260,50 @@ def test_auto_chunked_map_yields_every_result_before_the_failing_item(
             assert got == list(range(bad))
     finally:
         pool.dispose()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("chunksize", [None, 1, 4])
+def test_map_with_return_exceptions_yields_every_calls_outcome_in_order(
+    client: Client, tmp_path: Path, chunksize: int | None
+) -> None:
+    actions = ["ok"] * 12
+    actions[0] = actions[5] = "raise"
+    actions[9] = "unpicklable"
+    step = functools.partial(run_scripted, str(tmp_path), tuple(actions))
+    pool = DaskWorkerPool(client, 2)
+    try:
+        results = list(pool.map(step, range(12), chunksize=chunksize, return_exceptions=True))
+    finally:
+        pool.dispose()
+    for x, result in enumerate(results):
+        if actions[x] == "raise":
+            assert isinstance(result, ValueError) and str(result) == f"call {x} raised"
+        elif actions[x] == "unpicklable":
+            # In a chunk, described rather than lost with the chunk's other
+            # results (one call per task, as 12 items on 2 workers are cut
+            # by default: Dask's own handling).
+            assert isinstance(result, Exception)
+            if chunksize == 4:
+                assert isinstance(result, RuntimeError) and "could not be pickled" in str(result)
+        else:
+            assert result == x
+    assert len(results) == 12 and runs_per_call(str(tmp_path)) == dict.fromkeys(range(12), 1)
+
+
+def test_the_chunk_runner_that_goes_on_past_errors_needs_nothing_of_pool_manager() -> None:
+    import cloudpickle
+
+    blob = cloudpickle.dumps(_chunk_runner(int, starred=False, catch=True))
+    program = (
+        "import sys, pickle; sys.modules['pool_manager'] = None; "
+        "results = pickle.loads(sys.stdin.buffer.read())(['1', 'x', '3']); "
+        "print(results[0], type(results[1]).__name__, results[2])"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", program], input=blob, capture_output=True, check=True, timeout=60
+    )
+    assert ran.stdout.decode().split() == ["1", "ValueError", "3"]
 
 
 def test_map_returns_results_in_order_for_every_kind_of_input(client: Client) -> None:

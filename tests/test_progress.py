@@ -24,7 +24,7 @@ from pool_manager import (
     as_completed,
 )
 
-from .helpers import square
+from .helpers import fail_at, square
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -181,6 +181,18 @@ class _ThreadPool(WorkerPool):
 
     def dispose(self, wait: bool = True) -> None:
         self.shutdown(wait)
+
+
+@pytest.mark.timeout(60)
+def test_any_worker_pool_maps_with_return_exceptions() -> None:
+    pool = _ThreadPool()
+    try:
+        results = list(pool.map(fail_at, range(5), [9, 1, 9, 3, 9], return_exceptions=True))
+        assert results[0] == 0 and results[2] == 2 and results[4] == 4
+        assert [str(results[1]), str(results[3])] == ["bad item 1", "bad item 3"]
+        assert list(pool.map(square, range(3), return_exceptions=True)) == [0, 1, 4]
+    finally:
+        pool.dispose()
 
 
 def test_any_worker_pool_maps_with_progress_and_runs_awaitables(recorded: list[Any]) -> None:

@@ -39,6 +39,7 @@ async def check_async(pool: WorkerPool, manager: WorkerPoolManager) -> None:
     await pool.run(add, "one")  # type: ignore[arg-type]
     async with manager.lease_async("key", send_size=2) as leased:
         assert_type(leased, WorkerPool)
+        assert_type(leased.map(add, [1], return_exceptions=True), Iterator[int | BaseException])
 
 
 def check(pool: BaseWorkerPool, manager: WorkerPoolManager) -> None:
@@ -49,6 +50,8 @@ def check(pool: BaseWorkerPool, manager: WorkerPoolManager) -> None:
     assert_type(pool.submit_with_timeout(5, add, 1), Future[int])
     assert_type(pool.map(add, [1, 2], [3, 4]), Iterator[int])
     assert_type(pool.map(add, range(3), progress=True), Iterator[int])
+    assert_type(pool.map(add, range(3), return_exceptions=True), Iterator[int | BaseException])
+    assert_type(pool.map(add, range(3), return_exceptions=False), Iterator[int])
     assert_type(pool.task_counts(), TaskCounts)
     for future in as_completed([pool.submit(add, 1)], progress="sums"):
         assert_type(future, Future[int])
