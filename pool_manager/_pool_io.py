@@ -690,6 +690,9 @@ class _WorkerIO:
 
     def _requeue(self, tasks: list[_TaskFuture]) -> None:
         """Put tasks sent to a worker that left back at the front of the queue."""
+        for future in tasks:
+            if future.reports:  # (it runs again from its start, and reports again)
+                future.reports.clear()
         self._pending.extendleft(reversed(tasks))
 
     def _fail_queued(

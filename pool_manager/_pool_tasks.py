@@ -47,6 +47,8 @@ class _TaskFuture(_QueuedFuture):
         #: A task with a deadline: the pickled results its worker reported
         #: as it went (a ``map`` chunk's calls, one each: see
         #: ``_worker.run_chunk``), in order; None: no deadline, no reports.
+        #: The I/O loop appends to it (under the pool's lock) until the task
+        #: settles; ``map`` reads it after (the future's settling orders the two).
         self.reports: list[bytes | bytearray] | None = None if timeout is None else []
         #: A report was read after the pool had decided to end the worker
         #: (past its deadline, or ``kill_worker_memory``): the call it

@@ -12,7 +12,10 @@ Deadlines and the hard memory limit are the pool's to enforce, from
 outside (a task stuck in C code that holds the GIL cannot stop a thread of
 the parent): the worker says when a task with a deadline starts
 (``STARTED``), and the pool ends the worker when the deadline passes or its
-memory grows past ``kill_worker_memory``. Inside, one watchdog thread ends
+memory grows past ``kill_worker_memory``. A ``map`` chunk with a deadline
+says so before each of its calls, with the previous call's result
+(`run_chunk`): each call has the whole deadline, and what the calls before
+it returned has left the worker before it runs. Inside, one watchdog thread ends
 the worker when the fork server (its parent) is gone.
 """
 
