@@ -237,20 +237,27 @@ def run_step(directory: str, x: int, action: str = "ok") -> int:
     """One ``map`` call of a scripted run: mark that ``x`` ran (a file named
     ``"<x>-<pid>-<ns>"`` in ``directory``), then do ``action``: ``"ok"``
     (return ``x``), ``"sleep"`` (0.2 s, then return ``x``), ``"hang"`` (hold
-    the GIL in C code for longer than any test), ``"raise"`` (ValueError),
-    ``"unpicklable"`` (an exception that cannot be pickled), ``"exit"`` (end
-    the worker process)."""
+    the GIL in C code for longer than any test; ``"hog"``: the same, with
+    300 MB taken first), ``"raise"`` (ValueError),
+    ``"unpicklable"`` (an exception that cannot be pickled), ``"lock"`` (return
+    a result that cannot be pickled), ``"exit"`` (end the worker process)."""
     Path(directory, f"{x}-{os.getpid()}-{time.monotonic_ns()}").touch()
     if action == "sleep":
         time.sleep(0.2)
     elif action == "hang":
         hold_the_gil()
+    elif action == "hog":
+        hold_the_gil(300)  # (300 MB, then no end)
     elif action == "raise":
         raise ValueError(f"call {x} raised")
     elif action == "unpicklable":
         raise UnpicklableError(f"call {x}")
     elif action == "exit":
         os._exit(3)
+    elif action == "lock":
+        import threading
+
+        return threading.Lock()  # type: ignore[return-value]  # (cannot be pickled)
     return x
 
 

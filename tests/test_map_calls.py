@@ -22,12 +22,19 @@ from pool_manager import (
     ResultUnpicklingError,
     TaskTimeoutError,
     WorkerLostError,
+    WorkerMemoryError,
     _worker,
 )
 from pool_manager._map import _chunk_outcomes
 from pool_manager._protocol import STARTED, CallFailed, dump_error, dump_result
 
-from .helpers import LoadsNowhere, run_scripted, runs_per_call, wait_for_path
+from .helpers import (
+    LoadsNowhere,
+    run_scripted,
+    runs_per_call,
+    sleep_then_square,
+    wait_for_path,
+)
 
 
 def scripted_map(
@@ -102,6 +109,34 @@ def test_with_return_exceptions_the_call_past_task_timeout_yields_its_error_and_
     assert runs_per_call(str(tmp_path)) == dict.fromkeys(range(12), 1)
 
 
+@pytest.mark.timeout(120)
+def test_each_call_that_finishes_as_its_deadline_passes_either_returns_or_times_out() -> None:
+    # Each call races its own deadline: it returns its result, or fails with
+    # TaskTimeoutError (or, if it finished as its worker was ended, runs
+    # again), nothing else; every call has one outcome, in order.
+    seconds = [0.09 + 0.0025 * (x % 9) for x in range(36)]
+    with BaseWorkerPool(2, task_timeout=0.1) as pool:
+        results = list(
+            pool.map(sleep_then_square, range(36), seconds, chunksize=6, return_exceptions=True)
+        )
+        assert pool.submit(abs, -1).result(timeout=60) == 1
+    assert len(results) == 36
+    for x, result in enumerate(results):
+        assert result == x * x or isinstance(result, TaskTimeoutError), (x, result)
+
+
+@pytest.mark.timeout(120)
+def test_with_a_deadline_a_call_past_kill_worker_memory_fails_alone(tmp_path: Path) -> None:
+    actions = ["ok", "ok", "hog", "ok", "ok"]
+    with BaseWorkerPool(1, task_timeout=60, kill_worker_memory="200MB") as pool:
+        results = list(
+            scripted_map(pool, tmp_path, actions, "single", chunksize=5, return_exceptions=True)
+        )
+    assert results[:2] == [0, 1] and results[3:] == [3, 4]
+    assert isinstance(results[2], WorkerMemoryError) and results[2].size > 200_000_000
+    assert runs_per_call(str(tmp_path)) == dict.fromkeys(range(5), 1)
+
+
 # -- return_exceptions -------------------------------------------------------------
 
 
@@ -137,6 +172,27 @@ def test_return_exceptions_yields_every_calls_outcome_in_order(
         else:
             assert result == x
     assert runs_per_call(str(tmp_path)) == dict.fromkeys(range(40), 1)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("task_timeout", [None, 30])
+def test_a_result_that_cannot_be_pickled_is_its_calls_error_in_a_chunk_with_a_deadline(
+    tmp_path: Path, task_timeout: float | None
+) -> None:
+    # With a deadline each result travels alone, so it fails alone; without,
+    # the chunk's results travel together and fail together.
+    actions = ["ok", "lock", "ok", "ok"]
+    with BaseWorkerPool(1, task_timeout=task_timeout) as pool:
+        results = list(
+            scripted_map(pool, tmp_path, actions, "single", chunksize=2, return_exceptions=True)
+        )
+    assert results[2:] == [2, 3]
+    assert isinstance(results[1], TypeError) and "lock" in str(results[1])
+    if task_timeout is None:
+        assert results[0] is results[1]
+    else:
+        assert results[0] == 0
+    assert runs_per_call(str(tmp_path)) == dict.fromkeys(range(4), 1)
 
 
 @pytest.mark.timeout(120)
