@@ -690,10 +690,12 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         call's alone and the chunk's calls after it run again in a new
         task; in a chunk without one (no ``task_timeout``), every call of
         the chunk yields it (run with ``chunksize=1`` to lose only the
-        call). Any other failure of a whole task (a terminated pool, a
-        result or argument that cannot be pickled, a failed worker start)
-        is yielded for each call of its task that has no result. The map's
-        ``timeout`` still raises ``TimeoutError``.
+        call). A result that cannot be pickled is its call's error in a
+        chunk with a deadline, every call's of its chunk without one. Any
+        other failure of a whole task (a terminated pool, arguments that
+        cannot be pickled or unpickled, a failed worker start) is yielded
+        for each call of its task that has no result. The map's ``timeout``
+        still raises ``TimeoutError``.
 
         ``progress`` (True, or the bar's description) draws a tqdm progress
         bar (the extra ``pool-manager[progress]``) that advances as results
