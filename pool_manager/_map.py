@@ -306,8 +306,8 @@ def _chunk_outcomes(
     ``return_exceptions``); any other failure (a chunk without reports, a
     terminated pool, arguments that would not unpickle, a result that
     would not) is every unreported call's. A report read after the pool had
-    decided to end the worker means no call overran: the ones not reported
-    run again. With ``return_exceptions``, failures go among the results
+    decided to end the worker for its deadline means no call overran: the
+    ones not reported run again. With ``return_exceptions``, failures go among the results
     (a `CallFailed` loaded, or the chunk's error once for each call it
     took), and nothing is raised.
     """

@@ -580,7 +580,9 @@ class _WorkerIO:
                         future = self._outstanding.get(task_id)
                         if future is not None and future.reports is not None:
                             future.reports.append(body)
-                            future.reported_late |= worker.dying is not None
+                            # (Only a deadline's kill peeks first: see _answer_arriving.)
+                            dying = worker.dying
+                            future.reported_late |= dying is not None and dying[0] == DEADLINE
                 elif kind == READY:
                     worker.ready = True
                 elif kind == INIT_FAILED:

@@ -51,8 +51,9 @@ class _TaskFuture(_QueuedFuture):
         #: settles; ``map`` reads it after (the future's settling orders the two).
         self.reports: list[bytes | bytearray] | None = None if timeout is None else []
         #: A report was read after the pool had decided to end the worker
-        #: (past its deadline, or ``kill_worker_memory``): the call it
-        #: reported had finished, and the next one had only just started.
+        #: past its deadline (which it decides only with nothing unread
+        #: from it): the call that ran out the deadline had finished, and
+        #: the next one had only just started.
         self.reported_late = False
         #: It failed because its worker died or was ended while running it
         #: (``_pool_io._lost_error``), not by an error of its own.
