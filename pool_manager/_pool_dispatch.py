@@ -23,10 +23,11 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from . import _threads
+from ._buffers import MAX_DESCRIPTORS, Carrying, Segment, descriptors_message
 from ._dispatch import RunTimes, batch_size
 from ._io_loop import get_loop
 from ._pool_registry import _busy_pools
-from ._protocol import BUDGET, EXIT, SHUTDOWN, TASKS, TASKS_META, TO_WORKER
+from ._protocol import BUDGET, EXIT, SHUTDOWN, TASKS, TASKS_META, TO_WORKER, WithBuffers
 from ._queued import _SUBMITTED
 from ._worker import WorkerLimits
 from .budget import BudgetReport
@@ -337,35 +338,85 @@ class _Dispatch:
     def _send_tasks(self, worker: _Worker, batch: list[_TaskFuture]) -> None:
         worker.assigned.extend(batch)
         worker.sent += len(batch)
-        payloads = [f._payload or b"" for f in batch]
-        meta = pickle.dumps(
-            [(f.task_id, f._timeout, len(p)) for f, p in zip(batch, payloads)],
-            pickle.HIGHEST_PROTOCOL,
-        )
-        length = TASKS_META.size + len(meta) + sum(len(p) for p in payloads)
-        head = TO_WORKER.pack(length, TASKS) + TASKS_META.pack(len(meta)) + meta
-        self._send(worker, head, *payloads)
+        meta: list[tuple[int, float | None, int, tuple[int, ...]]] = []
+        payloads: list[bytes] = []
+        # The segments of the calls' large buffers, each once per message
+        # (at most MAX_DESCRIPTORS: past that, the rest go in another one).
+        segments: list[Segment] = []
+        indices: dict[int, int] = {}
+        for future in batch:
+            payload = future._payload or b""
+            if type(payload) is bytes:
+                meta.append((future.task_id, future._timeout, len(payload), ()))
+                payloads.append(payload)
+                continue
+            assert isinstance(payload, WithBuffers)
+            if len(segments) + len(payload.buffers) > MAX_DESCRIPTORS:
+                self._send_batch(worker, meta, payloads, segments)
+                meta, payloads, segments, indices = [], [], [], {}
+            places = []
+            for segment in payload.buffers:
+                place = indices.get(id(segment))
+                if place is None:
+                    place = indices[id(segment)] = len(segments)
+                    segments.append(segment)
+                places.append(place)
+            meta.append((future.task_id, future._timeout, len(payload.data), tuple(places)))
+            payloads.append(payload.data)
+        self._send_batch(worker, meta, payloads, segments)
 
-    def _send(self, worker: _Worker, *parts: bytes) -> None:
-        """Send without blocking; what does not fit now, the I/O loop sends."""
+    def _send_batch(
+        self,
+        worker: _Worker,
+        meta: list[tuple[int, float | None, int, tuple[int, ...]]],
+        payloads: list[bytes],
+        segments: list[Segment],
+    ) -> None:
+        """One ``TASKS`` message (see `_protocol.TASKS_META`)."""
+        if not meta:
+            return
+        pickled = pickle.dumps(meta, pickle.HIGHEST_PROTOCOL)
+        length = TASKS_META.size + len(pickled) + sum(len(p) for p in payloads)
+        head = TO_WORKER.pack(length, TASKS) + TASKS_META.pack(len(pickled), len(segments))
+        self._send(worker, head + pickled, *payloads, segments=tuple(segments))
+
+    def _send(self, worker: _Worker, *parts: bytes, segments: tuple[Segment, ...] = ()) -> None:
+        """Send without blocking; what does not fit now, the I/O loop sends.
+
+        ``segments``: whose descriptors go with the first byte (kept with
+        the first part until it is sent).
+        """
         if worker.sock_done:
             return
-        if not worker.outbuf:
+        outbuf = worker.outbuf
+        if not outbuf:
             try:
-                sent = worker.sock.sendmsg(parts)
+                if segments:
+                    sent = worker.sock.sendmsg(
+                        parts, descriptors_message([segment.fd for segment in segments])
+                    )
+                else:
+                    sent = worker.sock.sendmsg(parts)
             except BlockingIOError:
                 sent = 0
             except OSError:
                 return  # the worker is gone: the I/O loop will see it
-            for part in parts:
-                if sent >= len(part):
-                    sent -= len(part)
-                    continue
-                worker.outbuf.append(memoryview(part)[sent:])
-                sent = 0
+            if not sent and segments:
+                outbuf.append(Carrying(memoryview(parts[0]), segments))
+                outbuf.extend(memoryview(part) for part in parts[1:])
+            else:
+                for part in parts:
+                    if sent >= len(part):
+                        sent -= len(part)
+                        continue
+                    outbuf.append(memoryview(part)[sent:])
+                    sent = 0
         else:
-            worker.outbuf.extend(memoryview(part) for part in parts)
-        if worker.outbuf and not worker.writing:
+            if segments:
+                outbuf.append(Carrying(memoryview(parts[0]), segments))
+                parts = parts[1:]
+            outbuf.extend(memoryview(part) for part in parts)
+        if outbuf and not worker.writing:
             self._io_changes.append(worker)
             self._wake()
 

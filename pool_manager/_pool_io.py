@@ -26,6 +26,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from . import _process, _threads
+from ._buffers import Carrying, descriptors_message
 from ._dispatch import RunTimes
 from ._io_loop import get_loop
 from ._protocol import (
@@ -153,7 +154,7 @@ class _Worker:
         self.sock = sock
         self.status_fd = status_fd
         self.reader = MessageReader()
-        self.outbuf: deque[memoryview] = deque()
+        self.outbuf: deque[memoryview | Carrying] = deque()
         #: Tasks sent and not answered, in the order sent (so the first is
         #: the one running).
         self.assigned: deque[_TaskFuture] = deque()
@@ -187,6 +188,7 @@ class _Worker:
             with contextlib.suppress(KeyError, ValueError):
                 selector.unregister(self.sock)
             self.sock.close()
+            self.reader.close()
         if not self.status_done:
             self.status_done = True
             with contextlib.suppress(KeyError, ValueError):
@@ -381,15 +383,21 @@ class _WorkerIO:
         with self._lock:
             outbuf = worker.outbuf
             while outbuf:
+                part = outbuf[0]
                 try:
-                    sent = worker.sock.send(outbuf[0])
+                    if type(part) is memoryview:
+                        sent = worker.sock.send(part)
+                    else:  # (Carrying: descriptors go with its first byte)
+                        fds = [segment.fd for segment in part.segments]
+                        sent = worker.sock.sendmsg([part.view], descriptors_message(fds))
+                        part = outbuf[0] = part.view
                 except BlockingIOError:
                     return
                 except OSError:
                     outbuf.clear()
                     break
-                if sent < len(outbuf[0]):
-                    outbuf[0] = outbuf[0][sent:]
+                if sent < len(part):
+                    outbuf[0] = part[sent:]
                     return
                 outbuf.popleft()
             if worker.writing and not worker.sock_done:
@@ -420,6 +428,7 @@ class _WorkerIO:
                 with contextlib.suppress(KeyError, ValueError):
                     selector.unregister(worker.sock)
             worker.sock.close()
+            worker.reader.close()
 
     def _read_status(self, worker: _Worker, selector: selectors.BaseSelector) -> bool:
         """Read ``worker``'s exit status from the fork server; True once it is known."""
@@ -515,7 +524,7 @@ class _WorkerIO:
 
     def _handle(self, messages: list[tuple[_Worker, Message]], ended: list[_Worker]) -> None:
         """Settle the tasks that finished, and deal with the workers that ended."""
-        results: list[tuple[_TaskFuture, bool, bytes | bytearray]] = []
+        results: list[tuple[_TaskFuture, bool, bytes | bytearray, Any]] = []
         failures: list[tuple[_TaskFuture, bool | None, Any]] = []
         budget_changed = False
         done: list[tuple[_TaskFuture, bool | None, Any]] = []
@@ -523,7 +532,9 @@ class _WorkerIO:
             budget_changed = self._take_messages(messages, ended, results, failures)
         finally:
             # (Whatever happened: the tasks taken out of _outstanding settle.)
-            done = [(future, *load_outcome(ok, body)) for future, ok, body in results]
+            done = [
+                (future, *load_outcome(ok, body, buffers)) for future, ok, body, buffers in results
+            ]
             done.extend(failures)
             try:
                 if self._places_to_return:
@@ -541,14 +552,14 @@ class _WorkerIO:
         self,
         messages: list[tuple[_Worker, Message]],
         ended: list[_Worker],
-        results: list[tuple[_TaskFuture, bool, bytes | bytearray]],
+        results: list[tuple[_TaskFuture, bool, bytes | bytearray, Any]],
         failures: list[tuple[_TaskFuture, bool | None, Any]],
     ) -> bool:
         """(For `_handle`) take finished tasks out of the pool's books, into ``results``
         and ``failures``; returns True if the worker budget should look again."""
         with self._lock:
             now = time.monotonic()
-            for worker, (kind, reason, task_id, value, body) in messages:
+            for worker, (kind, reason, task_id, value, body, buffers) in messages:
                 if kind in (RESULT, ERROR):
                     assigned = worker.assigned
                     future = None
@@ -570,7 +581,7 @@ class _WorkerIO:
                         worker.idle_since = now
                     if future is not None and self._outstanding.pop(task_id, None) is not None:
                         future.run_time = value
-                        results.append((future, kind == RESULT, body))
+                        results.append((future, kind == RESULT, body, buffers))
                 elif kind == LEAVING:
                     worker.leaving = reason
                 elif kind == STARTED:
@@ -607,6 +618,7 @@ class _WorkerIO:
         if not worker.sock_done:
             worker.sock_done = True
             worker.sock.close()
+            worker.reader.close()
         tasks = [f for f in worker.assigned if not f.done() and not f._dropped]
         worker.assigned.clear()
         killed_for = self._kills.pop(worker.pid, None)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from ._protocol import WithBuffers
 from ._queued import _QueuedFuture
 
 if TYPE_CHECKING:
@@ -31,13 +32,20 @@ class _TaskFuture(_QueuedFuture):
     """
 
     def __init__(
-        self, pool: BaseWorkerPool, task_id: int, payload: bytes, timeout: float | None
+        self,
+        pool: BaseWorkerPool,
+        task_id: int,
+        payload: bytes | WithBuffers,
+        timeout: float | None,
     ) -> None:
         super().__init__(pool)
         self._pool_ref = weakref.ref(pool)
         self.task_id = task_id
         self._timeout = timeout
-        self._payload: bytes | None = payload  # kept until settled, to send again
+        # Kept until settled, to send again; with large buffers, it holds
+        # their shared-memory segments (``_buffers.Segment``), which close
+        # when the last unfinished task holding them lets go.
+        self._payload: bytes | WithBuffers | None = payload
         # (_sent: set_running_or_notify_cancel() was called; _dropped: also
         # abandoned by kill_task.)
         #: The worker's run time of the task, in seconds, once it has run.

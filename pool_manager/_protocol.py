@@ -6,7 +6,9 @@ what the bytes between them mean, for both sides: ``pool.py`` and
 ``_process.py`` in the parent, ``_process.py`` and ``_worker.py`` in the fork
 server and its workers. It imports nothing of the package at its top (the
 parent's `load_outcome` imports two errors when it needs them), so that any
-module may import it, and the fork server loads little at boot.
+module may import it, and the fork server loads little at boot (it imports
+``_buffers``, which imports nothing of the package either, where a message
+carries descriptors).
 
 Parent ↔ worker: one Unix stream socket per worker
     Each message is a fixed header and a body. Parent to worker:
@@ -20,7 +22,10 @@ Parent ↔ worker: one Unix stream socket per worker
     `TASKS_META`, then the tasks) until ``EXIT``. Tasks travel in batches
     (one message, many tasks) when they queue up; results travel one
     message per task, so a worker that dies has reported every task it
-    finished.
+    finished. A ``TASKS`` or ``RESULT`` message may carry descriptors
+    (``SCM_RIGHTS``, sent with its first byte): the shared-memory segments
+    of its large buffers (``_buffers.py``), which every reader receives
+    with ``recvmsg``, so none is ever dropped.
 
 Parent ↔ fork server: a control socket, and one status pipe per worker
     The server writes `SERVER_READY` once it has booted, then its
@@ -49,18 +54,27 @@ The task envelope
     from its second call on) with the previous call's pickled result, so
     that the deadline is each call's and the results before a call that
     overran reach the parent before its worker is ended.
+
+Large buffers, out of band
+    Calls and results are pickled with protocol 5: a buffer of at least
+    `BUFFER_THRESHOLD` bytes (a numpy array's data, a large top-level
+    ``bytes`` or ``bytearray``) is left out of the pickle (`WithBuffers`)
+    and travels as a shared-memory segment (``_buffers.py``), written once
+    and mapped by the reader: the socket carries only its descriptor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import pickle
 import socket
 import struct
 import threading
 import traceback
 import types
-from collections import ChainMap
+from collections import ChainMap, deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -103,8 +117,11 @@ __all__ = [
     "MainToImport",
     "Message",
     "MessageReader",
+    "BUFFER_THRESHOLD",
     "CallFailed",
+    "MAX_BUFFERS",
     "PartialChunk",
+    "WithBuffers",
     "dump_call",
     "dump_error",
     "dump_result",
@@ -128,10 +145,14 @@ INIT, TASKS, EXIT = 1, 2, 3
 INIT_META = struct.Struct("<I")
 
 #: A ``TASKS`` body: the length of a pickled list of (task id, timeout,
-#: payload length), that list, then the payloads one after another (so a
-#: large argument is sent from the bytes it was pickled into, not copied).
-#: A payload is a pickled call (`dump_call`); a timeout is in seconds, or None.
-TASKS_META = struct.Struct("<I")
+#: payload length, buffers), and the number of descriptors the message
+#: carries; that list, then the payloads one after another (so a large
+#: argument is sent from the bytes it was pickled into, not copied). A
+#: payload is a pickled call (`dump_call`); a timeout is in seconds, or None;
+#: ``buffers``: the indices, among the message's descriptors, of the
+#: segments holding the call's out-of-band buffers, in order (a tuple,
+#: empty for most calls).
+TASKS_META = struct.Struct("<IB")
 
 # -- worker → parent -----------------------------------------------------------
 
@@ -169,7 +190,11 @@ class Message(NamedTuple):
     ``kind`` (a field a kind does not use is 0, or empty):
 
     - ``RESULT``: the task ``task_id`` returned; ``value``: its run time in
-      the worker (seconds); ``body``: the pickled result (`dump_result`).
+      the worker (seconds); ``body``: the pickled result (`dump_result`);
+      ``reason``: how many out-of-band buffers it has (descriptors sent
+      with the message), in ``buffers`` as the message is read (mapped, or
+      copied before Python 3.13: ``_buffers.load_segments``; or, if they
+      could not be, the ``OSError`` that says why).
     - ``ERROR``: the task ``task_id`` failed (it raised, its call failed to
       unpickle, or its result failed to pickle); ``value``: its run time;
       ``body``: the pickled ``(kind, exception, traceback text)`` (`dump_error`).
@@ -196,11 +221,15 @@ class Message(NamedTuple):
     task_id: int
     value: float
     body: bytes | bytearray
+    buffers: tuple[Any, ...] | OSError = ()
 
 
 #: Bodies at least this large are read straight into a buffer of their size.
 _LARGE_BODY = 1 << 16
 _CHUNK = 1 << 18
+#: Room for the most descriptors one message may carry (``SCM_MAX_FD``, 253).
+_ANCILLARY_SPACE = socket.CMSG_SPACE(253 * 4)
+_NO_BUFFERS: tuple[Any, ...] = ()
 # (The I/O loop builds a Message per message: tuple.__new__ takes about 60%
 # of the time Message(...) does, which goes through a Python-level __new__.)
 _new_message = tuple.__new__
@@ -221,15 +250,21 @@ def _scratch() -> bytearray:
 
 
 class MessageReader:
-    """Reads `TO_PARENT` messages from one worker's non-blocking socket."""
+    """Reads `TO_PARENT` messages from one worker's non-blocking socket.
 
-    __slots__ = ("_body", "_filled", "_head", "_buffer")
+    It reads with ``recvmsg``: the descriptors a ``RESULT`` carries arrive
+    with its first byte, wait here in order, and are loaded (and closed)
+    once the message is whole. Call `close` when the socket is done with.
+    """
+
+    __slots__ = ("_body", "_fds", "_filled", "_head", "_buffer")
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._body: bytearray | None = None  # a large body being read in place
         self._filled = 0
         self._head: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+        self._fds: deque[int] = deque()  # received, not yet taken by their message
 
     @property
     def partial(self) -> bool:
@@ -243,20 +278,30 @@ class MessageReader:
             try:
                 if body is not None:
                     with memoryview(body) as view:
-                        count = sock.recv_into(view[self._filled :])
+                        count, ancillary, _, _ = sock.recvmsg_into(
+                            [view[self._filled :]], _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+                        )
+                    if ancillary:
+                        self._keep(ancillary)
                     if count:
                         self._filled += count
                         if self._filled == len(body):
-                            out.append(Message(*self._head, body))
+                            kind, reason, task_id, value = self._head
+                            buffers = self._take(reason) if kind == RESULT and reason else ()
+                            out.append(Message(kind, reason, task_id, value, body, buffers))
                             self._body = None
                         continue
                     return False
                 scratch = _scratch()
-                count = sock.recv_into(scratch)
+                count, ancillary, _, _ = sock.recvmsg_into(
+                    [scratch], _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
             except BlockingIOError:
                 return True
             except OSError:
                 return False
+            if ancillary:
+                self._keep(ancillary)
             if not count:
                 return False
             with memoryview(scratch) as view:
@@ -264,6 +309,34 @@ class MessageReader:
             self._parse(out)
             if count < _CHUNK and not drain:
                 return True
+
+    def _keep(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+        from ._buffers import receive_descriptors
+
+        receive_descriptors(ancillary, self._fds)
+
+    def _take(self, count: int) -> tuple[Any, ...] | OSError:
+        """The buffers of the next ``count`` descriptors (closed), or why not."""
+        from ._buffers import load_segments
+
+        fds = self._fds
+        taken = [fds.popleft() for _ in range(min(count, len(fds)))]
+        try:
+            if len(taken) < count:
+                raise OSError(f"{count - len(taken)} of {count} descriptors did not arrive")
+            return tuple(load_segments(taken))
+        except OSError as error:
+            return error
+        finally:
+            for fd in taken:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Close the descriptors of messages that will never be whole."""
+        fds = self._fds
+        while fds:
+            with contextlib.suppress(OSError):
+                os.close(fds.popleft())
 
     def _parse(self, out: list[Message]) -> None:
         buffer = self._buffer
@@ -283,8 +356,11 @@ class MessageReader:
                     self._head = (kind, reason, task_id, value)
                     offset = len(buffer)
                 break
+            buffers = self._take(reason) if reason and kind == RESULT else _NO_BUFFERS
             out.append(
-                _new_message(Message, (kind, reason, task_id, value, bytes(buffer[start:end])))
+                _new_message(
+                    Message, (kind, reason, task_id, value, bytes(buffer[start:end]), buffers)
+                )
             )
             offset = end
         if offset:
@@ -388,14 +464,23 @@ class _MainPickler(_Pickler):
         return _cloudpickle_reducer_override(self, obj)
 
 
-def dumps(obj: object, main: ByReference | None = None) -> bytes:
+def dumps(
+    obj: object,
+    main: ByReference | None = None,
+    buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None,
+) -> bytes:
     """cloudpickle (lambdas and closures go by value; ``__main__``'s functions
-    and classes too, but those ``main`` says go by reference)."""
+    and classes too, but those ``main`` says go by reference). ``buffer_callback``:
+    as pickle's (protocol 5: which buffers stay out of the pickle)."""
     buffer = io.BytesIO()
     if main is None:
-        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback).dump(
+            obj
+        )
     else:
-        pickler = _MainPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler = _MainPickler(
+            buffer, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback
+        )
         pickler._by_reference = main
         pickler.dump(obj)
     return buffer.getvalue()
@@ -436,7 +521,7 @@ def dump_call(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     main: ByReference | None = None,
-) -> bytes:
+) -> bytes | WithBuffers:
     """(Parent side) pickle a call, a task's payload; raises if it cannot be pickled.
 
     ``main``: which of ``__main__``'s functions and classes go by reference
@@ -444,23 +529,126 @@ def dump_call(
     workers import the main module). The worker loads the call with
     ``cloudpickle.loads`` (``_worker.run_task``). A plain call (see
     `_plain_call`) goes by the standard pickle, four times faster than
-    cloudpickle, with the same bytes' meaning.
+    cloudpickle, with the same bytes' meaning. A call with large buffers
+    comes back as `WithBuffers` (see `BUFFER_THRESHOLD`); a call whose
+    pickle is smaller than the threshold has none, and pays nothing for the
+    check.
     """
     if _plain_call(fn, args, kwargs, main):
         try:
-            return pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
         except Exception:
             pass  # (cloudpickle says why, below)
-    return dumps((fn, args, kwargs), main)
+        else:
+            if len(data) < BUFFER_THRESHOLD or not _large_bytes(args, kwargs):
+                return data
+            return _dump_with_buffers(fn, args, kwargs, main, plain=True)
+    return _dump_with_buffers(fn, args, kwargs, main, plain=False)
 
 
-def dump_result(obj: object) -> bytes:
+#: Buffers at least this large (bytes) travel out of band, through shared
+#: memory (``_buffers.py``); smaller ones stay in the pickle. (Below about
+#: 1 MiB, a segment's creation and mapping cost more than the socket.)
+BUFFER_THRESHOLD = 1 << 20
+#: The most out-of-band buffers one call or result may have (the descriptors
+#: one message may carry, ``SCM_MAX_FD``); past it, they stay in band.
+MAX_BUFFERS = 253
+
+
+class WithBuffers(NamedTuple):
+    """A pickle whose large buffers were left out of it (protocol 5), to be
+    loaded with ``buffers=`` those buffers, in order."""
+
+    data: bytes
+    #: ``pickle.PickleBuffer`` objects as pickled; in the parent, once
+    #: shared, the ``_buffers.Segment`` holding each (a task's payload holds
+    #: them: they live while it is unfinished).
+    buffers: tuple[Any, ...]
+
+
+class _LargeBytes:
+    """A large top-level ``bytes`` or ``bytearray``: pickle keeps those in band
+    (only a ``PickleBuffer`` goes out): this one goes out, and loads as the
+    same type (copied out of its segment)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+class _OutOfBand:
+    """A ``buffer_callback``: keeps each buffer of at least `BUFFER_THRESHOLD`
+    bytes out of band (up to `MAX_BUFFERS`), the others in band."""
+
+    __slots__ = ("buffers",)
+
+    def __init__(self) -> None:
+        self.buffers: list[pickle.PickleBuffer] = []
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        with memoryview(buffer) as view:
+            if (
+                view.nbytes < BUFFER_THRESHOLD
+                or not view.contiguous
+                or len(self.buffers) >= MAX_BUFFERS
+            ):
+                return True  # (in band)
+        self.buffers.append(buffer)
+        return False
+
+
+def _is_large_bytes(value: object) -> bool:
+    return type(value) in (bytes, bytearray) and len(value) >= BUFFER_THRESHOLD  # type: ignore[arg-type]
+
+
+def _large_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return any(map(_is_large_bytes, args)) or any(map(_is_large_bytes, kwargs.values()))
+
+
+def _dump_with_buffers(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    main: ByReference | None,
+    plain: bool,
+) -> bytes | WithBuffers:
+    if _large_bytes(args, kwargs):
+        args = tuple(_LargeBytes(arg) if _is_large_bytes(arg) else arg for arg in args)
+        kwargs = {
+            name: _LargeBytes(value) if _is_large_bytes(value) else value
+            for name, value in kwargs.items()
+        }
+    out_of_band = _OutOfBand()
+    if plain:
+        data = pickle.dumps(
+            (fn, args, kwargs), pickle.HIGHEST_PROTOCOL, buffer_callback=out_of_band
+        )
+    else:
+        data = dumps((fn, args, kwargs), main, buffer_callback=out_of_band)
+    if out_of_band.buffers:
+        return WithBuffers(data, tuple(out_of_band.buffers))
+    return data
+
+
+def dump_result(obj: object) -> bytes | WithBuffers:
     """(Worker side) pickle a task's result, a ``RESULT`` body: the standard
-    pickle first (fast), cloudpickle if it must."""
+    pickle first (fast), cloudpickle if it must; large buffers out of band
+    (`WithBuffers`)."""
+    if _is_large_bytes(obj):
+        obj = _LargeBytes(obj)  # type: ignore[arg-type]
+    out_of_band = _OutOfBand()
     try:
-        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL, buffer_callback=out_of_band)
     except Exception:
-        return dumps(obj)
+        out_of_band = _OutOfBand()
+        data = dumps(obj, buffer_callback=out_of_band)
+    if out_of_band.buffers:
+        return WithBuffers(data, tuple(out_of_band.buffers))
+    return data
 
 
 def dump_error(
@@ -507,15 +695,21 @@ def _remote_traceback(text: str) -> BaseException:
     return _RemoteTraceback(f'\n"""\n{text}"""')  # type: ignore[arg-type]
 
 
-def load_outcome(ok: bool, data: bytes | bytearray) -> tuple[bool, Any]:
+def load_outcome(
+    ok: bool, data: bytes | bytearray, buffers: tuple[Any, ...] | OSError = ()
+) -> tuple[bool, Any]:
     """(Parent side) a ``RESULT`` (``ok``) or ``ERROR`` body as ``(ok, result or exception)``.
 
+    ``buffers``: the mappings of its out-of-band buffers (`Message.buffers`).
     The exception has the worker's traceback as its ``__cause__``; one that
-    could not be loaded becomes `ResultUnpicklingError`, a call that could not
-    be loaded in the worker `ArgumentUnpicklingError`.
+    could not be loaded (or whose buffers could not be mapped) becomes
+    `ResultUnpicklingError`, a call that could not be loaded in the worker
+    `ArgumentUnpicklingError`.
     """
     try:
-        loaded = pickle.loads(data)
+        if isinstance(buffers, OSError):
+            raise OSError(f"its large buffers could not be mapped: {buffers}") from buffers
+        loaded = pickle.loads(data, buffers=buffers)
     except BaseException as unpickling_error:
         from .errors import ResultUnpicklingError
 

@@ -5,8 +5,9 @@ it reads its ``INIT`` message (the parent's current working directory and
 environment, limits, initializer), then batches of tasks, and answers each
 task with one message. The wire (frames, message kinds, reason codes, exit
 statuses) and the task envelope (how a call, a result and an error are
-pickled, and how the parent loads them) are ``_protocol.py``'s: this module
-only imports it, and nothing else of the package.
+pickled, and how the parent loads them) are ``_protocol.py``'s, and the
+shared memory of large buffers ``_buffers.py``'s: this module imports those
+two, and nothing else of the package.
 
 Deadlines and the hard memory limit are the pool's to enforce, from
 outside (a task stuck in C code that holds the GIL cannot stop a thread of
@@ -32,12 +33,13 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, NoReturn
 
 import cloudpickle
 
+from ._buffers import Inbox, close_all, descriptors_message, map_segments, write_segment
 from ._protocol import (
     ERROR,
     EXIT,
@@ -62,6 +64,7 @@ from ._protocol import (
     ByReference,
     CallFailed,
     PartialChunk,
+    WithBuffers,
     dump_error,
     dump_result,
     dumps,
@@ -128,10 +131,25 @@ def _send(
     reason: int = 0,
     task_id: int = 0,
     value: float = 0.0,
+    fds: list[int] | None = None,
 ) -> None:
-    """One message to the parent (from the worker's main thread)."""
+    """One message to the parent (from the worker's main thread); ``fds``: the
+    descriptors it carries (sent with its first byte, then closed here)."""
     assert _sock is not None
     header = TO_PARENT.pack(len(body), kind, reason, task_id, value)
+    if fds:
+        try:
+            sent = _sock.sendmsg([header, body], descriptors_message(fds))
+        finally:
+            close_all(fds)
+        rest = (
+            memoryview(header + body)[sent:]
+            if sent < len(header)
+            else memoryview(body)[sent - len(header) :]
+        )
+        if rest:
+            _sock.sendall(rest)
+        return
     if len(body) < 65536:
         _sock.sendall(header + body)
     else:
@@ -148,7 +166,9 @@ def serve(sock: socket.socket) -> NoReturn:
         # A task's own child processes (os.system, subprocess) must not hold
         # the pool's end of the conversation open.
         sock.set_inheritable(False)
-        reader: BinaryIO = sock.makefile("rb", buffering=1 << 16)  # type: ignore[assignment]
+        # (Not a buffered file: recvmsg, so the descriptors that come with
+        # a message are kept.)
+        reader = Inbox(sock)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         message = _read_message(reader)
         if message is None or message[0] != INIT:
@@ -181,7 +201,7 @@ def serve(sock: socket.socket) -> NoReturn:
     _exit(code)
 
 
-def _set_up(body: bytes) -> WorkerConfig:
+def _set_up(body: bytes | bytearray) -> WorkerConfig:
     """Apply an ``INIT`` body: the parent's directory and environment, then the config.
 
     The environment comes first, so that unpickling the initializer (which
@@ -211,7 +231,7 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _read_message(reader: BinaryIO) -> tuple[int, bytes] | None:
+def _read_message(reader: Inbox) -> tuple[int, bytes | bytearray] | None:
     header = reader.read(TO_WORKER.size)
     if len(header) < TO_WORKER.size:
         return None
@@ -222,8 +242,7 @@ def _read_message(reader: BinaryIO) -> tuple[int, bytes] | None:
     return kind, body
 
 
-def _serve_tasks(reader: BinaryIO) -> None:
-    global _deadline
+def _serve_tasks(reader: Inbox) -> None:
     while True:
         message = _read_message(reader)
         if message is None:
@@ -233,29 +252,45 @@ def _serve_tasks(reader: BinaryIO) -> None:
             return
         if kind != TASKS:
             continue
-        (meta_length,) = TASKS_META.unpack_from(body)
-        meta_end = TASKS_META.size + meta_length
-        offset = meta_end
-        view = memoryview(body)
-        tasks = []
-        for task_id, timeout, length in pickle.loads(view[TASKS_META.size : meta_end]):
-            tasks.append((task_id, timeout, view[offset : offset + length]))
-            offset += length
-        del body, view
-        for task_id, timeout, payload in tasks:
-            if timeout is not None:
-                _deadline = (task_id, timeout)
-                _send(STARTED, task_id=task_id, value=timeout)
-            started = time.perf_counter()
-            ok, data = run_task(payload)
-            _deadline = None
-            elapsed = time.perf_counter() - started
-            _send(RESULT if ok else ERROR, data, task_id=task_id, value=elapsed)
-            del data, payload
-            reason, detail = _should_retire()
-            if reason:
-                _send(LEAVING, reason=reason, value=detail)
+        meta_length, fd_count = TASKS_META.unpack_from(body)
+        fds = reader.take(fd_count)  # (the segments of the tasks' large buffers)
+        try:
+            if _serve_batch(body, meta_length, fds):
                 return
+        finally:
+            close_all(fds)
+
+
+def _serve_batch(body: bytes | bytearray, meta_length: int, fds: list[int]) -> bool:
+    """Run the tasks of one ``TASKS`` body; True if the worker leaves after them."""
+    global _deadline
+    meta_end = TASKS_META.size + meta_length
+    offset = meta_end
+    view = memoryview(body)
+    tasks = []
+    for task_id, timeout, length, buffers in pickle.loads(view[TASKS_META.size : meta_end]):
+        tasks.append((task_id, timeout, view[offset : offset + length], buffers))
+        offset += length
+    del body, view
+    for task_id, timeout, payload, buffers in tasks:
+        if timeout is not None:
+            _deadline = (task_id, timeout)
+            _send(STARTED, task_id=task_id, value=timeout)
+        started = time.perf_counter()
+        ok, data = run_task(payload, [fds[index] for index in buffers] if buffers else ())
+        _deadline = None
+        elapsed = time.perf_counter() - started
+        if isinstance(data, tuple):  # (a result's large buffers, in segments)
+            data, result_fds = data
+            _send(RESULT, data, len(result_fds), task_id, elapsed, result_fds)
+        else:
+            _send(RESULT if ok else ERROR, data, task_id=task_id, value=elapsed)
+        del data, payload
+        reason, detail = _should_retire()
+        if reason:
+            _send(LEAVING, reason=reason, value=detail)
+            return True
+    return False
 
 
 def resident_memory() -> int:
@@ -305,10 +340,20 @@ def _should_retire() -> tuple[int, float]:
 # -- tasks -----------------------------------------------------------------------
 
 
-def run_task(payload: bytes | memoryview) -> tuple[bool, bytes]:
-    """Run one task in the worker; returns ``(ok, pickled result or exception)``."""
+def run_task(
+    payload: bytes | memoryview, fds: Sequence[int] = ()
+) -> tuple[bool, bytes | tuple[bytes, list[int]]]:
+    """Run one task in the worker; returns ``(ok, pickled result or exception)``.
+
+    ``fds``: the segments of the call's large buffers (mapped here, left
+    open). A result with large buffers comes back as ``(pickle, the
+    descriptors of their segments)``, for the caller to send and close.
+    """
     try:
-        fn, args, kwargs = cloudpickle.loads(payload)
+        # (Mapping fails the task as its arguments, never the worker.)
+        buffers = map_segments(fds, close=False) if fds else ()
+        fn, args, kwargs = cloudpickle.loads(payload, buffers=buffers)
+        del buffers
     except BaseException as error:
         return False, dump_error(error, unpickling_arguments=True)
     try:
@@ -317,9 +362,25 @@ def run_task(payload: bytes | memoryview) -> tuple[bool, bytes]:
         return False, dump_error(error)
     del fn, args, kwargs
     try:
-        return True, dump_result(result)
+        data = dump_result(result)
+        del result
+        if isinstance(data, WithBuffers):
+            return True, (data.data, _write_segments(data.buffers))
+        return True, data
     except BaseException as error:
         return False, dump_error(error, pickling_result=True)
+
+
+def _write_segments(buffers: Iterable[Any]) -> list[int]:
+    fds: list[int] = []
+    try:
+        for buffer in buffers:
+            with buffer.raw() as view:
+                fds.append(write_segment(view))
+    except BaseException:
+        close_all(fds)
+        raise
+    return fds
 
 
 def run_chunk(

@@ -80,6 +80,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _process, _threads
+from ._buffers import share
 from ._compat import ProcessView, resolve_start_method
 from ._dispatch import RunTimes, task_kind
 from ._durations import Duration, to_bytes, to_count, to_seconds
@@ -97,7 +98,7 @@ from ._pool_start import START_RETRY_MAX as START_RETRY_MAX
 from ._pool_start import START_RETRY_WINDOW as START_RETRY_WINDOW
 from ._pool_start import _Start, _StartTrouble, _WorkerStarts
 from ._pool_tasks import _TaskFuture
-from ._protocol import ByReference, MainReport, dump_call
+from ._protocol import ByReference, MainReport, WithBuffers, dump_call
 from ._queued import QueuedPool
 from ._worker import WorkerConfig, WorkerLimits, dump_config, run_chunk, run_chunk_single
 from .errors import PoolShutDownError, TaskKilledError, UsedAfterForkError
@@ -120,6 +121,23 @@ logger = logging.getLogger("pool_manager")
 #: Seconds an idle worker process waits for work before it exits; the next
 #: submit starts it again. ``None`` keeps workers until the pool is disposed.
 DEFAULT_IDLE_TIMEOUT: float = 300.0
+
+
+def _shared(payload: WithBuffers) -> WithBuffers:
+    """A call's large buffers, put in shared memory (``_buffers.share``).
+
+    A segment that cannot be created fails the task (its future), as a call
+    that cannot be pickled does: it never falls back to the socket, which
+    would take more memory still.
+    """
+    try:
+        return WithBuffers(payload.data, share(payload.buffers))
+    except OSError as error:
+        size = sum(memoryview(buffer).nbytes for buffer in payload.buffers)
+        raise pickle.PicklingError(
+            f"the task's large buffers ({size / 1e6:.1f} MB) could not be put in shared "
+            f"memory (memfd): {error}; free memory or descriptors, or pass smaller arguments"
+        ) from error
 
 
 class _MainReportNotIn(Exception):
@@ -528,6 +546,8 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             main = self._main_by_reference if block else self._main_by_reference_now
         try:
             payload = dump_call(fn, args, kwargs, main)
+            if type(payload) is WithBuffers:
+                payload = _shared(payload)
         except _MainReportNotIn:
             return None  # (submitted on a thread instead, where waiting is fine)
         except Exception as error:

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 
 class FakeClock:
@@ -274,3 +275,43 @@ def runs_per_call(directory: str) -> dict[int, int]:
 def run_scripted(directory: str, actions: tuple[str, ...], x: int) -> int:
     """`run_step` for call ``x``, with its action from ``actions``."""
     return run_step(directory, x, actions[x])
+
+
+# -- large buffers (test_buffers.py) ------------------------------------------
+
+
+def echo(value: object) -> object:
+    return value
+
+
+def add_one_and_sum(array: Any) -> float:
+    """Write to the argument (a numpy array), then sum it."""
+    array += 1
+    return float(array.sum())
+
+
+def first_item_after(array: Any, seconds: float) -> float:
+    time.sleep(seconds)
+    return float(array.flat[0])
+
+
+def raise_with(array: Any) -> None:
+    raise ValueError(f"failed with {array.shape}")
+
+
+def exit_with(array: Any) -> None:
+    os._exit(3)
+
+
+def sleep_with(array: Any, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def ones(count: int) -> Any:
+    import numpy
+
+    return numpy.ones(count)
+
+
+def writable_result_flags(array: Any) -> tuple[bool, float]:
+    return bool(array.flags.writeable), float(array[0])

@@ -1,0 +1,310 @@
+"""Large buffers out of band: shared-memory segments between a pool and its workers.
+
+A call or a result is pickled with protocol 5 (``_protocol.dump_call``,
+``_protocol.dump_result``); each buffer of at least
+``_protocol.BUFFER_THRESHOLD`` bytes that its pickle reduction yields as a
+``pickle.PickleBuffer`` (a numpy array's data; a large top-level ``bytes``
+or ``bytearray``, which ``_protocol`` wraps so that it does) stays out of
+the pickle. Here each such buffer is written once into a `Segment`: an
+anonymous ``memfd`` (no name in ``/dev/shm``, nothing to clean up after a
+crash), whose descriptor travels with the message (``SCM_RIGHTS``). The
+reader maps it (`map_segments`, ``MAP_PRIVATE``: a task may write to its
+array without touching anyone else's), closes the descriptor, and loads the
+pickle with the mappings as its buffers: a numpy argument is a view of its
+mapping, no copy.
+
+Lifetime (parent side): a task's payload holds its segments (strongly),
+so a segment's descriptor is closed (`Segment.close`, from ``__del__``)
+once no unfinished task holds it: the future lets go of its payload when it
+settles, whatever settled it (result, error, kill, timeout, cancel, a lost
+worker, shutdown), and a pool dropped without shutdown lets go of its
+futures. The kernel frees a memfd when its last descriptor and mapping are
+gone: a worker that dies leaks nothing.
+
+Dedupe: the same buffer submitted to many tasks is written once while a
+segment of it is alive (`share`): segments are found by their exporter's
+identity (a segment holds its exporter, so the id cannot be reused), and one
+is reused only if its content still equals the exporter's (an immutable
+``bytes`` needs no check): a task sees its argument as it was when it was
+submitted.
+
+It imports nothing of the package (the worker and the wire use it).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import mmap
+import os
+import pickle
+import socket
+import sys
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+__all__ = [
+    "MAX_DESCRIPTORS",
+    "Carrying",
+    "Inbox",
+    "Segment",
+    "close_all",
+    "descriptors_message",
+    "load_segments",
+    "map_segments",
+    "receive_descriptors",
+    "recvmsg_into",
+    "share",
+    "write_segment",
+]
+
+#: The most descriptors one ``sendmsg`` may carry (Linux's ``SCM_MAX_FD``).
+MAX_DESCRIPTORS = 253
+#: The ancillary buffer that holds that many.
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_DESCRIPTORS * array.array("i").itemsize)
+#: How many bytes a content check reads at once.
+_COMPARE_CHUNK = 1 << 20
+
+
+def write_segment(view: memoryview) -> int:
+    """A new memfd (close-on-exec) holding ``view``'s bytes; returns its descriptor.
+
+    Written with ``write`` (no mapping: the writer's resident memory does
+    not grow by the segment, and it is faster than copying into a map).
+    Raises ``OSError`` (out of memory, out of descriptors).
+    """
+    fd = os.memfd_create("pool_manager-buffer", os.MFD_CLOEXEC)
+    try:
+        data = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        total = data.nbytes
+        written = 0
+        while written < total:
+            written += os.write(fd, data[written:])
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Segment:
+    """One buffer's bytes in a memfd, as they were when it was written (parent side).
+
+    It holds the buffer's exporter (so that its ``id``, the dedupe key,
+    cannot be reused while the segment lives) and closes its descriptor when
+    it is collected, or at `close`.
+    """
+
+    __slots__ = ("__weakref__", "exporter", "fd", "size")
+
+    def __init__(self, view: memoryview, exporter: object) -> None:
+        self.fd = -1  # (until written: __del__ runs even if writing fails)
+        self.fd = write_segment(view)
+        self.size = view.nbytes
+        self.exporter = exporter
+        _every_segment.add(self)
+        global segments_written
+        segments_written += 1
+
+    def holds(self, view: memoryview) -> bool:
+        """Is ``view``'s content still what the segment holds?
+
+        A whole ``bytes`` object cannot have changed. Otherwise the segment is
+        read back a chunk at a time and compared (about 0.3 ms a MiB: less
+        than writing a new segment, and no second copy alive).
+        """
+        exporter = self.exporter
+        if type(exporter) is bytes and len(exporter) == view.nbytes:
+            return True
+        data = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        offset = 0
+        while offset < self.size:
+            chunk = os.pread(self.fd, _COMPARE_CHUNK, offset)
+            if not chunk or chunk != data[offset : offset + len(chunk)].tobytes():
+                return False
+            offset += len(chunk)
+        return True
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+#: The number of segments written in this process (for tests and benchmarks).
+segments_written = 0
+#: The live segments that may be reused, by (id of exporter, size).
+_reusable: weakref.WeakValueDictionary[tuple[int, int], Segment] = weakref.WeakValueDictionary()
+_every_segment: weakref.WeakSet[Segment] = weakref.WeakSet()
+_reusable_lock = threading.Lock()  # innermost: nothing is called under it
+
+
+def share(buffers: Iterable[pickle.PickleBuffer]) -> tuple[Segment, ...]:
+    """(Parent side) a segment for each buffer: a live one with the same content,
+    or a new one. Raises ``OSError`` if one cannot be created."""
+    return tuple(_segment_for(buffer) for buffer in buffers)
+
+
+def _segment_for(buffer: pickle.PickleBuffer) -> Segment:
+    view = buffer.raw()
+    exporter = view.obj
+    key = (id(exporter), view.nbytes)
+    with _reusable_lock:
+        segment = _reusable.get(key)
+    if segment is not None and segment.exporter is exporter and segment.holds(view):
+        return segment
+    # (Written outside the lock: two threads may each write a segment for
+    # the same buffer; the later one is kept for reuse, both are correct.)
+    segment = Segment(view, exporter)
+    with _reusable_lock:
+        _reusable[key] = segment
+    return segment
+
+
+def _forget_segments_in_child() -> None:
+    # A forked child's copies of the parent's descriptors: the child's own
+    # pools are new, and the parent's inherited tasks are never sent.
+    for segment in list(_every_segment):
+        with contextlib.suppress(OSError):
+            segment.close()
+    _reusable.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_segments_in_child)
+
+
+class Carrying(NamedTuple):
+    """(Parent side) the first part of a message not sent yet, and the segments
+    whose descriptors go with its first byte (held: their descriptors stay
+    open until sent)."""
+
+    view: memoryview
+    segments: tuple[Segment, ...]
+
+
+def descriptors_message(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """The ancillary data of a ``sendmsg`` that passes ``fds``."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def receive_descriptors(ancillary: list[tuple[int, int, bytes]], into: deque[int]) -> None:
+    """Add the descriptors a ``recvmsg`` returned to ``into``, in order."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            into.extend(fds)
+
+
+def recvmsg_into(sock: socket.socket, view: memoryview, fds: deque[int]) -> int:
+    """``recv_into`` that keeps the descriptors that came with the bytes (close-on-exec)."""
+    count, ancillary, _flags, _address = sock.recvmsg_into(
+        [view], _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+    )
+    if ancillary:
+        receive_descriptors(ancillary, fds)
+    return count
+
+
+#: Python 3.13's mmap can leave the descriptor alone; before, a mapping keeps
+#: a duplicate of it open as long as it lives.
+_UNTRACKED = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def map_segments(fds: Sequence[int], close: bool = True) -> list[mmap.mmap]:
+    """Map each segment privately (copy on write); with ``close``, close the
+    descriptors, whatever happens. Raises ``OSError`` if one cannot be mapped.
+
+    (Before Python 3.13, each mapping holds a duplicate of its descriptor
+    until it is unmapped: fine in a worker, whose task's arguments go with
+    the task.)
+    """
+    try:
+        return [mmap.mmap(fd, 0, access=mmap.ACCESS_COPY, **_UNTRACKED) for fd in fds]
+    finally:
+        if close:
+            close_all(fds)
+
+
+def load_segments(fds: Sequence[int]) -> list[mmap.mmap] | list[bytearray]:
+    """(Parent side) a result's segments as buffers to load it from; the
+    descriptors stay open (the caller closes them).
+
+    Python 3.13 and later: private mappings (no copy; a numpy result is a
+    view of its own). Before: a copy of each, read with ``preadv``, so that
+    no descriptor outlives the message (a mapping would keep one open for
+    as long as the result lives).
+    """
+    if _UNTRACKED:
+        return map_segments(fds, close=False)
+    copies = []
+    for fd in fds:
+        size = os.fstat(fd).st_size
+        copy = bytearray(size)
+        with memoryview(copy) as view:
+            done = 0
+            while done < size:
+                count = os.preadv(fd, [view[done:]], done)
+                if not count:
+                    raise OSError(f"a segment ended at {done} of its {size} bytes")
+                done += count
+        copies.append(copy)
+    return copies
+
+
+def close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Inbox:
+    """(Worker side) reads the parent's messages from a blocking socket with
+    ``recvmsg``, so the descriptors that travel with them are kept (in
+    arrival order: those of a message arrive with its first byte, so once a
+    message has been read, its descriptors have too)."""
+
+    __slots__ = ("_ahead", "_chunk", "_sock", "fds")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._ahead = bytearray()  # read, not yet asked for
+        self._chunk = bytearray(1 << 16)
+        self.fds: deque[int] = deque()
+
+    def read(self, size: int) -> bytes | bytearray:
+        """``size`` bytes, fewer only at the end of the stream (as a file's ``read``)."""
+        ahead = self._ahead
+        if size >= len(self._chunk) and size > len(ahead):
+            # A large body: read straight into a buffer of its size.
+            body = bytearray(size)
+            have = len(ahead)
+            body[:have] = ahead
+            ahead.clear()
+            with memoryview(body) as view:
+                while have < size:
+                    count = recvmsg_into(self._sock, view[have:], self.fds)
+                    if not count:
+                        return bytes(body[:have])
+                    have += count
+            return body  # (not copied again)
+        while len(ahead) < size:
+            with memoryview(self._chunk) as view:
+                count = recvmsg_into(self._sock, view, self.fds)
+                if not count:
+                    break
+                ahead += view[:count]
+        data = bytes(ahead[:size])
+        del ahead[:size]
+        return data
+
+    def take(self, count: int) -> list[int]:
+        """The next ``count`` descriptors received."""
+        fds = self.fds
+        return [fds.popleft() for _ in range(min(count, len(fds)))]
