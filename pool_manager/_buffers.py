@@ -55,6 +55,7 @@ __all__ = [
     "descriptors_message",
     "load_segments",
     "map_segments",
+    "read_segment",
     "receive_descriptors",
     "recvmsg_into",
     "share",
@@ -230,6 +231,23 @@ def map_segments(fds: Sequence[int], close: bool = True) -> list[mmap.mmap]:
     finally:
         if close:
             close_all(fds)
+
+
+def read_segment(fd: int) -> bytes:
+    """A segment's bytes, read into a new ``bytes`` (the descriptor stays open)."""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0)
+    if len(data) < size:  # (a read stops short only past 2 GiB)
+        parts = [data]
+        done = len(data)
+        while done < size:
+            part = os.pread(fd, size - done, done)
+            if not part:
+                raise OSError(f"a segment ended at {done} of its {size} bytes")
+            parts.append(part)
+            done += len(part)
+        data = b"".join(parts)
+    return data
 
 
 def load_segments(fds: Sequence[int]) -> list[mmap.mmap] | list[bytearray]:

@@ -287,7 +287,7 @@ class MessageReader:
                         self._filled += count
                         if self._filled == len(body):
                             kind, reason, task_id, value = self._head
-                            buffers = self._take(reason) if kind == RESULT and reason else ()
+                            buffers = self._take(reason, body) if kind == RESULT and reason else ()
                             out.append(Message(kind, reason, task_id, value, body, buffers))
                             self._body = None
                         continue
@@ -315,15 +315,21 @@ class MessageReader:
 
         receive_descriptors(ancillary, self._fds)
 
-    def _take(self, count: int) -> tuple[Any, ...] | OSError:
-        """The buffers of the next ``count`` descriptors (closed), or why not."""
-        from ._buffers import load_segments
+    def _take(self, count: int, body: bytes | bytearray) -> tuple[Any, ...] | OSError:
+        """The buffers of the next ``count`` descriptors (closed), or why not.
+
+        (A result that is a large ``bytes`` is read straight into one: the
+        load then takes it as it is, no second copy.)
+        """
+        from ._buffers import load_segments, read_segment
 
         fds = self._fds
         taken = [fds.popleft() for _ in range(min(count, len(fds)))]
         try:
             if len(taken) < count:
                 raise OSError(f"{count - len(taken)} of {count} descriptors did not arrive")
+            if count == 1 and body == _BYTES_RESULT:
+                return (read_segment(taken[0]),)
             return tuple(load_segments(taken))
         except OSError as error:
             return error
@@ -356,12 +362,9 @@ class MessageReader:
                     self._head = (kind, reason, task_id, value)
                     offset = len(buffer)
                 break
-            buffers = self._take(reason) if reason and kind == RESULT else _NO_BUFFERS
-            out.append(
-                _new_message(
-                    Message, (kind, reason, task_id, value, bytes(buffer[start:end]), buffers)
-                )
-            )
+            data = bytes(buffer[start:end])
+            buffers = self._take(reason, data) if reason and kind == RESULT else _NO_BUFFERS
+            out.append(_new_message(Message, (kind, reason, task_id, value, data, buffers)))
             offset = end
         if offset:
             del buffer[:offset]
@@ -599,6 +602,12 @@ class _OutOfBand:
                 return True  # (in band)
         self.buffers.append(buffer)
         return False
+
+
+#: The whole pickle of a result that is a large ``bytes`` (its one buffer out of band).
+_BYTES_RESULT = pickle.dumps(
+    _LargeBytes(b"-"), pickle.HIGHEST_PROTOCOL, buffer_callback=lambda buffer: False
+)
 
 
 def _is_large_bytes(value: object) -> bool:
