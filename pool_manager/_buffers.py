@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import mmap
 import os
 import pickle
@@ -44,10 +45,11 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "MAX_DESCRIPTORS",
+    "PASSING_ERRORS",
     "Carrying",
     "Inbox",
     "Segment",
@@ -187,6 +189,14 @@ class Carrying(NamedTuple):
 
     view: memoryview
     segments: tuple[Segment, ...]
+    futures: list[Any]  #: the message's tasks (they fail if the descriptors cannot pass)
+    rest: int  #: how many parts of the message follow this one
+
+
+#: ``sendmsg`` errors that mean the descriptors could not be passed (too many
+#: in flight: more than ``RLIMIT_NOFILE``; no memory), not that the worker is
+#: gone: nothing was sent.
+PASSING_ERRORS = frozenset({errno.ETOOMANYREFS, errno.ENOMEM, errno.ENOBUFS})
 
 
 def descriptors_message(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from . import _threads
-from ._buffers import MAX_DESCRIPTORS, Carrying, Segment, descriptors_message
+from ._buffers import MAX_DESCRIPTORS, PASSING_ERRORS, Carrying, Segment, descriptors_message
 from ._dispatch import RunTimes, batch_size
 from ._io_loop import get_loop
 from ._pool_registry import _busy_pools
@@ -46,6 +46,32 @@ def _grant_places(pools: list[PlacedPool]) -> None:
     """Tell each pool handed a place under ``max_busy_workers`` (no lock held)."""
     for pool in pools:
         pool.place_granted()
+
+
+class _Message:
+    """A ``TASKS`` message being made: its tasks' entries, payloads, and the
+    segments of their large buffers (each once)."""
+
+    __slots__ = ("futures", "indices", "meta", "payloads", "segments")
+
+    def __init__(self) -> None:
+        self.meta: list[tuple[int, float | None, int, tuple[int, ...]]] = []
+        self.payloads: list[bytes] = []
+        self.futures: list[_TaskFuture] = []
+        self.segments: list[Segment] = []
+        self.indices: dict[int, int] = {}  # id(segment) -> its place in segments
+
+    def add(self, future: _TaskFuture, payload: WithBuffers) -> None:
+        places = []
+        for segment in payload.buffers:
+            place = self.indices.get(id(segment))
+            if place is None:
+                place = self.indices[id(segment)] = len(self.segments)
+                self.segments.append(segment)
+            places.append(place)
+        self.meta.append((future.task_id, future._timeout, len(payload.data), tuple(places)))
+        self.payloads.append(payload.data)
+        self.futures.append(future)
 
 
 class _Dispatch:
@@ -338,71 +364,74 @@ class _Dispatch:
     def _send_tasks(self, worker: _Worker, batch: list[_TaskFuture]) -> None:
         worker.assigned.extend(batch)
         worker.sent += len(batch)
-        meta: list[tuple[int, float | None, int, tuple[int, ...]]] = []
-        payloads: list[bytes] = []
-        # The segments of the calls' large buffers, each once per message
-        # (at most MAX_DESCRIPTORS: past that, the rest go in another one).
-        segments: list[Segment] = []
-        indices: dict[int, int] = {}
+        message = _Message()
         for future in batch:
             payload = future._payload or b""
             if type(payload) is bytes:
-                meta.append((future.task_id, future._timeout, len(payload), ()))
-                payloads.append(payload)
+                message.meta.append((future.task_id, future._timeout, len(payload), ()))
+                message.payloads.append(payload)
+                message.futures.append(future)
                 continue
             assert isinstance(payload, WithBuffers)
-            if len(segments) + len(payload.buffers) > MAX_DESCRIPTORS:
-                self._send_batch(worker, meta, payloads, segments)
-                meta, payloads, segments, indices = [], [], [], {}
-            places = []
-            for segment in payload.buffers:
-                place = indices.get(id(segment))
-                if place is None:
-                    place = indices[id(segment)] = len(segments)
-                    segments.append(segment)
-                places.append(place)
-            meta.append((future.task_id, future._timeout, len(payload.data), tuple(places)))
-            payloads.append(payload.data)
-        self._send_batch(worker, meta, payloads, segments)
+            # (At most MAX_DESCRIPTORS a message: past that, another one.)
+            if len(message.segments) + len(payload.buffers) > MAX_DESCRIPTORS:
+                self._send_message(worker, message)
+                message = _Message()
+            message.add(future, payload)
+        self._send_message(worker, message)
 
-    def _send_batch(
+    def _send_message(self, worker: _Worker, message: _Message) -> None:
+        """One ``TASKS`` message (see `_protocol.TASKS_META`)."""
+        if not message.meta:
+            return
+        pickled = pickle.dumps(message.meta, pickle.HIGHEST_PROTOCOL)
+        length = TASKS_META.size + len(pickled) + sum(len(p) for p in message.payloads)
+        fd_count = len(message.segments)
+        head = TO_WORKER.pack(length, TASKS) + TASKS_META.pack(len(pickled), fd_count)
+        if not fd_count:
+            self._send(worker, head + pickled, *message.payloads)
+            return
+        try:
+            self._send(
+                worker,
+                head + pickled,
+                *message.payloads,
+                carrying=(tuple(message.segments), message.futures),
+            )
+        except OSError as error:
+            self._fail_unsent(worker, message.futures, error)
+
+    def _send(
         self,
         worker: _Worker,
-        meta: list[tuple[int, float | None, int, tuple[int, ...]]],
-        payloads: list[bytes],
-        segments: list[Segment],
+        *parts: bytes,
+        carrying: tuple[tuple[Segment, ...], list[_TaskFuture]] | None = None,
     ) -> None:
-        """One ``TASKS`` message (see `_protocol.TASKS_META`)."""
-        if not meta:
-            return
-        pickled = pickle.dumps(meta, pickle.HIGHEST_PROTOCOL)
-        length = TASKS_META.size + len(pickled) + sum(len(p) for p in payloads)
-        head = TO_WORKER.pack(length, TASKS) + TASKS_META.pack(len(pickled), len(segments))
-        self._send(worker, head + pickled, *payloads, segments=tuple(segments))
-
-    def _send(self, worker: _Worker, *parts: bytes, segments: tuple[Segment, ...] = ()) -> None:
         """Send without blocking; what does not fit now, the I/O loop sends.
 
-        ``segments``: whose descriptors go with the first byte (kept with
-        the first part until it is sent).
+        ``carrying``: segments whose descriptors go with the first byte (kept
+        with the first part until it is sent), and the tasks that use them.
+        Raises ``OSError`` if the descriptors cannot be passed (nothing sent:
+        see `_buffers.PASSING_ERRORS`).
         """
         if worker.sock_done:
             return
         outbuf = worker.outbuf
         if not outbuf:
             try:
-                if segments:
-                    sent = worker.sock.sendmsg(
-                        parts, descriptors_message([segment.fd for segment in segments])
-                    )
+                if carrying is not None:
+                    fds = [segment.fd for segment in carrying[0]]
+                    sent = worker.sock.sendmsg(parts, descriptors_message(fds))
                 else:
                     sent = worker.sock.sendmsg(parts)
             except BlockingIOError:
                 sent = 0
-            except OSError:
+            except OSError as error:
+                if carrying is not None and error.errno in PASSING_ERRORS:
+                    raise
                 return  # the worker is gone: the I/O loop will see it
-            if not sent and segments:
-                outbuf.append(Carrying(memoryview(parts[0]), segments))
+            if not sent and carrying is not None:
+                outbuf.append(Carrying(memoryview(parts[0]), *carrying, len(parts) - 1))
                 outbuf.extend(memoryview(part) for part in parts[1:])
             else:
                 for part in parts:
@@ -412,13 +441,31 @@ class _Dispatch:
                     outbuf.append(memoryview(part)[sent:])
                     sent = 0
         else:
-            if segments:
-                outbuf.append(Carrying(memoryview(parts[0]), segments))
+            if carrying is not None:
+                outbuf.append(Carrying(memoryview(parts[0]), *carrying, len(parts) - 1))
                 parts = parts[1:]
             outbuf.extend(memoryview(part) for part in parts)
         if outbuf and not worker.writing:
             self._io_changes.append(worker)
             self._wake()
+
+    def _fail_unsent(self, worker: _Worker, futures: list[_TaskFuture], error: OSError) -> None:
+        """(Holds _lock) A message's descriptors could not be passed, and nothing of
+        it was sent: its tasks fail (delivered once the lock is released)."""
+        failure = OSError(
+            error.errno,
+            "the task's large buffers could not be passed to its worker process "
+            f"({error.strerror}; with ETOOMANYREFS: more descriptors in flight than "
+            "RLIMIT_NOFILE allows); it was not run",
+        )
+        for future in futures:
+            if future in worker.assigned:
+                worker.assigned.remove(future)
+                worker.sent -= 1
+            if self._outstanding.pop(future.task_id, None) is not None:
+                self._undelivered.append((future, False, failure))
+        if not worker.assigned:
+            worker.idle_since = time.monotonic()
 
     def _retire(self, worker: _Worker, reason: int) -> None:
         """Tell ``worker`` to leave once it has run what it holds."""

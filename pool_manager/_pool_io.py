@@ -26,7 +26,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from . import _process, _threads
-from ._buffers import Carrying, descriptors_message
+from ._buffers import PASSING_ERRORS, Carrying, descriptors_message
 from ._dispatch import RunTimes
 from ._io_loop import get_loop
 from ._protocol import (
@@ -248,6 +248,12 @@ class _WorkerIO:
 
         def _emit_worker_events(self) -> None: ...
 
+        def _fail_unsent(
+            self, worker: _Worker, futures: list[_TaskFuture], error: OSError
+        ) -> None: ...
+
+        def _deliver_undelivered(self) -> None: ...
+
         def _drop_server(self) -> bool: ...
 
         def budget_report(self) -> BudgetReport: ...
@@ -308,6 +314,8 @@ class _WorkerIO:
                 ended.append(worker)
         if messages or ended:
             self._handle(messages, ended)
+        elif self._undelivered:  # (tasks whose large buffers could not be passed)
+            self._deliver_undelivered()
 
     def _io_failed(self, error: BaseException, selector: selectors.BaseSelector) -> None:
         """The I/O loop met an unexpected error (a bug): end the workers, fail the tasks.
@@ -389,7 +397,16 @@ class _WorkerIO:
                         sent = worker.sock.send(part)
                     else:  # (Carrying: descriptors go with its first byte)
                         fds = [segment.fd for segment in part.segments]
-                        sent = worker.sock.sendmsg([part.view], descriptors_message(fds))
+                        try:
+                            sent = worker.sock.sendmsg([part.view], descriptors_message(fds))
+                        except OSError as error:
+                            if error.errno not in PASSING_ERRORS:
+                                raise
+                            # Nothing of the message went: drop it, fail its tasks.
+                            for _ in range(part.rest + 1):
+                                outbuf.popleft()
+                            self._fail_unsent(worker, part.futures, error)
+                            continue
                         part = outbuf[0] = part.view
                 except BlockingIOError:
                     return

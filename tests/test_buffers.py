@@ -8,6 +8,7 @@ unfinished task uses it, however the task ended.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import pickle
@@ -371,3 +372,22 @@ def test_the_parent_grows_by_less_than_the_array_for_many_tasks() -> None:
             done.set()
             sampler.join()
     assert peak - start < array.nbytes
+
+
+def test_descriptors_that_cannot_be_passed_fail_their_tasks_not_the_worker(
+    pool: BaseWorkerPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (ETOOMANYREFS, more descriptors in flight than RLIMIT_NOFILE, cannot be
+    # made to happen as root: a descriptor that does not exist fails the same
+    # way, nothing sent, once its errno counts as such a failure.)
+    pid = pool.submit(os.getpid).result(timeout=60)
+    monkeypatch.setattr(_pool_dispatch, "PASSING_ERRORS", frozenset({errno.EBADF}))
+    monkeypatch.setattr(
+        _pool_dispatch, "descriptors_message", lambda fds: _buffers.descriptors_message([-1])
+    )
+    with pytest.raises(OSError, match="could not be passed to its worker"):
+        pool.submit(echo, np.ones(LARGE)).result(timeout=60)
+    monkeypatch.undo()
+    array = np.arange(LARGE, dtype=np.float64)
+    assert np.array_equal(pool.submit(echo, array).result(timeout=60), array)
+    os.kill(pid, 0)  # (the worker lives on)
