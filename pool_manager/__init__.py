@@ -69,6 +69,11 @@ How a task and a pool's life flow through the parts::
   reason code between a pool, the fork server and its workers, the
   ``Message`` records a pool reads, and the task envelope (how a call, a
   result and an error are pickled, and loaded again).
+- ``_buffers.py``: large buffers out of band (numpy arrays' data, large
+  ``bytes``): each written once into a memfd segment whose descriptor
+  travels with the message, mapped by the reader; the parent's segments
+  live while an unfinished task holds them, and are reused while their
+  content is unchanged.
 - ``_threads.py``: the threads that must never stall (the I/O loop, the
   starter, the callback threads, the supervisor, any running event loop):
   backpressure never holds a ``submit`` there, and no callback can end
@@ -79,8 +84,8 @@ Data flows one way (caller → manager → pool → worker → future), and
 so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``),
 and imports: no module imports one that imports it back, at its top or in a
 function (``tests/test_layout.py``). At the bottom, ``_protocol`` imports
-nothing of the package at its top; ``_worker`` imports only it, and the fork
-server (``_process``) imports both.
+nothing of the package at its top (nor does ``_buffers``); ``_worker``
+imports only those two, and the fork server (``_process``) imports them.
 
 Threads, and what each may change (a process has one I/O loop, one
 starter and a few callback threads however many pools it has):
@@ -113,13 +118,15 @@ starter and a few callback threads however many pools it has):
 - *A Dask client's event loop*: settles a `DaskWorkerPool`'s futures.
 - *Finalizers* (a dropped manager or pool, on whichever thread collects
   it): only what never waits: a ``SimpleQueue.put``, a wake-up byte behind
-  a lock taken without blocking, a list append.
+  a lock taken without blocking, a list append; a shared-memory segment
+  nobody holds closes its descriptor.
 
 Locks, outermost first (a thread holding one may take those after it, never
 those before): a pool's ``_dispose_lock``; the manager's ``_lock`` (never
 held while a pool is called, so it stands alone); a pool's ``_lock``; the
-worker budget's and `BusySlots`' locks, the I/O loop's, the starter's and
-the callback runner's (innermost: nothing is called under them). The fork
+worker budget's and `BusySlots`' locks, the I/O loop's, the starter's, the
+callback runner's and the live segments' (``_buffers``) (innermost: nothing
+is called under them). The fork
 server's lock and the process's ``_server_lock`` are taken by the starter
 and a disposal with no pool lock held. The budget tells pools of a new
 allowance with no lock of its own held.
