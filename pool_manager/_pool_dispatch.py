@@ -364,6 +364,16 @@ class _Dispatch:
     def _send_tasks(self, worker: _Worker, batch: list[_TaskFuture]) -> None:
         worker.assigned.extend(batch)
         worker.sent += len(batch)
+        payloads = [f._payload or b"" for f in batch]
+        if WithBuffers not in map(type, payloads):  # (most batches: no large buffers)
+            meta = pickle.dumps(
+                [(f.task_id, f._timeout, len(p), ()) for f, p in zip(batch, payloads)],
+                pickle.HIGHEST_PROTOCOL,
+            )
+            length = TASKS_META.size + len(meta) + sum(len(p) for p in payloads)
+            head = TO_WORKER.pack(length, TASKS) + TASKS_META.pack(len(meta), 0) + meta
+            self._send(worker, head, *payloads)  # type: ignore[arg-type]
+            return
         message = _Message()
         for future in batch:
             payload = future._payload or b""

@@ -647,17 +647,26 @@ def dump_result(obj: object) -> bytes | WithBuffers:
     """(Worker side) pickle a task's result, a ``RESULT`` body: the standard
     pickle first (fast), cloudpickle if it must; large buffers out of band
     (`WithBuffers`)."""
-    if _is_large_bytes(obj):
+    if type(obj) in _BYTES_TYPES and len(obj) >= BUFFER_THRESHOLD:  # type: ignore[arg-type]
         obj = _LargeBytes(obj)  # type: ignore[arg-type]
-    out_of_band = _OutOfBand()
+    out_of_band = _result_buffers
     try:
-        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL, buffer_callback=out_of_band)
-    except Exception:
-        out_of_band = _OutOfBand()
-        data = dumps(obj, buffer_callback=out_of_band)
-    if out_of_band.buffers:
-        return WithBuffers(data, tuple(out_of_band.buffers))
-    return data
+        try:
+            data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL, buffer_callback=out_of_band)
+        except Exception:
+            out_of_band.buffers.clear()
+            data = dumps(obj, buffer_callback=out_of_band)
+        if out_of_band.buffers:
+            return WithBuffers(data, tuple(out_of_band.buffers))
+        return data
+    finally:
+        out_of_band.buffers.clear()
+
+
+_BYTES_TYPES = (bytes, bytearray)
+#: dump_result's collector, used again and again (by the worker's main
+#: thread alone: a result is pickled there, one at a time).
+_result_buffers = _OutOfBand()
 
 
 def dump_error(
@@ -716,9 +725,12 @@ def load_outcome(
     `ArgumentUnpicklingError`.
     """
     try:
-        if isinstance(buffers, OSError):
+        if not buffers:
+            loaded = pickle.loads(data)
+        elif isinstance(buffers, OSError):
             raise OSError(f"its large buffers could not be mapped: {buffers}") from buffers
-        loaded = pickle.loads(data, buffers=buffers)
+        else:
+            loaded = pickle.loads(data, buffers=buffers)
     except BaseException as unpickling_error:
         from .errors import ResultUnpicklingError
 

@@ -351,9 +351,12 @@ def run_task(
     """
     try:
         # (Mapping fails the task as its arguments, never the worker.)
-        buffers = map_segments(fds, close=False) if fds else ()
-        fn, args, kwargs = cloudpickle.loads(payload, buffers=buffers)
-        del buffers
+        if fds:
+            buffers = map_segments(fds, close=False)
+            fn, args, kwargs = cloudpickle.loads(payload, buffers=buffers)
+            del buffers
+        else:
+            fn, args, kwargs = cloudpickle.loads(payload)
     except BaseException as error:
         return False, dump_error(error, unpickling_arguments=True)
     try:
