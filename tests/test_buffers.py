@@ -391,3 +391,18 @@ def test_descriptors_that_cannot_be_passed_fail_their_tasks_not_the_worker(
     array = np.arange(LARGE, dtype=np.float64)
     assert np.array_equal(pool.submit(echo, array).result(timeout=60), array)
     os.kill(pid, 0)  # (the worker lives on)
+
+
+def test_a_segment_holds_a_buffer_only_while_its_content_is_unchanged() -> None:
+    array = np.arange(BUFFER_THRESHOLD + 3, dtype=np.uint8)  # (not a whole number of chunks)
+    view = memoryview(array).cast("B")
+    segment = _buffers.Segment(view, array)
+    try:
+        assert segment.holds(view)
+        array[-1] += 1  # (in the last, partial chunk)
+        assert not segment.holds(view)
+        array[-1] -= 1
+        array[5] += 1
+        assert not segment.holds(view)
+    finally:
+        segment.close()
