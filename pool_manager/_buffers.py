@@ -44,7 +44,7 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -139,10 +139,12 @@ class Segment:
                 offset += count
         return True
 
-    def close(self) -> None:
+    def close(self, _close: Callable[[int], None] = os.close) -> None:
+        # (os.close bound at definition: __del__ may run as the interpreter
+        # exits, once the module's globals are gone.)
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            os.close(fd)
+            _close(fd)
 
     def __del__(self) -> None:
         self.close()
@@ -342,6 +344,8 @@ class Inbox:
         return data
 
     def take(self, count: int) -> list[int]:
-        """The next ``count`` descriptors received."""
+        """The next ``count`` descriptors received (-1 for any that did not
+        arrive: mapping it fails the task that needs it, as its arguments)."""
         fds = self.fds
-        return [fds.popleft() for _ in range(min(count, len(fds)))]
+        taken = [fds.popleft() for _ in range(min(count, len(fds)))]
+        return taken + [-1] * (count - len(taken))

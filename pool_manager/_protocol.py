@@ -331,8 +331,8 @@ class MessageReader:
             if count == 1 and body == _BYTES_RESULT:
                 return (read_segment(taken[0]),)
             return tuple(load_segments(taken))
-        except OSError as error:
-            return error
+        except (OSError, ValueError) as error:  # (ValueError: an empty segment)
+            return error if isinstance(error, OSError) else OSError(str(error))
         finally:
             for fd in taken:
                 os.close(fd)

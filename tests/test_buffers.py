@@ -12,6 +12,7 @@ import errno
 import gc
 import os
 import pickle
+import socket
 import sys
 import threading
 import time
@@ -406,3 +407,16 @@ def test_a_segment_holds_a_buffer_only_while_its_content_is_unchanged() -> None:
         assert not segment.holds(view)
     finally:
         segment.close()
+
+
+def test_a_descriptor_that_did_not_arrive_fails_its_task_as_its_arguments() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        inbox = _buffers.Inbox(right)
+        assert inbox.take(2) == [-1, -1]
+    payload = dump_call(echo, (np.ones(LARGE),), {})
+    assert isinstance(payload, WithBuffers)
+    ok, data = _worker.run_task(payload.data, [-1])
+    assert not ok
+    assert isinstance(data, bytes)
+    assert isinstance(load_outcome(ok, data)[1], ArgumentUnpicklingError)
