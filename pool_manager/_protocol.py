@@ -125,6 +125,7 @@ __all__ = [
     "dump_call",
     "dump_error",
     "dump_result",
+    "dump_result_out_of_band",
     "dumps",
     "load_outcome",
 ]
@@ -190,7 +191,8 @@ class Message(NamedTuple):
     ``kind`` (a field a kind does not use is 0, or empty):
 
     - ``RESULT``: the task ``task_id`` returned; ``value``: its run time in
-      the worker (seconds); ``body``: the pickled result (`dump_result`);
+      the worker (seconds); ``body``: the pickled result
+      (`dump_result_out_of_band`);
       ``reason``: how many out-of-band buffers it has (descriptors sent
       with the message), in ``buffers`` as the message is read (mapped, or
       copied before Python 3.13: ``_buffers.load_segments``; or, if they
@@ -206,7 +208,7 @@ class Message(NamedTuple):
       when it reads this). A ``map`` chunk sends one more before each of
       its calls after the first (``_worker.run_chunk``): the clock starts
       again, for that call; ``body``: the previous call's pickled result
-      (`dump_result`; a `CallFailed` for a call that raised, with
+      (`dump_result`, in band; a `CallFailed` for a call that raised, with
       ``return_exceptions``). The chunk's own answer then holds only the
       calls after the last report.
     - ``INIT_FAILED``: the worker could not set itself up; ``reason``:
@@ -643,10 +645,19 @@ def _dump_with_buffers(
     return data
 
 
-def dump_result(obj: object) -> bytes | WithBuffers:
-    """(Worker side) pickle a task's result, a ``RESULT`` body: the standard
-    pickle first (fast), cloudpickle if it must; large buffers out of band
-    (`WithBuffers`)."""
+def dump_result(obj: object) -> bytes:
+    """(Worker side) pickle a result in band: the standard pickle first
+    (fast), cloudpickle if it must (a ``map`` chunk's report of a call's
+    result, a ``STARTED`` body; a task's own result: `dump_result_out_of_band`)."""
+    try:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return dumps(obj)
+
+
+def dump_result_out_of_band(obj: object) -> bytes | WithBuffers:
+    """(Worker side) pickle a task's result, a ``RESULT`` body, as `dump_result`
+    does, but its large buffers out of band (`WithBuffers`)."""
     if type(obj) in _BYTES_TYPES and len(obj) >= BUFFER_THRESHOLD:  # type: ignore[arg-type]
         obj = _LargeBytes(obj)  # type: ignore[arg-type]
     out_of_band = _result_buffers
@@ -664,7 +675,7 @@ def dump_result(obj: object) -> bytes | WithBuffers:
 
 
 _BYTES_TYPES = (bytes, bytearray)
-#: dump_result's collector, used again and again (by the worker's main
+#: dump_result_out_of_band's collector, used again and again (by the worker's main
 #: thread alone: a result is pickled there, one at a time).
 _result_buffers = _OutOfBand()
 

@@ -67,6 +67,7 @@ from ._protocol import (
     WithBuffers,
     dump_error,
     dump_result,
+    dump_result_out_of_band,
     dumps,
 )
 
@@ -365,7 +366,7 @@ def run_task(
         return False, dump_error(error)
     del fn, args, kwargs
     try:
-        data = dump_result(result)
+        data = dump_result_out_of_band(result)
         del result
         if isinstance(data, WithBuffers):
             return True, (data.data, _write_segments(data.buffers))

@@ -313,7 +313,7 @@ def test_a_segment_the_worker_cannot_map_fails_the_task_as_its_arguments() -> No
 
 
 def test_a_result_whose_buffers_cannot_be_mapped_fails_clearly() -> None:
-    result = _protocol.dump_result(np.ones(LARGE))
+    result = _protocol.dump_result_out_of_band(np.ones(LARGE))
     assert isinstance(result, WithBuffers)
     ok, error = load_outcome(True, result.data, OSError("no descriptors"))
     assert not ok
@@ -420,3 +420,12 @@ def test_a_descriptor_that_did_not_arrive_fails_its_task_as_its_arguments() -> N
     assert not ok
     assert isinstance(data, bytes)
     assert isinstance(load_outcome(ok, data)[1], ArgumentUnpicklingError)
+
+
+def test_a_map_chunk_with_a_deadline_returns_large_results() -> None:
+    # (Its calls' results before the last are reported in band, with each
+    # call's start; the chunk's own answer carries the rest out of band.)
+    with BaseWorkerPool(1, task_timeout=30) as pool:
+        results = list(pool.map(ones, [LARGE, LARGE + 1, LARGE + 2], chunksize=3))
+    assert [len(result) for result in results] == [LARGE, LARGE + 1, LARGE + 2]
+    assert all(float(result.sum()) == len(result) for result in results)
