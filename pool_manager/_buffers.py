@@ -158,10 +158,23 @@ _every_segment: weakref.WeakSet[Segment] = weakref.WeakSet()
 _reusable_lock = threading.Lock()  # innermost: nothing is called under it
 
 
-def share(buffers: Iterable[pickle.PickleBuffer]) -> tuple[Segment, ...]:
+def share(buffers: Sequence[pickle.PickleBuffer]) -> tuple[Segment, ...]:
     """(Parent side) a segment for each buffer: a live one with the same content,
-    or a new one. Raises ``OSError`` if one cannot be created."""
-    return tuple(_segment_for(buffer) for buffer in buffers)
+    or a new one.
+
+    Raises ``pickle.PicklingError`` (which fails the task's future, as a call
+    that cannot be pickled does) if one cannot be created (no memory, no
+    descriptors): it never falls back to the socket, which would take more
+    memory still.
+    """
+    try:
+        return tuple(_segment_for(buffer) for buffer in buffers)
+    except OSError as error:
+        size = sum(memoryview(buffer).nbytes for buffer in buffers)
+        raise pickle.PicklingError(
+            f"the task's large buffers ({size / 1e6:.1f} MB) could not be put in shared "
+            f"memory (memfd): {error}; free memory or descriptors, or pass smaller arguments"
+        ) from error
 
 
 def _segment_for(buffer: pickle.PickleBuffer) -> Segment:

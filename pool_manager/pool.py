@@ -123,23 +123,6 @@ logger = logging.getLogger("pool_manager")
 DEFAULT_IDLE_TIMEOUT: float = 300.0
 
 
-def _shared(payload: WithBuffers) -> WithBuffers:
-    """A call's large buffers, put in shared memory (``_buffers.share``).
-
-    A segment that cannot be created fails the task (its future), as a call
-    that cannot be pickled does: it never falls back to the socket, which
-    would take more memory still.
-    """
-    try:
-        return WithBuffers(payload.data, share(payload.buffers))
-    except OSError as error:
-        size = sum(memoryview(buffer).nbytes for buffer in payload.buffers)
-        raise pickle.PicklingError(
-            f"the task's large buffers ({size / 1e6:.1f} MB) could not be put in shared "
-            f"memory (memfd): {error}; free memory or descriptors, or pass smaller arguments"
-        ) from error
-
-
 class _MainReportNotIn(Exception):
     """Pickling a ``__main__`` object would wait for the fork server's report of
     its import of the main module (see `BaseWorkerPool._main_by_reference_now`)."""
@@ -546,8 +529,8 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             main = self._main_by_reference if block else self._main_by_reference_now
         try:
             payload = dump_call(fn, args, kwargs, main)
-            if type(payload) is WithBuffers:
-                payload = _shared(payload)
+            if type(payload) is WithBuffers:  # (its large buffers, to shared memory)
+                payload = WithBuffers(payload.data, share(payload.buffers))
         except _MainReportNotIn:
             return None  # (submitted on a thread instead, where waiting is fine)
         except Exception as error:
