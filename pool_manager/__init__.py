@@ -92,11 +92,15 @@ starter and a few callback threads however many pools it has):
 
 - *Callers* (the application's threads): a pool's queue, counts and
   futures, and its dispatch (under the pool's ``_lock``), which never
-  blocks: a worker to start is asked of the starter; the manager's map and
-  leases (under its ``_lock``); the budget (``submitted``).
+  blocks: a worker to start is asked of the starter, tasks go out by a
+  non-blocking send (what does not fit is the I/O loop's to send); while
+  the I/O loop is in a round, a submit leaves its dispatch to that round
+  (``_dispatch_soon``: batches, and no system call to hand the GIL back
+  and forth); the manager's map and leases (under its ``_lock``); the
+  budget (``submitted``).
 - *The I/O loop* (``pool_manager-io``, while any pool has a worker): alone
-  reads and writes every pool's worker sockets and status pipes (its
-  selector, each ``_Worker``'s reader); under a pool's lock, settles that
+  reads every pool's worker sockets and status pipes, and writes what a
+  send left over (its selector, each ``_Worker``'s reader); under a pool's lock, settles that
   pool's tasks (without running their done-callbacks), ends workers past a
   deadline, ``kill_worker_memory`` or ``idle_timeout``, and dispatches;
   runs a manager's idle callback (quick, never waits); tells the budget,
