@@ -40,6 +40,7 @@ import mmap
 import os
 import pickle
 import socket
+import struct
 import sys
 import threading
 import weakref
@@ -329,6 +330,41 @@ class Inbox:
         self._ahead = bytearray()  # read, not yet asked for
         self._chunk = bytearray(1 << 16)
         self.fds: deque[int] = deque()
+
+    def message(self, header: struct.Struct) -> tuple[int, bytes | bytearray] | None:
+        """The next message: ``header`` (``length, kind``), then ``length``
+        bytes of body; returns ``(kind, body)``, None at the end of the stream.
+
+        (Most messages arrive whole with one receive: those are taken out of
+        it at once, with no other call.)
+        """
+        ahead = self._ahead
+        if not ahead:
+            size = header.size
+            with memoryview(self._chunk) as view:
+                count, ancillary, _flags, _address = self._sock.recvmsg_into(
+                    [view], _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
+                if ancillary:
+                    receive_descriptors(ancillary, self.fds)
+                if not count:
+                    return None
+                if count >= size:
+                    length, kind = header.unpack_from(view)
+                    end = size + length
+                    if end <= count:
+                        if end < count:
+                            ahead += view[end:count]
+                        return kind, bytes(view[size:end])
+                ahead += view[:count]
+        head = self.read(header.size)
+        if len(head) < header.size:
+            return None
+        length, kind = header.unpack(head)
+        body = self.read(length) if length else b""
+        if len(body) < length:
+            return None
+        return kind, body
 
     def read(self, size: int) -> bytes | bytearray:
         """``size`` bytes, fewer only at the end of the stream (as a file's ``read``)."""

@@ -233,14 +233,7 @@ def _exit(code: int) -> NoReturn:
 
 
 def _read_message(reader: Inbox) -> tuple[int, bytes | bytearray] | None:
-    header = reader.read(TO_WORKER.size)
-    if len(header) < TO_WORKER.size:
-        return None
-    length, kind = TO_WORKER.unpack(header)
-    body = reader.read(length) if length else b""
-    if len(body) < length:
-        return None
-    return kind, body
+    return reader.message(TO_WORKER)
 
 
 def _serve_tasks(reader: Inbox) -> None:
@@ -254,6 +247,10 @@ def _serve_tasks(reader: Inbox) -> None:
         if kind != TASKS:
             continue
         meta_length, fd_count = TASKS_META.unpack_from(body)
+        if not fd_count:
+            if _serve_batch(body, meta_length, ()):
+                return
+            continue
         fds = reader.take(fd_count)  # (the segments of the tasks' large buffers)
         try:
             if _serve_batch(body, meta_length, fds):
@@ -262,7 +259,7 @@ def _serve_tasks(reader: Inbox) -> None:
             close_all(fds)
 
 
-def _serve_batch(body: bytes | bytearray, meta_length: int, fds: list[int]) -> bool:
+def _serve_batch(body: bytes | bytearray, meta_length: int, fds: Sequence[int]) -> bool:
     """Run the tasks of one ``TASKS`` body; True if the worker leaves after them."""
     global _deadline
     meta_end = TASKS_META.size + meta_length

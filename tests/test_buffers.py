@@ -21,6 +21,8 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pool_manager import (
     ArgumentUnpicklingError,
@@ -33,7 +35,13 @@ from pool_manager import (
     _protocol,
     _worker,
 )
-from pool_manager._protocol import BUFFER_THRESHOLD, WithBuffers, dump_call, load_outcome
+from pool_manager._protocol import (
+    BUFFER_THRESHOLD,
+    TO_WORKER,
+    WithBuffers,
+    dump_call,
+    load_outcome,
+)
 from pool_manager.memory import resident_memory
 
 from .helpers import (
@@ -429,3 +437,79 @@ def test_a_map_chunk_with_a_deadline_returns_large_results() -> None:
         results = list(pool.map(ones, [LARGE, LARGE + 1, LARGE + 2], chunksize=3))
     assert [len(result) for result in results] == [LARGE, LARGE + 1, LARGE + 2]
     assert all(float(result.sum()) == len(result) for result in results)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 3),  # kind
+            st.sampled_from([0, 1, 7, 100, 65_530, 65_536, 70_000, 200_000]),  # body length
+            st.booleans(),  # a descriptor comes with its first byte
+            st.integers(1, 8),  # the parts it is written in
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.integers(0, 12),  # the end of the stream: this many bytes into the last message
+)
+def test_the_worker_reads_each_message_whole_however_it_arrives(
+    messages: list[tuple[int, int, bool, int]], cut: int
+) -> None:
+    # Messages arrive in any split: whole, several in one receive, a header
+    # cut in two, a large body in parts; the descriptors that come with a
+    # message's first byte are there once the message is read. A stream that
+    # ends inside a message ends the reading (None), never a short message.
+    left, right = socket.socketpair()
+    wire = TO_WORKER
+    sent_fds: list[int] = []
+    frames = []
+    for number, (kind, length, with_fd, parts) in enumerate(messages):
+        body = bytes([number % 256]) * length
+        frames.append((wire.pack(length, kind) + body, with_fd, parts))
+
+    def write() -> None:
+        with left:
+            for index, (frame, with_fd, parts) in enumerate(frames):
+                if index == len(frames) - 1:
+                    frame = frame[: min(cut, len(frame))] if cut < wire.size else frame
+                step = max(1, len(frame) // parts)
+                pieces = [frame[at : at + step] for at in range(0, len(frame), step)] or [b""]
+                for number, piece in enumerate(pieces):
+                    if number == 0 and with_fd and piece:
+                        read_end, write_end = os.pipe()
+                        os.close(write_end)
+                        sent_fds.append(read_end)
+                        left.sendmsg([piece], _buffers.descriptors_message([read_end]))
+                    elif piece:
+                        left.sendall(piece)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    received: list[int] = []
+    inbox = _buffers.Inbox(right)
+    try:
+        with right:
+            for index, (kind, length, with_fd, _parts) in enumerate(messages):
+                message = inbox.message(wire)
+                if index == len(messages) - 1 and cut < wire.size:
+                    assert message is None
+                    break
+                assert message is not None
+                assert message[0] == kind
+                assert message[1] == bytes([index % 256]) * length
+                if with_fd:
+                    (fd,) = inbox.take(1)
+                    assert fd >= 0
+                    received.append(fd)
+            else:
+                assert inbox.message(wire) is None  # (the writer has closed its end)
+    finally:
+        writer.join(30)
+        assert not writer.is_alive()
+        _buffers.close_all([*sent_fds, *received, *inbox.fds])
+    assert len(received) == sum(
+        1 for index, message in enumerate(messages) if message[2] and not (
+            index == len(messages) - 1 and cut < wire.size
+        )
+    )
