@@ -509,7 +509,7 @@ def test_the_worker_reads_each_message_whole_however_it_arrives(
         assert not writer.is_alive()
         _buffers.close_all([*sent_fds, *received, *inbox.fds])
     assert len(received) == sum(
-        1 for index, message in enumerate(messages) if message[2] and not (
-            index == len(messages) - 1 and cut < wire.size
-        )
+        1
+        for index, message in enumerate(messages)
+        if message[2] and not (index == len(messages) - 1 and cut < wire.size)
     )
