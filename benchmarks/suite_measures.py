@@ -46,6 +46,7 @@ from benchmarks.suite_tasks import (
     nap,
     noop,
     strided_sum,
+    strided_sum_shared,
     timed_burn,
 )
 
@@ -509,23 +510,30 @@ def big_array(library: str, p: dict[str, Any]) -> Result:
     forked worker shares its pages. Then every task is submitted with the
     array as its argument (joblib: one ``Parallel`` call) and all are waited
     for; each returns `strided_sum`, checked against the parent's own.
-    ``memory_mb``: the parent's peak growth over its baseline (`ParentPeak`),
-    or with ``whole_job`` the peak of the whole process tree (`JobPeak`,
-    the parent's growth kept beside it).
+    ``pool_manager_shared`` gives the array to a pool as its ``shared_data``
+    instead (`_run_with_shared_data`). ``memory_mb``: the parent's peak
+    growth over its baseline (`ParentPeak`), or with ``whole_job`` the peak
+    of the whole process tree (`JobPeak`, the parent's growth kept beside it).
     """
     try:
         import numpy
     except ImportError:
         raise NotApplicable("numpy is not installed") from None
     workers, tasks = p["workers"], p["tasks"]
-    with running(library, workers) as pool:
-        warm(pool, workers)
+    shared = library == "pool_manager_shared"
+    with _warm_fork_server() if shared else running(library, workers) as pool:
+        if pool is not None:
+            warm(pool, workers)
         array = numpy.ones(int(p["mb"] * 1e6) // 8)  # written: every page resident
         expected = strided_sum(array)
         with JobPeak() if p.get("whole_job") else nullcontext() as job, ParentPeak() as parent:
             started = time.perf_counter()
-            results = pool.run_all(strided_sum, [(array,)] * tasks)
-            elapsed = time.perf_counter() - started
+            if pool is None:
+                results, finished = _run_with_shared_data(array, workers, tasks)
+            else:
+                results = pool.run_all(strided_sum, [(array,)] * tasks)
+                finished = time.perf_counter()
+            elapsed = finished - started
     if results != [expected] * tasks:
         raise AssertionError(f"the tasks returned {results[:3]}..., wanted {expected}")
     memory = job.peak if job is not None else parent.growth
@@ -537,6 +545,38 @@ def big_array(library: str, p: dict[str, Any]) -> Result:
         **parent.details(),
         **(job.details() if job is not None else {}),
     }
+
+
+@contextmanager
+def _warm_fork_server() -> Iterator[None]:
+    """pool_manager's fork server started and held (by a manager with no pool yet,
+    as an application's would hold it), with no worker: the warm state of
+    `_run_with_shared_data`, whose pool is built with its data."""
+    from pool_manager import WorkerPoolManager
+
+    manager = WorkerPoolManager(1, 600, 3600, memory_sample_interval=None, handle_signals=False)
+    try:
+        yield None
+    finally:
+        manager.shutdown(wait=True)
+
+
+def _run_with_shared_data(array: Any, workers: int, tasks: int) -> tuple[list[float], float]:
+    """``pool_manager_shared``: a pool built with ``shared_data=array`` (its pickling
+    and its workers' starts are timed too: its workers are forked from a warm
+    fork server, where the other libraries' pools are warm), and ``tasks``
+    tasks that read it (`strided_sum_shared`). Returns their results, and the
+    time the last came (before the pool's shutdown, which the other pools
+    make untimed)."""
+    from pool_manager import BaseWorkerPool
+
+    pool = BaseWorkerPool(workers, shared_data=array)
+    try:
+        futures = [pool.submit(strided_sum_shared) for _ in range(tasks)]
+        results = [future.result() for future in futures]
+        return results, time.perf_counter()
+    finally:
+        pool.shutdown(wait=True)
 
 
 #: The batch job's script that `big_global` runs as ``__main__``.

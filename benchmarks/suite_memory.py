@@ -17,15 +17,18 @@ Two figures, both read from Linux's ``/proc``:
   the tree's anonymous resident memory (``RssAnon``, a counter: cheap), plus
   the files in ``/dev/shm`` that any process of the tree has mapped or held
   open so far (joblib's memory-mapped arrays), each counted once and whole
-  while it exists, mapped or not. Reading PSS at every sample was tried
+  while it exists, mapped or not, plus the memfd segments a process of the
+  tree holds open or maps at the sample (pool_manager's out-of-band buffers
+  and shared data: anonymous files, gone once nobody holds them), each
+  counted once (by inode) and whole. Reading PSS at every sample was tried
   first: ``smaps_rollup`` walks a process's page tables, a tenth of a second
   or more for a parent holding gigabytes, and it slowed the pool it
   measured. The machine's ``Shmem`` (``/proc/meminfo``) was tried for the
   shared part: it counts every program's, and another program's 500 MB
   showed up in a sample. What this misses: a page a fork shared until
-  written (a copy-on-write break), shared memory that is not a named file
-  in ``/dev/shm`` (a memfd, shared anonymous memory: none of the peers
-  passes data so), and a peak shorter than the interval.
+  written (a copy-on-write break), shared anonymous memory (``MAP_SHARED |
+  MAP_ANONYMOUS``: none of the libraries passes data so), and a peak
+  shorter than the interval.
 """
 
 from __future__ import annotations
@@ -191,6 +194,26 @@ def _shared_files(pid: int) -> set[str]:
     return found
 
 
+def _memfds(pid: int) -> dict[int, int]:
+    """The memfd segments a process holds open or maps: inode → bytes (allocated,
+    from an open descriptor; else the mapping's size)."""
+    found: dict[int, int] = {}
+    with suppress(OSError):
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/memfd:"):
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                inode = int(fields[4])
+                found[inode] = max(found.get(inode, 0), end - start)
+    with suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+                    info = os.stat(f"/proc/{pid}/fd/{fd}")
+                    found[info.st_ino] = info.st_blocks * 512
+    return found
+
+
 def _allocated(path: str) -> int:
     """The memory a tmpfs file holds now (its allocated blocks); 0 once it is removed."""
     try:
@@ -218,10 +241,13 @@ class JobPeak:
         anonymous = sum(_anonymous(pid) - self._anonymous_start.get(pid, 0) for pid in pids)
         # A process gone since the start gave its memory back.
         anonymous -= sum(size for pid, size in self._anonymous_start.items() if pid not in pids)
+        segments: dict[int, int] = {}
         for pid in pids:
             self._shared |= _shared_files(pid)
+            segments |= _memfds(pid)
         shmem = sum(_allocated(path) for path in self._shared)
-        total = self.baseline + anonymous + shmem
+        memfd = sum(segments.values())
+        total = self.baseline + anonymous + shmem + memfd
         self.samples += 1
         if total > self.peak:
             self.peak = total
@@ -229,6 +255,7 @@ class JobPeak:
                 "processes": len(pids),
                 "anonymous_growth_mb": anonymous / MB,
                 "shared_files_mb": shmem / MB,
+                "memfd_mb": memfd / MB,
             }
 
     def __enter__(self) -> JobPeak:
@@ -256,5 +283,6 @@ class JobPeak:
             "job_samples": self.samples,
             "job_method": "PSS of the process tree at the start (less shared memory), + the "
             "growth of its anonymous RSS, + the /dev/shm files it mapped or opened, "
+            "+ the memfd segments it holds or maps, "
             f"every {self.interval * 1e3:g} ms",
         }

@@ -88,3 +88,10 @@ def strided_sum(array: Any) -> float:
     large-data measure times is the array's way to the worker.
     """
     return float(array[::4096].sum())
+
+
+def strided_sum_shared() -> float:
+    """`strided_sum` of the pool's shared data (``pool_manager.shared_data()``)."""
+    from pool_manager import shared_data
+
+    return strided_sum(shared_data())

@@ -69,6 +69,10 @@ How a task and a pool's life flow through the parts::
   reason code between a pool, the fork server and its workers, the
   ``Message`` records a pool reads, and the task envelope (how a call, a
   result and an error are pickled, and loaded again).
+- ``_shared.py``: a pool's shared data (``shared_data=``): pickled once
+  in the parent, its buffers in segments the pool (or the manager) holds,
+  sent with each worker's ``INIT``, loaded once in the worker from
+  read-only mappings; and `shared_data`, which returns it there.
 - ``_buffers.py``: large buffers out of band (numpy arrays' data, large
   ``bytes``): each written once into a memfd segment whose descriptor
   travels with the message, mapped by the reader; the parent's segments
@@ -84,8 +88,9 @@ Data flows one way (caller → manager → pool → worker → future), and
 so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``),
 and imports: no module imports one that imports it back, at its top or in a
 function (``tests/test_layout.py``). At the bottom, ``_protocol`` imports
-nothing of the package at its top (nor does ``_buffers``); ``_worker``
-imports only those two, and the fork server (``_process``) imports them.
+nothing of the package at its top (nor does ``_buffers``); ``_shared``
+imports only those two, ``_worker`` only those three, and the fork server
+(``_process``) imports them.
 
 Threads, and what each may change (a process has one I/O loop, one
 starter and a few callback threads however many pools it has):
@@ -175,6 +180,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._shared import shared_data
     from .errors import (
         ArgumentUnpicklingError,
         FactoryError,
@@ -241,6 +247,7 @@ __all__ = [
     "WorkerStartError",
     "__version__",
     "as_completed",
+    "shared_data",
 ]
 
 #: Where each public name lives. They are imported on first use: the fork
@@ -276,6 +283,7 @@ _HOMES = {
     "TaskCounts": "pool",
     "WorkerPool": "pool",
     "as_completed": "progress",
+    "shared_data": "_shared",
 }
 
 

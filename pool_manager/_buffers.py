@@ -28,6 +28,10 @@ is reused only if its content still equals the exporter's (an immutable
 ``bytes`` needs no check): a task sees its argument as it was when it was
 submitted.
 
+A pool's shared data (``_shared.py``) is shared the same way, once for
+the pool's life: its segments go with each worker's ``INIT``, and the
+worker maps them read-only and shared (`map_segments` with ``readonly``).
+
 It imports nothing of the package (the worker and the wire use it).
 """
 
@@ -214,7 +218,9 @@ class Carrying(NamedTuple):
 
     view: memoryview
     segments: tuple[Segment, ...]
-    futures: list[Any]  #: the message's tasks (they fail if the descriptors cannot pass)
+    #: the message's tasks (they fail if the descriptors cannot pass); none:
+    #: a worker's ``INIT``, with its pool's shared data (the worker is ended)
+    futures: list[Any]
     rest: int  #: how many parts of the message follow this one
 
 
@@ -253,16 +259,19 @@ def recvmsg_into(sock: socket.socket, view: memoryview, fds: deque[int]) -> int:
 _UNTRACKED = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
-def map_segments(fds: Sequence[int], close: bool = True) -> list[mmap.mmap]:
-    """Map each segment privately (copy on write); with ``close``, close the
-    descriptors, whatever happens. Raises ``OSError`` if one cannot be mapped.
+def map_segments(fds: Sequence[int], close: bool = True, readonly: bool = False) -> list[mmap.mmap]:
+    """Map each segment privately (copy on write), or with ``readonly`` shared and
+    read-only (a pool's shared data: every worker's mapping is the same
+    memory); with ``close``, close the descriptors, whatever happens. Raises
+    ``OSError`` if one cannot be mapped.
 
     (Before Python 3.13, each mapping holds a duplicate of its descriptor
     until it is unmapped: fine in a worker, whose task's arguments go with
     the task.)
     """
     try:
-        return [mmap.mmap(fd, 0, access=mmap.ACCESS_COPY, **_UNTRACKED) for fd in fds]
+        access = mmap.ACCESS_READ if readonly else mmap.ACCESS_COPY
+        return [mmap.mmap(fd, 0, access=access, **_UNTRACKED) for fd in fds]
     finally:
         if close:
             close_all(fds)

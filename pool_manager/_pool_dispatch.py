@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from . import _threads
+from . import _process, _threads
 from ._buffers import MAX_DESCRIPTORS, PASSING_ERRORS, Carrying, Segment, descriptors_message
 from ._dispatch import RunTimes, batch_size
 from ._io_loop import get_loop
 from ._pool_registry import _busy_pools
-from ._protocol import BUDGET, EXIT, SHUTDOWN, TASKS, TASKS_META, TO_WORKER, WithBuffers
+from ._protocol import BUDGET, EXIT, SETUP, SHUTDOWN, TASKS, TASKS_META, TO_WORKER, WithBuffers
 from ._queued import _SUBMITTED
 from ._worker import WorkerLimits
 from .budget import BudgetReport
@@ -461,7 +461,11 @@ class _Dispatch:
 
     def _fail_unsent(self, worker: _Worker, futures: list[_TaskFuture], error: OSError) -> None:
         """(Holds _lock) A message's descriptors could not be passed, and nothing of
-        it was sent: its tasks fail (delivered once the lock is released)."""
+        it was sent: its tasks fail (delivered once the lock is released). No
+        tasks: it was the worker's ``INIT`` (`_init_unsent`)."""
+        if not futures:
+            self._init_unsent(worker, error)
+            return
         failure = OSError(
             error.errno,
             "the task's large buffers could not be passed to its worker process "
@@ -476,6 +480,19 @@ class _Dispatch:
                 self._undelivered.append((future, False, failure))
         if not worker.assigned:
             worker.idle_since = time.monotonic()
+
+    def _init_unsent(self, worker: _Worker, error: OSError) -> None:
+        """(Holds _lock) A worker's ``INIT`` could not carry the segments of the
+        pool's shared data (nothing was sent): the worker is ended, as one whose
+        setup failed (its tasks go back to the queue; after ``MAX_ATTEMPTS`` in
+        a row, the queued ones fail: `_pool_io._WorkerIO._worker_ended`)."""
+        worker.init_failed = (
+            SETUP,
+            "the pool's shared data could not be passed to the worker process "
+            f"({error.strerror}; with ETOOMANYREFS: more descriptors in flight than "
+            "RLIMIT_NOFILE allows)",
+        )
+        _process.kill_worker(worker.pid)
 
     def _retire(self, worker: _Worker, reason: int) -> None:
         """Tell ``worker`` to leave once it has run what it holds."""

@@ -664,8 +664,8 @@ class _WorkerIO:
                     f"the pool's initializer failed in {count} worker processes in a row"
                     if step == INITIALIZER
                     else f"{count} worker processes in a row could not set themselves up (the "
-                    "working directory, the environment, or unpickling the initializer and "
-                    "initargs)"
+                    "working directory, the environment, unpickling the initializer and "
+                    "initargs, or loading the shared data)"
                 )
                 self._fail_queued(
                     WorkerPoolBrokenError(

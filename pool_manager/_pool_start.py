@@ -37,7 +37,9 @@ from ._worker import init_message
 from .errors import ForkServerError, WorkerStartError
 
 if TYPE_CHECKING:
+    from ._buffers import Segment
     from ._pool_tasks import _TaskFuture
+    from ._shared import SharedData
 
 logger = logging.getLogger("pool_manager")
 
@@ -112,13 +114,21 @@ class _WorkerStarts:
     _undelivered: list[tuple[_TaskFuture, bool | None, Any]]
     _config: bytes
     _env: dict[bytes, bytes] | None
+    _shared: SharedData | None
 
     if TYPE_CHECKING:
         # What it calls on the pool's other parts, where they are defined.
 
         def _dispatch(self, start: bool = True) -> None: ...
 
-        def _send(self, worker: _Worker, *parts: bytes) -> None: ...
+        def _send(
+            self,
+            worker: _Worker,
+            *parts: bytes,
+            carrying: tuple[tuple[Segment, ...], list[_TaskFuture]] | None = None,
+        ) -> None: ...
+
+        def _init_unsent(self, worker: _Worker, error: OSError) -> None: ...
 
         def _send_tasks(self, worker: _Worker, batch: list[_TaskFuture]) -> None: ...
 
@@ -238,8 +248,17 @@ class _WorkerStarts:
         worker.place_since = math.inf if place else now
         self._workers[pid] = worker
         _live_pools.add(self)
-        # Made now: the worker gets the directory and environment of its start.
-        self._send(worker, init_message(self._config, self._env))
+        # Made now: the worker gets the directory and environment of its start;
+        # the segments of the pool's shared data go with it.
+        message = init_message(self._config, self._env)
+        shared = self._shared
+        if shared is None or not shared.segments:
+            self._send(worker, message)
+        else:
+            try:
+                self._send(worker, message, carrying=(shared.segments, []))
+            except OSError as error:  # (_buffers.PASSING_ERRORS: nothing was sent)
+                self._init_unsent(worker, error)
         self._io_changes.append(worker)
         self._wake()
         if self._terminating:

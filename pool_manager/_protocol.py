@@ -25,7 +25,8 @@ Parent ↔ worker: one Unix stream socket per worker
     finished. A ``TASKS`` or ``RESULT`` message may carry descriptors
     (``SCM_RIGHTS``, sent with its first byte): the shared-memory segments
     of its large buffers (``_buffers.py``), which every reader receives
-    with ``recvmsg``, so none is ever dropped.
+    with ``recvmsg``, so none is ever dropped; so may an ``INIT``: those of
+    the pool's shared data (``_shared.py``).
 
 Parent ↔ fork server: a control socket, and one status pipe per worker
     The server writes `SERVER_READY` once it has booted, then its
@@ -142,7 +143,8 @@ INIT, TASKS, EXIT = 1, 2, 3
 #: An ``INIT`` body: the length of the pickled parent state (its working
 #: directory and environment as of this worker's start: ``_worker.ParentState``),
 #: that state, then the pool's cloudpickled configuration
-#: (``_worker.WorkerConfig``: limits, initializer).
+#: (``_worker.WorkerConfig``: limits, initializer, the shared data's pickle
+#: and how many descriptors, its segments, the message carries).
 INIT_META = struct.Struct("<I")
 
 #: A ``TASKS`` body: the length of a pickled list of (task id, timeout,

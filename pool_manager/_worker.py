@@ -2,12 +2,14 @@
 
 A worker is forked from the fork server (``_process.py``) and runs `serve`:
 it reads its ``INIT`` message (the parent's current working directory and
-environment, limits, initializer), then batches of tasks, and answers each
+environment, limits, initializer, the pool's shared data: ``_shared.py``),
+then batches of tasks, and answers each
 task with one message. The wire (frames, message kinds, reason codes, exit
 statuses) and the task envelope (how a call, a result and an error are
-pickled, and how the parent loads them) are ``_protocol.py``'s, and the
-shared memory of large buffers ``_buffers.py``'s: this module imports those
-two, and nothing else of the package.
+pickled, and how the parent loads them) are ``_protocol.py``'s, the
+shared memory of large buffers ``_buffers.py``'s, and the shared data
+``_shared.py``'s: this module imports those three, and nothing else of the
+package.
 
 Deadlines and the hard memory limit are the pool's to enforce, from
 outside (a task stuck in C code that holds the GIL cannot stop a thread of
@@ -33,12 +35,13 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import cloudpickle
 
+from . import _shared
 from ._buffers import Inbox, close_all, descriptors_message, map_segments, write_segment
 from ._protocol import (
     ERROR,
@@ -115,6 +118,9 @@ class WorkerConfig:
     #: The parent's ``multiprocessing`` authentication key: with it, a
     #: ``multiprocessing.Manager`` proxy passed to a task can connect.
     authkey: bytes = b""
+    #: The pool's shared data (``_shared.py``): its pickle, and how many of the
+    #: ``INIT`` message's descriptors are the segments of its buffers.
+    shared: _shared.SharedPickle | None = None
 
 
 _limits = WorkerLimits()
@@ -178,7 +184,7 @@ def serve(sock: socket.socket) -> NoReturn:
         # for the pool to put in the error its callers get.
         step = SETUP
         try:
-            config = _set_up(message[1])
+            config = _set_up(message[1], reader)
             _limits = config.limits
             threading.Thread(
                 target=_watch_parent,
@@ -202,12 +208,15 @@ def serve(sock: socket.socket) -> NoReturn:
     _exit(code)
 
 
-def _set_up(body: bytes | bytearray) -> WorkerConfig:
-    """Apply an ``INIT`` body: the parent's directory and environment, then the config.
+def _set_up(body: bytes | bytearray, reader: Inbox) -> WorkerConfig:
+    """Apply an ``INIT`` body: the parent's directory and environment, then the
+    config, then the pool's shared data (its segments: the descriptors that
+    came with the message).
 
-    The environment comes first, so that unpickling the initializer (which
-    may import its module) already sees it.
+    The environment comes first, so that unpickling the initializer and the
+    shared data (which may import their modules) already sees it.
     """
+    _shared.mark_worker()
     (state_length,) = INIT_META.unpack_from(body)
     state_end = INIT_META.size + state_length
     state: ParentState = pickle.loads(body[INIT_META.size : state_end])
@@ -222,6 +231,8 @@ def _set_up(body: bytes | bytearray) -> WorkerConfig:
     config: WorkerConfig = pickle.loads(body[state_end:])
     if config.authkey:
         multiprocessing.current_process().authkey = config.authkey
+    if config.shared is not None:
+        _shared.load(config.shared, reader.take(config.shared.buffers))
     return config
 
 
@@ -468,6 +479,36 @@ def dump_config(config: WorkerConfig, main: ByReference | None = None) -> bytes:
     changes (``main``: which of ``__main__``'s objects go by reference, as for
     `dump_call`)."""
     return dumps(config, main)
+
+
+def worker_env(env: object) -> dict[bytes, bytes] | None:
+    """(Parent side) check a pool's ``env`` (str keys and values, as ``subprocess`` wants them);
+    returns it as ``os.environb`` holds it.
+
+    Raises:
+        TypeError: not a mapping, or a key or value that is not a str.
+        ValueError: a name that is empty or holds ``=``, a NUL character, or
+            text the file system encoding cannot hold.
+    """
+    if env is None:
+        return None
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a dict of str to str, not {type(env).__name__}")
+    converted = {}
+    for key, value in env.items():
+        for part in (key, value):
+            if not isinstance(part, str):
+                raise TypeError(
+                    f"env keys and values must be str, not {type(part).__name__} "
+                    f"(in {key!r}: {value!r})"
+                )
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise ValueError(f"env: illegal environment variable {key!r}: {value!r}")
+        try:
+            converted[os.fsencode(key)] = os.fsencode(value)
+        except UnicodeError as error:
+            raise ValueError(f"env: {key!r}: {value!r} cannot be encoded: {error}") from error
+    return converted
 
 
 def init_message(config: bytes, env: dict[bytes, bytes] | None) -> bytes:

@@ -247,6 +247,11 @@ class DaskWorkerPool(QueuedPool[_DaskTaskFuture]):
         resources: Dask worker resources each task needs, e.g. ``{"GPU": 1}``.
         workers: worker addresses or names the tasks may run on.
         allow_other_workers: with ``workers``, let tasks run elsewhere too.
+        shared_data: not supported (``TypeError``): a Dask pool has no
+            worker processes of its own to give an object to once. Scatter
+            it instead (``client.scatter(obj, broadcast=True)``) and pass
+            the Dask future as a task's positional argument: Dask resolves
+            it to the object on the worker, once per worker.
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.
@@ -265,7 +270,14 @@ class DaskWorkerPool(QueuedPool[_DaskTaskFuture]):
         resources: Mapping[str, float] | None = None,
         workers: str | Sequence[str] | None = None,
         allow_other_workers: bool = False,
+        shared_data: object = None,
     ) -> None:
+        if shared_data is not None:
+            raise TypeError(
+                "DaskWorkerPool does not take shared_data (pool_manager.shared_data() is for "
+                "the fork-server pools): scatter it with client.scatter(obj, broadcast=True) "
+                "and pass the future as a positional argument of the tasks"
+            )
         options = _executor_options(
             client, max_pending, retries, resources, workers, allow_other_workers
         )

@@ -126,6 +126,17 @@ def _shutdown_forgotten_managers() -> None:
         manager.shutdown(wait=True)
 
 
+def _check_lease(key: Hashable, send_size: int, factory: object) -> None:
+    """Check `WorkerPoolManager.get_pool_with_factory`'s arguments (raises as it says)."""
+    try:
+        hash(key)
+    except TypeError:
+        raise TypeError(f"key must be hashable, not {type(key).__name__}") from None
+    to_count("send_size", send_size, minimum=0)
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, not {type(factory).__name__}")
+
+
 def _let_go(handles_signals: bool) -> None:
     """(The supervisor, its manager collected without shutdown) let go of what it held.
 
@@ -170,8 +181,9 @@ class WorkerPoolManager:
             factory are under both caps if they are `BaseWorkerPool`
             instances that have not run work yet.
         max_tasks_per_worker, max_worker_memory, kill_worker_memory,
-            task_timeout: worker limits of the pools the default factory
-            builds (see `BaseWorkerPool`).
+            task_timeout, shared_data: worker limits and shared data of the
+            pools the default factory builds (see `BaseWorkerPool`; the
+            shared data is pickled once, here: every pool shares one copy).
         memory_sample_interval: seconds between two samples of every
             worker's RSS (in `stats`; USS is read at one sample in
             ``USS_EVERY``); ``None`` never samples.
@@ -217,6 +229,7 @@ class WorkerPoolManager:
         max_worker_memory: int | str | None = None,
         kill_worker_memory: int | str | None = None,
         task_timeout: Duration | None = None,
+        shared_data: object = None,
         memory_sample_interval: Duration | None = 10.0,
         min_available_memory: int | str | None = None,
         handle_signals: bool = True,
@@ -247,10 +260,11 @@ class WorkerPoolManager:
             "max_worker_memory": max_worker_memory,
             "kill_worker_memory": kill_worker_memory,
             "task_timeout": task_timeout,
+            "shared_data": shared_data,
         }
         # Checked now, by the pool that would take them, rather than at the
-        # first get_pool.
-        BaseWorkerPool(1, **self._worker_options)
+        # first get_pool; it pickles the shared data, once for every pool.
+        self._worker_options["shared_data"] = BaseWorkerPool(1, **self._worker_options)._shared
         sample_every = to_seconds("memory_sample_interval", memory_sample_interval, allow_none=True)
         self._min_available = to_bytes("min_available_memory", min_available_memory)
         if self._min_available is not None and sample_every is None:
@@ -388,13 +402,7 @@ class WorkerPoolManager:
             Exception: whatever the factory raised.
         """
         self._check_owner()
-        try:
-            hash(key)
-        except TypeError:
-            raise TypeError(f"key must be hashable, not {type(key).__name__}") from None
-        to_count("send_size", send_size, minimum=0)
-        if not callable(factory):
-            raise TypeError(f"factory must be callable, not {type(factory).__name__}")
+        _check_lease(key, send_size, factory)
 
         retired_age: float | None = None
         while True:
@@ -757,6 +765,7 @@ class WorkerPoolManager:
         """
         with self._lock:
             self._shut_down = True
+            self._worker_options["shared_data"] = None  # (its pools hold theirs)
             entries = [*self._map.entries.values(), *self._map.retiring, *self._disposing]
             self._map.entries.clear()
             self._map.retiring.clear()

@@ -75,7 +75,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
@@ -100,7 +100,15 @@ from ._pool_start import _Start, _StartTrouble, _WorkerStarts
 from ._pool_tasks import _TaskFuture
 from ._protocol import ByReference, MainReport, WithBuffers, dump_call
 from ._queued import QueuedPool
-from ._worker import WorkerConfig, WorkerLimits, dump_config, run_chunk, run_chunk_single
+from ._shared import SharedData
+from ._worker import (
+    WorkerConfig,
+    WorkerLimits,
+    dump_config,
+    run_chunk,
+    run_chunk_single,
+    worker_env,
+)
 from .errors import PoolShutDownError, TaskKilledError, UsedAfterForkError
 
 if TYPE_CHECKING:
@@ -126,36 +134,6 @@ DEFAULT_IDLE_TIMEOUT: float = 300.0
 class _MainReportNotIn(Exception):
     """Pickling a ``__main__`` object would wait for the fork server's report of
     its import of the main module (see `BaseWorkerPool._main_by_reference_now`)."""
-
-
-def _worker_env(env: object) -> dict[bytes, bytes] | None:
-    """Check a pool's ``env`` (str keys and values, as ``subprocess`` wants them);
-    returns it as ``os.environb`` holds it.
-
-    Raises:
-        TypeError: not a mapping, or a key or value that is not a str.
-        ValueError: a name that is empty or holds ``=``, a NUL character, or
-            text the file system encoding cannot hold.
-    """
-    if env is None:
-        return None
-    if not isinstance(env, Mapping):
-        raise TypeError(f"env must be a dict of str to str, not {type(env).__name__}")
-    converted = {}
-    for key, value in env.items():
-        for part in (key, value):
-            if not isinstance(part, str):
-                raise TypeError(
-                    f"env keys and values must be str, not {type(part).__name__} "
-                    f"(in {key!r}: {value!r})"
-                )
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise ValueError(f"env: illegal environment variable {key!r}: {value!r}")
-        try:
-            converted[os.fsencode(key)] = os.fsencode(value)
-        except UnicodeError as error:
-            raise ValueError(f"env: {key!r}: {value!r} cannot be encoded: {error}") from error
-    return converted
 
 
 class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture]):
@@ -206,9 +184,15 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         task_timeout: seconds a task may run; past that its worker is ended
             and its future fails with `TaskTimeoutError`. Per call:
             `submit_with_timeout`. In `map`, each call's, in a chunk too.
+        shared_data: one large read-only object for every worker (arrays, a
+            model), pickled once, its buffers in shared memory the pool holds;
+            each worker loads it once, before its initializer, and a task gets
+            it with `pool_manager.shared_data` (an array: a read-only view).
 
     Raises:
-        TypeError, ValueError: for arguments of the wrong type or range.
+        TypeError, ValueError: arguments of the wrong type or range, or that
+            cannot be pickled (``initializer``, ``initargs``, ``shared_data``).
+        OSError: ``shared_data``'s buffers could not be put in shared memory.
     """
 
     def __init__(
@@ -227,6 +211,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         max_worker_memory: int | str | None = None,
         kill_worker_memory: int | str | None = None,
         task_timeout: Duration | None = None,
+        shared_data: object = None,
     ) -> None:
         _process.check_not_importing_main()
         if max_size is not None and max_workers is not None:
@@ -242,7 +227,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             raise TypeError("initializer must be callable")
         if not isinstance(initargs, tuple):
             raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
-        self._env = _worker_env(env)
+        self._env = worker_env(env)
         if max_pending is not None:
             to_count("max_pending", max_pending, minimum=0)
         if max_tasks_per_worker is not None and max_tasks_per_child is not None:
@@ -265,12 +250,6 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         self._task_timeout = to_seconds("task_timeout", task_timeout, allow_none=True)
         self._idle_timeout = to_seconds("idle_timeout", idle_timeout, allow_none=True)
         self._start_method = resolve_start_method(mp_context)
-        config = WorkerConfig(
-            self._limits,
-            initializer,
-            initargs,
-            bytes(multiprocessing.current_process().authkey),
-        )
 
         # The queue, its lock and conditions, the counts and the grant (_drained:
         # waiters for no unfinished task); _lock guards them and everything below.
@@ -318,6 +297,15 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         #: The workers import the main module: __main__'s objects may travel
         #: by reference (see _main_module; by value where this is False).
         self._main_importable = main_to_import() is not None
+        #: The shared data's pickle and segments, held until the pool is disposed.
+        self._shared = SharedData.of(shared_data, self._by_reference())
+        config = WorkerConfig(
+            self._limits,
+            initializer,
+            initargs,
+            bytes(multiprocessing.current_process().authkey),
+            None if self._shared is None else self._shared.spec,
+        )
         try:
             self._config = dump_config(config, self._by_reference())
         except Exception as error:
@@ -769,6 +757,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
             while self._io_token is not None or self._starts:
                 self._io_done.wait()
         self._drop_server()
+        self._shared = None  # (no worker is left to send it to)
         _live_pools.discard(self)
         if self._busy_slots is not None:
             self._return_places()

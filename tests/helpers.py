@@ -315,3 +315,87 @@ def ones(count: int) -> Any:
 
 def writable_result_flags(array: Any) -> tuple[bool, float]:
     return bool(array.flags.writeable), float(array[0])
+
+
+# -- shared data per pool (test_shared_data.py) -----------------------------------
+
+#: What `remember_shared_sum`, the initializer, saw of the shared data.
+_initializer_saw: float | None = None
+
+
+def shared_sum(_: object = None) -> float:
+    """The sum of the pool's shared data (a numpy array), read in the worker."""
+    from pool_manager import shared_data
+
+    return float(shared_data().sum())
+
+
+def shared_sum_and_pid(_: object = None) -> tuple[float, int]:
+    return shared_sum(), os.getpid()
+
+
+def write_to_shared_data() -> None:
+    from pool_manager import shared_data
+
+    shared_data()[0] = 1.0
+
+
+def shared_data_flags() -> tuple[bool, bool, int]:
+    """Whether the shared array is writeable, owns its data, and the object's id."""
+    from pool_manager import shared_data
+
+    array = shared_data()
+    return bool(array.flags.writeable), bool(array.flags.owndata), id(array)
+
+
+def remember_shared_sum() -> None:
+    """An initializer: read the whole shared array once (every page touched)."""
+    global _initializer_saw
+    _initializer_saw = shared_sum()
+
+
+def initializer_saw() -> float | None:
+    return _initializer_saw
+
+
+def shared_data_lookup_error() -> str:
+    """The message of `shared_data`'s LookupError in this worker (or "no error")."""
+    from pool_manager import shared_data
+
+    try:
+        shared_data()
+    except LookupError as error:
+        return str(error)
+    return "no error"
+
+
+def shared_value() -> Any:
+    from pool_manager import shared_data
+
+    return shared_data()
+
+
+def fail_to_load() -> None:
+    raise RuntimeError("this shared data cannot be loaded here")
+
+
+class LoadsBadly:
+    """Pickles in the parent; loading it (in a worker) raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return fail_to_load, ()
+
+
+def shared_buffer_info() -> tuple[str, bool, int, int]:
+    """The shared data, a buffer: its type's name, read-only or not, size, first byte."""
+    from pool_manager import shared_data
+
+    view = shared_data()
+    return type(view).__name__, bool(view.readonly), view.nbytes, memoryview(view)[0]
+
+
+def shared_dict_summary() -> tuple[str, float, float]:
+    from pool_manager import shared_data
+
+    table = shared_data()
+    return table["name"], float(table["a"].sum()), float(table["b"].sum())

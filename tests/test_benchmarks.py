@@ -7,6 +7,7 @@ Each runs in a process of its own: the suite pins its CPUs and reaps its samples
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def test_the_large_data_measures_report_time_and_memory(tmp_path: Path) -> None:
         "--only",
         "big_array_8,big_array_40,big_global",
         "--libs",
-        "pool_manager,ppe",
+        "pool_manager,ppe,pool_manager_shared",
         "--out",
         str(tmp_path),
     )
@@ -76,8 +77,26 @@ def test_the_large_data_measures_report_time_and_memory(tmp_path: Path) -> None:
             time_row = report["results"][measure][library]
             memory_row = report["results"][f"{measure}_memory"][library]
             assert time_row["median"] > 0 and memory_row["median"] >= 0, (measure, library)
+    # pool_manager with shared_data: big_array_40 only, and not among the peers.
+    assert report["results"]["big_array_40"]["pool_manager_shared"]["median"] > 0
+    assert report["results"]["big_array_40_memory"]["pool_manager_shared"]["median"] > 0
+    assert "pool_manager_shared" not in report["results"]["big_array_8"]
+    assert all("pool_manager_shared" not in row for row in report["ratios"].values())
     job = report["results"]["big_array_40"]["pool_manager"]["details"][0]
     assert job["array_mb"] == 2 and job["job_peak_mb"] >= job["job_baseline_mb"] > 0
     goals = {goal["goal"].split(".")[0]: goal for goal in report["goals"]}
     assert goals["9"]["checks"][0]["value"] > 0  # the parent's growth over the array's size
     assert goals["10"]["checks"][1]["value"] > 0  # the whole job's peak over the array's size
+
+
+def test_the_whole_jobs_memory_counts_memfd_segments() -> None:
+    from benchmarks.suite_memory import _memfds
+
+    fd = os.memfd_create("suite-test")
+    try:
+        os.write(fd, b"x" * (1 << 20))
+        inode = os.fstat(fd).st_ino
+        assert _memfds(os.getpid())[inode] >= 1 << 20
+    finally:
+        os.close(fd)
+    assert inode not in _memfds(os.getpid())

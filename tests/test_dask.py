@@ -236,6 +236,20 @@ def test_arguments_travel_as_with_client_submit(client: Client) -> None:
         pool.dispose()
 
 
+def test_shared_data_is_refused_and_a_scattered_future_does_its_job(client: Client) -> None:
+    with pytest.raises(TypeError, match=r"client\.scatter\(obj, broadcast=True\)"):
+        DaskWorkerPool(client, 1, shared_data=[1, 2, 3])
+    # The route its message gives: scattered once, resolved by Dask on the worker.
+    pool = DaskWorkerPool(client, 1)
+    try:
+        shared = client.scatter(list(range(1000)), broadcast=True)
+        futures = [pool.submit(add, shared, [i]) for i in range(3)]
+        assert [f.result(timeout=60)[-1] for f in futures] == [0, 1, 2]
+        assert all(len(f.result(timeout=60)) == 1001 for f in futures)
+    finally:
+        pool.dispose()
+
+
 # -- map -------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pool_manager import (
     BaseWorkerPool,
@@ -20,6 +20,7 @@ from pool_manager import (
     WorkerPool,
     WorkerPoolManager,
     as_completed,
+    shared_data,
 )
 
 if TYPE_CHECKING:
@@ -65,3 +66,10 @@ def check(pool: BaseWorkerPool, manager: WorkerPoolManager) -> None:
     stats = manager.stats()
     assert_type(stats, ManagerStats)
     assert_type(stats["pools"]["key"], PoolStats)
+
+
+def shared_data_types() -> None:
+    # Any object may be shared; what a task gets back is the caller's to know.
+    assert_type(shared_data(), Any)
+    BaseWorkerPool(2, shared_data={"table": [1, 2]})
+    WorkerPoolManager(2, 60, 3600, shared_data=b"x")
