@@ -157,9 +157,10 @@ class _Dispatch:
     def budget_report(self) -> BudgetReport:
         """(For the budget) workers granted, workers it could use now, live
         workers, and those of them not told to leave."""
-        want = self.worker_count
         with self._lock:
             unfinished = len(self._outstanding)
+            # (A pool granted none runs one task at a time: `_grant_at_least_one`.)
+            want = self.worker_count or (1 if unfinished else 0)
             live = len(self._workers) + len(self._starts)
             active = self._active()
         return BudgetReport(want=want, demand=min(want, unfinished), live=live, active=active)

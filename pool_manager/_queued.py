@@ -316,7 +316,12 @@ class QueuedPool(WorkerPool, Generic[F]):
         return True
 
     def _enqueue(self, future: F) -> None:
-        """(Holds _lock) Count an admitted task and queue it (after the engine booked it)."""
+        """(Holds _lock) Count an admitted task and queue it (after the engine booked it).
+
+        A pool granted no worker is granted one now (`_grant_at_least_one`):
+        what it then asks of the worker budget counts the task.
+        """
+        self._grant_at_least_one()
         self._counts[_SUBMITTED] += 1
         self._pending.append(future)
 

@@ -63,10 +63,11 @@ The fairness rule (no key starves another)
 When it runs, and why no wake-up is lost
     Rebalancing runs on ``submit`` (when the pool wants more), when a task
     finishes while some pool is waiting (or goes idle while some pool is
-    short), when a worker exits, when a pool is disposed, and at each
-    supervisor sweep. It never blocks: if a rebalance is running on another
-    thread, that one runs again instead. Two rules keep it from losing a
-    change:
+    short, or some submit wanted more while the budget was full), when a
+    worker exits, when a pool is disposed, and at a supervisor sweep while
+    a pool waits or is short or such a submit is unplanned (`sweep`). It
+    never blocks: if a rebalance is running on another thread, that one
+    runs again instead. Two rules keep it from losing a change:
 
     * An allowance is a level, not a step. A pool keeps its live workers at
       or below it at every dispatch (idle ones above it leave at once, busy
@@ -288,6 +289,9 @@ class WorkerBudget:
         self._ticket = itertools.count(1)
         self._waiting = 0
         self._short = 0  # pools allowed fewer workers than they could use
+        #: A submit wanted more workers while the budget was full, and no plan
+        #: has read its pool since (see `submitted`, `sweep`).
+        self._unplanned = False
         self._in_use = 0  # places taken, at the last rebalance
         #: Bumped by every change a pool reports (`changed`). A plan works on
         #: a snapshot of the pools; one that sees the generation moved while
@@ -335,6 +339,8 @@ class WorkerBudget:
             # A full budget is rebalanced as tasks finish (see `changed`): a
             # submit need not pay for it, unless the pool has no worker at all.
             worth_it = account.allowed == 0 or self._limit is None or self._in_use < self._limit
+            if wants_more and not worth_it:
+                self._unplanned = True
         if wants_more and worth_it:
             self.rebalance()
 
@@ -351,7 +357,12 @@ class WorkerBudget:
             if id(pool) not in self._accounts:
                 return
             self._generation += 1
-            needed = worker_ended or self._waiting > 0 or (went_idle and self._short > 0)
+            needed = (
+                worker_ended
+                or self._waiting > 0
+                or self._unplanned
+                or (went_idle and self._short > 0)
+            )
         if needed:
             # (On the I/O loop, once at the end of its round, for all the
             # results of the round: see _threads.defer.)
@@ -376,10 +387,25 @@ class WorkerBudget:
             if not self._again:
                 return
 
+    def sweep(self) -> None:
+        """(The supervisor's sweep) rebalance if a plan may change anything: a pool
+        waits or is short, or a submit wanted more while the budget was full.
+
+        Otherwise every change already rebalanced as it happened (a submit
+        that could be served, a worker's exit, a pool's disposal), and the
+        last plan still stands: a sweep after each released lease does not
+        plan again for nothing.
+        """
+        with self._lock:
+            needed = self._waiting > 0 or self._short > 0 or self._unplanned
+        if needed:
+            self.rebalance()
+
     def _rebalance_once(self) -> None:
         with self._lock:
             accounts = list(self._accounts.values())
             generation = self._generation
+            self._unplanned = False  # (a submit from now on sets it again)
         # What each pool could use and runs now: read outside our lock (it
         # takes each pool's lock in turn).
         reports = {id(a): a.pool.budget_report() for a in accounts}

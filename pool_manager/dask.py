@@ -355,7 +355,6 @@ class DaskWorkerPool(QueuedPool[_DaskTaskFuture]):
         call: Callable[..., Any] = functools.partial(fn, **kwargs) if kwargs else fn
         with self._lock:
             self._admit(deadline)
-            self._grant_at_least_one()
             future = _DaskTaskFuture(self, (call, args))
             self._outstanding.add(future)
             self._unsettled += 1

@@ -618,7 +618,7 @@ class WorkerPoolManager:
         next_deadline = self._memory.next_deadline(plan.next_deadline, bool(self._map.entries))
         # (A worker leaving to make room for another pool's rebalances the
         # budget itself as it exits; this is a safety net, not a poll.)
-        self._budget.rebalance()
+        self._budget.sweep()
         with self._lock:
             self._last_sweep = (now, time.perf_counter() - started)
         return SweepResult(

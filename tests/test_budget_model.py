@@ -208,6 +208,10 @@ class BudgetMachine(RuleBasedStateMachine):
     def rebalance(self) -> None:
         self.budget.rebalance()
 
+    @rule()
+    def a_supervisor_sweep(self) -> None:
+        self.budget.sweep()  # (plans only if one may change anything)
+
     @precondition(lambda self: len(self.open_pools) > 1)
     @rule(data=st.data())
     def dispose_an_idle_pool(self, data: st.DataObject) -> None:
@@ -314,7 +318,7 @@ def _exit_a_leaving_worker(pools: list[_ModelPool]) -> bool:
 #: pending hook and workers (with their state).
 _Snapshot = tuple[
     dict[int, _Account],
-    tuple[int, int, int, int],
+    tuple[int, int, int, int, bool],
     dict[int, tuple[int, int, Callable[[], None] | None, list[tuple[_Worker, bool, bool]]]],
 ]
 
@@ -326,6 +330,7 @@ def _snapshot(budget: WorkerBudget, pools: list[_ModelPool]) -> _Snapshot:
         budget._short,
         budget._in_use,
         budget._generation,
+        budget._unplanned,
     )
     workers = {
         id(p): (p.queued, p.allowed, p.on_read, [(w, w.busy, w.leaving) for w in p.workers])
@@ -337,7 +342,13 @@ def _snapshot(budget: WorkerBudget, pools: list[_ModelPool]) -> _Snapshot:
 def _restore(budget: WorkerBudget, pools: list[_ModelPool], snapshot: _Snapshot) -> None:
     accounts, state, workers = snapshot
     budget._accounts = accounts
-    budget._waiting, budget._short, budget._in_use, budget._generation = state
+    (
+        budget._waiting,
+        budget._short,
+        budget._in_use,
+        budget._generation,
+        budget._unplanned,
+    ) = state
     for pool in pools:
         queued, allowed, on_read, kept = workers[id(pool)]
         pool.queued, pool.allowed, pool.on_read = queued, allowed, on_read
@@ -544,3 +555,61 @@ def test_place_rules(
     # With no more work on its way, an idle worker's place goes back, waiting pools or not.
     released = holds_place and not assigned and not more_coming
     assert BusySlots.places_to_release([worker], more_coming) == ([worker] if released else [])
+
+
+class _CountedPool(_ModelPool):
+    """A model pool that counts the plans that read it."""
+
+    def __init__(self, name: str, budget: WorkerBudget, want: int) -> None:
+        super().__init__(name, budget, want)
+        self.reads = 0
+
+    def budget_report(self) -> BudgetReport:
+        self.reads += 1
+        return super().budget_report()
+
+
+def _a_full_budget_and_a_submit_it_left_unplanned() -> tuple[
+    WorkerBudget, _CountedPool, _CountedPool
+]:
+    """Pools a and b hold one place each of two; then a submits a second task:
+    it could use a second worker, the budget is full, so the submit does not plan."""
+    budget = WorkerBudget(2)
+    a, b = _CountedPool("a", budget, 2), _CountedPool("b", budget, 2)
+    a.submit()
+    b.submit()
+    assert (a.allowed, a.running, b.allowed, b.running) == (1, 1, 1, 1)
+    reads = a.reads
+    a.submit()
+    assert a.reads == reads and a.queued == 1
+    return budget, a, b
+
+
+def test_a_sweep_plans_only_when_a_plan_may_change_something() -> None:
+    budget = WorkerBudget(2)
+    a = _CountedPool("a", budget, 2)
+    a.submit()
+    a.submit()
+    for worker in list(a.workers):
+        a.finish(worker)  # (a is idle: nothing waits, nobody is short)
+    reads = a.reads
+    budget.sweep()
+    assert a.reads == reads  # the last plan stands: a sweep does not plan for nothing
+
+    budget, a, b = _a_full_budget_and_a_submit_it_left_unplanned()
+    reads = a.reads
+    budget.sweep()
+    assert a.reads == reads + 1  # the submit left unplanned is planned now
+    reads = a.reads
+    budget.sweep()
+    assert a.reads == reads + 1  # (a is short: the sweeps go on planning)
+
+
+def test_a_finish_serves_a_submit_the_full_budget_left_unplanned() -> None:
+    # No sweep: b's task finishes (b goes idle), and that plans for a, which
+    # takes b's unused place once b's idle worker has left.
+    budget, a, b = _a_full_budget_and_a_submit_it_left_unplanned()
+    b.finish(b.workers[0])
+    while _exit_a_leaving_worker([a, b]):
+        pass
+    assert (a.allowed, a.running, a.queued) == (2, 2, 0)
