@@ -537,19 +537,18 @@ def dump_call(
     ``cloudpickle.loads`` (``_worker.run_task``). A plain call (see
     `_plain_call`) goes by the standard pickle, four times faster than
     cloudpickle, with the same bytes' meaning. A call with large buffers
-    comes back as `WithBuffers` (see `BUFFER_THRESHOLD`); a call whose
-    pickle is smaller than the threshold has none, and pays nothing for the
-    check.
+    comes back as `WithBuffers` (see `BUFFER_THRESHOLD`). A plain call's
+    arguments are looked at for a large ``bytes`` or ``bytearray`` before
+    anything is pickled (their types and sizes only), so that a 10 MB
+    argument is not pickled in band first, to be thrown away.
     """
     if _plain_call(fn, args, kwargs, main):
+        if _large_bytes(args, kwargs):  # (not pickled in band first, to be thrown away)
+            return _dump_with_buffers(fn, args, kwargs, main, plain=True)
         try:
-            data = pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
         except Exception:
             pass  # (cloudpickle says why, below)
-        else:
-            if len(data) < BUFFER_THRESHOLD or not _large_bytes(args, kwargs):
-                return data
-            return _dump_with_buffers(fn, args, kwargs, main, plain=True)
     return _dump_with_buffers(fn, args, kwargs, main, plain=False)
 
 
