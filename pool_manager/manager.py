@@ -597,8 +597,9 @@ class WorkerPoolManager:
         for ``stale_pool_expiration``, and disposes every removed pool that has
         no lease and no unfinished work (blocking while its workers stop);
         then samples memory if a sample is due (disposing idle pools under
-        memory pressure), and rebalances the worker budget. Returns what it
-        did and when the next check is due.
+        memory pressure), and rebalances the worker budget if a plan may
+        change anything (`WorkerBudget.sweep`). Returns what it did and when
+        the next check is due.
         """
         if self._inherited():
             return SweepResult()  # (the parent's pools: nothing to do here)
