@@ -133,6 +133,18 @@ def poll(predicate, timeout: float = 30.0, interval: float = 0.01):  # type: ign
         time.sleep(interval)
 
 
+def memfds() -> int:
+    """This process's open descriptors of memfd segments (large buffers, shared data)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
 def sleep_then_square(x: int, seconds: float = 0.005) -> int:
     time.sleep(seconds)
     return x * x

@@ -16,7 +16,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
@@ -49,7 +48,9 @@ from .helpers import (
     echo,
     exit_with,
     first_item_after,
+    memfds,
     ones,
+    poll,
     raise_with,
     sleep_with,
     writable_result_flags,
@@ -63,30 +64,9 @@ pytestmark = pytest.mark.timeout(90)
 LARGE = 4 * BUFFER_THRESHOLD // 8
 
 
-def memfds() -> int:
-    """The parent's open descriptors of memfd segments."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
-                count += 1
-        except OSError:
-            pass
-    return count
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def freed(before: int) -> bool:
     gc.collect()
-    return wait_until(lambda: memfds() == before)
+    return bool(poll(lambda: memfds() == before, 15.0, 0.02))
 
 
 @pytest.fixture

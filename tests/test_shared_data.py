@@ -12,7 +12,7 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,6 +33,8 @@ from pool_manager.memory import resident_memory
 from .helpers import (
     LoadsBadly,
     initializer_saw,
+    memfds,
+    poll,
     remember_shared_sum,
     shared_buffer_info,
     shared_data_flags,
@@ -50,27 +52,6 @@ pytestmark = pytest.mark.timeout(90)
 
 #: Enough float64 elements to pass the out-of-band threshold a few times over.
 LARGE = 4 * BUFFER_THRESHOLD // 8
-
-
-def memfds() -> int:
-    """The parent's open descriptors of memfd segments."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
-                count += 1
-        except OSError:
-            pass
-    return count
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -213,7 +194,7 @@ def test_the_segments_close_when_a_pool_is_dropped_without_shutdown(array: Any) 
     assert pool.submit(shared_sum).result(timeout=60) == float(array.sum())
     del pool
     gc.collect()
-    assert wait_until(lambda: memfds() == before)
+    assert poll(lambda: memfds() == before, 15.0, 0.02)
 
 
 def test_pools_given_the_same_array_share_its_segment(array: Any) -> None:
