@@ -258,16 +258,14 @@ def _serve_tasks(reader: Inbox) -> None:
         if kind != TASKS:
             continue
         meta_length, fd_count = TASKS_META.unpack_from(body)
-        if not fd_count:
-            if _serve_batch(body, meta_length, ()):
-                return
-            continue
-        fds = reader.take(fd_count)  # (the segments of the tasks' large buffers)
+        # (The segments of the tasks' large buffers; most batches have none.)
+        fds = reader.take(fd_count) if fd_count else ()
         try:
             if _serve_batch(body, meta_length, fds):
                 return
         finally:
-            close_all(fds)
+            if fds:
+                close_all(fds)
 
 
 def _serve_batch(body: bytes | bytearray, meta_length: int, fds: Sequence[int]) -> bool:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +146,32 @@ def memfds() -> int:
         except OSError:
             pass
     return count
+
+
+@contextmanager
+def peak_growth(out: list[int]) -> Iterator[None]:
+    """This process's peak resident growth over the block (appended to ``out``),
+    sampled every 5 ms."""
+    from pool_manager.memory import resident_memory
+
+    start = resident_memory(os.getpid()) or 0
+    peak = start
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, resident_memory(os.getpid()) or 0)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
+        out.append(max(peak, resident_memory(os.getpid()) or 0) - start)
 
 
 def sleep_then_square(x: int, seconds: float = 0.005) -> int:

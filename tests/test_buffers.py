@@ -41,7 +41,6 @@ from pool_manager._protocol import (
     dump_call,
     load_outcome,
 )
-from pool_manager.memory import resident_memory
 
 from .helpers import (
     add_one_and_sum,
@@ -50,6 +49,7 @@ from .helpers import (
     first_item_after,
     memfds,
     ones,
+    peak_growth,
     poll,
     raise_with,
     sleep_with,
@@ -340,27 +340,13 @@ def test_more_buffers_than_a_message_carries(
 
 def test_the_parent_grows_by_less_than_the_array_for_many_tasks() -> None:
     array = np.random.default_rng(0).random(40_000_000 // 8)  # 40 MB
+    growth: list[int] = []
     with BaseWorkerPool(2) as pool:
         pool.submit(echo, 1).result(timeout=60)
-        start = resident_memory(os.getpid()) or 0
-        peak = start
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, resident_memory(os.getpid()) or 0)
-                time.sleep(0.005)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
+        with peak_growth(growth):
             futures = [pool.submit(first_item_after, array, 0.05) for _ in range(8)]
             assert [f.result(timeout=60) for f in futures] == [array[0]] * 8
-        finally:
-            done.set()
-            sampler.join()
-    assert peak - start < array.nbytes
+    assert growth[0] < array.nbytes
 
 
 def test_descriptors_that_cannot_be_passed_fail_their_tasks_not_the_worker(

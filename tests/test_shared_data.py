@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
 import pickle
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import psutil
@@ -28,12 +24,12 @@ from pool_manager import (
     shared_data,
 )
 from pool_manager._protocol import BUFFER_THRESHOLD
-from pool_manager.memory import resident_memory
 
 from .helpers import (
     LoadsBadly,
     initializer_saw,
     memfds,
+    peak_growth,
     poll,
     remember_shared_sum,
     shared_buffer_info,
@@ -223,29 +219,6 @@ def test_a_manager_shares_one_set_of_segments_among_its_pools(array: Any) -> Non
 
 
 # -- memory: shared, not copied ------------------------------------------------------------
-
-
-@contextmanager
-def peak_growth(out: list[int]) -> Iterator[None]:
-    """This process's peak resident growth over the block, sampled every 5 ms."""
-    start = resident_memory(os.getpid()) or 0
-    peak = start
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, resident_memory(os.getpid()) or 0)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        yield
-    finally:
-        done.set()
-        sampler.join()
-        out.append(max(peak, resident_memory(os.getpid()) or 0) - start)
 
 
 def shared_mappings(pid: int) -> list[Any]:
