@@ -11,7 +11,8 @@ crash), whose descriptor travels with the message (``SCM_RIGHTS``). The
 reader maps it (`map_segments`, ``MAP_PRIVATE``: a task may write to its
 array without touching anyone else's), closes the descriptor, and loads the
 pickle with the mappings as its buffers: a numpy argument is a view of its
-mapping, no copy.
+mapping, no copy. A task's argument of exact type ``bytes`` is read into a
+``bytes`` instead (`copies`, `read_segment`): no mapping outlives the read.
 
 Lifetime (parent side): a task's payload holds its segments (strongly),
 so a segment's descriptor is closed (`Segment.close`, from ``__del__``)
@@ -19,7 +20,9 @@ once no unfinished task holds it: the future lets go of its payload when it
 settles, whatever settled it (result, error, kill, timeout, cancel, a lost
 worker, shutdown), and a pool dropped without shutdown lets go of its
 futures. The kernel frees a memfd when its last descriptor and mapping are
-gone: a worker that dies leaks nothing.
+gone: a worker that dies leaks nothing. A segment no one maps (``copied``)
+is kept as a spare instead, and the next segment is written into its memory
+(see "spare segments" below).
 
 Dedupe: the same buffer submitted to many tasks is written once while a
 segment of it is alive (`share`): segments are found by their exporter's
@@ -47,6 +50,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -58,14 +62,21 @@ __all__ = [
     "Carrying",
     "Inbox",
     "Segment",
+    "SPARE_AGE",
+    "SPARE_COUNT",
+    "SPARE_SIZE",
     "close_all",
+    "copies",
     "descriptors_message",
     "load_segments",
     "map_segments",
+    "keep_spare",
+    "keep_spares",
     "read_segment",
     "receive_descriptors",
     "recvmsg_into",
     "share",
+    "trim_spares",
     "write_segment",
 ]
 
@@ -75,26 +86,121 @@ MAX_DESCRIPTORS = 253
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_DESCRIPTORS * array.array("i").itemsize)
 #: How many bytes a content check reads at once.
 _COMPARE_CHUNK = 1 << 20
+_monotonic = time.monotonic
 
 
 def write_segment(view: memoryview) -> int:
-    """A new memfd (close-on-exec) holding ``view``'s bytes; returns its descriptor.
+    """A memfd (close-on-exec) holding ``view``'s bytes; returns its descriptor.
 
-    Written with ``write`` (no mapping: the writer's resident memory does
+    A spare segment's memory is used again if there is one (`keep_spare`):
+    writing into pages a segment already has costs a quarter of a new
+    segment's (whose pages the kernel must allocate, zero and later free).
+    Written with ``pwrite`` (no mapping: the writer's resident memory does
     not grow by the segment, and it is faster than copying into a map).
     Raises ``OSError`` (out of memory, out of descriptors).
     """
-    fd = os.memfd_create("pool_manager-buffer", os.MFD_CLOEXEC)
+    data = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    total = data.nbytes
+    fd = _take_spare()
     try:
-        data = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        total = data.nbytes
+        if fd < 0:
+            fd = os.memfd_create("pool_manager-buffer", os.MFD_CLOEXEC)
+        else:
+            os.ftruncate(fd, total)  # (its readers take the file's size as the buffer's)
         written = 0
         while written < total:
-            written += os.write(fd, data[written:])
+            written += os.pwrite(fd, data[written:], written)
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise
     return fd
+
+
+# -- spare segments --------------------------------------------------------------
+#
+# A segment whose readers all copied it out (``Segment.copied``: a task's
+# large ``bytes`` argument, which the worker reads with ``pread``; a result
+# the parent read into a ``bytes``) is kept when released, for the next
+# segment to be written into: no reader of it is left (see `Segment`). A
+# mapped segment is never kept: a mapping would see the next content.
+#
+# Bounded: at most `SPARE_COUNT` of at most `SPARE_SIZE` bytes each, for at
+# most `SPARE_AGE` seconds (`trim_spares`), and only while the process's I/O
+# loop runs, which trims them (`keep_spares`: it stops when the process has
+# no worker left, and closes them). Their
+# lock is only ever tried, never waited for (a release runs from
+# ``__del__``, wherever a collection or a signal handler happens to run): a
+# release that cannot take it closes the descriptor, a writer that cannot
+# makes a new segment.
+
+#: The most spare segments kept, and the largest one kept (bytes).
+SPARE_COUNT = 2
+SPARE_SIZE = 64 << 20
+#: Seconds a spare segment is kept unused.
+SPARE_AGE = 1.0
+_spares: list[tuple[int, float]] = []  # (descriptor, when released), oldest first
+_spares_lock = threading.Lock()
+#: The number of spare segments used again in this process (for tests and benchmarks).
+spares_taken = 0
+_keepers = 0  # (under _spares_lock) I/O loop threads running (one, but one may be ending)
+
+
+def keep_spares(keep: bool) -> None:
+    """Start or stop keeping spare segments (once no one keeps them, those kept
+    are closed). The I/O loop's thread calls it as it starts and ends, and
+    trims them (`trim_spares`) while it runs."""
+    global _keepers
+    with _spares_lock:  # (its holders never wait: this waits for no one long)
+        _keepers += 1 if keep else -1
+        kept = [fd for fd, _released in _spares] if _keepers <= 0 else []
+        if kept:
+            _spares.clear()
+    close_all(kept)
+
+
+def keep_spare(fd: int, size: int, _close: Callable[[int], None] = os.close) -> None:
+    """Keep a released segment that no one reads any more as a spare, or close it."""
+    kept = False
+    if 0 < size <= SPARE_SIZE and _spares_lock.acquire(blocking=False):
+        try:
+            if _keepers > 0 and len(_spares) < SPARE_COUNT:
+                _spares.append((fd, _monotonic()))
+                kept = True
+        finally:
+            _spares_lock.release()
+    if not kept:
+        _close(fd)
+
+
+def _take_spare() -> int:
+    """The newest spare segment's descriptor (now the caller's), or -1."""
+    global spares_taken
+    fd = -1
+    if _spares and _spares_lock.acquire(blocking=False):
+        try:
+            if _spares:
+                fd = _spares.pop()[0]
+                spares_taken += 1
+        finally:
+            _spares_lock.release()
+    return fd
+
+
+def trim_spares(max_age: float = SPARE_AGE) -> bool:
+    """Close the spare segments kept longer than ``max_age`` seconds (all with 0);
+    returns whether any is left."""
+    if not _spares or not _spares_lock.acquire(blocking=False):
+        return bool(_spares)
+    try:
+        cutoff = _monotonic() - max_age
+        stale = [fd for fd, released in _spares if max_age <= 0 or released <= cutoff]
+        del _spares[: len(stale)]
+        left = bool(_spares)
+    finally:
+        _spares_lock.release()
+    close_all(stale)
+    return left
 
 
 class Segment:
@@ -105,16 +211,33 @@ class Segment:
     it is collected, or at `close`.
     """
 
-    __slots__ = ("__weakref__", "exporter", "fd", "size")
+    __slots__ = ("__weakref__", "copied", "exporter", "fd", "size")
 
-    def __init__(self, view: memoryview, exporter: object) -> None:
+    def __init__(self, view: memoryview, exporter: object, copied: bool = False) -> None:
         self.fd = -1  # (until written: __del__ runs even if writing fails)
+        #: Every reader copies it out (``pread``), none maps it: once
+        #: collected, no one reads it, and it is kept as a spare. Only ever
+        #: turned off (`share` for a reader that maps it).
+        self.copied = copied
         self.fd = write_segment(view)
         self.size = view.nbytes
         self.exporter = exporter
         _every_segment.add(self)
         global segments_written
         segments_written += 1
+
+    @classmethod
+    def spare(cls) -> Segment | None:
+        """A spare segment (`keep_spare`) to give away, as a worker's blank for its
+        results; None if there is none. (Collected, it closes its descriptor:
+        once sent, the memory is the worker's.)"""
+        fd = _take_spare()
+        if fd < 0:
+            return None
+        segment = cls.__new__(cls)
+        segment.fd, segment.size, segment.copied, segment.exporter = fd, 0, False, None
+        _every_segment.add(segment)
+        return segment
 
     def holds(self, view: memoryview) -> bool:
         """Is ``view``'s content still what the segment holds?
@@ -151,8 +274,18 @@ class Segment:
         if fd >= 0:
             _close(fd)
 
-    def __del__(self) -> None:
-        self.close()
+    def __del__(self, _keep_spare: Callable[[int, int], None] = keep_spare) -> None:
+        # Collected: every task that held it has settled, so each worker that
+        # read it has finished reading (its task ran, or the worker is gone).
+        if self.copied and self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            try:
+                _keep_spare(fd, self.size)
+            except BaseException:  # (the interpreter's exit: the module is gone)
+                self.fd = fd
+                self.close()
+        else:
+            self.close()
 
 
 #: The number of segments written in this process (for tests and benchmarks).
@@ -163,9 +296,14 @@ _every_segment: weakref.WeakSet[Segment] = weakref.WeakSet()
 _reusable_lock = threading.Lock()  # innermost: nothing is called under it
 
 
-def share(buffers: Sequence[pickle.PickleBuffer]) -> tuple[Segment, ...]:
+def share(buffers: Sequence[pickle.PickleBuffer], copy: bool = False) -> tuple[Segment, ...]:
     """(Parent side) a segment for each buffer: a live one with the same content,
     or a new one.
+
+    ``copy``: the readers copy out the buffers of exact type ``bytes`` (a
+    task's arguments, see `copies`), so that those segments may be kept as
+    spares once released; otherwise (a pool's shared data) every reader maps
+    them.
 
     Raises ``pickle.PicklingError`` (which fails the task's future, as a call
     that cannot be pickled does) if one cannot be created (no memory, no
@@ -173,7 +311,7 @@ def share(buffers: Sequence[pickle.PickleBuffer]) -> tuple[Segment, ...]:
     memory still.
     """
     try:
-        return tuple(_segment_for(buffer) for buffer in buffers)
+        return tuple(_segment_for(buffer, copy) for buffer in buffers)
     except OSError as error:
         size = sum(memoryview(buffer).nbytes for buffer in buffers)
         raise pickle.PicklingError(
@@ -182,17 +320,28 @@ def share(buffers: Sequence[pickle.PickleBuffer]) -> tuple[Segment, ...]:
         ) from error
 
 
-def _segment_for(buffer: pickle.PickleBuffer) -> Segment:
+def copies(exporter: object) -> bool:
+    """Does a worker copy this exporter's buffer out of its segment, as a task's
+    argument? Those of exact type ``bytes``: the call loads them as ``bytes``
+    (a ``pread``; a ``bytes`` is read-only, so a ``memoryview`` of a mapping
+    would give nothing more). Others it maps (a numpy argument is a view of it)."""
+    return type(exporter) is bytes
+
+
+def _segment_for(buffer: pickle.PickleBuffer, copy: bool) -> Segment:
     view = buffer.raw()
     exporter = view.obj
+    copied = copy and copies(exporter)
     key = (id(exporter), view.nbytes)
     with _reusable_lock:
         segment = _reusable.get(key)
     if segment is not None and segment.exporter is exporter and segment.holds(view):
+        if not copied:
+            segment.copied = False  # (a reader maps it: never a spare)
         return segment
     # (Written outside the lock: two threads may each write a segment for
     # the same buffer; the later one is kept for reuse, both are correct.)
-    segment = Segment(view, exporter)
+    segment = Segment(view, exporter, copied)
     with _reusable_lock:
         _reusable[key] = segment
     return segment
@@ -201,10 +350,16 @@ def _segment_for(buffer: pickle.PickleBuffer) -> Segment:
 def _forget_segments_in_child() -> None:
     # A forked child's copies of the parent's descriptors: the child's own
     # pools are new, and the parent's inherited tasks are never sent.
+    global _spares_lock, _keepers
     for segment in list(_every_segment):
         with contextlib.suppress(OSError):
+            segment.copied = False
             segment.close()
     _reusable.clear()
+    _spares_lock = threading.Lock()  # (another thread may have held it at the fork)
+    _keepers = 0  # (until this process's own I/O loop starts)
+    close_all(fd for fd, _released in _spares)
+    _spares.clear()
 
 
 if hasattr(os, "register_at_fork"):

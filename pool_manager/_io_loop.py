@@ -43,7 +43,7 @@ import time
 import weakref
 from typing import Any, Protocol
 
-from . import _process, _threads
+from . import _buffers, _process, _threads
 from ._durations import wait_step
 
 __all__ = ["IOLoop", "LoopClient", "get_loop", "on_loop_thread"]
@@ -209,6 +209,7 @@ class IOLoop:
         _threads.mark_library_thread(service=True)
         selector = run.selector
         timeout: float | None = 0.0
+        _buffers.keep_spares(True)
         try:
             while True:
                 events = selector.select(wait_step(timeout))
@@ -241,6 +242,7 @@ class IOLoop:
                 while self._abandoned:
                     self._abandon(self._abandoned.pop(), selector)
                 _threads.run_deferred()  # (the budget's rebalance, once a round)
+                spares = _buffers.trim_spares()
                 with self._lock:
                     if not self._clients and not self._dirty and not self._abandoned:
                         self._run = None  # (attach starts a new run)
@@ -259,7 +261,10 @@ class IOLoop:
                         heap = self._heap
                     if heap:
                         timeout = heap[0][0] - time.monotonic()
+                if spares:  # (back to trim them)
+                    timeout = min(_buffers.SPARE_AGE, math.inf if timeout is None else timeout)
         finally:
+            _buffers.keep_spares(False)
             run.close()
 
     def _serve_events(self, token: int, events: Events, selector: selectors.BaseSelector) -> None:

@@ -52,9 +52,11 @@ class _Message:
     """A ``TASKS`` message being made: its tasks' entries, payloads, and the
     segments of their large buffers (each once)."""
 
-    __slots__ = ("futures", "indices", "meta", "payloads", "segments")
+    __slots__ = ("blank", "futures", "indices", "meta", "payloads", "segments")
 
-    def __init__(self) -> None:
+    def __init__(self, blank: Segment | None = None) -> None:
+        #: a spare segment for the worker's results (sent last; see TASKS_META)
+        self.blank = blank
         self.meta: list[tuple[int, float | None, int, tuple[int, ...]]] = []
         self.payloads: list[bytes] = []
         self.futures: list[_TaskFuture] = []
@@ -68,7 +70,7 @@ class _Message:
             if place is None:
                 place = self.indices[id(segment)] = len(self.segments)
                 self.segments.append(segment)
-            places.append(place)
+            places.append(~place if segment.copied else place)  # (see TASKS_META)
         self.meta.append((future.task_id, future._timeout, len(payload.data), tuple(places)))
         self.payloads.append(payload.data)
         self.futures.append(future)
@@ -366,16 +368,18 @@ class _Dispatch:
         worker.assigned.extend(batch)
         worker.sent += len(batch)
         payloads = [f._payload or b"" for f in batch]
-        if WithBuffers not in map(type, payloads):  # (most batches: no large buffers)
+        # A worker that returned large buffers last time: a blank segment for them.
+        blank = Segment.spare() if worker.large_results else None
+        if blank is None and WithBuffers not in map(type, payloads):  # (most batches)
             meta = pickle.dumps(
                 [(f.task_id, f._timeout, len(p), ()) for f, p in zip(batch, payloads)],
                 pickle.HIGHEST_PROTOCOL,
             )
             length = TASKS_META.size + len(meta) + sum(len(p) for p in payloads)
-            head = TO_WORKER.pack(length, TASKS) + TASKS_META.pack(len(meta), 0) + meta
+            head = TO_WORKER.pack(length, TASKS) + TASKS_META.pack(len(meta), 0, 0) + meta
             self._send(worker, head, *payloads)  # type: ignore[arg-type]
             return
-        message = _Message()
+        message = _Message(blank)
         for future in batch:
             payload = future._payload or b""
             if type(payload) is bytes:
@@ -385,7 +389,7 @@ class _Dispatch:
                 continue
             assert isinstance(payload, WithBuffers)
             # (At most MAX_DESCRIPTORS a message: past that, another one.)
-            if len(message.segments) + len(payload.buffers) > MAX_DESCRIPTORS:
+            if len(message.segments) + len(payload.buffers) + 1 > MAX_DESCRIPTORS:
                 self._send_message(worker, message)
                 message = _Message()
             message.add(future, payload)
@@ -397,8 +401,13 @@ class _Dispatch:
             return
         pickled = pickle.dumps(message.meta, pickle.HIGHEST_PROTOCOL)
         length = TASKS_META.size + len(pickled) + sum(len(p) for p in message.payloads)
-        fd_count = len(message.segments)
-        head = TO_WORKER.pack(length, TASKS) + TASKS_META.pack(len(pickled), fd_count)
+        segments = message.segments
+        blanks = 0
+        if message.blank is not None:
+            segments.append(message.blank)
+            blanks = 1
+        fd_count = len(segments)
+        head = TO_WORKER.pack(length, TASKS) + TASKS_META.pack(len(pickled), fd_count, blanks)
         if not fd_count:
             self._send(worker, head + pickled, *message.payloads)
             return
@@ -407,7 +416,7 @@ class _Dispatch:
                 worker,
                 head + pickled,
                 *message.payloads,
-                carrying=(tuple(message.segments), message.futures),
+                carrying=(tuple(segments), message.futures),
             )
         except OSError as error:
             self._fail_unsent(worker, message.futures, error)

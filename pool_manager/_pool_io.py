@@ -132,6 +132,7 @@ class _Worker:
         "outbuf",
         "pid",
         "holds_place",
+        "large_results",
         "owner",
         "place_since",
         "ready",
@@ -160,6 +161,8 @@ class _Worker:
         self.assigned: deque[_TaskFuture] = deque()
         self.sent = 0
         self.finished_tasks = 0
+        #: its last result had large buffers (its next batch takes a blank segment)
+        self.large_results = False
         self.idle_since = now
         self.leaving: int | None = None  # why it was told to leave, or said it leaves
         #: The task that said it started (``STARTED``) and has a deadline:
@@ -589,6 +592,8 @@ class _WorkerIO:
                                 assigned.remove(candidate)
                                 break
                     worker.finished_tasks += 1
+                    if kind == RESULT:
+                        worker.large_results = reason > 0  # (its segments)
                     self._fruitless = 0
                     if worker.deadline is not None and worker.deadline[1] == task_id:
                         worker.deadline = None

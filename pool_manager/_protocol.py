@@ -148,14 +148,19 @@ INIT, TASKS, EXIT = 1, 2, 3
 INIT_META = struct.Struct("<I")
 
 #: A ``TASKS`` body: the length of a pickled list of (task id, timeout,
-#: payload length, buffers), and the number of descriptors the message
-#: carries; that list, then the payloads one after another (so a large
-#: argument is sent from the bytes it was pickled into, not copied). A
+#: payload length, buffers), the number of descriptors the message carries,
+#: and how many of them, the last, are blank segments for the worker to
+#: write its large results into (``_buffers`` spares: a worker whose last
+#: result had large buffers gets one, if the parent has one); that list,
+#: then the payloads one after another (so a large argument is sent from
+#: the bytes it was pickled into, not copied). A
 #: payload is a pickled call (`dump_call`); a timeout is in seconds, or None;
 #: ``buffers``: the indices, among the message's descriptors, of the
 #: segments holding the call's out-of-band buffers, in order (a tuple,
-#: empty for most calls).
-TASKS_META = struct.Struct("<IB")
+#: empty for most calls); ``~index`` (negative) for a segment the worker
+#: reads into a ``bytes`` instead of mapping it (``_buffers.copies``: the
+#: parent may use its memory again once the task has settled).
+TASKS_META = struct.Struct("<IBB")
 
 # -- worker → parent -----------------------------------------------------------
 
@@ -323,23 +328,32 @@ class MessageReader:
         """The buffers of the next ``count`` descriptors (closed), or why not.
 
         (A result that is a large ``bytes`` is read straight into one: the
-        load then takes it as it is, no second copy.)
+        load then takes it as it is, no second copy.) A segment read into a
+        copy is kept as a spare (``_buffers.keep_spare``): the worker wrote
+        it and let it go, and no one else has it.
         """
-        from ._buffers import load_segments, read_segment
+        from ._buffers import keep_spare, load_segments, read_segment
 
         fds = self._fds
         taken = [fds.popleft() for _ in range(min(count, len(fds)))]
         try:
             if len(taken) < count:
                 raise OSError(f"{count - len(taken)} of {count} descriptors did not arrive")
+            buffers: tuple[Any, ...]
             if count == 1 and body == _BYTES_RESULT:
-                return (read_segment(taken[0]),)
-            return tuple(load_segments(taken))
+                buffers = (read_segment(taken[0]),)
+            else:
+                buffers = tuple(load_segments(taken))
         except (OSError, ValueError) as error:  # (ValueError: an empty segment)
-            return error if isinstance(error, OSError) else OSError(str(error))
-        finally:
             for fd in taken:
                 os.close(fd)
+            return error if isinstance(error, OSError) else OSError(str(error))
+        for fd, buffer in zip(taken, buffers):
+            if isinstance(buffer, (bytes, bytearray)):  # (a copy, not a mapping)
+                keep_spare(fd, len(buffer))
+            else:
+                os.close(fd)
+        return buffers
 
     def close(self) -> None:
         """Close the descriptors of messages that will never be whole."""

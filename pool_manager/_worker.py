@@ -42,7 +42,17 @@ from typing import Any, NoReturn
 import cloudpickle
 
 from . import _shared
-from ._buffers import Inbox, close_all, descriptors_message, map_segments, write_segment
+from ._buffers import (
+    Inbox,
+    close_all,
+    descriptors_message,
+    keep_spare,
+    keep_spares,
+    map_segments,
+    read_segment,
+    trim_spares,
+    write_segment,
+)
 from ._protocol import (
     ERROR,
     EXIT,
@@ -176,6 +186,7 @@ def serve(sock: socket.socket) -> NoReturn:
         # (Not a buffered file: recvmsg, so the descriptors that come with
         # a message are kept.)
         reader = Inbox(sock)
+        keep_spares(True)  # (the blank segments its parent sends: see _serve_tasks)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         message = _read_message(reader)
         if message is None or message[0] != INIT:
@@ -257,15 +268,22 @@ def _serve_tasks(reader: Inbox) -> None:
             return
         if kind != TASKS:
             continue
-        meta_length, fd_count = TASKS_META.unpack_from(body)
+        meta_length, fd_count, blanks = TASKS_META.unpack_from(body)
         # (The segments of the tasks' large buffers; most batches have none.)
-        fds = reader.take(fd_count) if fd_count else ()
+        fds = reader.take(fd_count) if fd_count else []
+        if blanks:  # (for this batch's large results: `write_segment` takes them)
+            for fd in fds[fd_count - blanks :]:
+                if fd >= 0:
+                    keep_spare(fd, 1)
+            del fds[fd_count - blanks :]
         try:
             if _serve_batch(body, meta_length, fds):
                 return
         finally:
             if fds:
                 close_all(fds)
+            if blanks:
+                trim_spares(0)  # (one left unused is not kept past its batch)
 
 
 def _serve_batch(body: bytes | bytearray, meta_length: int, fds: Sequence[int]) -> bool:
@@ -284,7 +302,12 @@ def _serve_batch(body: bytes | bytearray, meta_length: int, fds: Sequence[int]) 
             _deadline = (task_id, timeout)
             _send(STARTED, task_id=task_id, value=timeout)
         started = time.perf_counter()
-        ok, data = run_task(payload, [fds[index] for index in buffers] if buffers else ())
+        if buffers:  # (an index ~i: read the segment, see TASKS_META)
+            ok, data = run_task(
+                payload, [fds[i if i >= 0 else ~i] for i in buffers], [i < 0 for i in buffers]
+            )
+        else:
+            ok, data = run_task(payload)
         _deadline = None
         elapsed = time.perf_counter() - started
         if isinstance(data, tuple):  # (a result's large buffers, in segments)
@@ -348,18 +371,23 @@ def _should_retire() -> tuple[int, float]:
 
 
 def run_task(
-    payload: bytes | memoryview, fds: Sequence[int] = ()
+    payload: bytes | memoryview, fds: Sequence[int] = (), read: Sequence[bool] = ()
 ) -> tuple[bool, bytes | tuple[bytes, list[int]]]:
     """Run one task in the worker; returns ``(ok, pickled result or exception)``.
 
-    ``fds``: the segments of the call's large buffers (mapped here, left
-    open). A result with large buffers comes back as ``(pickle, the
-    descriptors of their segments)``, for the caller to send and close.
+    ``fds``: the segments of the call's large buffers (left open), each
+    mapped, or read into a ``bytes`` where ``read`` says so (see
+    `_protocol.TASKS_META`). A result with large buffers comes back as
+    ``(pickle, the descriptors of their segments)``, for the caller to send
+    and close.
     """
     try:
-        # (Mapping fails the task as its arguments, never the worker.)
+        # (Reading fails the task as its arguments, never the worker.)
         if fds:
-            buffers = map_segments(fds, close=False)
+            buffers = [
+                read_segment(fd) if read and read[i] else map_segments((fd,), close=False)[0]
+                for i, fd in enumerate(fds)
+            ]
             fn, args, kwargs = cloudpickle.loads(payload, buffers=buffers)
             del buffers
         else:

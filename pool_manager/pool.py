@@ -518,7 +518,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         try:
             payload = dump_call(fn, args, kwargs, main)
             if type(payload) is WithBuffers:  # (its large buffers, to shared memory)
-                payload = WithBuffers(payload.data, share(payload.buffers))
+                payload = WithBuffers(payload.data, share(payload.buffers, copy=True))
         except _MainReportNotIn:
             return None  # (submitted on a thread instead, where waiting is fine)
         except Exception as error:
