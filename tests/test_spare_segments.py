@@ -162,7 +162,7 @@ def test_many_tasks_on_many_workers_each_get_their_own_bytes() -> None:
     def submit_all(offset: int) -> None:
         try:
             for round_ in range(3):
-                futures = []
+                futures: list[tuple[Any, Any]] = []
                 for index in range(offset, len(payloads), 3):
                     data = payloads[index]
                     futures.append((data, pool.submit(digest_and_echo, data)))
