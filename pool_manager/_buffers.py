@@ -32,6 +32,11 @@ A pool's shared data (``_shared.py``) is shared the same way, once for
 the pool's life: its segments go with each worker's ``INIT``, and the
 worker maps them read-only and shared (`map_segments` with ``readonly``).
 
+A shared array (``_shared_array.py``) is already in a memfd: its segment is
+adopted (`Segment.adopt`: nothing written), and `share` sends a buffer that
+is all of its memory as that segment, with no content check (`owned_segment`,
+set once that module is imported); a part of it is copied as any buffer.
+
 It imports nothing of the package (the worker and the wire use it).
 """
 
@@ -116,6 +121,23 @@ class Segment:
         global segments_written
         segments_written += 1
 
+    @classmethod
+    def adopt(cls, fd: int, size: int, exporter: object = None) -> Segment:
+        """A segment of the ``size`` bytes already in the memfd ``fd`` (a shared
+        array's, ``_shared_array.py``): nothing is written or counted in
+        `segments_written`; the segment owns ``fd`` from now on (closes it
+        when collected, or at `close`, as any segment). It is never offered
+        for reuse by content (`share` finds it by its memory, through
+        `owned_segment`), so no one writes to it or checks it. ``exporter``:
+        what must live as long as the segment (None: nothing).
+        """
+        segment = cls.__new__(cls)
+        segment.fd = fd
+        segment.size = size
+        segment.exporter = exporter
+        _every_segment.add(segment)  # (closed in a forked child, as any segment)
+        return segment
+
     def holds(self, view: memoryview) -> bool:
         """Is ``view``'s content still what the segment holds?
 
@@ -161,11 +183,16 @@ segments_written = 0
 _reusable: weakref.WeakValueDictionary[tuple[int, int], Segment] = weakref.WeakValueDictionary()
 _every_segment: weakref.WeakSet[Segment] = weakref.WeakSet()
 _reusable_lock = threading.Lock()  # innermost: nothing is called under it
+#: The segment that already holds all of a buffer's memory (an adopted one,
+#: `Segment.adopt`, whose descriptor is open), or None: set by
+#: ``_shared_array`` when it is imported (None until then: nothing to find).
+owned_segment: Callable[[memoryview], Segment | None] | None = None
 
 
 def share(buffers: Sequence[pickle.PickleBuffer]) -> tuple[Segment, ...]:
-    """(Parent side) a segment for each buffer: a live one with the same content,
-    or a new one.
+    """(Parent side) a segment for each buffer: the shared array's own, if the
+    buffer is all of one (`owned_segment`), else a live one with the same
+    content, or a new one.
 
     Raises ``pickle.PicklingError`` (which fails the task's future, as a call
     that cannot be pickled does) if one cannot be created (no memory, no
@@ -184,6 +211,10 @@ def share(buffers: Sequence[pickle.PickleBuffer]) -> tuple[Segment, ...]:
 
 def _segment_for(buffer: pickle.PickleBuffer) -> Segment:
     view = buffer.raw()
+    if owned_segment is not None:
+        owned = owned_segment(view)
+        if owned is not None:  # (a shared array's memory: sent as it is)
+            return owned
     exporter = view.obj
     key = (id(exporter), view.nbytes)
     with _reusable_lock:
