@@ -35,7 +35,7 @@ worker maps them read-only and shared (`map_segments` with ``readonly``).
 A shared array (``_shared_array.py``) is already in a memfd: its segment is
 adopted (`Segment.adopt`: nothing written), and `share` sends a buffer that
 is all of its memory as that segment, with no content check (`owned_segment`,
-set once that module is imported); a part of it is copied as any buffer.
+set once a shared array is made); a part of it is copied as any buffer.
 
 It imports nothing of the package (the worker and the wire use it).
 """
@@ -185,7 +185,8 @@ _every_segment: weakref.WeakSet[Segment] = weakref.WeakSet()
 _reusable_lock = threading.Lock()  # innermost: nothing is called under it
 #: The segment that already holds all of a buffer's memory (an adopted one,
 #: `Segment.adopt`, whose descriptor is open), or None: set by
-#: ``_shared_array`` when it is imported (None until then: nothing to find).
+#: ``_shared_array`` when it makes its first array (None until then: nothing
+#: to find).
 owned_segment: Callable[[memoryview], Segment | None] | None = None
 
 

@@ -36,7 +36,8 @@ closed (``_buffers._forget_segments_in_child``): its array still works,
 mapped shared with the parent's, and is written into a new segment when
 the child submits it, as any buffer is.
 
-It imports ``_buffers`` only (numpy when an array is made).
+It imports ``_buffers`` only (numpy when an array is made), and sets
+``_buffers.owned_segment`` when it makes its first array.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ __all__ = ["shared_array"]
 #: a mapping (numpy keeps the chain short: a view's base is the array that
 #: wraps the mapping).
 _MOST_LINKS = 16
+#: ``numpy.ndarray``, once a shared array has been made (`owned_segment`
+#: follows only arrays' ``base``).
+_ndarray: Any = None
 
 
 class _SharedMapping(mmap.mmap):
@@ -151,6 +155,10 @@ def shared_array(
         dims, kind, buffer=mapping, order=order
     )
     mapping.address = array.__array_interface__["data"][0]
+    global _ndarray
+    if _ndarray is None:  # (from now on, share looks for shared arrays)
+        _ndarray = numpy.ndarray
+        _buffers.owned_segment = owned_segment
     return array
 
 
@@ -174,21 +182,20 @@ def owned_segment(view: memoryview) -> Segment | None:
     """The segment of the shared array whose memory ``view`` (a ``PickleBuffer``'s
     raw view) is all of, or None (not a shared array's, only part of one, or
     its descriptor closed: in a forked child)."""
-    exporter = view.obj
-    mapping = getattr(exporter, "base", None)
+    exporter: Any = view.obj
+    mapping: Any = exporter
+    ndarray = _ndarray
+    if ndarray is None or not isinstance(exporter, ndarray):
+        return None
     for _ in range(_MOST_LINKS):
-        if mapping is None or type(mapping) is _SharedMapping:
+        mapping = mapping.base
+        if not isinstance(mapping, ndarray):
             break
-        mapping = getattr(mapping, "base", None)
     if type(mapping) is not _SharedMapping:
         return None
     segment = mapping.segment
     if segment.fd < 0 or view.nbytes != segment.size:
         return None
-    interface = getattr(exporter, "__array_interface__", None)
-    if not isinstance(interface, dict) or interface.get("data", (None,))[0] != mapping.address:
+    if exporter.__array_interface__["data"][0] != mapping.address:
         return None
     return segment
-
-
-_buffers.owned_segment = owned_segment
