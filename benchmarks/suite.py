@@ -61,9 +61,10 @@ LIBRARIES: dict[str, str] = {
     # pool_manager used another way (a measure's second way of doing the same
     # work): a column of its own, not a peer.
     "pool_manager_shared": "pool_manager (shared_data)",
+    "pool_manager_shared_array": "pool_manager (shared_array)",
 }
 #: pool_manager's variants: columns beside it, left out of the ratios to peers.
-VARIANTS = ["pool_manager_shared"]
+VARIANTS = ["pool_manager_shared", "pool_manager_shared_array"]
 PEERS = [name for name in LIBRARIES if name != "pool_manager" and name not in VARIANTS]
 POOLS = ["pool_manager", "ppe", "loky", "pebble", "mpire", "mp_pool"]
 #: The large-data measures' libraries (issue 14).
@@ -269,7 +270,7 @@ MEASURES: list[Measure] = [
         "big_array",
         "s",
         False,
-        BIG_DATA,
+        [*BIG_DATA, "pool_manager_shared_array"],
         {"mb": 80, "tasks": 8},
         {"mb": 20, "tasks": 8},
         repeat=3,
@@ -283,7 +284,7 @@ MEASURES: list[Measure] = [
         "big_array",
         "MB",
         False,
-        BIG_DATA,
+        [*BIG_DATA, "pool_manager_shared_array"],
         {},
         source="big_array_8",
         key="memory_mb",
@@ -294,7 +295,7 @@ MEASURES: list[Measure] = [
         "big_array",
         "s",
         False,
-        [*BIG_DATA, "pool_manager_shared"],
+        [*BIG_DATA, "pool_manager_shared", "pool_manager_shared_array"],
         {"mb": 400, "tasks": 40, "whole_job": True},
         {"mb": 100, "tasks": 40, "whole_job": True},
         repeat=1,  # (16 GB through the pipes for each library that copies: minutes)
@@ -308,7 +309,7 @@ MEASURES: list[Measure] = [
         "big_array",
         "MB",
         False,
-        [*BIG_DATA, "pool_manager_shared"],
+        [*BIG_DATA, "pool_manager_shared", "pool_manager_shared_array"],
         {},
         source="big_array_40",
         key="memory_mb",
@@ -858,6 +859,12 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             [
                 per_array("parent growth < 2x the array", "big_array_8", 2.0),
                 versus("wall time vs joblib", "big_array_8", "joblib", None),
+                per_array(
+                    "with shared_array: parent growth / the array",
+                    "big_array_8",
+                    None,
+                    ours_as="pool_manager_shared_array",
+                ),
             ],
         ),
         (
@@ -878,6 +885,19 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "big_array_40",
                     None,
                     ours_as="pool_manager_shared",
+                ),
+                versus(
+                    "with shared_array: wall time vs joblib",
+                    "big_array_40",
+                    "joblib",
+                    None,
+                    ours_as="pool_manager_shared_array",
+                ),
+                per_array(
+                    "with shared_array: whole job's peak / the array",
+                    "big_array_40",
+                    None,
+                    ours_as="pool_manager_shared_array",
                 ),
             ],
         ),

@@ -511,7 +511,10 @@ def big_array(library: str, p: dict[str, Any]) -> Result:
     array as its argument (joblib: one ``Parallel`` call) and all are waited
     for; each returns `strided_sum`, checked against the parent's own.
     ``pool_manager_shared`` gives the array to a pool as its ``shared_data``
-    instead (`_run_with_shared_data`). ``memory_mb``: the parent's peak
+    instead (`_run_with_shared_data`); ``pool_manager_shared_array`` makes it
+    with ``pool_manager.shared_array`` (filled the same way: every page
+    written, before the timing) and submits it as pool_manager does an
+    ordinary one, which then sends its memory as it is. ``memory_mb``: the parent's peak
     growth over its baseline (`ParentPeak`), or with ``whole_job`` the peak
     of the whole process tree (`JobPeak`, the parent's growth kept beside it).
     """
@@ -521,10 +524,19 @@ def big_array(library: str, p: dict[str, Any]) -> Result:
         raise NotApplicable("numpy is not installed") from None
     workers, tasks = p["workers"], p["tasks"]
     shared = library == "pool_manager_shared"
-    with _warm_fork_server() if shared else running(library, workers) as pool:
+    in_shared_memory = library == "pool_manager_shared_array"
+    pool_of = "pool_manager" if in_shared_memory else library
+    with _warm_fork_server() if shared else running(pool_of, workers) as pool:
         if pool is not None:
             warm(pool, workers)
-        array = numpy.ones(int(p["mb"] * 1e6) // 8)  # written: every page resident
+        count = int(p["mb"] * 1e6) // 8
+        if in_shared_memory:
+            from pool_manager import shared_array
+
+            array = shared_array(count)
+            array[:] = 1.0  # written: every page resident
+        else:
+            array = numpy.ones(count)  # written: every page resident
         expected = strided_sum(array)
         with JobPeak() if p.get("whole_job") else nullcontext() as job, ParentPeak() as parent:
             started = time.perf_counter()

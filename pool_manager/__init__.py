@@ -73,6 +73,9 @@ How a task and a pool's life flow through the parts::
   in the parent, its buffers in segments the pool (or the manager) holds,
   sent with each worker's ``INIT``, loaded once in the worker from
   read-only mappings; and `shared_data`, which returns it there.
+- ``_shared_array.py``: `shared_array`, a numpy array made in a memfd
+  from the start, which ``_buffers`` sends as it is (its own segment: no
+  copy, no content check).
 - ``_buffers.py``: large buffers out of band (numpy arrays' data, large
   ``bytes``): each written once into a memfd segment whose descriptor
   travels with the message, mapped by the reader; the parent's segments
@@ -90,7 +93,7 @@ and imports: no module imports one that imports it back, at its top or in a
 function (``tests/test_layout.py``). At the bottom, ``_protocol`` imports
 nothing of the package at its top (nor does ``_buffers``); ``_shared``
 imports only those two, ``_worker`` only those three, and the fork server
-(``_process``) imports them.
+(``_process``) imports them; ``_shared_array`` imports only ``_buffers``.
 
 Threads, and what each may change (a process has one I/O loop, one
 starter and a few callback threads however many pools it has):
@@ -181,6 +184,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._shared import shared_data
+    from ._shared_array import shared_array
     from .errors import (
         ArgumentUnpicklingError,
         FactoryError,
@@ -247,6 +251,7 @@ __all__ = [
     "WorkerStartError",
     "__version__",
     "as_completed",
+    "shared_array",
     "shared_data",
 ]
 
@@ -284,6 +289,7 @@ _HOMES = {
     "WorkerPool": "pool",
     "as_completed": "progress",
     "shared_data": "_shared",
+    "shared_array": "_shared_array",
 }
 
 

@@ -35,6 +35,11 @@ A pool's shared data (``_shared.py``) is shared the same way, once for
 the pool's life: its segments go with each worker's ``INIT``, and the
 worker maps them read-only and shared (`map_segments` with ``readonly``).
 
+A shared array (``_shared_array.py``) is already in a memfd: its segment is
+adopted (`Segment.adopt`: nothing written), and `share` sends a buffer that
+is all of its memory as that segment, with no content check (`owned_segment`,
+set once a shared array is made); a part of it is copied as any buffer.
+
 It imports nothing of the package (the worker and the wire use it).
 """
 
@@ -239,6 +244,22 @@ class Segment:
         _every_segment.add(segment)
         return segment
 
+    @classmethod
+    def adopt(cls, fd: int, size: int, exporter: object = None) -> Segment:
+        """A segment of the ``size`` bytes already in the memfd ``fd`` (a shared
+        array's, ``_shared_array.py``): nothing is written or counted in
+        `segments_written`; the segment owns ``fd`` from now on (closes it
+        when collected, or at `close`, as any segment). It is never offered
+        for reuse by content (`share` finds it by its memory, through
+        `owned_segment`), so no one writes to it or checks it. ``exporter``:
+        what must live as long as the segment (None: nothing).
+        """
+        segment = cls.__new__(cls)
+        segment.fd, segment.size, segment.exporter = fd, size, exporter
+        segment.copied = False  # (mapped by its readers: never a spare)
+        _every_segment.add(segment)  # (closed in a forked child, as any segment)
+        return segment
+
     def holds(self, view: memoryview) -> bool:
         """Is ``view``'s content still what the segment holds?
 
@@ -294,11 +315,17 @@ segments_written = 0
 _reusable: weakref.WeakValueDictionary[tuple[int, int], Segment] = weakref.WeakValueDictionary()
 _every_segment: weakref.WeakSet[Segment] = weakref.WeakSet()
 _reusable_lock = threading.Lock()  # innermost: nothing is called under it
+#: The segment that already holds all of a buffer's memory (an adopted one,
+#: `Segment.adopt`, whose descriptor is open), or None: set by
+#: ``_shared_array`` when it makes its first array (None until then: nothing
+#: to find).
+owned_segment: Callable[[memoryview], Segment | None] | None = None
 
 
 def share(buffers: Sequence[pickle.PickleBuffer], copy: bool = False) -> tuple[Segment, ...]:
-    """(Parent side) a segment for each buffer: a live one with the same content,
-    or a new one.
+    """(Parent side) a segment for each buffer: the shared array's own, if the
+    buffer is all of one (`owned_segment`), else a live one with the same
+    content, or a new one.
 
     ``copy``: the readers copy out the buffers of exact type ``bytes`` (a
     task's arguments, see `copies`), so that those segments may be kept as
@@ -330,6 +357,10 @@ def copies(exporter: object) -> bool:
 
 def _segment_for(buffer: pickle.PickleBuffer, copy: bool) -> Segment:
     view = buffer.raw()
+    if owned_segment is not None:
+        owned = owned_segment(view)
+        if owned is not None:  # (a shared array's memory: sent as it is)
+            return owned
     exporter = view.obj
     copied = copy and copies(exporter)
     key = (id(exporter), view.nbytes)
@@ -380,9 +411,10 @@ class Carrying(NamedTuple):
 
 
 #: ``sendmsg`` errors that mean the descriptors could not be passed (too many
-#: in flight: more than ``RLIMIT_NOFILE``; no memory), not that the worker is
-#: gone: nothing was sent.
-PASSING_ERRORS = frozenset({errno.ETOOMANYREFS, errno.ENOMEM, errno.ENOBUFS})
+#: in flight: more than ``RLIMIT_NOFILE``; no memory; one not open, which
+#: would be a bug), not that the worker is gone: nothing was sent, and the
+#: message's tasks fail (a worker that lives on would never answer them).
+PASSING_ERRORS = frozenset({errno.ETOOMANYREFS, errno.ENOMEM, errno.ENOBUFS, errno.EBADF})
 
 
 def descriptors_message(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:

@@ -440,3 +440,31 @@ def shared_dict_summary() -> tuple[str, float, float]:
 
     table = shared_data()
     return table["name"], float(table["a"].sum()), float(table["b"].sum())
+
+
+# -- shared arrays (test_shared_array.py) ------------------------------------------
+
+
+def sum_and_memfd_mappings(array: Any) -> tuple[float, list[str]]:
+    """The argument's sum, and the names of the memfds this worker maps while it
+    holds the argument (which segment the argument is a view of)."""
+    total = float(array.sum())
+    names = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/memfd:"):
+            names.append(fields[5].split(":", 1)[1].removesuffix(" (deleted)"))
+    return total, sorted(set(names))
+
+
+def sum_after(array: Any, seconds: float) -> float:
+    time.sleep(seconds)
+    return float(array.sum())
+
+
+def numpy_imported_pid(seconds: float) -> int:
+    """Import numpy in this worker (as loading an array argument does), wait, return the pid."""
+    import numpy  # noqa: F401
+
+    time.sleep(seconds)
+    return os.getpid()

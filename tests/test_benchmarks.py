@@ -66,7 +66,7 @@ def test_the_large_data_measures_report_time_and_memory(tmp_path: Path) -> None:
         "--only",
         "big_array_8,big_array_40,big_global",
         "--libs",
-        "pool_manager,ppe,pool_manager_shared",
+        "pool_manager,ppe,pool_manager_shared,pool_manager_shared_array",
         "--out",
         str(tmp_path),
     )
@@ -82,11 +82,19 @@ def test_the_large_data_measures_report_time_and_memory(tmp_path: Path) -> None:
     assert report["results"]["big_array_40_memory"]["pool_manager_shared"]["median"] > 0
     assert "pool_manager_shared" not in report["results"]["big_array_8"]
     assert all("pool_manager_shared" not in row for row in report["ratios"].values())
+    # pool_manager with shared_array: both array measures, and not among the peers.
+    for measure in ("big_array_8", "big_array_40"):
+        time_row = report["results"][measure]["pool_manager_shared_array"]
+        memory_row = report["results"][f"{measure}_memory"]["pool_manager_shared_array"]
+        assert time_row["median"] > 0 and memory_row["median"] >= 0, measure
+    assert all("pool_manager_shared_array" not in row for row in report["ratios"].values())
     job = report["results"]["big_array_40"]["pool_manager"]["details"][0]
     assert job["array_mb"] == 2 and job["job_peak_mb"] >= job["job_baseline_mb"] > 0
     goals = {goal["goal"].split(".")[0]: goal for goal in report["goals"]}
     assert goals["9"]["checks"][0]["value"] > 0  # the parent's growth over the array's size
     assert goals["10"]["checks"][1]["value"] > 0  # the whole job's peak over the array's size
+    shared_array_peak = goals["10"]["checks"][-1]
+    assert "shared_array" in shared_array_peak["check"] and shared_array_peak["value"] > 0
 
 
 def test_the_whole_jobs_memory_counts_memfd_segments() -> None:

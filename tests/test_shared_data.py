@@ -6,7 +6,6 @@ worker with its ``INIT`` and loaded once, before the initializer.
 
 from __future__ import annotations
 
-import errno
 import gc
 import pickle
 import threading
@@ -159,9 +158,8 @@ def test_shared_data_that_fails_to_load_in_the_worker_fails_the_tasks() -> None:
 def test_an_init_whose_segments_cannot_be_passed_fails_like_a_setup(
     array: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # (As test_buffers' test of a task's descriptors: a descriptor that does
-    # not exist fails the same way as ETOOMANYREFS, once its errno counts.)
-    monkeypatch.setattr(_pool_dispatch, "PASSING_ERRORS", frozenset({errno.EBADF}))
+    # (As test_buffers' test of a task's descriptors: a descriptor that is
+    # not open fails the same way as ETOOMANYREFS.)
     monkeypatch.setattr(
         _pool_dispatch, "descriptors_message", lambda fds: _buffers.descriptors_message([-1])
     )
