@@ -514,7 +514,8 @@ def big_array(library: str, p: dict[str, Any]) -> Result:
     instead (`_run_with_shared_data`); ``pool_manager_shared_array`` makes it
     with ``pool_manager.shared_array`` (filled the same way: every page
     written, before the timing) and submits it as pool_manager does an
-    ordinary one, which then sends its memory as it is. ``memory_mb``: the parent's peak
+    ordinary one, which then sends its memory as it is; ``pool_manager_shared_both``
+    gives a pool such an array as its ``shared_data``. ``memory_mb``: the parent's peak
     growth over its baseline (`ParentPeak`), or with ``whole_job`` the peak
     of the whole process tree (`JobPeak`, the parent's growth kept beside it).
     """
@@ -523,9 +524,9 @@ def big_array(library: str, p: dict[str, Any]) -> Result:
     except ImportError:
         raise NotApplicable("numpy is not installed") from None
     workers, tasks = p["workers"], p["tasks"]
-    shared = library == "pool_manager_shared"
-    in_shared_memory = library == "pool_manager_shared_array"
-    pool_of = "pool_manager" if in_shared_memory else library
+    shared = library in ("pool_manager_shared", "pool_manager_shared_both")
+    in_shared_memory = library in ("pool_manager_shared_array", "pool_manager_shared_both")
+    pool_of = "pool_manager" if library == "pool_manager_shared_array" else library
     with _warm_fork_server() if shared else running(pool_of, workers) as pool:
         if pool is not None:
             warm(pool, workers)

@@ -66,7 +66,7 @@ def test_the_large_data_measures_report_time_and_memory(tmp_path: Path) -> None:
         "--only",
         "big_array_8,big_array_40,big_global",
         "--libs",
-        "pool_manager,ppe,pool_manager_shared,pool_manager_shared_array",
+        "pool_manager,ppe,pool_manager_shared,pool_manager_shared_array,pool_manager_shared_both",
         "--out",
         str(tmp_path),
     )
@@ -88,11 +88,16 @@ def test_the_large_data_measures_report_time_and_memory(tmp_path: Path) -> None:
         memory_row = report["results"][f"{measure}_memory"]["pool_manager_shared_array"]
         assert time_row["median"] > 0 and memory_row["median"] >= 0, measure
     assert all("pool_manager_shared_array" not in row for row in report["ratios"].values())
+    # shared_data = a shared_array: big_array_40 only (goal 10's way).
+    assert report["results"]["big_array_40"]["pool_manager_shared_both"]["median"] > 0
+    assert report["results"]["big_array_40_memory"]["pool_manager_shared_both"]["median"] > 0
+    assert "pool_manager_shared_both" not in report["results"]["big_array_8"]
     job = report["results"]["big_array_40"]["pool_manager"]["details"][0]
     assert job["array_mb"] == 2 and job["job_peak_mb"] >= job["job_baseline_mb"] > 0
     goals = {goal["goal"].split(".")[0]: goal for goal in report["goals"]}
     assert goals["9"]["checks"][0]["value"] > 0  # the parent's growth over the array's size
     assert goals["10"]["checks"][1]["value"] > 0  # the whole job's peak over the array's size
+    assert goals["10"]["checks"][3]["value"] > 0  # the same, the array as an argument
     shared_array_peak = goals["10"]["checks"][-1]
     assert "shared_array" in shared_array_peak["check"] and shared_array_peak["value"] > 0
 
