@@ -35,13 +35,13 @@ import abc
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 from . import _threads
 from ._durations import to_count, wait_step
-from ._map import OpenMaps
+from ._map import TARGET_CHUNK_SECONDS, OpenMaps, chunk_runner, map_lazily
 from ._pool_interface import TaskCounts, WorkerPool
 from .errors import PoolShutDownError, ResultTimeoutError
 
@@ -102,6 +102,9 @@ class QueuedPool(WorkerPool, Generic[F]):
     _size_label = "workers"
     #: The log line of an idle callback that raised.
     _idle_callback_failed = "an idle callback failed"
+    #: `_map_in_chunks` over an input without a length, with no chunk size:
+    #: chunks are sized to about this many seconds of calls, as measured.
+    _target_chunk_seconds = TARGET_CHUNK_SECONDS
 
     _outstanding: Sized  # the engine's: accepted, not finished (under _lock)
 
@@ -261,6 +264,41 @@ class QueuedPool(WorkerPool, Generic[F]):
             f"<{type(self).__name__} {state} "
             f"{self._size_label}={self.worker_count}/{self._max_size} "
             f"unfinished={self.unfinished_tasks}>"
+        )
+
+    def _map_in_chunks(
+        self,
+        submit: Callable[
+            [float | None, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Future[Any]
+        ],
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int | None,
+        progress: bool | str,
+        return_exceptions: bool,
+    ) -> Iterator[Any]:
+        """``map`` (see `map_lazily`) for an engine that sends a chunk as one task
+        of its own, run by `chunk_runner` (the Dask and loky pools).
+
+        ``submit(deadline, fn, args, kwargs)`` is the engine's ``submit`` that
+        waits for room only until ``deadline``.
+        """
+        runner = chunk_runner(fn, starred=len(iterables) > 1, catch=return_exceptions)
+        return map_lazily(
+            fn,
+            iterables,
+            submit=lambda deadline, call, args: submit(deadline, call, args, {}),
+            submit_chunk=lambda deadline, chunk: submit(deadline, runner, (chunk,), {}),
+            timeout=timeout,
+            chunksize=chunksize,
+            workers=max(1, self.worker_count),
+            window=self._map_window(),
+            progress=progress,
+            name=self.name,
+            target_chunk_seconds=self._target_chunk_seconds,
+            open_maps=self._open_maps,
+            return_exceptions=return_exceptions,
         )
 
     # -- admission (under _lock) -------------------------------------------

@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
-import itertools
 import logging
 import time
 import weakref
@@ -66,7 +65,6 @@ except ImportError as error:
     ) from error
 
 from ._durations import to_count
-from ._map import map_lazily
 from ._queued import QueuedPool, _QueuedFuture
 from .errors import PoolTerminatedError, WorkerLostError
 
@@ -173,52 +171,6 @@ def _finish_accepted_work_at_exit() -> None:
             logger.exception("disposing a Dask pool at exit failed")
 
 
-def _chunk_runner(
-    fn: Callable[..., Any], starred: bool, catch: bool = False
-) -> Callable[[list[Any]], Any]:
-    """What a Dask worker runs for one ``map`` chunk: the list of results, or,
-    when a call raises after others have returned, ``(results, error)``, so
-    that ``map`` yields those results before it raises (see `map_lazily`).
-    With ``catch`` (``return_exceptions``), every call runs and one that
-    raised has its exception in its place (one that cannot be pickled, a
-    ``RuntimeError`` that describes it, as a `BaseWorkerPool`'s worker
-    sends it), so the other calls' results still travel.
-
-    A nested function travels by value (cloudpickle), with builtins,
-    itertools and cloudpickle only: a Dask worker needs nothing of
-    pool_manager to run it.
-    """
-
-    def run_chunk(chunk: list[Any]) -> Any:
-        results: list[Any] = []
-        if catch:
-            import cloudpickle
-
-            for item in chunk:
-                try:
-                    results.append(fn(*item) if starred else fn(item))
-                except BaseException as error:
-                    try:
-                        cloudpickle.dumps(error)
-                    except BaseException as pickling_error:
-                        error = RuntimeError(
-                            f"{type(error).__qualname__}: {error} (the exception itself could "
-                            f"not be pickled: {pickling_error!r})"
-                        )
-                    results.append(error)
-            return results
-        try:
-            # (extend keeps what it appended before an error, as a loop would.)
-            results.extend(itertools.starmap(fn, chunk) if starred else map(fn, chunk))
-        except BaseException as error:
-            if not results:
-                raise
-            return results, error
-        return results
-
-    return run_chunk
-
-
 class DaskWorkerPool(QueuedPool[_DaskTaskFuture]):
     """One key's pool on a Dask cluster: an ``Executor`` whose tasks run on ``client``.
 
@@ -259,6 +211,7 @@ class DaskWorkerPool(QueuedPool[_DaskTaskFuture]):
 
     _size_label = "cap"
     _idle_callback_failed = "an idle callback of a Dask pool failed"
+    _target_chunk_seconds = TARGET_CHUNK_SECONDS
 
     def __init__(
         self,
@@ -428,21 +381,8 @@ class DaskWorkerPool(QueuedPool[_DaskTaskFuture]):
             Exception: (on iteration, without ``return_exceptions``)
                 whatever ``fn`` raised.
         """
-        runner = _chunk_runner(fn, starred=len(iterables) > 1, catch=return_exceptions)
-        return map_lazily(
-            fn,
-            iterables,
-            submit=lambda deadline, call, args: self._submit(deadline, call, args, {}),
-            submit_chunk=lambda deadline, chunk: self._submit(deadline, runner, (chunk,), {}),
-            timeout=timeout,
-            chunksize=chunksize,
-            workers=max(1, self.worker_count),
-            window=self._map_window(),
-            progress=progress,
-            name=self.name,
-            target_chunk_seconds=TARGET_CHUNK_SECONDS,
-            open_maps=self._open_maps,
-            return_exceptions=return_exceptions,
+        return self._map_in_chunks(
+            self._submit, fn, iterables, timeout, chunksize, progress, return_exceptions
         )
 
     def dispose(self, wait: bool = True) -> None:
