@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import traceback
 from collections import deque
@@ -50,6 +51,10 @@ def _start_slot(
     threading.Thread(
         target=_watch_parent, args=(parent_pid,), name="pool_manager-watchdog", daemon=True
     ).start()
+    if hasattr(signal, "pthread_sigmask"):
+        # The slot was started from a pool_manager thread, which blocks these
+        # (its children inherit the mask): the worker takes them as any would.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if initializer is not None:
         try:
             initializer(*initargs)

@@ -1,8 +1,9 @@
 """What every pool that queues tasks shares: `QueuedPool`, the base of
-`BaseWorkerPool` (``pool.py``) and `DaskWorkerPool` (``dask.py``), and
-`_QueuedFuture`, the base of their futures.
+`BaseWorkerPool` (``pool.py``), `DaskWorkerPool` (``dask.py``) and
+`LokyWorkerPool` (``loky.py``), and `_QueuedFuture`, the base of their
+futures.
 
-Both engines accept a task the same way and keep the same books; only how a
+The engines accept a task the same way and keep the same books; only how a
 task is sent and how its result comes back differ. What is shared lives
 here, under the pool's ``_lock``:
 

@@ -36,6 +36,11 @@ own. How a task travels::
   started and goes back to the front of the queue. The broken executor is
   shut down and never used again; a new slot starts as needed. A task
   whose arguments cannot be pickled fails alone (loky's ``PicklingError``).
+  Two limits: a task handed to a slot in the moment between its idle
+  worker's death and loky noticing it fails with `WorkerLostError` though
+  it never ran; and when loky ends a live worker (a result that would not
+  load), the other task it held fails too, as it may have started: a task
+  runs at most once, never twice.
 - A slot starts by running a probe: its worker's pid and whether the
   pool's initializer raised there. A slot takes tasks only once its probe
   has answered; 3 slots in a row that fail to get ready (the initializer

@@ -281,7 +281,9 @@ def test_a_worker_killed_while_idle_costs_no_task(pool: LokyWorkerPool) -> None:
     (worker,) = pool.worker_pids()
     os.kill(worker, signal.SIGKILL)
     assert poll(lambda: not _alive(worker), timeout=30)
-    time.sleep(0.2)  # (loky notices the death)
+    # loky notices the death at once, in its manager thread; a task handed to
+    # the slot in the moment before would fail with WorkerLostError unrun.
+    time.sleep(0.2)
     assert [pool.submit(square, i).result(timeout=30) for i in range(3)] == [0, 1, 4]
     assert pool.task_counts()["failed"] == 0 and worker not in pool.worker_pids()
 
@@ -420,9 +422,17 @@ def test_bad_arguments_are_refused() -> None:
         pool.submit(42)  # type: ignore[arg-type]
 
 
-def test_env_and_initializer_reach_the_workers() -> None:
-    with LokyWorkerPool(1, env={"POOL_MANAGER_LOKY_TEST": "yes"}) as pool:
+def test_env_and_initializer_reach_the_workers(tmp_path: Path) -> None:
+    env = {"POOL_MANAGER_LOKY_TEST": "yes"}
+    with LokyWorkerPool(1, env=env, initializer=os.chdir, initargs=(str(tmp_path),)) as pool:
         assert pool.submit(os.getenv, "POOL_MANAGER_LOKY_TEST").result(timeout=30) == "yes"
+        assert pool.submit(os.getcwd).result(timeout=30) == str(tmp_path)
+        # Started from a pool_manager thread (which blocks SIGTERM), the worker still takes it.
+        (worker,) = pool.worker_pids()
+        os.kill(worker, signal.SIGTERM)
+        assert poll(lambda: not _alive(worker), timeout=30)
+        time.sleep(0.2)  # (loky notices the death: see the test below)
+        assert pool.submit(square, 3).result(timeout=30) == 9
 
 
 def test_without_loky_the_import_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
