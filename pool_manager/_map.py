@@ -1,8 +1,8 @@
 """``map`` for every pool here: ordered, chunked, lazy where it must be.
 
 `map_lazily` is the one implementation every pool's ``map`` shares (the Dask
-and loky pools' through `QueuedPool._map_in_chunks`, whose chunks run as
-`chunk_runner`, a task of their own): it cuts the input into chunks (`_ChunkSizer`:
+and loky pools' through their base, `_queued.ChunkedTaskPool`, whose chunks
+run as `chunk_runner`, a task of their own): it cuts the input into chunks (`_ChunkSizer`:
 fixed, cut from a known length, or sized by measured run times), keeps a
 bounded window of them submitted, yields results in order (those before a
 failing call first: see `PartialChunk`), and cancels what is left when the

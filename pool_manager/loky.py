@@ -67,9 +67,9 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, TypeVar
 
 try:
     import loky
@@ -96,7 +96,7 @@ from ._loky_slots import (
     _Slot,
     _start_slot,
 )
-from ._queued import QueuedPool
+from ._queued import ChunkedTaskPool
 from .errors import PoolTerminatedError, WorkerStartError
 
 __all__ = ["LokyPoolFactory", "LokyWorkerPool"]
@@ -116,7 +116,7 @@ MAX_ATTEMPTS = 3
 _UNSET: Any = object()
 
 
-class LokyWorkerPool(QueuedPool[_LokyTaskFuture]):
+class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
     """A process pool for one key whose workers are loky's: an ``Executor``.
 
     Usually built by `LokyPoolFactory` for a `WorkerPoolManager`. Each worker
@@ -251,63 +251,6 @@ class LokyWorkerPool(QueuedPool[_LokyTaskFuture]):
             self._plan(actions)
         self._act(actions)
         return future
-
-    @overload
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
-        return_exceptions: Literal[False] = False,
-    ) -> Iterator[T]: ...
-
-    @overload
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
-        return_exceptions: bool,
-    ) -> Iterator[T | BaseException]: ...
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
-        return_exceptions: bool = False,
-    ) -> Iterator[T | BaseException]:
-        """Return an iterator of ``fn`` over the iterables, in order (``Executor.map``).
-
-        As `DaskWorkerPool.map`: an input with a length is cut into chunks
-        (about 16 per worker) and submitted at once; one without (a
-        generator) is read a bounded window ahead, in chunks of about
-        `TARGET_CHUNK_SECONDS` of calls as measured. A bounded pool
-        (``max_pending``) submits only what it can hold. ``chunksize=1``
-        sends one task per call. ``timeout`` counts from this call; on
-        timeout, or when the iterator is closed, the tasks still queued are
-        cancelled. ``return_exceptions``: yield every call's outcome in
-        order, an exception in place of a failed call's result (a chunk lost
-        with its worker: `WorkerLostError` for each of its calls).
-        ``progress`` draws a tqdm progress bar.
-
-        Raises:
-            ValueError: ``chunksize`` < 1.
-            ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
-            ResultTimeoutError: a result was not ready in time, or the pool
-                stayed full until the timeout.
-            Exception: (on iteration, without ``return_exceptions``)
-                whatever ``fn`` raised.
-        """
-        return self._map_in_chunks(
-            self._submit, fn, iterables, timeout, chunksize, progress, return_exceptions
-        )
 
     def dispose(self, wait: bool = True) -> None:
         """Stop accepting work, let accepted work finish, then shut every slot down.
