@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,progress,dask]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,progress,dask,loky]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -50,7 +50,7 @@ test-all:
 	  if [ ! -f $$venv/.installed-stamp ] || [ pyproject.toml -nt $$venv/.installed-stamp ]; then \
 	    $$python -m venv $$venv \
 	    && $$venv/bin/python -m pip install --quiet --disable-pip-version-check \
-	         -e '.[test,progress,dask]' \
+	         -e '.[test,progress,dask,loky]' \
 	    && touch $$venv/.installed-stamp \
 	    || { failed="$$failed $$version(install)"; continue; }; \
 	  fi; \

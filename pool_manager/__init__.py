@@ -34,7 +34,7 @@ How a task and a pool's life flow through the parts::
 - ``supervisor.py``: one daemon thread per manager that runs ``sweep()`` at
   each deadline, and when a lease is released or a pool goes idle.
 - ``_queued.py``: ``QueuedPool``, the one base of every pool that queues
-  tasks (``BaseWorkerPool`` and the Dask pool): admission and backpressure
+  tasks (``BaseWorkerPool``, the Dask pool and the loky pool): admission and backpressure
   (``max_pending``), the grant of workers, the counts, cancel while
   queued, idle callbacks, ``shutdown``; and the base of their futures.
   Only the engine's part (sending, results, ``dispose``) differs.
@@ -49,10 +49,14 @@ How a task and a pool's life flow through the parts::
   fork hooks).
 - ``dask.py``: ``DaskWorkerPool``, a key's pool on a Dask cluster (a
   ``QueuedPool`` too; optional, and imported by nothing else).
+- ``loky.py``: ``LokyWorkerPool``, a key's pool of loky workers, each a
+  one-worker loky executor (a ``QueuedPool`` too; optional, and imported by
+  nothing else); its parts (what runs in a loky worker, its records) are
+  ``_loky_slots.py``.
 - ``_dispatch.py``: dispatch decisions as pure functions (a task's kind, each
   kind's run time, how many tasks a worker is handed at once).
 - ``_map.py``: ``map`` for every pool (ordered, chunked, lazy where it must
-  be), shared by ``BaseWorkerPool`` and the Dask pool.
+  be), shared by ``BaseWorkerPool``, the Dask pool and the loky pool.
 - ``_compat.py``: what ``ProcessPoolExecutor`` code expects beyond
   ``Executor`` (``mp_context``, the ``_processes`` view of the workers).
 - ``_io_loop.py``: the process's one I/O loop, which serves every pool's
@@ -128,6 +132,9 @@ starter and a few callback threads however many pools it has):
 - *The SIGTERM drainer* (one per process, with a manager that handles
   signals): the graceful drain, then ``terminate``.
 - *A Dask client's event loop*: settles a `DaskWorkerPool`'s futures.
+- *A loky executor's manager thread* (one per worker of a `LokyWorkerPool`):
+  settles that worker's tasks and hands it the next (under the pool's lock,
+  never waiting); a slot's start and shutdown run on the callback threads.
 - *Finalizers* (a dropped manager or pool, on whichever thread collects
   it): only what never waits: a ``SimpleQueue.put``, a wake-up byte behind
   a lock taken without blocking, a list append; a shared-memory segment
@@ -154,7 +161,11 @@ Every wait, and who ends it (on every path, errors included):
   leaving the pool's books, which every path (result, failure, cancel,
   kill, a lost worker) does through `_finish_tasks`; then for its last
   worker (``_io_done``): the I/O loop once no worker is left, the starter
-  once no start is under way. Never waits on a service thread.
+  once no start is under way. Never waits on a service thread. (A
+  `LokyWorkerPool`'s: its futures all settled and no slot start under
+  way, signalled by whoever settles the last or ends the start; then its
+  slots' shutdowns, signalled as each ends; not at all on a loky manager
+  thread, which a shutdown would wait for.)
 - a task stuck past its deadline, or a worker past ``kill_worker_memory``:
   the I/O loop, which wakes for the pool's next deadline and every 50 ms
   for memory, and kills the worker (nothing inside the worker is relied on).

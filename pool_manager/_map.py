@@ -1,7 +1,8 @@
 """``map`` for every pool here: ordered, chunked, lazy where it must be.
 
-`map_lazily` is the one implementation `BaseWorkerPool.map` and
-`DaskWorkerPool.map` share: it cuts the input into chunks (`_ChunkSizer`:
+`map_lazily` is the one implementation every pool's ``map`` shares (the Dask
+and loky pools' through their base, `_queued.ChunkedTaskPool`, whose chunks
+run as `chunk_runner`, a task of their own): it cuts the input into chunks (`_ChunkSizer`:
 fixed, cut from a known length, or sized by measured run times), keeps a
 bounded window of them submitted, yields results in order (those before a
 failing call first: see `PartialChunk`), and cancels what is left when the
@@ -35,6 +36,7 @@ __all__ = [
     "TARGET_CHUNK_SECONDS",
     "OpenMaps",
     "known_length",
+    "chunk_runner",
     "map_lazily",
 ]
 
@@ -414,3 +416,50 @@ def _map_results(
         del hold
         for future in submitted:
             future.cancel()
+
+
+def chunk_runner(
+    fn: Callable[..., Any], starred: bool, catch: bool = False
+) -> Callable[[list[Any]], Any]:
+    """What a worker runs for one ``map`` chunk of a pool that sends each chunk as
+    one task of its own (the Dask and loky pools'): the list of results, or,
+    when a call raises after others have returned, ``(results, error)``, so
+    that ``map`` yields those results before it raises (see `map_lazily`).
+    With ``catch`` (``return_exceptions``), every call runs and one that
+    raised has its exception in its place (one that cannot be pickled, a
+    ``RuntimeError`` that describes it, as a `BaseWorkerPool`'s worker
+    sends it), so the other calls' results still travel.
+
+    A nested function travels by value (cloudpickle), with builtins,
+    itertools and cloudpickle only: a worker needs nothing of pool_manager
+    to run it (a Dask worker may not have it).
+    """
+
+    def run_chunk(chunk: list[Any]) -> Any:
+        results: list[Any] = []
+        if catch:
+            import cloudpickle
+
+            for item in chunk:
+                try:
+                    results.append(fn(*item) if starred else fn(item))
+                except BaseException as error:
+                    try:
+                        cloudpickle.dumps(error)
+                    except BaseException as pickling_error:
+                        error = RuntimeError(
+                            f"{type(error).__qualname__}: {error} (the exception itself could "
+                            f"not be pickled: {pickling_error!r})"
+                        )
+                    results.append(error)
+            return results
+        try:
+            # (extend keeps what it appended before an error, as a loop would.)
+            results.extend(itertools.starmap(fn, chunk) if starred else map(fn, chunk))
+        except BaseException as error:
+            if not results:
+                raise
+            return results, error
+        return results
+
+    return run_chunk

@@ -1,8 +1,9 @@
 """What every pool that queues tasks shares: `QueuedPool`, the base of
-`BaseWorkerPool` (``pool.py``) and `DaskWorkerPool` (``dask.py``), and
-`_QueuedFuture`, the base of their futures.
+`BaseWorkerPool` (``pool.py``), `DaskWorkerPool` (``dask.py``) and
+`LokyWorkerPool` (``loky.py``), and `_QueuedFuture`, the base of their
+futures.
 
-Both engines accept a task the same way and keep the same books; only how a
+The engines accept a task the same way and keep the same books; only how a
 task is sent and how its result comes back differ. What is shared lives
 here, under the pool's ``_lock``:
 
@@ -35,17 +36,19 @@ import abc
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, overload
 
 from . import _threads
 from ._durations import to_count, wait_step
-from ._map import OpenMaps
+from ._map import TARGET_CHUNK_SECONDS, OpenMaps, chunk_runner, map_lazily
 from ._pool_interface import TaskCounts, WorkerPool
 from .errors import PoolShutDownError, ResultTimeoutError
 
-__all__ = ["QueuedPool"]
+__all__ = ["ChunkedTaskPool", "QueuedPool"]
+
+T = TypeVar("T")
 
 #: Indices of a pool's ``_counts``.
 _SUBMITTED, _COMPLETED, _FAILED, _CANCELLED = range(4)
@@ -392,3 +395,110 @@ class QueuedPool(WorkerPool, Generic[F]):
             future.set_running_or_notify_cancel()
         else:
             future._finish(ok, value)
+
+
+class ChunkedTaskPool(QueuedPool[F]):
+    """A `QueuedPool` whose ``map`` sends each chunk as one task of its own, run by
+    `chunk_runner` (the Dask and loky pools; `BaseWorkerPool` has its own ``map``).
+
+    Subclasses define ``_submit(deadline, fn, args, kwargs)``: ``submit``,
+    waiting for room only until ``deadline`` (a ``time.monotonic()`` time).
+    """
+
+    #: ``map`` over an input without a length, with no chunk size: chunks are
+    #: sized to about this many seconds of calls, as measured.
+    _target_chunk_seconds = TARGET_CHUNK_SECONDS
+
+    @abc.abstractmethod
+    def _submit(
+        self,
+        deadline: float | None,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Future[Any]:
+        """``submit``, waiting for room only until ``deadline``; raises ``TimeoutError`` then."""
+
+    @overload
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        progress: bool | str = False,
+        return_exceptions: Literal[False] = False,
+    ) -> Iterator[T]: ...
+
+    @overload
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        progress: bool | str = False,
+        return_exceptions: bool,
+    ) -> Iterator[T | BaseException]: ...
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        progress: bool | str = False,
+        return_exceptions: bool = False,
+    ) -> Iterator[T | BaseException]:
+        """Return an iterator of ``fn`` over the iterables, in order (``Executor.map``).
+
+        Lazy where it must be (unlike Dask's ``Client.map``): an input with a
+        length is cut into about ``CHUNKS_PER_WORKER`` chunks per unit of
+        `worker_count` and submitted at once; an input without one (a
+        generator) is read a bounded window ahead, in chunks sized to about
+        the engine's ``TARGET_CHUNK_SECONDS`` of calls as measured, and more
+        is read as results are consumed. A bounded pool (``max_pending``
+        set) submits only what it can hold. ``chunksize=1`` sends one task
+        (for a Dask pool, one Dask task) per call. ``timeout`` counts from
+        this call, also while the pool is full (then ``TimeoutError`` comes
+        from the call itself, or on iteration); on timeout or when the
+        iterator is closed, the tasks still queued are cancelled.
+
+        ``return_exceptions`` (as ``asyncio.gather``'s): yield every call's
+        outcome in order, the exception in place of the result for a call
+        that failed, and go on past it. A call that raised yields its
+        exception (one that cannot be pickled, a ``RuntimeError`` that
+        describes it); a task that failed as a whole (its worker lost:
+        `WorkerLostError`; or cancelled) yields that error for each of its
+        calls: every call of the chunk (run with ``chunksize=1`` to lose
+        only the call). The map's ``timeout`` still raises.
+
+        ``progress`` (True, or the bar's description) draws a tqdm progress
+        bar, as `BaseWorkerPool.map` does.
+
+        Raises:
+            ValueError: ``chunksize`` < 1.
+            ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
+            ResultTimeoutError: a result was not ready in time, or the pool
+                stayed full until the timeout (a ``TimeoutError`` and a
+                ``concurrent.futures.TimeoutError``, also on 3.10).
+            Exception: (on iteration, without ``return_exceptions``)
+                whatever ``fn`` raised.
+        """
+        runner = chunk_runner(fn, starred=len(iterables) > 1, catch=return_exceptions)
+        submit = self._submit
+        return map_lazily(
+            fn,
+            iterables,
+            submit=lambda deadline, call, args: submit(deadline, call, args, {}),
+            submit_chunk=lambda deadline, chunk: submit(deadline, runner, (chunk,), {}),
+            timeout=timeout,
+            chunksize=chunksize,
+            workers=max(1, self.worker_count),
+            window=self._map_window(),
+            progress=progress,
+            name=self.name,
+            target_chunk_seconds=self._target_chunk_seconds,
+            open_maps=self._open_maps,
+            return_exceptions=return_exceptions,
+        )

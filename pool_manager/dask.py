@@ -49,13 +49,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
-import itertools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Executor, Future
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, TypeVar
 
 try:
     from distributed import Client, KilledWorker
@@ -66,8 +65,7 @@ except ImportError as error:
     ) from error
 
 from ._durations import to_count
-from ._map import map_lazily
-from ._queued import QueuedPool, _QueuedFuture
+from ._queued import ChunkedTaskPool, _QueuedFuture
 from .errors import PoolTerminatedError, WorkerLostError
 
 __all__ = ["DaskPoolFactory", "DaskWorkerPool"]
@@ -173,53 +171,7 @@ def _finish_accepted_work_at_exit() -> None:
             logger.exception("disposing a Dask pool at exit failed")
 
 
-def _chunk_runner(
-    fn: Callable[..., Any], starred: bool, catch: bool = False
-) -> Callable[[list[Any]], Any]:
-    """What a Dask worker runs for one ``map`` chunk: the list of results, or,
-    when a call raises after others have returned, ``(results, error)``, so
-    that ``map`` yields those results before it raises (see `map_lazily`).
-    With ``catch`` (``return_exceptions``), every call runs and one that
-    raised has its exception in its place (one that cannot be pickled, a
-    ``RuntimeError`` that describes it, as a `BaseWorkerPool`'s worker
-    sends it), so the other calls' results still travel.
-
-    A nested function travels by value (cloudpickle), with builtins,
-    itertools and cloudpickle only: a Dask worker needs nothing of
-    pool_manager to run it.
-    """
-
-    def run_chunk(chunk: list[Any]) -> Any:
-        results: list[Any] = []
-        if catch:
-            import cloudpickle
-
-            for item in chunk:
-                try:
-                    results.append(fn(*item) if starred else fn(item))
-                except BaseException as error:
-                    try:
-                        cloudpickle.dumps(error)
-                    except BaseException as pickling_error:
-                        error = RuntimeError(
-                            f"{type(error).__qualname__}: {error} (the exception itself could "
-                            f"not be pickled: {pickling_error!r})"
-                        )
-                    results.append(error)
-            return results
-        try:
-            # (extend keeps what it appended before an error, as a loop would.)
-            results.extend(itertools.starmap(fn, chunk) if starred else map(fn, chunk))
-        except BaseException as error:
-            if not results:
-                raise
-            return results, error
-        return results
-
-    return run_chunk
-
-
-class DaskWorkerPool(QueuedPool[_DaskTaskFuture]):
+class DaskWorkerPool(ChunkedTaskPool[_DaskTaskFuture]):
     """One key's pool on a Dask cluster: an ``Executor`` whose tasks run on ``client``.
 
     Usually built by `DaskPoolFactory` for a `WorkerPoolManager`. At most
@@ -259,6 +211,7 @@ class DaskWorkerPool(QueuedPool[_DaskTaskFuture]):
 
     _size_label = "cap"
     _idle_callback_failed = "an idle callback of a Dask pool failed"
+    _target_chunk_seconds = TARGET_CHUNK_SECONDS
 
     def __init__(
         self,
@@ -361,89 +314,6 @@ class DaskWorkerPool(QueuedPool[_DaskTaskFuture]):
             self._enqueue(future)
         self._dispatch()
         return future
-
-    @overload
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
-        return_exceptions: Literal[False] = False,
-    ) -> Iterator[T]: ...
-
-    @overload
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
-        return_exceptions: bool,
-    ) -> Iterator[T | BaseException]: ...
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
-        return_exceptions: bool = False,
-    ) -> Iterator[T | BaseException]:
-        """Return an iterator of ``fn`` over the iterables, in order (``Executor.map``).
-
-        Unlike ``Client.map`` it is lazy where it must be: an input with a
-        length is cut into about ``CHUNKS_PER_WORKER`` chunks per unit of
-        `worker_count` and submitted at once; an input without one (a
-        generator) is read a bounded window ahead, in chunks sized to about
-        `TARGET_CHUNK_SECONDS` of calls as measured, and more is read as
-        results are consumed. A bounded pool (``max_pending`` set) submits
-        only what it can hold. ``chunksize=1`` sends one Dask task per call.
-        ``timeout`` counts from this call, also while the pool is full (then
-        ``TimeoutError`` comes from the call itself, or on iteration); on
-        timeout or when the iterator is closed, the tasks still queued are
-        cancelled.
-
-        ``return_exceptions`` (as ``asyncio.gather``'s): yield every call's
-        outcome in order, the exception in place of the result for a call
-        that failed, and go on past it. A call that raised yields its
-        exception (one that cannot be pickled, a ``RuntimeError`` that
-        describes it); a task that failed as a whole (its Dask workers lost:
-        `WorkerLostError`; or cancelled) yields that error for each of its
-        calls: every call of the chunk (run with ``chunksize=1`` to lose
-        only the call). The map's ``timeout`` still raises.
-
-        ``progress`` (True, or the bar's description) draws a tqdm progress
-        bar, as `BaseWorkerPool.map` does.
-
-        Raises:
-            ValueError: ``chunksize`` < 1.
-            ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
-            ResultTimeoutError: a result was not ready in time, or the pool
-                stayed full until the timeout (a ``TimeoutError`` and a
-                ``concurrent.futures.TimeoutError``, also on 3.10).
-            Exception: (on iteration, without ``return_exceptions``)
-                whatever ``fn`` raised.
-        """
-        runner = _chunk_runner(fn, starred=len(iterables) > 1, catch=return_exceptions)
-        return map_lazily(
-            fn,
-            iterables,
-            submit=lambda deadline, call, args: self._submit(deadline, call, args, {}),
-            submit_chunk=lambda deadline, chunk: self._submit(deadline, runner, (chunk,), {}),
-            timeout=timeout,
-            chunksize=chunksize,
-            workers=max(1, self.worker_count),
-            window=self._map_window(),
-            progress=progress,
-            name=self.name,
-            target_chunk_seconds=TARGET_CHUNK_SECONDS,
-            open_maps=self._open_maps,
-            return_exceptions=return_exceptions,
-        )
 
     def dispose(self, wait: bool = True) -> None:
         """Stop accepting work, let accepted work finish, then shut the key's executor down.

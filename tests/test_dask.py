@@ -41,12 +41,12 @@ from pool_manager import (  # noqa: E402
     WorkerPool,
     WorkerPoolManager,
 )
+from pool_manager._map import chunk_runner  # noqa: E402
 from pool_manager._pool_tasks import _TaskFuture  # noqa: E402
 from pool_manager._queued import QueuedPool, _QueuedFuture  # noqa: E402
 from pool_manager.dask import (  # noqa: E402
     DaskPoolFactory,
     DaskWorkerPool,
-    _chunk_runner,
     _DaskTaskFuture,
 )
 
@@ -308,7 +308,7 @@ def test_map_with_return_exceptions_yields_every_calls_outcome_in_order(
 def test_the_chunk_runner_that_goes_on_past_errors_needs_nothing_of_pool_manager() -> None:
     import cloudpickle
 
-    blob = cloudpickle.dumps(_chunk_runner(int, starred=False, catch=True))
+    blob = cloudpickle.dumps(chunk_runner(int, starred=False, catch=True))
     program = (
         "import sys, pickle; sys.modules['pool_manager'] = None; "
         "results = pickle.loads(sys.stdin.buffer.read())(['1', 'x', '3']); "

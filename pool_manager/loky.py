@@ -1,0 +1,694 @@
+"""Each key's pool as loky workers (optional: ``pip install 'pool-manager[loky]'``).
+
+``LokyPoolFactory()`` is a manager factory: the pool it builds for a key, a
+`LokyWorkerPool`, runs that key's tasks in loky worker processes (fresh
+interpreters, started by fork+exec or spawn) instead of workers forked from
+the fork server. The fork server stays the default on Linux; loky is the
+engine for where it cannot go (it needs ``os.fork`` and descriptor
+passing), and for users who want loky's workers::
+
+    with WorkerPoolManager(4, 600, 4 * 3600) as manager:
+        with manager.lease("tenant-a", factory=LokyPoolFactory()) as pool:
+            results = list(pool.map(crunch, range(100)))
+
+Each worker is a *slot*: a one-worker ``loky.ProcessPoolExecutor`` of its
+own. How a task travels::
+
+    submit ──▶ local queue ──▶ dispatch ──▶ slot (its executor's ──▶ its one
+      │        (cancellable;   (at most 2    submit: call queue)     loky worker
+      │         backpressure)   per slot)                                │
+      ▼                                                                  │
+    future ◀── _answered, on the slot's loky manager thread ◀── result ◀─┘
+
+- The cap: at most `LokyWorkerPool.worker_count` slots (never above
+  ``max_size``), started as queued tasks find no idle slot, so at most that
+  many tasks run at once. A slot is handed at most 2 tasks at a time: one
+  running, one waiting in loky's call queue (so the worker never waits for
+  the parent between tasks). The rest wait in the pool's local queue, where
+  ``cancel()`` works and ``max_pending`` applies (`QueuedPool`,
+  ``_queued.py``). A grant below the slots in use shuts down the idle
+  slots beyond it at once, the busy ones when they finish.
+- Crash isolation: a worker that dies (``os._exit``, a signal, the OOM
+  killer) breaks its slot's executor. Its one worker runs its tasks in the
+  order sent, so the slot's first unanswered task is the one that was
+  running: it alone fails, with `WorkerLostError` caused by loky's
+  ``TerminatedWorkerError``; the other task handed to the slot had not
+  started and goes back to the front of the queue. The broken executor is
+  shut down and never used again; a new slot starts as needed. A task
+  whose arguments cannot be pickled fails alone (loky's ``PicklingError``).
+  Two limits: a task handed to a slot in the moment between its idle
+  worker's death and loky noticing it fails with `WorkerLostError` though
+  it never ran; and when loky ends a live worker (a result that would not
+  load), the other task it held fails too, as it may have started: a task
+  runs at most once, never twice.
+- A slot starts by running a probe: its worker's pid and whether the
+  pool's initializer raised there. A slot takes tasks only once its probe
+  has answered; 3 slots in a row that fail to get ready (the initializer
+  raised, or the worker died) fail the queued tasks, as `BaseWorkerPool`'s
+  workers do.
+- No orphans: each worker runs a watchdog thread (started by the slot's
+  initializer, before the pool's) that ends the worker within
+  ``PARENT_CHECK_INTERVAL`` once its parent, this process, is gone.
+- Slots start and stop (``shutdown(wait=True)``) on the callback threads
+  (`_threads.CallbackRunner`), never under the pool's lock nor on loky's
+  threads; ``dispose`` waits for them.
+
+Not supported yet (`BaseWorkerPool` has them): ``task_timeout`` and
+``submit_with_timeout``, ``kill_task``, ``max_tasks_per_worker``, the
+memory limits, ``shared_data``, the worker budget across keys
+(``max_total_workers``). Only loky's public API is used: an executor per
+slot, its ``submit`` and ``shutdown``, and its errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from typing import Any, TypeVar
+
+try:
+    import loky
+    from loky.backend import get_context
+    from loky.process_executor import TerminatedWorkerError
+except ImportError as error:
+    raise ImportError(
+        "pool_manager.loky needs loky, which is not installed: pip install 'pool-manager[loky]'"
+    ) from error
+
+from . import _threads
+from ._durations import to_count
+from ._loky_slots import (
+    HANDED_PER_SLOT,
+    _Actions,
+    _check_options,
+    _LokyTaskFuture,
+    _lost,
+    _not_ready,
+    _on_a_slot_thread,
+    _probe,
+    _run,
+    _settling_here,
+    _Slot,
+    _start_slot,
+)
+from ._queued import ChunkedTaskPool
+from .errors import PoolTerminatedError, WorkerStartError
+
+__all__ = ["LokyPoolFactory", "LokyWorkerPool"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("pool_manager")
+
+#: ``map`` over an input without a length, with no chunk size: chunks are
+#: sized to about this many seconds of calls (a loky task costs about a
+#: millisecond of pickling and pipes).
+TARGET_CHUNK_SECONDS = 0.05
+
+#: Slots in a row that fail to get ready before the queued tasks fail.
+MAX_ATTEMPTS = 3
+
+_UNSET: Any = object()
+
+
+class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
+    """A process pool for one key whose workers are loky's: an ``Executor``.
+
+    Usually built by `LokyPoolFactory` for a `WorkerPoolManager`. Each worker
+    is a one-worker ``loky.ProcessPoolExecutor`` (a slot: see the module
+    docstring); at most `worker_count` of them run at once. Tasks travel as
+    loky pickles them (cloudpickle: lambdas and closures work). A worker
+    that dies fails only the task it was running (`WorkerLostError`).
+
+    Done-callbacks run on the thread that settles the future, usually the
+    slot's loky manager thread (as ``ProcessPoolExecutor``'s run on its
+    manager thread): keep them short, and do not wait in one for another
+    task of the pool. A ``submit`` there is never held by backpressure.
+
+    Args:
+        max_size: the most worker processes (slots) at once.
+        max_pending: backpressure. ``None`` (the default) never blocks; an int
+            ``n`` blocks ``submit`` while `worker_count` tasks run and ``n``
+            more wait.
+        initializer, initargs: run ``initializer(*initargs)`` once in each
+            worker process. If it raises, the worker takes no task; 3
+            workers in a row that fail so fail the queued tasks.
+        context: loky's start method: ``"loky"`` (fork+exec on POSIX, the
+            default), ``"loky_init_main"`` or ``"spawn"``. ``"fork"`` and
+            ``"forkserver"`` are refused.
+        env: environment variables (str to str) set in each worker before
+            it imports anything (``"loky"`` and ``"loky_init_main"`` only).
+        task_timeout, max_tasks_per_worker, max_worker_memory,
+        kill_worker_memory, shared_data: not supported yet (``TypeError``
+            when given): use `BaseWorkerPool`.
+
+    Raises:
+        TypeError, ValueError: arguments of the wrong type or range, or that
+            cannot be pickled (``initializer``, ``initargs``).
+    """
+
+    _idle_callback_failed = "an idle callback of a loky pool failed"
+    _target_chunk_seconds = TARGET_CHUNK_SECONDS
+
+    def __init__(
+        self,
+        max_size: int,
+        *,
+        max_pending: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        context: str = "loky",
+        env: dict[str, str] | None = None,
+        task_timeout: object = None,
+        max_tasks_per_worker: object = None,
+        max_worker_memory: object = None,
+        kill_worker_memory: object = None,
+        shared_data: object = None,
+    ) -> None:
+        not_yet = {
+            "task_timeout": task_timeout,
+            "max_tasks_per_worker": max_tasks_per_worker,
+            "max_worker_memory": max_worker_memory,
+            "kill_worker_memory": kill_worker_memory,
+            "shared_data": shared_data,
+        }
+        for name, value in not_yet.items():
+            if value is not None:
+                raise TypeError(
+                    f"LokyWorkerPool does not support {name} yet: use BaseWorkerPool, the "
+                    "fork-server pool, for it"
+                )
+        _check_options(max_pending, initializer, initargs, context, env)
+        # The local queue (_pending), its lock and conditions, the counts and
+        # the grant (_drained: dispose's waiters); _lock guards them and everything below.
+        super().__init__(to_count("max_size", max_size, minimum=1), max_pending)
+        self._context_name = context
+        self._context = get_context(context)
+        self._initializer = initializer
+        self._initargs = initargs
+        self._env = None if env is None else dict(env)
+
+        self._outstanding: set[_LokyTaskFuture] = set()  # accepted, not finished
+        self._slots: list[_Slot] = []  # not closed: starting, ready or retiring
+        self._waiting = 0  # queued tasks not cancelled (in _pending)
+        self._unsettled = 0  # accepted, future not yet settled
+        self._starts = 0  # slot starts under way (callback threads)
+        self._closes = 0  # slot shutdowns under way
+        self._fruitless = 0  # slots in a row that failed to get ready
+        self._stop_sending = False  # terminate
+
+    # -- WorkerPool ------------------------------------------------------
+
+    @property
+    def context(self) -> str:
+        """loky's start method for the workers."""
+        return self._context_name
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the pool's loky workers that are started and not shut down."""
+        with self._lock:
+            return [slot.pid for slot in self._slots if slot.pid is not None]
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)`` in a loky worker; returns a ``Future``.
+
+        Never waits for a worker to start (slots start on the callback
+        threads). Blocks while the pool is full (only with ``max_pending``),
+        but never on a thread that must not stall (a done-callback's, an
+        event loop's): there the task is admitted beyond ``max_pending``. A
+        task whose arguments or result cannot be pickled fails its own
+        future.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+            PoolShutDownError: (a ``RuntimeError``) the pool is shut down.
+        """
+        return self._submit(None, fn, args, kwargs)
+
+    def _submit(
+        self,
+        deadline: float | None,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Future[T]:
+        """`submit`, waiting for room only until ``deadline`` (``time.monotonic()``)."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        actions = _Actions()
+        with self._lock:
+            self._admit(deadline)
+            future = _LokyTaskFuture(self, (fn, args, kwargs))
+            self._outstanding.add(future)
+            self._unsettled += 1
+            self._enqueue(future)
+            self._waiting += 1
+            self._plan(actions)
+        self._act(actions)
+        return future
+
+    def dispose(self, wait: bool = True) -> None:
+        """Stop accepting work, let accepted work finish, then shut every slot down.
+
+        With ``wait``, blocks until every accepted task's future is settled and
+        every slot's executor is shut down (its worker gone, its threads
+        joined). Called from a done-callback on a loky manager thread it does
+        not wait (that thread would wait for itself); the slots still shut
+        down once the work is done. Idempotent; blocked ``submit`` calls
+        raise `PoolShutDownError`.
+        """
+        if wait and _on_a_slot_thread():
+            wait = False
+        actions = _Actions()
+        with self._lock:
+            self._close_admission()
+            if not self._outstanding:
+                self._close_all(actions, kill=False)
+        self._act(actions)
+        if not wait:
+            return
+        with self._dispose_lock:
+            with self._lock:
+                while self._unsettled or self._starts:
+                    self._drained.wait()
+                actions = _Actions()
+                self._close_all(actions, kill=False)
+            self._act(actions, here=True)
+            with self._lock:
+                while self._closes:
+                    self._drained.wait()
+
+    def terminate(self) -> None:
+        """Stop now: cancel queued tasks, end the running ones, return when the workers are gone.
+
+        Running tasks (those handed to a slot) fail with `PoolTerminatedError`
+        and their workers are killed. Idempotent; `submit` afterwards raises.
+        """
+        self._cancel_queued(terminate=True)  # (and no more sending: _stop_dispatch)
+        actions = _Actions()
+        with self._lock:
+            running = [future for slot in self._slots for future in slot.handed]
+            running += [future for future in self._pending if not future._dropped]
+            self._pending.clear()
+            self._waiting = 0
+            for slot in self._slots:
+                slot.handed.clear()
+                slot.unsent.clear()
+            self._close_all(actions, kill=True)  # (first: their workers may be running tasks)
+            error = PoolTerminatedError("the pool was terminated while this task was running")
+            self._conclude([(future, False, error) for future in running], actions)
+        self._act(actions, here=not _on_a_slot_thread())
+        self.dispose(wait=True)
+
+    # -- QueuedPool's hooks ------------------------------------------------
+
+    def _running(self) -> int:
+        return sum(1 for slot in self._slots if slot.handed)
+
+    def _after_grant(self) -> None:
+        actions = _Actions()
+        with self._lock:
+            self._shrink(actions)
+            self._plan(actions)
+        self._act(actions)
+
+    def _stop_dispatch(self, terminate: bool) -> None:
+        if terminate:
+            self._stop_sending = True
+
+    def _unqueue(self, future: _LokyTaskFuture) -> None:
+        self._waiting -= 1
+
+    def _finish_cancelled(self, future: _LokyTaskFuture) -> None:
+        actions = _Actions()
+        with self._lock:
+            self._conclude([(future, None, None)], actions)
+        self._act(actions)
+
+    # -- decisions (under _lock) ---------------------------------------------
+
+    def _plan(self, actions: _Actions) -> None:
+        """(Holds _lock) Hand queued tasks to ready slots, and start slots, as the grant allows.
+
+        An idle slot takes a task first; then slots start for what is still
+        queued; then a busy slot takes a second task, for what the starting
+        slots will not take.
+        """
+        if self._stop_sending or not self._waiting:
+            return
+        ready = [slot for slot in self._slots if slot.ready and not slot.retiring]
+        for slot in ready:
+            if not self._waiting:
+                return
+            if not slot.handed:
+                self._hand(slot, actions)
+        starting = sum(1 for slot in self._slots if not slot.ready and not slot.retiring)
+        more = min(max(1, self.worker_count) - len(self._slots), self._waiting - starting)
+        for _ in range(more):
+            slot = _Slot()
+            self._slots.append(slot)
+            self._starts += 1
+            actions.starts.append(slot)
+        starting += max(0, more)
+        for slot in ready:
+            if self._waiting <= starting:
+                return
+            if len(slot.handed) < HANDED_PER_SLOT:
+                self._hand(slot, actions)
+
+    def _hand(self, slot: _Slot, actions: _Actions) -> None:
+        """(Holds _lock) Hand ``slot`` the next queued task (there is one)."""
+        while True:
+            future = self._pending.popleft()
+            if not future._dropped:
+                break
+        self._waiting -= 1
+        if not future._sent:
+            future._sent = True
+            future.set_running_or_notify_cancel()
+        future._sent_at = time.monotonic()
+        slot.handed.append(future)
+        slot.unsent.append(future)
+        if slot not in actions.feeds:
+            actions.feeds.append(slot)
+
+    def _requeue(self, futures: list[_LokyTaskFuture]) -> None:
+        """(Holds _lock) Tasks handed to a slot that never started them: to the queue's front."""
+        for future in reversed(futures):
+            self._pending.appendleft(future)
+            self._waiting += 1
+
+    def _shrink(self, actions: _Actions) -> None:
+        """(Holds _lock) Retire slots beyond the grant: starting, then idle, then busy ones."""
+        serving = [slot for slot in self._slots if not slot.retiring]
+        excess = len(serving) - max(1, self.worker_count)
+        for slot in sorted(serving, key=lambda slot: (slot.ready, len(slot.handed)))[:excess]:
+            slot.retiring = True
+            if not slot.ready or not slot.handed:
+                self._close_slot(slot, actions, kill=not slot.ready)
+
+    def _close_slot(self, slot: _Slot, actions: _Actions, kill: bool) -> None:
+        """(Holds _lock) Take ``slot`` out of the pool; its executor is shut down off the lock
+        (or, if it is still starting, by its start as it finishes)."""
+        if slot.closed:
+            return
+        slot.closed = slot.retiring = True
+        self._slots.remove(slot)
+        if slot.executor is not None:
+            self._closes += 1
+            actions.closes.append((slot, kill))
+
+    def _close_all(self, actions: _Actions, kill: bool) -> None:
+        for slot in list(self._slots):
+            self._close_slot(slot, actions, kill=kill or not slot.ready)
+
+    def _conclude(
+        self, outcomes: list[tuple[_LokyTaskFuture, bool | None, Any]], actions: _Actions
+    ) -> None:
+        """(Holds _lock) Count finished tasks (``ok`` None: cancelled); their futures settle
+        once the lock is released. A task already finished is left alone. A pool
+        shut down with no work left closes its slots."""
+        done = [outcome for outcome in outcomes if outcome[0] in self._outstanding]
+        for future, _, _ in done:
+            self._outstanding.discard(future)
+        if done:
+            actions.idle_callbacks += self._count_finished(ok for _, ok, _ in done)
+            actions.finished += done
+        if self._shut_down and not self._outstanding:
+            self._close_all(actions, kill=False)
+
+    def _fail_queued(self, error: BaseException, actions: _Actions) -> None:
+        """(Holds _lock) Fail every queued task with ``error`` (no slot could get ready)."""
+        queued = [future for future in self._pending if not future._dropped]
+        self._pending.clear()
+        self._waiting = 0
+        self._conclude([(future, False, error) for future in queued], actions)
+
+    def _start_failed(self, error: BaseException, actions: _Actions) -> None:
+        """(Holds _lock) A slot failed to get ready: after `MAX_ATTEMPTS` in a row, the
+        queued tasks fail with ``error``; before, `_plan` starts another."""
+        self._fruitless += 1
+        if self._fruitless >= MAX_ATTEMPTS:
+            self._fail_queued(error, actions)
+
+    # -- what runs off the lock ----------------------------------------------
+
+    def _act(self, actions: _Actions, here: bool = False) -> None:
+        """Do what a decision left (no lock held): start and shut slots down on the
+        callback threads (``here``: shut them down on this thread), send handed
+        tasks, run idle callbacks, then settle the finished futures."""
+        runner = _threads.get_runner()
+        try:
+            for slot in actions.starts:
+                runner.run(_threads.Strand(), functools.partial(self._start, slot))
+            for slot, kill in actions.closes:
+                if here:
+                    self._shut(slot, kill)
+                else:
+                    runner.run(_threads.Strand(), functools.partial(self._shut, slot, kill))
+            for slot in actions.feeds:
+                self._feed(slot)
+            self._run_idle_callbacks(actions.idle_callbacks)
+        finally:
+            try:
+                for future, ok, value in actions.finished:
+                    future._call = None
+                    try:
+                        self._settle(future, ok, value)
+                    except Exception:
+                        logger.exception("settling %r failed", future)
+            finally:
+                if actions.finished:
+                    with self._lock:
+                        self._unsettled -= len(actions.finished)
+                        if not self._unsettled:
+                            self._drained.notify_all()
+
+    def _start(self, slot: _Slot) -> None:
+        """(A callback thread) Make ``slot``'s executor; its probe starts its worker."""
+        executor = None
+        try:
+            try:
+                executor = loky.ProcessPoolExecutor(
+                    1,
+                    context=self._context,
+                    initializer=_start_slot,
+                    initargs=(os.getpid(), self._initializer, self._initargs),
+                    env=self._env,
+                )
+                probe = executor.submit(_probe)
+            except Exception as error:
+                if executor is not None:
+                    executor.shutdown(wait=True, kill_workers=True)
+                actions = _Actions()
+                with self._lock:
+                    if not slot.closed:
+                        self._close_slot(slot, actions, kill=True)
+                        self._start_failed(WorkerStartError.for_cause(error, 0), actions)
+                        self._plan(actions)
+                self._act(actions)
+                return
+            with self._lock:
+                slot.executor = executor
+                closed = slot.closed
+            if closed:  # (terminated, disposed or shrunk while it started)
+                executor.shutdown(wait=True, kill_workers=True)
+                return
+        finally:
+            with self._lock:
+                self._starts -= 1
+                if not self._starts:
+                    self._drained.notify_all()
+        probe.add_done_callback(functools.partial(self._ready, slot))
+
+    def _ready(self, slot: _Slot, probe: Future[tuple[int, str | None]]) -> None:
+        """The probe answered (loky's manager thread): the slot takes tasks, or is dropped."""
+        error = CancelledError() if probe.cancelled() else probe.exception()
+        pid, failure = probe.result() if error is None else (None, None)
+        actions = _Actions()
+        with _settling_here():
+            with self._lock:
+                if slot.closed:
+                    return
+                if error is not None or failure is not None:
+                    self._close_slot(slot, actions, kill=True)
+                    self._start_failed(_not_ready(self._fruitless + 1, error, failure), actions)
+                else:
+                    self._fruitless = 0
+                    slot.pid, slot.ready = pid, True
+                    if slot.retiring:
+                        self._close_slot(slot, actions, kill=False)
+                self._plan(actions)
+            self._act(actions)
+
+    def _feed(self, slot: _Slot) -> None:
+        """Submit ``slot``'s handed tasks to its executor, in the order handed."""
+        submitted = []
+        with slot.sending:
+            while True:
+                with self._lock:
+                    if not slot.unsent:
+                        break
+                    future = slot.unsent.popleft()
+                    call = future._call
+                if call is None:  # (settled meanwhile: terminate)
+                    continue
+                try:
+                    inner = slot.executor.submit(_run, *call)
+                except Exception as error:
+                    self._refused(slot, future, error)
+                else:
+                    submitted.append((future, inner))
+        for future, inner in submitted:
+            # Runs at once if already answered; else on the slot's loky manager thread.
+            inner.add_done_callback(functools.partial(self._answered, slot, future))
+
+    def _refused(self, slot: _Slot, future: _LokyTaskFuture, error: BaseException) -> None:
+        """The slot's executor refused ``future``: broken (its worker died idle), the task
+        goes back to the queue and the slot takes no more; else the task fails."""
+        actions = _Actions()
+        with self._lock:
+            if future not in slot.handed:
+                return
+            if isinstance(error, loky.BrokenProcessPool):
+                index = slot.handed.index(future)
+                never_sent = list(slot.handed)[index:]
+                for _ in never_sent:
+                    slot.handed.pop()
+                slot.unsent.clear()
+                self._requeue(never_sent)
+                slot.retiring = True
+                if not slot.handed:
+                    self._close_slot(slot, actions, kill=True)
+            else:  # (the interpreter is exiting)
+                slot.handed.remove(future)
+                self._conclude([(future, False, error)], actions)
+            self._plan(actions)
+        self._act(actions)
+
+    def _answered(self, slot: _Slot, future: _LokyTaskFuture, inner: Future[Any]) -> None:
+        """loky answered for ``future`` (on the slot's manager thread): settle it, or,
+        if the slot broke, fail its running task and requeue the other."""
+        with _settling_here():
+            error = CancelledError() if inner.cancelled() else inner.exception()
+            actions = _Actions()
+            with self._lock:
+                if future not in slot.handed:
+                    return  # (terminated, or sent again after its slot broke)
+                future.run_time = time.monotonic() - future._sent_at
+                if isinstance(error, loky.BrokenProcessPool):
+                    self._broke(slot, error, actions)
+                else:
+                    slot.handed.remove(future)
+                    if error is None:
+                        slot.pid, value = inner.result()
+                        self._conclude([(future, True, value)], actions)
+                    else:
+                        self._conclude([(future, False, error)], actions)
+                    if slot.retiring and not slot.handed:
+                        self._close_slot(slot, actions, kill=False)
+                self._plan(actions)
+            self._act(actions)
+
+    def _broke(self, slot: _Slot, error: BaseException, actions: _Actions) -> None:
+        """(Holds _lock) ``slot``'s executor broke: its first unanswered task was running.
+
+        Its worker died (``TerminatedWorkerError``): that task fails with
+        `WorkerLostError`, and the other one, which had not started, goes
+        back to the queue. Else a task or a result would not load (loky's
+        ``BrokenProcessPool`` says which): that task fails with it, and the
+        other one with `WorkerLostError`, since it may have started before
+        loky ended the worker.
+        """
+        culprit = slot.handed.popleft()
+        rest = list(slot.handed)
+        slot.handed.clear()
+        slot.unsent.clear()
+        outcomes: list[tuple[_LokyTaskFuture, bool | None, Any]]
+        if isinstance(error, TerminatedWorkerError):
+            outcomes = [(culprit, False, _lost(error, slot.pid))]
+            self._requeue(rest)
+        else:
+            outcomes = [(culprit, False, error)]
+            outcomes += [(future, False, _lost(error, slot.pid)) for future in rest]
+        self._conclude(outcomes, actions)
+        self._close_slot(slot, actions, kill=True)
+
+    def _shut(self, slot: _Slot, kill: bool) -> None:
+        """Shut ``slot``'s executor down and wait for its worker and threads (no lock held)."""
+        try:
+            slot.executor.shutdown(wait=True, kill_workers=kill)
+            # A worker loky killed (a broken executor, kill_workers) is not
+            # joined: multiprocessing keeps it, and the descriptor of its
+            # exit, until asked for the live children.
+            multiprocessing.active_children()
+        except Exception:
+            logger.exception("shutting down a loky executor failed")
+        finally:
+            with self._lock:
+                self._closes -= 1
+                if not self._closes:
+                    self._drained.notify_all()
+
+
+class LokyPoolFactory:
+    """A `WorkerPoolManager` factory: ``factory(max_size)`` builds a `LokyWorkerPool`.
+
+    Pass it where the manager takes a factory::
+
+        factory = LokyPoolFactory()
+        with manager.lease("tenant-a", factory=factory) as pool: ...
+        pool, done = manager.get_pool_with_factory("tenant-a", 1, factory)
+
+    (A subclass of `WorkerPoolManager` whose `default_factory` returns
+    ``factory(max_size)`` makes every key's pool a loky pool.) The manager's
+    caps across keys (``max_total_workers``, ``max_busy_workers``) do not
+    apply to these pools yet.
+
+    Args:
+        max_pending: backpressure of each pool (see `LokyWorkerPool`).
+            Default: the pool's size, as the manager's default factory.
+            ``None`` never blocks.
+        context, initializer, initargs, env: passed to every pool (see
+            `LokyWorkerPool`).
+
+    Raises:
+        TypeError, ValueError: for arguments of the wrong type or range.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_pending: int | None = _UNSET,
+        context: str = "loky",
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        checked = None if max_pending is _UNSET else max_pending
+        _check_options(checked, initializer, initargs, context, env)
+        self._max_pending = max_pending
+        self._context = context
+        self._initializer = initializer
+        self._initargs = initargs
+        self._env = None if env is None else dict(env)
+
+    def __call__(self, max_size: int) -> LokyWorkerPool:
+        """A new `LokyWorkerPool` of ``max_size`` (the manager passes its ``pool_size``)."""
+        max_pending = max_size if self._max_pending is _UNSET else self._max_pending
+        return LokyWorkerPool(
+            max_size,
+            max_pending=max_pending,
+            initializer=self._initializer,
+            initargs=self._initargs,
+            context=self._context,
+            env=self._env,
+        )
+
+    def __repr__(self) -> str:
+        return f"<LokyPoolFactory context={self._context!r}>"
