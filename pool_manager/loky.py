@@ -274,13 +274,15 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
             return
         with self._dispose_lock:
             with self._lock:
+                # (Signalled by `_act` as the last future settles, and `_start`
+                # as the last slot start ends; each counts down in a finally.)
                 while self._unsettled or self._starts:
                     self._drained.wait()
                 actions = _Actions()
                 self._close_all(actions, kill=False)
             self._act(actions, here=True)
             with self._lock:
-                while self._closes:
+                while self._closes:  # (signalled by `_shut`, in its finally)
                     self._drained.wait()
 
     def terminate(self) -> None:

@@ -145,11 +145,9 @@ def test_without_numpy_it_says_numpy_is_needed(monkeypatch: pytest.MonkeyPatch) 
 # -- tasks read it: its own segment, no copy, no check -------------------------------------
 
 
-def test_tasks_read_its_own_memory_and_nothing_is_written_or_checked(
-    pool: BaseWorkerPool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    array = counting()
-    checks = []
+def count_content_checks(monkeypatch: pytest.MonkeyPatch) -> list[_buffers.Segment]:
+    """The segments whose content `share` checks from now on (``Segment.holds``), in order."""
+    checks: list[_buffers.Segment] = []
     holds = _buffers.Segment.holds
 
     def counted(segment: _buffers.Segment, view: memoryview) -> bool:
@@ -157,6 +155,14 @@ def test_tasks_read_its_own_memory_and_nothing_is_written_or_checked(
         return holds(segment, view)
 
     monkeypatch.setattr(_buffers.Segment, "holds", counted)
+    return checks
+
+
+def test_tasks_read_its_own_memory_and_nothing_is_written_or_checked(
+    pool: BaseWorkerPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    array = counting()
+    checks = count_content_checks(monkeypatch)
     written = _buffers.segments_written
     futures = [pool.submit(sum_and_memfd_mappings, array) for _ in range(12)]
     results = [future.result(timeout=60) for future in futures]
@@ -172,14 +178,7 @@ def test_an_ordinary_array_is_still_copied_and_checked(
     pool: BaseWorkerPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # (The other side of the test above: what it would see without a shared array.)
-    checks = []
-    holds = _buffers.Segment.holds
-
-    def counted(segment: _buffers.Segment, view: memoryview) -> bool:
-        checks.append(segment)
-        return holds(segment, view)
-
-    monkeypatch.setattr(_buffers.Segment, "holds", counted)
+    checks = count_content_checks(monkeypatch)
     ordinary = np.arange(LARGE, dtype=np.float64)
     written = _buffers.segments_written
     # (A task that waits holds its segment, which the next submit reuses once checked.)
