@@ -144,7 +144,8 @@ SPARE_COUNT = 2
 SPARE_SIZE = 64 << 20
 #: Seconds a spare segment is kept unused.
 SPARE_AGE = 1.0
-_spares: list[tuple[int, float]] = []  # (descriptor, when released), oldest first
+#: (descriptor, when released, its file's (st_dev, st_ino)), oldest first
+_spares: list[tuple[int, float, tuple[int, int]]] = []
 _spares_lock = threading.Lock()
 #: The number of spare segments used again in this process (for tests and benchmarks).
 spares_taken = 0
@@ -158,7 +159,7 @@ def keep_spares(keep: bool) -> None:
     global _keepers
     with _spares_lock:  # (its holders never wait: this waits for no one long)
         _keepers += 1 if keep else -1
-        kept = [fd for fd, _released in _spares] if _keepers <= 0 else []
+        kept = [spare[0] for spare in _spares] if _keepers <= 0 else []
         if kept:
             _spares.clear()
     close_all(kept)
@@ -167,10 +168,15 @@ def keep_spares(keep: bool) -> None:
 def keep_spare(fd: int, size: int, _close: Callable[[int], None] = os.close) -> None:
     """Keep a released segment that no one reads any more as a spare, or close it."""
     kept = False
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return  # (not open: nothing to keep or close)
+    identity = (status.st_dev, status.st_ino)
     if 0 < size <= SPARE_SIZE and _spares_lock.acquire(blocking=False):
         try:
             if _keepers > 0 and len(_spares) < SPARE_COUNT:
-                _spares.append((fd, _monotonic()))
+                _spares.append((fd, _monotonic(), identity))
                 kept = True
         finally:
             _spares_lock.release()
@@ -181,14 +187,25 @@ def keep_spare(fd: int, size: int, _close: Callable[[int], None] = os.close) -> 
 def _take_spare() -> int:
     """The newest spare segment's descriptor (now the caller's), or -1."""
     global spares_taken
-    fd = -1
+    spare = None
     if _spares and _spares_lock.acquire(blocking=False):
         try:
             if _spares:
-                fd = _spares.pop()[0]
-                spares_taken += 1
+                spare = _spares.pop()
         finally:
             _spares_lock.release()
+    if spare is None:
+        return -1
+    fd, _released, identity = spare
+    # Still the file kept? (A descriptor closed elsewhere, its number then
+    # reused, must never be written into: it is dropped, not closed.)
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return -1
+    if (status.st_dev, status.st_ino) != identity:
+        return -1
+    spares_taken += 1
     return fd
 
 
@@ -199,7 +216,7 @@ def trim_spares(max_age: float = SPARE_AGE) -> bool:
         return bool(_spares)
     try:
         cutoff = _monotonic() - max_age
-        stale = [fd for fd, released in _spares if max_age <= 0 or released <= cutoff]
+        stale = [spare[0] for spare in _spares if max_age <= 0 or spare[1] <= cutoff]
         del _spares[: len(stale)]
         left = bool(_spares)
     finally:
@@ -389,7 +406,7 @@ def _forget_segments_in_child() -> None:
     _reusable.clear()
     _spares_lock = threading.Lock()  # (another thread may have held it at the fork)
     _keepers = 0  # (until this process's own I/O loop starts)
-    close_all(fd for fd, _released in _spares)
+    close_all(spare[0] for spare in _spares)
     _spares.clear()
 
 
