@@ -159,10 +159,10 @@ def keep_spares(keep: bool) -> None:
     global _keepers
     with _spares_lock:  # (its holders never wait: this waits for no one long)
         _keepers += 1 if keep else -1
-        kept = [spare[0] for spare in _spares] if _keepers <= 0 else []
+        kept = list(_spares) if _keepers <= 0 else []
         if kept:
             _spares.clear()
-    close_all(kept)
+    _close_spares(kept)
 
 
 def keep_spare(fd: int, size: int, _close: Callable[[int], None] = os.close) -> None:
@@ -175,6 +175,11 @@ def keep_spare(fd: int, size: int, _close: Callable[[int], None] = os.close) -> 
     identity = (status.st_dev, status.st_ino)
     if 0 < size <= SPARE_SIZE and _spares_lock.acquire(blocking=False):
         try:
+            # An entry with the same number is stale: its file was closed
+            # elsewhere and the number reused; it is dropped, never closed.
+            for index in range(len(_spares) - 1, -1, -1):
+                if _spares[index][0] == fd:
+                    del _spares[index]
             if _keepers > 0 and len(_spares) < SPARE_COUNT:
                 _spares.append((fd, _monotonic(), identity))
                 kept = True
@@ -216,13 +221,26 @@ def trim_spares(max_age: float = SPARE_AGE) -> bool:
         return bool(_spares)
     try:
         cutoff = _monotonic() - max_age
-        stale = [spare[0] for spare in _spares if max_age <= 0 or spare[1] <= cutoff]
+        stale = [spare for spare in _spares if max_age <= 0 or spare[1] <= cutoff]
         del _spares[: len(stale)]
         left = bool(_spares)
     finally:
         _spares_lock.release()
-    close_all(stale)
+    _close_spares(stale)
     return left
+
+
+def _close_spares(spares: list[tuple[int, float, tuple[int, int]]]) -> None:
+    """Close spares taken out of the list, each only if its descriptor is still the
+    file kept (one closed elsewhere and its number reused is someone else's)."""
+    for fd, _released, identity in spares:
+        try:
+            status = os.fstat(fd)
+        except OSError:
+            continue
+        if (status.st_dev, status.st_ino) == identity:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Segment:
@@ -406,7 +424,7 @@ def _forget_segments_in_child() -> None:
     _reusable.clear()
     _spares_lock = threading.Lock()  # (another thread may have held it at the fork)
     _keepers = 0  # (until this process's own I/O loop starts)
-    close_all(spare[0] for spare in _spares)
+    _close_spares(list(_spares))
     _spares.clear()
 
 

@@ -297,3 +297,27 @@ def test_a_pool_ended_by_a_signal_mid_echo_loses_nothing() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         pool.shutdown(wait=True)
+
+
+def test_a_spare_closed_elsewhere_is_never_written_into_nor_closed_again() -> None:
+    """A kept descriptor that something else closed, its number then reused by
+    another file: that file is neither handed out as a spare nor closed."""
+    _buffers.keep_spares(True)
+    try:
+        fd = os.memfd_create("pool_manager-buffer")
+        _buffers.keep_spare(fd, MIB)
+        os.close(fd)  # (behind the spares' back)
+        other = os.memfd_create("someone-else")
+        assert other == fd  # (the lowest free number: the same one)
+        assert _buffers._take_spare() == -1
+        os.fstat(other)  # (still open)
+        _buffers.keep_spare(fd, MIB)  # (closed elsewhere again, and the number kept anew)
+        os.close(other)
+        another = os.memfd_create("someone-else")
+        assert another == fd
+        _buffers.keep_spare(os.memfd_create("pool_manager-buffer"), MIB)
+        assert not _buffers.trim_spares(0)
+        os.fstat(another)  # (the stale entries were dropped, not closed)
+        os.close(another)
+    finally:
+        _buffers.keep_spares(False)
