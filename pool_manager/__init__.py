@@ -135,6 +135,11 @@ starter and a few callback threads however many pools it has):
 - *A loky executor's manager thread* (one per worker of a `LokyWorkerPool`):
   settles that worker's tasks and hands it the next (under the pool's lock,
   never waiting); a slot's start and shutdown run on the callback threads.
+- *The loky watch* (``pool_manager-loky-watch``, one per process, only
+  while a `LokyWorkerPool` has a deadline or a memory limit to watch):
+  calls each watched pool's ``_watch`` with no lock of its own held (the
+  pool takes its ``_lock``, never waiting), which ends slots past a task's
+  deadline or ``kill_worker_memory`` (``_loky_watch.py``).
 - *Finalizers* (a dropped manager or pool, on whichever thread collects
   it): only what never waits: a ``SimpleQueue.put``, a wake-up byte behind
   a lock taken without blocking, a list append; a shared-memory segment
@@ -144,8 +149,8 @@ Locks, outermost first (a thread holding one may take those after it, never
 those before): a pool's ``_dispose_lock``; the manager's ``_lock`` (never
 held while a pool is called, so it stands alone); a pool's ``_lock``; the
 worker budget's and `BusySlots`' locks, the I/O loop's, the starter's, the
-callback runner's and the live segments' (``_buffers``) (innermost: nothing
-is called under them). The fork
+callback runner's, the live segments' (``_buffers``) and the loky watch's
+(innermost: nothing is called under them). The fork
 server's lock and the process's ``_server_lock`` are taken by the starter
 and a disposal with no pool lock held. The budget tells pools of a new
 allowance with no lock of its own held.
@@ -169,6 +174,10 @@ Every wait, and who ends it (on every path, errors included):
 - a task stuck past its deadline, or a worker past ``kill_worker_memory``:
   the I/O loop, which wakes for the pool's next deadline and every 50 ms
   for memory, and kills the worker (nothing inside the worker is relied on).
+  A `LokyWorkerPool`'s: the loky watch (its ``_woken`` condition: a pool
+  that hands a slot a task with a deadline, or a task under the memory
+  limit, or settles such a task; else the next deadline, or 50 ms for
+  memory), which ends the slot's executor with its worker.
 - the starter (its ``_wanted`` condition): a start asked for, a retry due.
 - the I/O loop (its selector): a worker's message or exit, a pool's change
   (its wake-up pipe), a pool's next deadline.

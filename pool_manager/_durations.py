@@ -100,3 +100,18 @@ def to_bytes(name: str, value: object) -> int | None:
     if size <= 0:
         raise ValueError(f"{name} must be a positive size, got {value!r}")
     return size
+
+
+def memory_limits(
+    max_worker_memory: object, kill_worker_memory: object
+) -> tuple[int | None, int | None]:
+    """A pool's ``max_worker_memory`` and ``kill_worker_memory`` in bytes (`to_bytes`);
+    the hard limit must be above the soft one."""
+    soft = to_bytes("max_worker_memory", max_worker_memory)
+    hard = to_bytes("kill_worker_memory", kill_worker_memory)
+    if soft is not None and hard is not None and hard <= soft:
+        raise ValueError(
+            "kill_worker_memory must be above max_worker_memory (the soft limit "
+            "replaces a worker between tasks; the hard one ends it at once)"
+        )
+    return soft, hard

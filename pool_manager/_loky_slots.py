@@ -118,6 +118,11 @@ class _LokyTaskFuture(_QueuedFuture):
         #: What to send; kept until it settles (a broken slot's next task is sent again).
         self._call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = call
         self._sent_at = 0.0
+        #: Seconds it may run (``task_timeout``, `submit_with_timeout`), or None.
+        self.timeout: float | None = None
+        #: When it runs past ``timeout`` (``time.monotonic()``): set as it is
+        #: handed to a slot with nothing else to run, so it starts at once.
+        self._deadline: float | None = None
         #: Seconds from handing the task to a slot to its answer, once answered.
         self.run_time: float | None = None
 
@@ -133,7 +138,17 @@ class _Slot:
     the order they were handed (which is how a crash's culprit is known).
     """
 
-    __slots__ = ("closed", "executor", "handed", "pid", "ready", "retiring", "sending", "unsent")
+    __slots__ = (
+        "closed",
+        "executor",
+        "handed",
+        "pid",
+        "ready",
+        "retiring",
+        "sending",
+        "taken",
+        "unsent",
+    )
 
     def __init__(self) -> None:
         self.executor: Any = None  # a loky.ProcessPoolExecutor, once started
@@ -143,15 +158,17 @@ class _Slot:
         self.closed = False  # out of the pool (being shut down, or to be once started)
         self.handed: deque[_LokyTaskFuture] = deque()  # sent or to send, unanswered, in order
         self.unsent: deque[_LokyTaskFuture] = deque()  # handed, not yet submitted to loky
+        self.taken = 0  # tasks handed to it in all (``max_tasks_per_worker``)
         self.sending = threading.Lock()
 
 
 class _Actions:
     """What a decision under the pool's lock leaves to do once it is released."""
 
-    __slots__ = ("closes", "feeds", "finished", "idle_callbacks", "starts")
+    __slots__ = ("closes", "feeds", "finished", "idle_callbacks", "starts", "watch")
 
     def __init__(self) -> None:
+        self.watch = False  # a deadline or a memory limit to watch (`_loky_watch`)
         self.starts: list[_Slot] = []
         self.feeds: list[_Slot] = []
         self.closes: list[tuple[_Slot, bool]] = []  # (slot, kill its worker)

@@ -409,6 +409,10 @@ class ChunkedTaskPool(QueuedPool[F]):
     #: sized to about this many seconds of calls, as measured.
     _target_chunk_seconds = TARGET_CHUNK_SECONDS
 
+    def _calls_alone(self) -> bool:
+        """Must ``map`` send each call as its own task (a deadline per call)? No, here."""
+        return False
+
     @abc.abstractmethod
     def _submit(
         self,
@@ -487,6 +491,8 @@ class ChunkedTaskPool(QueuedPool[F]):
         """
         runner = chunk_runner(fn, starred=len(iterables) > 1, catch=return_exceptions)
         submit = self._submit
+        if self._calls_alone():
+            chunksize = 1
         return map_lazily(
             fn,
             iterables,

@@ -53,17 +53,26 @@ own. How a task travels::
   (`_threads.CallbackRunner`), never under the pool's lock nor on loky's
   threads; ``dispose`` waits for them.
 
-Not supported yet (`BaseWorkerPool` has them): ``task_timeout`` and
-``submit_with_timeout``, ``kill_task``, ``max_tasks_per_worker``, the
-memory limits, ``shared_data``, the worker budget across keys
-(``max_total_workers``). Only loky's public API is used: an executor per
-slot, its ``submit`` and ``shutdown``, and its errors.
+- Limits, enforced from outside the worker by the watch's thread
+  (``_loky_watch.py``: platform-neutral, it waits on a condition and the
+  clock): a task past its deadline (``task_timeout``,
+  ``submit_with_timeout``) or a worker past ``kill_worker_memory`` has its
+  slot's worker ended, and only that task fails. Such tasks run alone in
+  their slot, so nothing else was waiting behind them. ``kill_task`` ends
+  the slot's worker too; a task behind it in the slot fails with
+  `WorkerLostError`, as it may have started. ``max_tasks_per_worker`` and
+  ``max_worker_memory`` retire a slot between tasks: no task fails.
+
+Not supported yet (`BaseWorkerPool` has them): ``shared_data``, the worker
+budget across keys (``max_total_workers``). Only loky's public API is used:
+an executor per slot, its ``submit`` and ``shutdown``, and its errors.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import time
@@ -80,8 +89,8 @@ except ImportError as error:
         "pool_manager.loky needs loky, which is not installed: pip install 'pool-manager[loky]'"
     ) from error
 
-from . import _threads
-from ._durations import to_count
+from . import _loky_watch, _threads
+from ._durations import Duration, memory_limits, to_count, to_seconds
 from ._loky_slots import (
     HANDED_PER_SLOT,
     _Actions,
@@ -97,7 +106,15 @@ from ._loky_slots import (
     _start_slot,
 )
 from ._queued import ChunkedTaskPool
-from .errors import PoolTerminatedError, WorkerStartError
+from .errors import (
+    PoolTerminatedError,
+    TaskKilledError,
+    TaskTimeoutError,
+    WorkerLostError,
+    WorkerMemoryError,
+    WorkerStartError,
+)
+from .memory import resident_memory
 
 __all__ = ["LokyPoolFactory", "LokyWorkerPool"]
 
@@ -112,6 +129,9 @@ TARGET_CHUNK_SECONDS = 0.05
 
 #: Slots in a row that fail to get ready before the queued tasks fail.
 MAX_ATTEMPTS = 3
+
+#: Seconds between two checks of the busy workers against ``kill_worker_memory``.
+MEMORY_CHECK_INTERVAL = 0.05
 
 _UNSET: Any = object()
 
@@ -143,9 +163,23 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
             ``"forkserver"`` are refused.
         env: environment variables (str to str) set in each worker before
             it imports anything (``"loky"`` and ``"loky_init_main"`` only).
-        task_timeout, max_tasks_per_worker, max_worker_memory,
-        kill_worker_memory, shared_data: not supported yet (``TypeError``
-            when given): use `BaseWorkerPool`.
+        task_timeout: seconds a task may run; past that its slot's worker is
+            ended (the watch: `_loky_watch`) and its future fails with
+            `TaskTimeoutError`. Per call: `submit_with_timeout`; in `map`,
+            each call's (a pool with a deadline maps one call per task).
+            A task with a deadline runs alone in its slot (no second task
+            waits behind it), so ending its worker ends nothing else.
+        max_tasks_per_worker: a slot is shut down (cleanly, between tasks)
+            after this many tasks, and a new one started as needed.
+        max_worker_memory: bytes, or a string like ``"512MB"``: a slot whose
+            worker's resident memory is above this after a task takes no
+            more and is shut down once it holds none; no task fails.
+        kill_worker_memory: a hard limit above ``max_worker_memory``: a worker
+            above it (checked every 50 ms) is ended at once and only its
+            task fails, with `WorkerMemoryError`. Each slot then holds one
+            task at a time.
+        shared_data: not supported yet (``TypeError`` when given): use
+            `BaseWorkerPool`.
 
     Raises:
         TypeError, ValueError: arguments of the wrong type or range, or that
@@ -164,26 +198,26 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         initargs: tuple[Any, ...] = (),
         context: str = "loky",
         env: dict[str, str] | None = None,
-        task_timeout: object = None,
-        max_tasks_per_worker: object = None,
-        max_worker_memory: object = None,
-        kill_worker_memory: object = None,
+        task_timeout: Duration | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | str | None = None,
+        kill_worker_memory: int | str | None = None,
         shared_data: object = None,
     ) -> None:
-        not_yet = {
-            "task_timeout": task_timeout,
-            "max_tasks_per_worker": max_tasks_per_worker,
-            "max_worker_memory": max_worker_memory,
-            "kill_worker_memory": kill_worker_memory,
-            "shared_data": shared_data,
-        }
-        for name, value in not_yet.items():
-            if value is not None:
-                raise TypeError(
-                    f"LokyWorkerPool does not support {name} yet: use BaseWorkerPool, the "
-                    "fork-server pool, for it"
-                )
+        if shared_data is not None:
+            raise TypeError(
+                "LokyWorkerPool does not support shared_data yet: use BaseWorkerPool, the "
+                "fork-server pool, for it"
+            )
         _check_options(max_pending, initializer, initargs, context, env)
+        self._task_timeout = to_seconds("task_timeout", task_timeout, allow_none=True)
+        self._max_tasks = (
+            None
+            if max_tasks_per_worker is None
+            else to_count("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+        )
+        self._soft_memory, self._hard_memory = memory_limits(max_worker_memory, kill_worker_memory)
+        self._next_memory_check = 0.0  # time.monotonic(), for kill_worker_memory
         # The local queue (_pending), its lock and conditions, the counts and
         # the grant (_drained: dispose's waiters); _lock guards them and everything below.
         super().__init__(to_count("max_size", max_size, minimum=1), max_pending)
@@ -214,6 +248,11 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         with self._lock:
             return [slot.pid for slot in self._slots if slot.pid is not None]
 
+    @property
+    def task_timeout(self) -> float | None:
+        """Seconds a task may run (None: no limit)."""
+        return self._task_timeout
+
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)`` in a loky worker; returns a ``Future``.
 
@@ -230,20 +269,85 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         """
         return self._submit(None, fn, args, kwargs)
 
+    def submit_with_timeout(
+        self, timeout: Duration | None, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> Future[T]:
+        """`submit` with a deadline: ``timeout`` seconds once the task starts.
+
+        A task still running then has its slot's worker ended; its future
+        fails with `TaskTimeoutError` and the pool's other tasks are
+        unaffected. ``None`` means no deadline (the pool's ``task_timeout``
+        is not used).
+        """
+        seconds = to_seconds("timeout", timeout, allow_none=True)
+        return self._submit(None, fn, args, kwargs, timeout=seconds)
+
+    def kill_task(self, future: Future[Any]) -> bool:
+        """Stop a task now: cancel it if it is still queued, else end its slot's worker.
+
+        Ending the worker fails that task with `TaskKilledError`; the pool
+        starts a new slot as needed and its other slots are unaffected. A
+        task waiting behind it in the same slot had been sent to loky and
+        may have started: it fails with `WorkerLostError`, never run twice.
+        A task waiting behind another one in its slot fails at once with
+        `TaskKilledError` (it may still run there; its result is dropped).
+        Returns False if the task had already finished.
+
+        Raises:
+            ValueError: ``future`` did not come from this pool's ``submit``.
+        """
+        if not isinstance(future, _LokyTaskFuture) or future._pool not in (self, None):
+            raise ValueError("kill_task takes a future returned by this pool's submit()")
+        if future.cancel():
+            return True
+        actions = _Actions()
+        with self._lock:
+            if future.done() or future not in self._outstanding:
+                return False
+            slot = next((slot for slot in self._slots if future in slot.handed), None)
+            if slot is None:  # (handed back to the queue: it never started)
+                future._dropped = True
+                self._waiting -= 1
+                error: BaseException | None = TaskKilledError(
+                    "pool.kill_task stopped this task before it started", pid=None
+                )
+            elif slot.handed[0] is future:
+                error = TaskKilledError(
+                    f"pool.kill_task ended loky worker process {slot.pid}, which was running "
+                    "this task; the pool replaced it",
+                    pid=slot.pid,
+                )
+                self._end_slot(slot, error, actions)
+                self._plan(actions)
+                error = None  # (settled by _end_slot)
+            else:  # (behind another task: in loky's queue, where it cannot be taken back)
+                error = TaskKilledError(
+                    "the task was killed before it started; it may still run once in a "
+                    "worker, and that result is dropped",
+                    pid=slot.pid,
+                )
+            if error is not None:
+                self._conclude([(future, False, error)], actions)
+        self._act(actions)
+        return True
+
     def _submit(
         self,
         deadline: float | None,
         fn: Callable[..., T],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        timeout: float | None | object = _UNSET,
     ) -> Future[T]:
-        """`submit`, waiting for room only until ``deadline`` (``time.monotonic()``)."""
+        """`submit`, waiting for room only until ``deadline`` (``time.monotonic()``);
+        ``timeout``: the task's own (default: the pool's ``task_timeout``)."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         actions = _Actions()
         with self._lock:
             self._admit(deadline)
             future = _LokyTaskFuture(self, (fn, args, kwargs))
+            future.timeout = self._task_timeout if timeout is _UNSET else timeout  # type: ignore[assignment]
             self._outstanding.add(future)
             self._unsettled += 1
             self._enqueue(future)
@@ -309,6 +413,9 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
 
     # -- QueuedPool's hooks ------------------------------------------------
 
+    def _calls_alone(self) -> bool:
+        return self._task_timeout is not None  # (each call gets its own deadline)
+
     def _running(self) -> int:
         return sum(1 for slot in self._slots if slot.handed)
 
@@ -360,30 +467,85 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         for slot in ready:
             if self._waiting <= starting:
                 return
-            if len(slot.handed) < HANDED_PER_SLOT:
+            if (
+                0 < len(slot.handed) < HANDED_PER_SLOT
+                and not slot.retiring
+                and not self._alone(slot.handed[0])
+                and not self._alone(self._next_queued())
+            ):
                 self._hand(slot, actions)
+
+    def _alone(self, future: _LokyTaskFuture) -> bool:
+        """(Holds _lock) Must ``future`` run alone in its slot? A task with a deadline,
+        or any under ``kill_worker_memory``: ending its worker then ends nothing else."""
+        return future.timeout is not None or self._hard_memory is not None
+
+    def _next_queued(self) -> _LokyTaskFuture:
+        """(Holds _lock) The next queued task (there is one), past cancelled ones."""
+        pending = self._pending
+        while pending[0]._dropped:
+            pending.popleft()
+        return pending[0]
 
     def _hand(self, slot: _Slot, actions: _Actions) -> None:
         """(Holds _lock) Hand ``slot`` the next queued task (there is one)."""
-        while True:
-            future = self._pending.popleft()
-            if not future._dropped:
-                break
+        future = self._next_queued()
+        self._pending.popleft()
         self._waiting -= 1
         if not future._sent:
             future._sent = True
             future.set_running_or_notify_cancel()
-        future._sent_at = time.monotonic()
+        now = time.monotonic()
+        future._sent_at = now
+        if future.timeout is not None:  # (alone in the slot: it starts now)
+            future._deadline = now + future.timeout
+            actions.watch = True
+        elif self._hard_memory is not None:
+            actions.watch = True
         slot.handed.append(future)
         slot.unsent.append(future)
+        slot.taken += 1
+        if self._max_tasks is not None and slot.taken >= self._max_tasks:
+            slot.retiring = True  # (shut down once it holds none)
         if slot not in actions.feeds:
             actions.feeds.append(slot)
 
     def _requeue(self, futures: list[_LokyTaskFuture]) -> None:
         """(Holds _lock) Tasks handed to a slot that never started them: to the queue's front."""
         for future in reversed(futures):
+            future._deadline = None
             self._pending.appendleft(future)
             self._waiting += 1
+
+    def _end_slot(self, slot: _Slot, error: BaseException, actions: _Actions) -> None:
+        """(Holds _lock) End ``slot``'s worker for its running task, which fails with
+        ``error`` (a deadline, a memory limit, `kill_task`).
+
+        A task handed to it but not yet sent to loky goes back to the queue;
+        one already sent had not started, unless the running task finished
+        in the moment before: it fails with `WorkerLostError` (may have
+        started), so that no task runs twice. (Tasks with a deadline, and
+        every task under ``kill_worker_memory``, run alone: none is behind.)
+        """
+        culprit = slot.handed.popleft()
+        rest = list(slot.handed)
+        unsent = set(slot.unsent)
+        slot.handed.clear()
+        slot.unsent.clear()
+        self._requeue([future for future in rest if future in unsent])
+        outcomes: list[tuple[_LokyTaskFuture, bool | None, Any]] = [(culprit, False, error)]
+        for future in rest:
+            if future not in unsent:
+                lost = WorkerLostError(
+                    f"the pool ended loky worker process {slot.pid} for the task before this "
+                    f"one ({type(error).__name__}); this one had been sent to it and may have "
+                    "started, so it is not run again",
+                    pid=slot.pid,
+                )
+                lost.__cause__ = error
+                outcomes.append((future, False, lost))
+        self._conclude(outcomes, actions)
+        self._close_slot(slot, actions, kill=True)
 
     def _shrink(self, actions: _Actions) -> None:
         """(Holds _lock) Retire slots beyond the grant: starting, then idle, then busy ones."""
@@ -418,6 +580,8 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         done = [outcome for outcome in outcomes if outcome[0] in self._outstanding]
         for future, _, _ in done:
             self._outstanding.discard(future)
+            if future._deadline is not None:
+                actions.watch = True  # (the watch may now have nothing left to wait for)
         if done:
             actions.idle_callbacks += self._count_finished(ok for _, ok, _ in done)
             actions.finished += done
@@ -446,6 +610,8 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         tasks, run idle callbacks, then settle the finished futures."""
         runner = _threads.get_runner()
         try:
+            if actions.watch:
+                _loky_watch.watch(self)
             for slot in actions.starts:
                 runner.run(_threads.Strand(), functools.partial(self._start, slot))
             for slot, kill in actions.closes:
@@ -578,20 +744,27 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         if the slot broke, fail its running task and requeue the other."""
         with _settling_here():
             error = CancelledError() if inner.cancelled() else inner.exception()
+            pid, value = inner.result() if error is None else (slot.pid, None)
+            # (Measured off the lock: the soft limit is checked between tasks.)
+            grown = (
+                self._soft_memory is not None
+                and pid is not None
+                and (resident_memory(pid) or 0) > self._soft_memory
+            )
             actions = _Actions()
             with self._lock:
                 if future not in slot.handed:
-                    return  # (terminated, or sent again after its slot broke)
+                    return  # (terminated, ended, or sent again after its slot broke)
                 future.run_time = time.monotonic() - future._sent_at
                 if isinstance(error, loky.BrokenProcessPool):
                     self._broke(slot, error, actions)
                 else:
                     slot.handed.remove(future)
-                    if error is None:
-                        slot.pid, value = inner.result()
-                        self._conclude([(future, True, value)], actions)
-                    else:
-                        self._conclude([(future, False, error)], actions)
+                    slot.pid = pid
+                    outcome = (future, error is None, value if error is None else error)
+                    self._conclude([outcome], actions)
+                    if grown:
+                        slot.retiring = True  # (max_worker_memory: no task is lost)
                     if slot.retiring and not slot.handed:
                         self._close_slot(slot, actions, kill=False)
                 self._plan(actions)
@@ -621,6 +794,50 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         self._conclude(outcomes, actions)
         self._close_slot(slot, actions, kill=True)
 
+    def _watch(self) -> float | None:
+        """(The watch's thread, `_loky_watch`) End the slots whose running task is past
+        its deadline, or whose worker is past ``kill_worker_memory``; returns the
+        seconds until the next check is due, None if there is nothing to watch."""
+        now = time.monotonic()
+        actions = _Actions()
+        wait = math.inf
+        measure: list[tuple[_Slot, _LokyTaskFuture, int]] = []
+        with self._lock:
+            for slot in list(self._slots):
+                if not slot.handed:
+                    continue
+                running = slot.handed[0]
+                if running._deadline is not None:
+                    if now < running._deadline:
+                        wait = min(wait, running._deadline - now)
+                        continue
+                    timeout = running.timeout or 0.0
+                    self._end_slot(slot, _timed_out(timeout, slot.pid), actions)
+            busy = [slot for slot in self._slots if slot.handed and slot.pid is not None]
+            if self._hard_memory is not None and busy:
+                if now >= self._next_memory_check:
+                    self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+                    measure = [(slot, slot.handed[0], slot.pid) for slot in busy]  # type: ignore[misc]
+                wait = min(wait, self._next_memory_check - now)
+            self._plan(actions)
+        self._act(actions)
+        limit = self._hard_memory
+        over = [
+            (slot, running, pid, size)
+            for slot, running, pid in measure
+            if (size := resident_memory(pid)) is not None and limit is not None and size > limit
+        ]
+        if over:
+            assert limit is not None
+            actions = _Actions()
+            with self._lock:
+                for slot, running, pid, size in over:
+                    if not slot.closed and slot.handed and slot.handed[0] is running:
+                        self._end_slot(slot, _over_memory(pid, limit, size), actions)
+                self._plan(actions)
+            self._act(actions)
+        return None if wait == math.inf else wait
+
     def _shut(self, slot: _Slot, kill: bool) -> None:
         """Shut ``slot``'s executor down and wait for its worker and threads (no lock held)."""
         try:
@@ -636,6 +853,26 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
                 self._closes -= 1
                 if not self._closes:
                     self._drained.notify_all()
+
+
+def _timed_out(timeout: float, pid: int | None) -> TaskTimeoutError:
+    return TaskTimeoutError(
+        f"the task ran past its {timeout:g}s deadline; its loky worker process {pid} was "
+        "ended and replaced",
+        pid=pid or 0,
+        timeout=timeout,
+    )
+
+
+def _over_memory(pid: int, limit: int, size: int) -> WorkerMemoryError:
+    return WorkerMemoryError(
+        f"loky worker process {pid} reached {size / 1e6:.0f} MB of memory, above "
+        f"kill_worker_memory={limit / 1e6:.0f} MB, while running this task; it was ended "
+        "and replaced",
+        pid=pid,
+        limit=limit,
+        size=size,
+    )
 
 
 class LokyPoolFactory:
@@ -656,8 +893,9 @@ class LokyPoolFactory:
         max_pending: backpressure of each pool (see `LokyWorkerPool`).
             Default: the pool's size, as the manager's default factory.
             ``None`` never blocks.
-        context, initializer, initargs, env: passed to every pool (see
-            `LokyWorkerPool`).
+        context, initializer, initargs, env, task_timeout,
+        max_tasks_per_worker, max_worker_memory, kill_worker_memory: passed
+            to every pool (see `LokyWorkerPool`).
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.
@@ -671,9 +909,23 @@ class LokyPoolFactory:
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         env: dict[str, str] | None = None,
+        task_timeout: Duration | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | str | None = None,
+        kill_worker_memory: int | str | None = None,
     ) -> None:
         checked = None if max_pending is _UNSET else max_pending
         _check_options(checked, initializer, initargs, context, env)
+        to_seconds("task_timeout", task_timeout, allow_none=True)
+        if max_tasks_per_worker is not None:
+            to_count("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+        memory_limits(max_worker_memory, kill_worker_memory)
+        self._limits: dict[str, Any] = {
+            "task_timeout": task_timeout,
+            "max_tasks_per_worker": max_tasks_per_worker,
+            "max_worker_memory": max_worker_memory,
+            "kill_worker_memory": kill_worker_memory,
+        }
         self._max_pending = max_pending
         self._context = context
         self._initializer = initializer
@@ -690,6 +942,7 @@ class LokyPoolFactory:
             initargs=self._initargs,
             context=self._context,
             env=self._env,
+            **self._limits,
         )
 
     def __repr__(self) -> str:

@@ -83,7 +83,7 @@ from . import _process, _threads
 from ._buffers import share
 from ._compat import ProcessView, resolve_start_method
 from ._dispatch import RunTimes, task_kind
-from ._durations import Duration, to_bytes, to_count, to_seconds
+from ._durations import Duration, memory_limits, to_count, to_seconds
 from ._main_module import by_reference, main_to_import
 from ._map import map_lazily
 from ._pool_dispatch import _Dispatch, _grant_places
@@ -237,13 +237,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         )
         if max_tasks is not None:
             to_count("max_tasks_per_worker", max_tasks, minimum=1)
-        soft_memory = to_bytes("max_worker_memory", max_worker_memory)
-        hard_memory = to_bytes("kill_worker_memory", kill_worker_memory)
-        if soft_memory is not None and hard_memory is not None and hard_memory <= soft_memory:
-            raise ValueError(
-                "kill_worker_memory must be above max_worker_memory (the soft limit "
-                "replaces a worker between tasks; the hard one ends it at once)"
-            )
+        soft_memory, hard_memory = memory_limits(max_worker_memory, kill_worker_memory)
         self._limits = WorkerLimits(max_tasks, soft_memory)
         self._kill_memory = hard_memory
         self._next_memory_check = 0.0  # time.monotonic(), for kill_worker_memory

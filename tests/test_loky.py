@@ -410,8 +410,6 @@ def test_bad_arguments_are_refused() -> None:
         LokyWorkerPool(1, context="fork")
     with pytest.raises(ValueError, match="env needs"):
         LokyWorkerPool(1, context="spawn", env={"A": "1"})
-    with pytest.raises(TypeError, match="task_timeout yet"):
-        LokyWorkerPool(1, task_timeout=1.0)
     with pytest.raises(TypeError, match="shared_data yet"):
         LokyWorkerPool(1, shared_data=[1])
     with pytest.raises(TypeError, match="picklable"):
