@@ -203,10 +203,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._platform import DEFAULT_ENGINE
     from ._shared import shared_data
     from ._shared_array import shared_array
     from .errors import (
         ArgumentUnpicklingError,
+        EngineUnavailableError,
         FactoryError,
         ForkServerError,
         ManagerShutDownError,
@@ -242,8 +244,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentUnpicklingError",
+    "DEFAULT_ENGINE",
     "DEFAULT_IDLE_TIMEOUT",
     "BaseWorkerPool",
+    "EngineUnavailableError",
     "Factory",
     "FactoryError",
     "ForkServerError",
@@ -280,6 +284,7 @@ __all__ = [
 #: ``_worker``, and should not pay for the manager, the pools and psutil.
 _HOMES = {
     "ArgumentUnpicklingError": "errors",
+    "EngineUnavailableError": "errors",
     "FactoryError": "errors",
     "ForkServerError": "errors",
     "ManagerShutDownError": "errors",
@@ -310,6 +315,7 @@ _HOMES = {
     "as_completed": "progress",
     "shared_data": "_shared",
     "shared_array": "_shared_array",
+    "DEFAULT_ENGINE": "_platform",
 }
 
 

@@ -88,7 +88,11 @@ __all__ = [
 #: The most descriptors one ``sendmsg`` may carry (Linux's ``SCM_MAX_FD``).
 MAX_DESCRIPTORS = 253
 #: The ancillary buffer that holds that many.
-_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_DESCRIPTORS * array.array("i").itemsize)
+_ANCILLARY_SPACE = (
+    socket.CMSG_SPACE(MAX_DESCRIPTORS * array.array("i").itemsize)
+    if hasattr(socket, "CMSG_SPACE")
+    else 0  # (no descriptor passing: the fork server does not run here, see _platform.py)
+)
 #: How many bytes a content check reads at once.
 _COMPARE_CHUNK = 1 << 20
 _monotonic = time.monotonic

@@ -237,7 +237,9 @@ class Message(NamedTuple):
 _LARGE_BODY = 1 << 16
 _CHUNK = 1 << 18
 #: Room for the most descriptors one message may carry (``SCM_MAX_FD``, 253).
-_ANCILLARY_SPACE = socket.CMSG_SPACE(253 * 4)
+_ANCILLARY_SPACE = (
+    socket.CMSG_SPACE(253 * 4) if hasattr(socket, "CMSG_SPACE") else 0  # (see _platform.py)
+)
 _NO_BUFFERS: tuple[Any, ...] = ()
 # (The I/O loop builds a Message per message: tuple.__new__ takes about 60%
 # of the time Message(...) does, which goes through a Python-level __new__.)

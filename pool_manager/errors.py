@@ -13,6 +13,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
     "ArgumentUnpicklingError",
+    "EngineUnavailableError",
     "FactoryError",
     "ForkServerError",
     "ManagerShutDownError",
@@ -137,6 +138,12 @@ class WorkerStartError(WorkerPoolBrokenError):
         )
         error.__cause__ = cause
         return error
+
+
+class EngineUnavailableError(PoolManagerError, RuntimeError):
+    """The engine asked for cannot run on this platform (the fork server needs
+    ``os.fork``, ``socket.send_fds`` and ``os.memfd_create``: Linux). The
+    message names what is missing and the engine to use instead (loky)."""
 
 
 class ForkServerError(PoolManagerError, RuntimeError):

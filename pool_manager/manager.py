@@ -42,6 +42,7 @@ from typing import Any
 from . import _process, _signals, memory
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from ._events import EventLog
+from ._platform import resolve_engine
 from ._poolmap import PoolMap
 
 # The records live in _records, USS_EVERY in _sampling; this module is their
@@ -204,9 +205,20 @@ class WorkerPoolManager:
         clock: a monotonic clock in seconds; inject a fake one in tests and
             call `sweep` after moving it. (Task deadlines and memory limits
             are real time and real bytes, enforced in the workers.)
+        engine: what the default factory builds each key's pool on:
+            ``"fork_server"`` (`BaseWorkerPool`: workers forked from the fork
+            server; Linux) or ``"loky"`` (`pool_manager.loky.LokyWorkerPool`:
+            loky's workers, every platform). Default: `DEFAULT_ENGINE`, the
+            fork server where it can run, else loky. On loky,
+            ``worker_idle_timeout`` does not apply (a pool's workers live
+            until it is disposed), ``shared_data`` is refused, and the caps
+            across keys (``max_total_workers``, ``max_busy_workers``) do not
+            reach its pools yet.
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.
+        EngineUnavailableError: ``engine="fork_server"`` where it cannot run.
+        ImportError: the loky engine without loky installed.
         ForkServerError: the fork server (that worker processes are forked
             from) died as it started; the message holds what it printed.
         OSError: the fork server could not be started (out of file
@@ -236,7 +248,9 @@ class WorkerPoolManager:
         shutdown_grace: Duration = 30.0,
         on_event: Callable[[PoolEvent], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        engine: str | None = None,
     ) -> None:
+        self._engine = resolve_engine(engine)
         self._pool_size = to_count("pool_size", pool_size, minimum=1)
         stale = to_seconds("stale_pool_expiration", stale_pool_expiration)
         lifetime = to_seconds("max_pool_lifetime", max_pool_lifetime)
@@ -264,7 +278,10 @@ class WorkerPoolManager:
         }
         # Checked now, by the pool that would take them, rather than at the
         # first get_pool; it pickles the shared data, once for every pool.
-        self._worker_options["shared_data"] = BaseWorkerPool(1, **self._worker_options)._shared
+        if self._engine == "loky":
+            self._loky_pool(1).dispose()  # (starts nothing)
+        else:
+            self._worker_options["shared_data"] = BaseWorkerPool(1, **self._worker_options)._shared
         sample_every = to_seconds("memory_sample_interval", memory_sample_interval, allow_none=True)
         self._min_available = to_bytes("min_available_memory", min_available_memory)
         if self._min_available is not None and sample_every is None:
@@ -301,16 +318,18 @@ class WorkerPoolManager:
         # away, and no pool waits for an interpreter to boot while it holds
         # its lock. A server that cannot start raises here, before anything
         # else (signal handler, supervisor) is set up.
-        server = _process.acquire_server()
-        try:
+        self._holds_server = False
+        if self._engine == "fork_server":
+            server = _process.acquire_server()
             try:
-                server.wait_ready()
-            except _process.ForkServerGone:  # (it ended as it imported the main module)
-                _process.acquire_server(replace=server).wait_ready()
-        except BaseException:
-            _process.release_server()
-            raise
-        self._holds_server = True
+                try:
+                    server.wait_ready()
+                except _process.ForkServerGone:  # (it ended as it imported the main module)
+                    _process.acquire_server(replace=server).wait_ready()
+            except BaseException:
+                _process.release_server()
+                raise
+            self._holds_server = True
 
         self.handles_signals = bool(handle_signals) and _signals.install_sigterm_handler()
         self._supervisor = Supervisor(
@@ -359,14 +378,27 @@ class WorkerPoolManager:
 
     # -- leases ----------------------------------------------------------
 
+    @property
+    def engine(self) -> str:
+        """What the default factory builds pools on: ``"fork_server"`` or ``"loky"``."""
+        return self._engine
+
     def default_factory(self, max_size: int) -> WorkerPool:
-        """The factory `get_pool` uses: a `BaseWorkerPool` with the manager's settings."""
+        """The factory `get_pool` uses: a pool on the manager's `engine` with its settings
+        (a `BaseWorkerPool`, or a `pool_manager.loky.LokyWorkerPool`)."""
+        if self._engine == "loky":
+            return self._loky_pool(max_size)
         return BaseWorkerPool(
             max_size,
             max_pending=self._max_pending,
             idle_timeout=self._worker_idle_timeout,
             **self._worker_options,
         )
+
+    def _loky_pool(self, max_size: int) -> WorkerPool:
+        from .loky import LokyWorkerPool  # (an ImportError names the extra)
+
+        return LokyWorkerPool(max_size, max_pending=self._max_pending, **self._worker_options)
 
     def get_pool(self, key: Hashable, send_size: int = 1) -> tuple[WorkerPool, Callable[[], None]]:
         """Lease the pool for ``key``, building it with `default_factory` if needed.

@@ -86,6 +86,7 @@ from ._dispatch import RunTimes, task_kind
 from ._durations import Duration, memory_limits, to_count, to_seconds
 from ._main_module import by_reference, main_to_import
 from ._map import map_lazily
+from ._platform import check_fork_server
 from ._pool_dispatch import _Dispatch, _grant_places
 from ._pool_interface import TakenOnAThread as TakenOnAThread
 from ._pool_interface import TaskCounts, WorkerPool
@@ -193,6 +194,8 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         TypeError, ValueError: arguments of the wrong type or range, or that
             cannot be pickled (``initializer``, ``initargs``, ``shared_data``).
         OSError: ``shared_data``'s buffers could not be put in shared memory.
+        EngineUnavailableError: the fork server cannot run on this platform
+            (see ``_platform.py``): use `pool_manager.loky.LokyWorkerPool`.
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         task_timeout: Duration | None = None,
         shared_data: object = None,
     ) -> None:
+        check_fork_server()
         _process.check_not_importing_main()
         if max_size is not None and max_workers is not None:
             raise TypeError("give max_size or its alias max_workers, not both")
