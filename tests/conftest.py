@@ -22,13 +22,21 @@ def _fds() -> set[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _multiprocessing_resource_tracker() -> Iterator[None]:
-    """Start multiprocessing's resource tracker once: it lives as long as the interpreter.
+    """Start multiprocessing's resource tracker once, and loky's: they live as long as
+    the interpreter.
 
-    (Tests that start a ``multiprocessing`` process, a ``Manager`` say, start it.)
+    (Tests that start a ``multiprocessing`` process, a ``Manager`` say, start
+    the first; the first loky worker starts the second.)
     """
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
+    try:  # (and loky's own, which its workers start as the first one boots)
+        from loky.backend import resource_tracker as loky_resource_tracker
+    except ImportError:
+        pass
+    else:
+        loky_resource_tracker.ensure_running()
     yield
 
 

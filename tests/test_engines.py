@@ -36,14 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _loky_resource_tracker() -> None:
-    """Start loky's resource tracker once: it lives as long as the interpreter."""
-    from loky.backend import resource_tracker
-
-    resource_tracker.ensure_running()
-
-
 def run_without(missing: dict[str, list[str]], body: str, tmp_path: Path) -> dict[str, Any]:
     """Run ``body`` as a script whose interpreter lacks the ``missing`` attributes
     (module name -> names) from before the package is imported; returns the

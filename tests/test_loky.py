@@ -2,10 +2,10 @@
 
 loky starts a resource tracker process of its own the first time a worker
 starts, and keeps it (and the descriptor to it) for the rest of the
-interpreter, as multiprocessing does its own: `_loky_resource_tracker`
-starts it before the first test's leak baseline is taken, as
-``conftest.py`` does multiprocessing's. Nothing else of loky outlives a
-disposed pool: its executors' threads are joined and its workers reaped.
+interpreter, as multiprocessing does its own: ``conftest.py`` starts both
+before the first test's leak baseline is taken. Nothing else of loky
+outlives a disposed pool: its executors' threads are joined and its
+workers reaped.
 """
 
 from __future__ import annotations
@@ -65,15 +65,6 @@ LIFETIME = 600.0
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _loky_resource_tracker() -> Iterator[None]:
-    """Start loky's resource tracker once: it lives as long as the interpreter."""
-    from loky.backend import resource_tracker
-
-    resource_tracker.ensure_running()
-    yield
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ own slot (a one-worker loky executor), and no task runs twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
 from pathlib import Path
 
@@ -38,15 +37,6 @@ from .helpers import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _loky_resource_tracker() -> Iterator[None]:
-    """Start loky's resource tracker once: it lives as long as the interpreter."""
-    from loky.backend import resource_tracker
-
-    resource_tracker.ensure_running()
-    yield
 
 
 def _gone(pid: int) -> bool:

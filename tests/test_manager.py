@@ -48,11 +48,25 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def manager(clock: FakeClock) -> Iterator[WorkerPoolManager]:
+@pytest.fixture(params=["fork_server", "loky"])
+def manager(clock: FakeClock, request: pytest.FixtureRequest) -> Iterator[WorkerPoolManager]:
+    """A manager on each engine: the Go package's semantics hold on both."""
+    if request.param == "loky":
+        pytest.importorskip("loky", reason="the loky extra is not installed")
     # Memory sampling has its own tests; here it would add a deadline.
-    with WorkerPoolManager(4, STALE, LIFETIME, clock=clock, memory_sample_interval=None) as manager:
+    with WorkerPoolManager(
+        4, STALE, LIFETIME, clock=clock, memory_sample_interval=None, engine=request.param
+    ) as manager:
         yield manager
+
+
+def engine_pool(manager: WorkerPoolManager) -> type[WorkerPool]:
+    """The class of the pools ``manager``'s default factory builds."""
+    if manager.engine == "loky":
+        from pool_manager.loky import LokyWorkerPool
+
+        return LokyWorkerPool
+    return BaseWorkerPool
 
 
 # -- keyed, lazy, cached -------------------------------------------------------
@@ -482,7 +496,7 @@ def test_factory_error_reaches_the_caller_unchanged_and_nothing_is_cached(
     assert "key" not in manager and len(manager) == 0
     pool, done = manager.get_pool("key")  # the key is usable afterwards
     done()
-    assert isinstance(pool, BaseWorkerPool)
+    assert isinstance(pool, engine_pool(manager))
 
 
 def test_factory_returning_something_else_is_a_factory_error(manager: WorkerPoolManager) -> None:
@@ -945,7 +959,7 @@ def test_supervisor_sleeps_until_woken_and_wakes_when_a_lease_is_released(
 
 def test_pools_from_the_default_factory_apply_backpressure(manager: WorkerPoolManager) -> None:
     with manager.lease("a") as pool:
-        assert isinstance(pool, BaseWorkerPool) and pool.max_pending == 4
+        assert isinstance(pool, engine_pool(manager)) and pool.max_pending == 4
     with (
         WorkerPoolManager(2, STALE, LIFETIME, max_pending=None) as unbounded,
         unbounded.lease("a") as pool,
