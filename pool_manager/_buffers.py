@@ -247,28 +247,87 @@ def _close_spares(spares: list[tuple[int, float, tuple[int, int]]]) -> None:
                 os.close(fd)
 
 
+class _Held:
+    """A segment's descriptor and what its release does with it: the state a
+    `Segment` shares with its release, which runs once the segment is
+    collected (`_release`)."""
+
+    __slots__ = ("copied", "fd", "size")
+
+    def __init__(self, fd: int, size: int, copied: bool) -> None:
+        self.fd = fd
+        self.size = size
+        #: Every reader copies it out (``pread``), none maps it: once
+        #: released, no one reads it, and it is kept as a spare. Only ever
+        #: turned off (`share` for a reader that maps it).
+        self.copied = copied
+
+    def close(self, _close: Callable[[int], None] = os.close) -> None:
+        # (os.close bound at definition: a release may run as the interpreter
+        # exits, once the module's globals are gone.)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            _close(fd)
+
+
+def _release(held: _Held, _keep_spare: Callable[[int, int], None] = keep_spare) -> None:
+    """A segment was collected: every task that held it has settled, so each
+    worker that read it has finished reading (its task ran, or the worker is
+    gone); keep its memory as a spare if no one maps it, else close it.
+
+    It runs as a weak reference's callback, after every weak reference to
+    the segment was cleared: no lookup (`share`'s reuse by content) can find
+    the segment any more. (A ``__del__`` runs before they are cleared: a
+    lookup on another thread, while it released the GIL, could take the
+    segment back with its descriptor closed, or about to be.)
+    """
+    if held.copied and held.fd >= 0:
+        fd, held.fd = held.fd, -1
+        try:
+            _keep_spare(fd, held.size)
+        except BaseException:  # (the interpreter's exit: the module is gone)
+            held.fd = fd
+            held.close()
+    else:
+        held.close()
+
+
 class Segment:
     """One buffer's bytes in a memfd, as they were when it was written (parent side).
 
     It holds the buffer's exporter (so that its ``id``, the dedupe key,
-    cannot be reused while the segment lives) and closes its descriptor when
-    it is collected, or at `close`.
+    cannot be reused while the segment lives), and its descriptor until it
+    is collected (then `_release`), or at `close`.
     """
 
-    __slots__ = ("__weakref__", "copied", "exporter", "fd", "size")
+    __slots__ = ("__weakref__", "exporter", "held", "size")
 
     def __init__(self, view: memoryview, exporter: object, copied: bool = False) -> None:
-        self.fd = -1  # (until written: __del__ runs even if writing fails)
-        #: Every reader copies it out (``pread``), none maps it: once
-        #: collected, no one reads it, and it is kept as a spare. Only ever
-        #: turned off (`share` for a reader that maps it).
-        self.copied = copied
-        self.fd = write_segment(view)
-        self.size = view.nbytes
-        self.exporter = exporter
-        _every_segment.add(self)
+        self._start(_Held(write_segment(view), view.nbytes, copied), view.nbytes, exporter)
         global segments_written
         segments_written += 1
+
+    def _start(self, held: _Held, size: int, exporter: object) -> None:
+        self.held = held
+        self.size = size
+        self.exporter = exporter
+        finalizer = weakref.finalize(self, _release, held)
+        finalizer.atexit = False  # (the process's exit closes its descriptors)
+        _every_segment.add(self)  # (closed in a forked child)
+
+    @property
+    def fd(self) -> int:
+        """Its descriptor (-1 once closed)."""
+        return self.held.fd
+
+    @property
+    def copied(self) -> bool:
+        """Every reader copies it out, none maps it (see `_Held.copied`)."""
+        return self.held.copied
+
+    @copied.setter
+    def copied(self, copied: bool) -> None:
+        self.held.copied = copied
 
     @classmethod
     def spare(cls) -> Segment | None:
@@ -279,8 +338,7 @@ class Segment:
         if fd < 0:
             return None
         segment = cls.__new__(cls)
-        segment.fd, segment.size, segment.copied, segment.exporter = fd, 0, False, None
-        _every_segment.add(segment)
+        segment._start(_Held(fd, 0, False), 0, None)
         return segment
 
     @classmethod
@@ -294,9 +352,7 @@ class Segment:
         what must live as long as the segment (None: nothing).
         """
         segment = cls.__new__(cls)
-        segment.fd, segment.size, segment.exporter = fd, size, exporter
-        segment.copied = False  # (mapped by its readers: never a spare)
-        _every_segment.add(segment)  # (closed in a forked child, as any segment)
+        segment._start(_Held(fd, size, False), size, exporter)  # (mapped: never a spare)
         return segment
 
     def holds(self, view: memoryview) -> bool:
@@ -318,7 +374,7 @@ class Segment:
         with memoryview(chunk) as into:
             offset = 0
             while offset < size:
-                count = os.preadv(self.fd, [into], offset)
+                count = os.preadv(self.held.fd, [into], offset)
                 if not count:
                     return False
                 part: Any = data[offset : offset + count]
@@ -327,25 +383,9 @@ class Segment:
                 offset += count
         return True
 
-    def close(self, _close: Callable[[int], None] = os.close) -> None:
-        # (os.close bound at definition: __del__ may run as the interpreter
-        # exits, once the module's globals are gone.)
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            _close(fd)
-
-    def __del__(self, _keep_spare: Callable[[int, int], None] = keep_spare) -> None:
-        # Collected: every task that held it has settled, so each worker that
-        # read it has finished reading (its task ran, or the worker is gone).
-        if self.copied and self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            try:
-                _keep_spare(fd, self.size)
-            except BaseException:  # (the interpreter's exit: the module is gone)
-                self.fd = fd
-                self.close()
-        else:
-            self.close()
+    def close(self) -> None:
+        """Close its descriptor now (a forked child's copy; tests)."""
+        self.held.close()
 
 
 #: The number of segments written in this process (for tests and benchmarks).

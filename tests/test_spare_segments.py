@@ -17,6 +17,7 @@ import pickle
 import random
 import signal
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -186,6 +187,46 @@ def test_many_tasks_on_many_workers_each_get_their_own_bytes() -> None:
         assert not errors, errors[0]
     finally:
         pool.shutdown(wait=True)
+
+
+def test_a_segment_being_released_is_never_found_for_reuse() -> None:
+    """Threads share the same buffers while their segments are collected: a
+    lookup by content never gets a segment whose descriptor its release is
+    closing or keeping. (A ``__del__`` runs before the weak references that
+    the lookup reads are cleared, and releases the GIL as it closes.)"""
+    array = np.ones(MIB // 8)
+    data = os.urandom(MIB)
+    problems: list[object] = []
+    deadline = time.monotonic() + 3.0
+
+    def share_and_drop(exporter: object, copy: bool) -> None:
+        try:
+            for _ in range(20_000):
+                if problems or time.monotonic() > deadline:
+                    return
+                (segment,) = _buffers.share([pickle.PickleBuffer(exporter)], copy=copy)
+                if segment.fd < 0:
+                    problems.append(("closed", type(exporter).__name__))
+                else:
+                    os.fstat(segment.fd)
+                del segment  # (collected now: released while the others look it up)
+        except BaseException as error:
+            problems.append(error)
+
+    _buffers.keep_spares(True)
+    try:
+        threads = [
+            threading.Thread(target=share_and_drop, args=(exporter, copy))
+            for exporter, copy in [(array, False), (array, False), (data, True), (data, True)]
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads)
+    finally:
+        _buffers.keep_spares(False)
+    assert problems == []
 
 
 def test_spares_are_bounded_and_trimmed_by_age(monkeypatch: pytest.MonkeyPatch) -> None:
