@@ -70,26 +70,32 @@ an executor per slot, its ``submit`` and ``shutdown``, and its errors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import multiprocessing
 import os
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
+from concurrent.futures.process import _RemoteTraceback
 from typing import Any, TypeVar
 
 try:
     import loky
     from loky.backend import get_context
     from loky.process_executor import TerminatedWorkerError
+    from loky.process_executor import _RemoteTraceback as _LokyRemoteTraceback
 except ImportError as error:
     raise ImportError(
         "pool_manager.loky needs loky, which is not installed: pip install 'pool-manager[loky]'"
     ) from error
 
-from . import _loky_watch, _threads
+from . import _loky_watch, _process, _signals, _threads
+from ._compat import ProcessView, resolve_start_method
 from ._durations import Duration, memory_limits, to_count, to_seconds
 from ._loky_slots import (
     HANDED_PER_SLOT,
@@ -151,7 +157,12 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
     task of the pool. A ``submit`` there is never held by backpressure.
 
     Args:
-        max_size: the most worker processes (slots) at once.
+        max_size: the most worker processes (slots) at once
+            (``ProcessPoolExecutor``'s ``max_workers``, accepted as another
+            name for it). Default: the CPUs this process may use.
+        mp_context: accepted for ``ProcessPoolExecutor`` compatibility (a start
+            method name or ``multiprocessing`` context, checked); the workers
+            start as ``context`` says.
         max_pending: backpressure. ``None`` (the default) never blocks; an int
             ``n`` blocks ``submit`` while `worker_count` tasks run and ``n``
             more wait.
@@ -170,7 +181,8 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
             A task with a deadline runs alone in its slot (no second task
             waits behind it), so ending its worker ends nothing else.
         max_tasks_per_worker: a slot is shut down (cleanly, between tasks)
-            after this many tasks, and a new one started as needed.
+            after this many tasks, and a new one started as needed
+            (``max_tasks_per_child`` is accepted as another name for it).
         max_worker_memory: bytes, or a string like ``"512MB"``: a slot whose
             worker's resident memory is above this after a task takes no
             more and is shut down once it holds none; no task fails.
@@ -191,8 +203,11 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
 
     def __init__(
         self,
-        max_size: int,
+        max_size: int | None = None,
         *,
+        max_workers: int | None = None,
+        mp_context: object = None,
+        max_tasks_per_child: int | None = None,
         max_pending: int | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
@@ -209,6 +224,14 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
                 "LokyWorkerPool does not support shared_data yet: use BaseWorkerPool, the "
                 "fork-server pool, for it"
             )
+        if max_size is not None and max_workers is not None:
+            raise TypeError("give max_size or its alias max_workers, not both")
+        size = max_size if max_size is not None else max_workers
+        if max_tasks_per_worker is not None and max_tasks_per_child is not None:
+            raise TypeError("give max_tasks_per_worker or its alias max_tasks_per_child, not both")
+        if max_tasks_per_worker is None:
+            max_tasks_per_worker = max_tasks_per_child
+        resolve_start_method(mp_context)
         _check_options(max_pending, initializer, initargs, context, env)
         self._task_timeout = to_seconds("task_timeout", task_timeout, allow_none=True)
         self._max_tasks = (
@@ -220,7 +243,13 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         self._next_memory_check = 0.0  # time.monotonic(), for kill_worker_memory
         # The local queue (_pending), its lock and conditions, the counts and
         # the grant (_drained: dispose's waiters); _lock guards them and everything below.
-        super().__init__(to_count("max_size", max_size, minimum=1), max_pending)
+        if size is None:
+            size = _process.cpu_count()
+        elif isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"max_workers must be an int, not {type(size).__name__}")
+        elif size <= 0:
+            raise ValueError("max_workers must be greater than 0")  # (ProcessPoolExecutor's words)
+        super().__init__(size, max_pending)
         self._context_name = context
         self._context = get_context(context)
         self._initializer = initializer
@@ -235,6 +264,10 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         self._closes = 0  # slot shutdowns under way
         self._fruitless = 0  # slots in a row that failed to get ready
         self._stop_sending = False  # terminate
+        #: The interpreter is exiting (`_at_exit`): loky can start no executor
+        #: now (it registers an exit hook as each one starts, which the
+        #: interpreter refuses), so the queued tasks go to the ready slots.
+        self._exiting = False
 
     # -- WorkerPool ------------------------------------------------------
 
@@ -247,6 +280,21 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         """Pids of the pool's loky workers that are started and not shut down."""
         with self._lock:
             return [slot.pid for slot in self._slots if slot.pid is not None]
+
+    @property
+    def _max_workers(self) -> int:
+        """``ProcessPoolExecutor._max_workers``: the pool's `max_size`."""
+        return self.max_size
+
+    @property
+    def _processes(self) -> dict[int, ProcessView]:
+        """The workers that take tasks, by pid (as ``ProcessPoolExecutor._processes``)."""
+        with self._lock:
+            return {
+                slot.pid: ProcessView(_SlotState(slot.pid, slot))
+                for slot in self._slots
+                if slot.pid is not None
+            }
 
     @property
     def task_timeout(self) -> float | None:
@@ -388,6 +436,7 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
             with self._lock:
                 while self._closes:  # (signalled by `_shut`, in its finally)
                     self._drained.wait()
+            _live_pools.discard(self)  # (nothing left for the exit hook)
 
     def terminate(self) -> None:
         """Stop now: cancel queued tasks, end the running ones, return when the workers are gone.
@@ -445,25 +494,33 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         """(Holds _lock) Hand queued tasks to ready slots, and start slots, as the grant allows.
 
         An idle slot takes a task first; then slots start for what is still
-        queued; then a busy slot takes a second task, for what the starting
-        slots will not take.
+        queued, each handed its first task as it starts (running from then
+        on, as in ``ProcessPoolExecutor``'s call queue before its workers
+        are up; sent once the slot is ready); then a busy slot takes a
+        second task, for what the starting slots will not take.
         """
         if self._stop_sending or not self._waiting:
             return
         ready = [slot for slot in self._slots if slot.ready and not slot.retiring]
+        if self._exiting:
+            self._plan_at_exit(ready, actions)
+            return
         for slot in ready:
             if not self._waiting:
                 return
             if not slot.handed:
                 self._hand(slot, actions)
         starting = sum(1 for slot in self._slots if not slot.ready and not slot.retiring)
-        more = min(max(1, self.worker_count) - len(self._slots), self._waiting - starting)
+        more = min(max(1, self.worker_count) - len(self._slots), self._waiting)
+        if more > 0:
+            _live_pools.add(self)  # (for the exit hook)
         for _ in range(more):
             slot = _Slot()
             self._slots.append(slot)
             self._starts += 1
             actions.starts.append(slot)
-        starting += max(0, more)
+            self._hand(slot, actions)
+            starting += 1
         for slot in ready:
             if self._waiting <= starting:
                 return
@@ -474,6 +531,24 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
                 and not self._alone(self._next_queued())
             ):
                 self._hand(slot, actions)
+
+    def _plan_at_exit(self, ready: list[_Slot], actions: _Actions) -> None:
+        """(Holds _lock) The interpreter is exiting: every queued task goes to a ready
+        slot, the least loaded first (no slot can start now); with none ready
+        or starting, they fail."""
+        if not ready:
+            if not any(not slot.ready for slot in self._slots):
+                self._fail_queued(
+                    WorkerStartError(
+                        "the interpreter is exiting and the pool has no loky worker ready: loky "
+                        "cannot start one now, so the task was not run (call shutdown() before "
+                        "the program ends)"
+                    ),
+                    actions,
+                )
+            return
+        while self._waiting:
+            self._hand(min(ready, key=lambda slot: len(slot.handed)), actions)
 
     def _alone(self, future: _LokyTaskFuture) -> bool:
         """(Holds _lock) Must ``future`` run alone in its slot? A task with a deadline,
@@ -495,18 +570,26 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         if not future._sent:
             future._sent = True
             future.set_running_or_notify_cancel()
-        now = time.monotonic()
-        future._sent_at = now
-        if future.timeout is not None:  # (alone in the slot: it starts now)
-            future._deadline = now + future.timeout
-            actions.watch = True
-        elif self._hard_memory is not None:
-            actions.watch = True
         slot.handed.append(future)
         slot.unsent.append(future)
         slot.taken += 1
         if self._max_tasks is not None and slot.taken >= self._max_tasks:
             slot.retiring = True  # (shut down once it holds none)
+        if slot.ready:
+            self._sending(slot, [future], actions)
+        # (Else sent once the slot is ready: `_ready`.)
+
+    def _sending(self, slot: _Slot, futures: list[_LokyTaskFuture], actions: _Actions) -> None:
+        """(Holds _lock) ``futures``, handed to ready ``slot``, go to loky now: their
+        deadlines start (each such task is alone in the slot: it starts now)."""
+        now = time.monotonic()
+        for future in futures:
+            future._sent_at = now
+            if future.timeout is not None:
+                future._deadline = now + future.timeout
+                actions.watch = True
+        if self._hard_memory is not None:
+            actions.watch = True
         if slot not in actions.feeds:
             actions.feeds.append(slot)
 
@@ -563,6 +646,10 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
             return
         slot.closed = slot.retiring = True
         self._slots.remove(slot)
+        if not slot.ready and slot.handed:  # (never sent: they go back to the queue)
+            self._requeue(list(slot.handed))
+            slot.handed.clear()
+            slot.unsent.clear()
         if slot.executor is not None:
             self._closes += 1
             actions.closes.append((slot, kill))
@@ -599,7 +686,7 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         """(Holds _lock) A slot failed to get ready: after `MAX_ATTEMPTS` in a row, the
         queued tasks fail with ``error``; before, `_plan` starts another."""
         self._fruitless += 1
-        if self._fruitless >= MAX_ATTEMPTS:
+        if self._fruitless >= MAX_ATTEMPTS and not self._exiting:
             self._fail_queued(error, actions)
 
     # -- what runs off the lock ----------------------------------------------
@@ -650,6 +737,7 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
                     env=self._env,
                 )
                 probe = executor.submit(_probe)
+                _register_exit_hook()
             except Exception as error:
                 if executor is not None:
                     executor.shutdown(wait=True, kill_workers=True)
@@ -689,8 +777,10 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
                 else:
                     self._fruitless = 0
                     slot.pid, slot.ready = pid, True
-                    if slot.retiring:
+                    if slot.retiring and not slot.handed:
                         self._close_slot(slot, actions, kill=False)
+                    elif slot.handed:  # (handed as it started: they go now)
+                        self._sending(slot, list(slot.handed), actions)
                 self._plan(actions)
             self._act(actions)
 
@@ -745,6 +835,9 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         with _settling_here():
             error = CancelledError() if inner.cancelled() else inner.exception()
             pid, value = inner.result() if error is None else (slot.pid, None)
+            if error is not None and isinstance(error.__cause__, _LokyRemoteTraceback):
+                # (The worker's traceback, as ProcessPoolExecutor's class holds it.)
+                error.__cause__ = _RemoteTraceback(error.__cause__.tb)
             # (Measured off the lock: the soft limit is checked between tasks.)
             grown = (
                 self._soft_memory is not None
@@ -853,6 +946,72 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
                 self._closes -= 1
                 if not self._closes:
                     self._drained.notify_all()
+
+
+class _SlotState:
+    """A slot as `ProcessView` reads a worker (``_processes``)."""
+
+    __slots__ = ("_slot", "pid", "status")
+
+    def __init__(self, pid: int, slot: _Slot) -> None:
+        self.pid = pid
+        self.status: int | None = None
+        self._slot = slot
+
+    @property
+    def ended(self) -> bool:
+        return self._slot.closed
+
+
+#: The loky pools that have started a slot and are not disposed, for the exit hook.
+_live_pools: weakref.WeakSet[LokyWorkerPool] = weakref.WeakSet()
+
+
+def _at_exit() -> None:
+    """As with ``ProcessPoolExecutor``, accepted work finishes before the interpreter
+    exits (a Ctrl-C that ends the program terminates the pools instead).
+
+    Registered after loky's own exit hook, so it runs first (they run last
+    registered, first run): loky's refuses new tasks, and a pool's queued
+    tasks are still to be handed to its slots.
+    """
+    interrupted = _signals._interrupted_now()
+    for pool in list(_live_pools):
+        actions = _Actions()
+        with pool._lock:
+            pool._exiting = True
+            pool._plan(actions)
+        pool._act(actions)
+    for pool in list(_live_pools):
+        try:
+            if interrupted:
+                pool.terminate()
+            else:
+                pool.shutdown(wait=True)
+        except Exception:
+            logger.exception("shutting a loky pool down at exit failed")
+
+
+def _register_exit_hook() -> None:
+    """Register `_at_exit` to run before loky's own exit hook.
+
+    Exit hooks run last registered, first run, and loky registers its hook
+    as each of its executors starts: so after each start, this one is
+    registered again unless it is still the last (at import too, for a
+    process whose first slot starts as it exits; then no slot can start).
+    """
+    hooks = getattr(threading, "_threading_atexits", None)
+    if hooks and getattr(hooks[-1], "func", None) is _at_exit:
+        return
+    with contextlib.suppress(RuntimeError):  # (the interpreter is already exiting)
+        threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+
+
+_register_exit_hook()
+
+
+if hasattr(os, "register_at_fork"):  # (a forked child's copies are the parent's)
+    os.register_at_fork(after_in_child=_live_pools.clear)
 
 
 def _timed_out(timeout: float, pid: int | None) -> TaskTimeoutError:

@@ -252,9 +252,9 @@ class _AdaptedShutdownScripts:
             "-c",
             _script(
                 f"""
-            from pool_manager import BaseWorkerPool
+            from {self.executor_type.__module__} import {self.executor_type.__name__} as Pool
             if __name__ == "__main__":
-                t = BaseWorkerPool(5, mp_context={self.ctx!r})
+                t = Pool(5, mp_context={self.ctx!r})
                 t.submit(sleep_and_print, 1.0, "apple")
             """
             ),
@@ -275,9 +275,9 @@ class _AdaptedShutdownScripts:
                 except RuntimeError:
                     print("runtime-error")
                     raise
-            from pool_manager import BaseWorkerPool
+            from {self.executor_type.__module__} import {self.executor_type.__name__} as Pool
             if __name__ == "__main__":
-                t = BaseWorkerPool(5, mp_context={self.ctx!r})
+                t = Pool(5, mp_context={self.ctx!r})
                 t.submit(id, 42).result()
             """
             ),
@@ -298,9 +298,9 @@ class _AdaptedShutdownScripts:
             "-c",
             _script(
                 f"""
-            from pool_manager import BaseWorkerPool
+            from {self.executor_type.__module__} import {self.executor_type.__name__} as Pool
             if __name__ == "__main__":
-                t = BaseWorkerPool(max_workers=3, mp_context={self.ctx!r})
+                t = Pool(max_workers=3, mp_context={self.ctx!r})
                 t.submit(sleep_and_print, 1.0, "apple")
                 t.shutdown(wait=False)
             """
@@ -389,21 +389,27 @@ def _xfail(test, reason: str):  # type: ignore[no-untyped-def]
     return pytest.mark.xfail(reason=reason, strict=True)(wrapper)
 
 
-def _make_case(mixin: type, extra: tuple[type, ...] = ()) -> type:
-    """``mixin`` + BaseWorkerPool + CPython's BaseTestCase, with deselections."""
+def _make_case(
+    mixin: type,
+    extra: tuple[type, ...] = (),
+    engine: type = _BaseWorkerPoolMixin,
+    skipped: dict[str, str] = SKIPPED,
+    expected_failures: dict[str, str] = EXPECTED_FAILURES,
+) -> type:
+    """``mixin`` + the engine's pool + CPython's BaseTestCase, with deselections."""
     namespace: dict[str, object] = {"__module__": __name__}
-    for key, reason in SKIPPED.items():
+    for key, reason in skipped.items():
         owner, test_name = key.split(".")
         if owner == mixin.__name__ and hasattr(mixin, test_name):
             namespace[test_name] = _skipped(f"CPython {key}: {reason}")
-    for key, reason in EXPECTED_FAILURES.items():
+    for key, reason in expected_failures.items():
         owner, test_name = key.split(".")
         if owner == mixin.__name__ and hasattr(mixin, test_name):
             original = getattr(extra[0], test_name, None) if extra else None
             namespace[test_name] = _xfail(original or getattr(mixin, test_name), reason)
     base = mixin.__name__.removesuffix("Mixin").removesuffix("Tests").removesuffix("Test")
-    name = f"TestBaseWorkerPool{base}"
-    return type(name, (*extra, mixin, _BaseWorkerPoolMixin, cf.BaseTestCase), namespace)
+    name = f"Test{engine.executor_type.__name__}{base}"  # type: ignore[attr-defined]
+    return type(name, (*extra, mixin, engine, cf.BaseTestCase), namespace)
 
 
 # The ProcessPool-applicable mixins of CPython's suite, as CPython combines
@@ -417,3 +423,60 @@ TestBaseWorkerPoolWait = _make_case(cf.WaitTests)
 TestBaseWorkerPoolAsCompleted = _make_case(cf.AsCompletedTests)
 TestBaseWorkerPoolProcessPoolExecutor = _make_case(cf.ProcessPoolExecutorTest)
 TestBaseWorkerPoolExecutorDeadlock = _make_case(cf.ExecutorDeadlockTest)
+
+
+# -- The loky engine ---------------------------------------------------------
+# The same suite against `pool_manager.loky.LokyWorkerPool` (each worker a
+# one-worker loky executor), with the deselections below: the BaseWorkerPool
+# ones that hold for it too, and its own.
+
+try:
+    from pool_manager.loky import LokyWorkerPool
+except ImportError:  # (the loky extra is not installed: no loky cases)
+    LokyWorkerPool = None  # type: ignore[assignment,misc]
+
+LOKY_SKIPPED: dict[str, str] = {
+    **SKIPPED,
+    "ProcessPoolExecutorTest.test_killed_child": (
+        "expects every later submit to fail after a worker is killed, while LokyWorkerPool "
+        "by design fails only the killed worker's task and starts a new slot"
+    ),
+    "FailingInitializerMixin.test_initializer": (
+        "polls executor._broken, expects the failure logged on the stdlib "
+        "'concurrent.futures' logger, and expects every later submit to fail, while "
+        "LokyWorkerPool by design starts new slots on the next submit after a break"
+    ),
+}
+
+LOKY_EXPECTED_FAILURES: dict[str, str] = {
+    "ProcessPoolShutdownTest.test_interpreter_shutdown": (
+        "submits to a new pool and exits at once: the pool's first loky worker would start "
+        "as the interpreter exits, which loky cannot do (it registers an exit hook as each "
+        "executor starts, which the interpreter then refuses), so the task fails with "
+        "WorkerStartError instead of running (a pool whose workers have started finishes "
+        "its tasks at exit: tests/test_loky.py)"
+    ),
+    "ProcessPoolShutdownTest.test_hang_gh83386": (
+        "the same: a new pool's first worker would start as the interpreter exits"
+    ),
+}
+
+if LokyWorkerPool is not None:
+
+    class _LokyWorkerPoolMixin(_BaseWorkerPoolMixin):
+        """CPython's ProcessPool*Mixin, for LokyWorkerPool."""
+
+        executor_type = LokyWorkerPool
+
+    def _make_loky_case(mixin: type, extra: tuple[type, ...] = ()) -> type:
+        return _make_case(mixin, extra, _LokyWorkerPoolMixin, LOKY_SKIPPED, LOKY_EXPECTED_FAILURES)
+
+    TestLokyWorkerPoolInitializer = _make_loky_case(cf.InitializerMixin)
+    TestLokyWorkerPoolFailingInitializer = _make_loky_case(cf.FailingInitializerMixin)
+    TestLokyWorkerPoolProcessPoolShutdown = _make_loky_case(
+        cf.ProcessPoolShutdownTest, extra=(_AdaptedShutdownScripts,)
+    )
+    TestLokyWorkerPoolWait = _make_loky_case(cf.WaitTests)
+    TestLokyWorkerPoolAsCompleted = _make_loky_case(cf.AsCompletedTests)
+    TestLokyWorkerPoolProcessPoolExecutor = _make_loky_case(cf.ProcessPoolExecutorTest)
+    TestLokyWorkerPoolExecutorDeadlock = _make_loky_case(cf.ExecutorDeadlockTest)

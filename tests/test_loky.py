@@ -37,6 +37,7 @@ from pool_manager import (  # noqa: E402
     WorkerPool,
     WorkerPoolBrokenError,
     WorkerPoolManager,
+    WorkerStartError,
 )
 from pool_manager._queued import QueuedPool  # noqa: E402
 from pool_manager.loky import LokyPoolFactory, LokyWorkerPool  # noqa: E402
@@ -55,6 +56,7 @@ from .helpers import (  # noqa: E402
     run_scripted,
     run_step,
     runs_per_call,
+    sleep_then_square,
     square,
     wait_for_path,
     wait_then_square,
@@ -195,8 +197,9 @@ def test_a_grant_below_the_slots_shuts_the_idle_ones_down(tmp_path: Path) -> Non
 def test_a_queued_task_can_be_cancelled_and_a_running_one_cannot(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     with LokyWorkerPool(1) as pool:
-        running = pool.submit(wait_for_path, str(gate))
-        assert poll(lambda: pool.task_counts()["running"] == 1, timeout=30)
+        running = pool.submit(wait_for_path, str(gate))  # (handed to the slot as it starts)
+        assert pool.task_counts()["running"] == 1 and not running.cancel()
+        assert poll(lambda: pool.worker_pids() != [], timeout=30)  # (the slot is ready)
         second = pool.submit(square, 3)  # handed to the slot too (loky's call queue)
         queued = pool.submit(square, 4)
         assert queued.cancel() and queued.cancelled()
@@ -207,6 +210,18 @@ def test_a_queued_task_can_be_cancelled_and_a_running_one_cannot(tmp_path: Path)
         assert running.result(timeout=30) == str(gate) and second.result(timeout=30) == 9
         counts = pool.task_counts()
         assert counts["cancelled"] == 1 and counts["completed"] == 2
+
+
+def test_a_task_handed_to_a_starting_slot_is_running_as_in_the_call_queue() -> None:
+    """As ``ProcessPoolExecutor`` puts tasks in its call queue before its workers
+    are up: the first task of each starting slot runs, even past a
+    ``shutdown(cancel_futures=True)`` that cancels the rest."""
+    pool = LokyWorkerPool(2)
+    futures = [pool.submit(sleep_then_square, x, 0.05) for x in range(20)]
+    assert pool.worker_pids() == [] and pool.task_counts()["running"] == 2
+    pool.shutdown(cancel_futures=True)
+    assert [f.result(timeout=0) for f in futures[:2]] == [0, 1]
+    assert all(f.cancelled() for f in futures[2:])
 
 
 def test_submit_blocks_while_the_pool_is_full(tmp_path: Path) -> None:
@@ -354,7 +369,7 @@ def test_terminate_fails_running_tasks_and_cancels_the_queue(tmp_path: Path) -> 
     gate = tmp_path / "gate"
     pool = LokyWorkerPool(1)
     running = pool.submit(wait_for_path, str(gate))
-    assert poll(lambda: pool.task_counts()["running"] == 1, timeout=30)
+    assert poll(lambda: pool.worker_pids() != [], timeout=30)  # (its slot is ready)
     (worker,) = pool.worker_pids()
     handed = pool.submit(square, 2)  # in loky's call queue
     queued = [pool.submit(square, i) for i in range(3)]
@@ -392,6 +407,52 @@ def test_the_loky_pool_shares_the_queued_base() -> None:
 
 
 # -- arguments and packaging ---------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_accepted_tasks_finish_at_exit(tmp_path: Path) -> None:
+    """As ``ProcessPoolExecutor``'s: a program that ends without ``shutdown`` runs
+    what it submitted first (the queued tasks go to the ready workers: loky
+    cannot start one as the interpreter exits)."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            from pool_manager.loky import LokyWorkerPool
+
+            def say(word, seconds):
+                time.sleep(seconds)
+                print(word, flush=True)
+
+            if __name__ == "__main__":
+                warm = LokyWorkerPool(2)
+                warm.submit(say, "warm", 0).result()
+                for word in ("apple", "banana", "cherry"):
+                    warm.submit(say, word, 0.5)
+            """
+        )
+    )
+    completed = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert sorted(completed.stdout.split()) == ["apple", "banana", "cherry", "warm"]
+
+
+def test_as_the_interpreter_exits_a_pool_with_no_worker_fails_its_tasks() -> None:
+    """No slot can start then: the task fails with `WorkerStartError`, never lost."""
+    pool = LokyWorkerPool(1)
+    pool._exiting = True  # (as the exit hook sets it)
+    future = pool.submit(square, 2)
+    with pytest.raises(WorkerStartError, match="the interpreter is exiting"):
+        future.result(timeout=30)
+    assert pool.worker_pids() == []
+    pool.dispose()
 
 
 def test_bad_arguments_are_refused() -> None:
