@@ -90,11 +90,13 @@ def _on_a_slot_thread() -> bool:
 @contextlib.contextmanager
 def _settling_here() -> Iterator[None]:
     """Around an answer from loky (on its manager thread, or at once on this one)."""
-    _threads.mark_library_thread()  # (a submit from a done-callback is never held)
     before = _on_a_slot_thread()
     _on_slot_thread.active = True
     try:
-        yield
+        # (A submit from a done-callback is never held; only for the block: an
+        # answer already there is settled at once, on the caller's thread.)
+        with _threads.as_library_thread():
+            yield
     finally:
         _on_slot_thread.active = before
 
@@ -160,6 +162,21 @@ class _Slot:
         self.unsent: deque[_LokyTaskFuture] = deque()  # handed, not yet submitted to loky
         self.taken = 0  # tasks handed to it in all (``max_tasks_per_worker``)
         self.sending = threading.Lock()
+
+
+class _SlotState:
+    """A slot as `ProcessView` reads a worker (``_processes``)."""
+
+    __slots__ = ("_slot", "pid", "status")
+
+    def __init__(self, pid: int, slot: _Slot) -> None:
+        self.pid = pid
+        self.status: int | None = None
+        self._slot = slot
+
+    @property
+    def ended(self) -> bool:
+        return self._slot.closed
 
 
 class _Actions:

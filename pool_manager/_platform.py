@@ -20,7 +20,13 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["DEFAULT_ENGINE", "ENGINES", "FORK_SERVER", "fork_server_missing", "resolve_engine"]
+__all__ = [
+    "DEFAULT_ENGINE",
+    "ENGINES",
+    "FORK_SERVER",
+    "fork_server_missing",
+    "resolve_engine",
+]
 
 #: The engines a `WorkerPoolManager` can build its pools on.
 ENGINES = ("fork_server", "loky")

@@ -79,6 +79,7 @@ __all__ = [
     "ForkServerGone",
     "acquire_server",
     "check_not_importing_main",
+    "acquire_ready_server",
     "cpu_count",
     "kill_worker",
     "release_server",
@@ -520,6 +521,24 @@ def _main_import_failed_now(cause: str) -> None:
         from ._main_module import warn_import_failed
 
         warn_import_failed(cause)
+
+
+def acquire_ready_server() -> None:
+    """(A manager, as it is built) hold the fork server and wait until it is ready
+    (about 50 ms, once per process): a new key's first worker is then a fork
+    away, and no pool waits for an interpreter to boot while it holds its
+    lock. Raises as the server's start does (`ForkServerError`, ``OSError``),
+    holding nothing then.
+    """
+    server = acquire_server()
+    try:
+        try:
+            server.wait_ready()
+        except ForkServerGone:  # (it ended as it imported the main module)
+            acquire_server(replace=server).wait_ready()
+    except BaseException:
+        release_server()
+        raise
 
 
 def check_not_importing_main() -> None:

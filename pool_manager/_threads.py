@@ -25,13 +25,14 @@ to `CallbackRunner`, whose threads run each pool's in order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import Any
@@ -40,6 +41,7 @@ from . import _process
 
 __all__ = [
     "CallbackRunner",
+    "as_library_thread",
     "GuardedCallbacksFuture",
     "Strand",
     "call_guarded",
@@ -66,6 +68,19 @@ def mark_library_thread(service: bool = False) -> None:
     _local.service = service
     if service:
         _local.deferred = {}
+
+
+@contextlib.contextmanager
+def as_library_thread() -> Iterator[None]:
+    """Count this thread among those that must not stall for the block only (an
+    engine's answer settled at once on the caller's thread, as on the
+    engine's own: its done-callbacks' submits are never held there)."""
+    before = getattr(_local, "library", False)
+    _local.library = True
+    try:
+        yield
+    finally:
+        _local.library = before
 
 
 def defer(work: Callable[[], object]) -> None:

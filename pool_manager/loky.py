@@ -70,15 +70,12 @@ an executor per slot, its ``submit`` and ``shutdown``, and its errors.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import math
 import multiprocessing
 import os
-import threading
+import sys
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import _RemoteTraceback
@@ -94,9 +91,11 @@ except ImportError as error:
         "pool_manager.loky needs loky, which is not installed: pip install 'pool-manager[loky]'"
     ) from error
 
-from . import _loky_watch, _process, _signals, _threads
+from . import _loky_watch, _process, _threads
 from ._compat import ProcessView, resolve_start_method
 from ._durations import Duration, memory_limits, to_count, to_seconds
+from ._loky_exit import _live_pools, _register_exit_hook
+from ._loky_limits import _LokyLimits
 from ._loky_slots import (
     HANDED_PER_SLOT,
     _Actions,
@@ -109,15 +108,12 @@ from ._loky_slots import (
     _run,
     _settling_here,
     _Slot,
+    _SlotState,
     _start_slot,
 )
 from ._queued import ChunkedTaskPool
 from .errors import (
     PoolTerminatedError,
-    TaskKilledError,
-    TaskTimeoutError,
-    WorkerLostError,
-    WorkerMemoryError,
     WorkerStartError,
 )
 from .memory import resident_memory
@@ -137,12 +133,10 @@ TARGET_CHUNK_SECONDS = 0.05
 MAX_ATTEMPTS = 3
 
 #: Seconds between two checks of the busy workers against ``kill_worker_memory``.
-MEMORY_CHECK_INTERVAL = 0.05
-
 _UNSET: Any = object()
 
 
-class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
+class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
     """A process pool for one key whose workers are loky's: an ``Executor``.
 
     Usually built by `LokyPoolFactory` for a `WorkerPoolManager`. Each worker
@@ -296,11 +290,6 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
                 if slot.pid is not None
             }
 
-    @property
-    def task_timeout(self) -> float | None:
-        """Seconds a task may run (None: no limit)."""
-        return self._task_timeout
-
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)`` in a loky worker; returns a ``Future``.
 
@@ -316,68 +305,6 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
             PoolShutDownError: (a ``RuntimeError``) the pool is shut down.
         """
         return self._submit(None, fn, args, kwargs)
-
-    def submit_with_timeout(
-        self, timeout: Duration | None, fn: Callable[..., T], /, *args: Any, **kwargs: Any
-    ) -> Future[T]:
-        """`submit` with a deadline: ``timeout`` seconds once the task starts.
-
-        A task still running then has its slot's worker ended; its future
-        fails with `TaskTimeoutError` and the pool's other tasks are
-        unaffected. ``None`` means no deadline (the pool's ``task_timeout``
-        is not used).
-        """
-        seconds = to_seconds("timeout", timeout, allow_none=True)
-        return self._submit(None, fn, args, kwargs, timeout=seconds)
-
-    def kill_task(self, future: Future[Any]) -> bool:
-        """Stop a task now: cancel it if it is still queued, else end its slot's worker.
-
-        Ending the worker fails that task with `TaskKilledError`; the pool
-        starts a new slot as needed and its other slots are unaffected. A
-        task waiting behind it in the same slot had been sent to loky and
-        may have started: it fails with `WorkerLostError`, never run twice.
-        A task waiting behind another one in its slot fails at once with
-        `TaskKilledError` (it may still run there; its result is dropped).
-        Returns False if the task had already finished.
-
-        Raises:
-            ValueError: ``future`` did not come from this pool's ``submit``.
-        """
-        if not isinstance(future, _LokyTaskFuture) or future._pool not in (self, None):
-            raise ValueError("kill_task takes a future returned by this pool's submit()")
-        if future.cancel():
-            return True
-        actions = _Actions()
-        with self._lock:
-            if future.done() or future not in self._outstanding:
-                return False
-            slot = next((slot for slot in self._slots if future in slot.handed), None)
-            if slot is None:  # (handed back to the queue: it never started)
-                future._dropped = True
-                self._waiting -= 1
-                error: BaseException | None = TaskKilledError(
-                    "pool.kill_task stopped this task before it started", pid=None
-                )
-            elif slot.handed[0] is future:
-                error = TaskKilledError(
-                    f"pool.kill_task ended loky worker process {slot.pid}, which was running "
-                    "this task; the pool replaced it",
-                    pid=slot.pid,
-                )
-                self._end_slot(slot, error, actions)
-                self._plan(actions)
-                error = None  # (settled by _end_slot)
-            else:  # (behind another task: in loky's queue, where it cannot be taken back)
-                error = TaskKilledError(
-                    "the task was killed before it started; it may still run once in a "
-                    "worker, and that result is dropped",
-                    pid=slot.pid,
-                )
-            if error is not None:
-                self._conclude([(future, False, error)], actions)
-        self._act(actions)
-        return True
 
     def _submit(
         self,
@@ -550,11 +477,6 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         while self._waiting:
             self._hand(min(ready, key=lambda slot: len(slot.handed)), actions)
 
-    def _alone(self, future: _LokyTaskFuture) -> bool:
-        """(Holds _lock) Must ``future`` run alone in its slot? A task with a deadline,
-        or any under ``kill_worker_memory``: ending its worker then ends nothing else."""
-        return future.timeout is not None or self._hard_memory is not None
-
     def _next_queued(self) -> _LokyTaskFuture:
         """(Holds _lock) The next queued task (there is one), past cancelled ones."""
         pending = self._pending
@@ -599,36 +521,6 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
             future._deadline = None
             self._pending.appendleft(future)
             self._waiting += 1
-
-    def _end_slot(self, slot: _Slot, error: BaseException, actions: _Actions) -> None:
-        """(Holds _lock) End ``slot``'s worker for its running task, which fails with
-        ``error`` (a deadline, a memory limit, `kill_task`).
-
-        A task handed to it but not yet sent to loky goes back to the queue;
-        one already sent had not started, unless the running task finished
-        in the moment before: it fails with `WorkerLostError` (may have
-        started), so that no task runs twice. (Tasks with a deadline, and
-        every task under ``kill_worker_memory``, run alone: none is behind.)
-        """
-        culprit = slot.handed.popleft()
-        rest = list(slot.handed)
-        unsent = set(slot.unsent)
-        slot.handed.clear()
-        slot.unsent.clear()
-        self._requeue([future for future in rest if future in unsent])
-        outcomes: list[tuple[_LokyTaskFuture, bool | None, Any]] = [(culprit, False, error)]
-        for future in rest:
-            if future not in unsent:
-                lost = WorkerLostError(
-                    f"the pool ended loky worker process {slot.pid} for the task before this "
-                    f"one ({type(error).__name__}); this one had been sent to it and may have "
-                    "started, so it is not run again",
-                    pid=slot.pid,
-                )
-                lost.__cause__ = error
-                outcomes.append((future, False, lost))
-        self._conclude(outcomes, actions)
-        self._close_slot(slot, actions, kill=True)
 
     def _shrink(self, actions: _Actions) -> None:
         """(Holds _lock) Retire slots beyond the grant: starting, then idle, then busy ones."""
@@ -887,50 +779,6 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
         self._conclude(outcomes, actions)
         self._close_slot(slot, actions, kill=True)
 
-    def _watch(self) -> float | None:
-        """(The watch's thread, `_loky_watch`) End the slots whose running task is past
-        its deadline, or whose worker is past ``kill_worker_memory``; returns the
-        seconds until the next check is due, None if there is nothing to watch."""
-        now = time.monotonic()
-        actions = _Actions()
-        wait = math.inf
-        measure: list[tuple[_Slot, _LokyTaskFuture, int]] = []
-        with self._lock:
-            for slot in list(self._slots):
-                if not slot.handed:
-                    continue
-                running = slot.handed[0]
-                if running._deadline is not None:
-                    if now < running._deadline:
-                        wait = min(wait, running._deadline - now)
-                        continue
-                    timeout = running.timeout or 0.0
-                    self._end_slot(slot, _timed_out(timeout, slot.pid), actions)
-            busy = [slot for slot in self._slots if slot.handed and slot.pid is not None]
-            if self._hard_memory is not None and busy:
-                if now >= self._next_memory_check:
-                    self._next_memory_check = now + MEMORY_CHECK_INTERVAL
-                    measure = [(slot, slot.handed[0], slot.pid) for slot in busy]  # type: ignore[misc]
-                wait = min(wait, self._next_memory_check - now)
-            self._plan(actions)
-        self._act(actions)
-        limit = self._hard_memory
-        over = [
-            (slot, running, pid, size)
-            for slot, running, pid in measure
-            if (size := resident_memory(pid)) is not None and limit is not None and size > limit
-        ]
-        if over:
-            assert limit is not None
-            actions = _Actions()
-            with self._lock:
-                for slot, running, pid, size in over:
-                    if not slot.closed and slot.handed and slot.handed[0] is running:
-                        self._end_slot(slot, _over_memory(pid, limit, size), actions)
-                self._plan(actions)
-            self._act(actions)
-        return None if wait == math.inf else wait
-
     def _shut(self, slot: _Slot, kill: bool) -> None:
         """Shut ``slot``'s executor down and wait for its worker and threads (no lock held)."""
         try:
@@ -948,161 +796,8 @@ class LokyWorkerPool(ChunkedTaskPool[_LokyTaskFuture]):
                     self._drained.notify_all()
 
 
-class _SlotState:
-    """A slot as `ProcessView` reads a worker (``_processes``)."""
+from ._loky_factory import LokyPoolFactory  # noqa: E402
 
-    __slots__ = ("_slot", "pid", "status")
-
-    def __init__(self, pid: int, slot: _Slot) -> None:
-        self.pid = pid
-        self.status: int | None = None
-        self._slot = slot
-
-    @property
-    def ended(self) -> bool:
-        return self._slot.closed
-
-
-#: The loky pools that have started a slot and are not disposed, for the exit hook.
-_live_pools: weakref.WeakSet[LokyWorkerPool] = weakref.WeakSet()
-
-
-def _at_exit() -> None:
-    """As with ``ProcessPoolExecutor``, accepted work finishes before the interpreter
-    exits (a Ctrl-C that ends the program terminates the pools instead).
-
-    Registered after loky's own exit hook, so it runs first (they run last
-    registered, first run): loky's refuses new tasks, and a pool's queued
-    tasks are still to be handed to its slots.
-    """
-    interrupted = _signals._interrupted_now()
-    for pool in list(_live_pools):
-        actions = _Actions()
-        with pool._lock:
-            pool._exiting = True
-            pool._plan(actions)
-        pool._act(actions)
-    for pool in list(_live_pools):
-        try:
-            if interrupted:
-                pool.terminate()
-            else:
-                pool.shutdown(wait=True)
-        except Exception:
-            logger.exception("shutting a loky pool down at exit failed")
-
-
-def _register_exit_hook() -> None:
-    """Register `_at_exit` to run before loky's own exit hook.
-
-    Exit hooks run last registered, first run, and loky registers its hook
-    as each of its executors starts: so after each start, this one is
-    registered again unless it is still the last (at import too, for a
-    process whose first slot starts as it exits; then no slot can start).
-    """
-    hooks = getattr(threading, "_threading_atexits", None)
-    if hooks and getattr(hooks[-1], "func", None) is _at_exit:
-        return
-    with contextlib.suppress(RuntimeError):  # (the interpreter is already exiting)
-        threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
-
-
-_register_exit_hook()
-
-
-if hasattr(os, "register_at_fork"):  # (a forked child's copies are the parent's)
-    os.register_at_fork(after_in_child=_live_pools.clear)
-
-
-def _timed_out(timeout: float, pid: int | None) -> TaskTimeoutError:
-    return TaskTimeoutError(
-        f"the task ran past its {timeout:g}s deadline; its loky worker process {pid} was "
-        "ended and replaced",
-        pid=pid or 0,
-        timeout=timeout,
-    )
-
-
-def _over_memory(pid: int, limit: int, size: int) -> WorkerMemoryError:
-    return WorkerMemoryError(
-        f"loky worker process {pid} reached {size / 1e6:.0f} MB of memory, above "
-        f"kill_worker_memory={limit / 1e6:.0f} MB, while running this task; it was ended "
-        "and replaced",
-        pid=pid,
-        limit=limit,
-        size=size,
-    )
-
-
-class LokyPoolFactory:
-    """A `WorkerPoolManager` factory: ``factory(max_size)`` builds a `LokyWorkerPool`.
-
-    Pass it where the manager takes a factory::
-
-        factory = LokyPoolFactory()
-        with manager.lease("tenant-a", factory=factory) as pool: ...
-        pool, done = manager.get_pool_with_factory("tenant-a", 1, factory)
-
-    (A subclass of `WorkerPoolManager` whose `default_factory` returns
-    ``factory(max_size)`` makes every key's pool a loky pool.) The manager's
-    caps across keys (``max_total_workers``, ``max_busy_workers``) do not
-    apply to these pools yet.
-
-    Args:
-        max_pending: backpressure of each pool (see `LokyWorkerPool`).
-            Default: the pool's size, as the manager's default factory.
-            ``None`` never blocks.
-        context, initializer, initargs, env, task_timeout,
-        max_tasks_per_worker, max_worker_memory, kill_worker_memory: passed
-            to every pool (see `LokyWorkerPool`).
-
-    Raises:
-        TypeError, ValueError: for arguments of the wrong type or range.
-    """
-
-    def __init__(
-        self,
-        *,
-        max_pending: int | None = _UNSET,
-        context: str = "loky",
-        initializer: Callable[..., object] | None = None,
-        initargs: tuple[Any, ...] = (),
-        env: dict[str, str] | None = None,
-        task_timeout: Duration | None = None,
-        max_tasks_per_worker: int | None = None,
-        max_worker_memory: int | str | None = None,
-        kill_worker_memory: int | str | None = None,
-    ) -> None:
-        checked = None if max_pending is _UNSET else max_pending
-        _check_options(checked, initializer, initargs, context, env)
-        to_seconds("task_timeout", task_timeout, allow_none=True)
-        if max_tasks_per_worker is not None:
-            to_count("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
-        memory_limits(max_worker_memory, kill_worker_memory)
-        self._limits: dict[str, Any] = {
-            "task_timeout": task_timeout,
-            "max_tasks_per_worker": max_tasks_per_worker,
-            "max_worker_memory": max_worker_memory,
-            "kill_worker_memory": kill_worker_memory,
-        }
-        self._max_pending = max_pending
-        self._context = context
-        self._initializer = initializer
-        self._initargs = initargs
-        self._env = None if env is None else dict(env)
-
-    def __call__(self, max_size: int) -> LokyWorkerPool:
-        """A new `LokyWorkerPool` of ``max_size`` (the manager passes its ``pool_size``)."""
-        max_pending = max_size if self._max_pending is _UNSET else self._max_pending
-        return LokyWorkerPool(
-            max_size,
-            max_pending=max_pending,
-            initializer=self._initializer,
-            initargs=self._initargs,
-            context=self._context,
-            env=self._env,
-            **self._limits,
-        )
-
-    def __repr__(self) -> str:
-        return f"<LokyPoolFactory context={self._context!r}>"
+sys.modules[
+    LokyPoolFactory.__module__
+].POOL = LokyWorkerPool  # (the factory builds this module's pools)

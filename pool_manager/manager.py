@@ -41,6 +41,7 @@ from typing import Any
 
 from . import _process, _signals, memory
 from ._durations import Duration, to_bytes, to_count, to_seconds
+from ._engines import build_pool
 from ._events import EventLog
 from ._platform import resolve_engine
 from ._poolmap import PoolMap
@@ -107,15 +108,11 @@ _live_managers: weakref.WeakSet[WorkerPoolManager] = weakref.WeakSet()
 _signals.configure_managers(lambda: list(_live_managers))
 
 
-def _forget_managers_in_child() -> None:
+if hasattr(os, "register_at_fork"):
     # A process forked from ours: the managers it inherited are the parent's
     # (their supervisors did not come along, their pools went inert with
     # pool.py's own hook). No exit hook or SIGTERM handler here acts on them.
-    _live_managers.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_managers_in_child)
+    os.register_at_fork(after_in_child=_live_managers.clear)
 
 
 @atexit.register
@@ -205,20 +202,15 @@ class WorkerPoolManager:
         clock: a monotonic clock in seconds; inject a fake one in tests and
             call `sweep` after moving it. (Task deadlines and memory limits
             are real time and real bytes, enforced in the workers.)
-        engine: what the default factory builds each key's pool on:
-            ``"fork_server"`` (`BaseWorkerPool`: workers forked from the fork
-            server; Linux) or ``"loky"`` (`pool_manager.loky.LokyWorkerPool`:
-            loky's workers, every platform). Default: `DEFAULT_ENGINE`, the
-            fork server where it can run, else loky. On loky,
-            ``worker_idle_timeout`` does not apply (a pool's workers live
-            until it is disposed), ``shared_data`` is refused, and the caps
-            across keys (``max_total_workers``, ``max_busy_workers``) do not
-            reach its pools yet.
+        engine: what the default factory builds pools on: ``"fork_server"``
+            (`BaseWorkerPool`) or ``"loky"`` (`pool_manager.loky.LokyWorkerPool`,
+            which has no ``worker_idle_timeout``, ``shared_data`` nor caps
+            across keys yet). Default: `DEFAULT_ENGINE` (``_platform.py``).
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.
-        EngineUnavailableError: ``engine="fork_server"`` where it cannot run.
-        ImportError: the loky engine without loky installed.
+        EngineUnavailableError, ImportError: the engine cannot run here (the
+            fork server off Linux; loky without loky installed).
         ForkServerError: the fork server (that worker processes are forked
             from) died as it started; the message holds what it printed.
         OSError: the fork server could not be started (out of file
@@ -278,10 +270,9 @@ class WorkerPoolManager:
         }
         # Checked now, by the pool that would take them, rather than at the
         # first get_pool; it pickles the shared data, once for every pool.
-        if self._engine == "loky":
-            self._loky_pool(1).dispose()  # (starts nothing)
-        else:
-            self._worker_options["shared_data"] = BaseWorkerPool(1, **self._worker_options)._shared
+        checked = self.default_factory(1)  # (starts nothing)
+        if isinstance(checked, BaseWorkerPool):
+            self._worker_options["shared_data"] = checked._shared
         sample_every = to_seconds("memory_sample_interval", memory_sample_interval, allow_none=True)
         self._min_available = to_bytes("min_available_memory", min_available_memory)
         if self._min_available is not None and sample_every is None:
@@ -313,22 +304,10 @@ class WorkerPoolManager:
         assert grace is not None
         self.shutdown_grace: float = grace
 
-        # The fork server starts now, and the manager waits for it (about
-        # 50 ms, once per process): a new key's first worker is then a fork
-        # away, and no pool waits for an interpreter to boot while it holds
-        # its lock. A server that cannot start raises here, before anything
-        # else (signal handler, supervisor) is set up.
+        # The fork server starts now, before anything else is set up (see its docstring).
         self._holds_server = False
         if self._engine == "fork_server":
-            server = _process.acquire_server()
-            try:
-                try:
-                    server.wait_ready()
-                except _process.ForkServerGone:  # (it ended as it imported the main module)
-                    _process.acquire_server(replace=server).wait_ready()
-            except BaseException:
-                _process.release_server()
-                raise
+            _process.acquire_ready_server()
             self._holds_server = True
 
         self.handles_signals = bool(handle_signals) and _signals.install_sigterm_handler()
@@ -384,21 +363,14 @@ class WorkerPoolManager:
         return self._engine
 
     def default_factory(self, max_size: int) -> WorkerPool:
-        """The factory `get_pool` uses: a pool on the manager's `engine` with its settings
-        (a `BaseWorkerPool`, or a `pool_manager.loky.LokyWorkerPool`)."""
-        if self._engine == "loky":
-            return self._loky_pool(max_size)
-        return BaseWorkerPool(
+        """The factory `get_pool` uses: a pool on the manager's `engine`, with its settings."""
+        return build_pool(
+            self._engine,
             max_size,
-            max_pending=self._max_pending,
-            idle_timeout=self._worker_idle_timeout,
-            **self._worker_options,
+            self._max_pending,
+            self._worker_idle_timeout,
+            self._worker_options,
         )
-
-    def _loky_pool(self, max_size: int) -> WorkerPool:
-        from .loky import LokyWorkerPool  # (an ImportError names the extra)
-
-        return LokyWorkerPool(max_size, max_pending=self._max_pending, **self._worker_options)
 
     def get_pool(self, key: Hashable, send_size: int = 1) -> tuple[WorkerPool, Callable[[], None]]:
         """Lease the pool for ``key``, building it with `default_factory` if needed.

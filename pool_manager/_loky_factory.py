@@ -1,0 +1,96 @@
+"""`LokyPoolFactory`: a manager factory for loky pools (re-exported by
+`pool_manager.loky`, where it is documented and used)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._durations import Duration, memory_limits, to_count, to_seconds
+from ._loky_slots import _check_options
+
+if TYPE_CHECKING:
+    from .loky import LokyWorkerPool
+
+#: The pool class it builds: `LokyWorkerPool`, set by ``loky.py`` as it is
+#: defined (this module is imported by it, never the other way).
+POOL: Callable[..., LokyWorkerPool] = None  # type: ignore[assignment]
+
+__all__ = ["LokyPoolFactory"]
+
+_UNSET: Any = object()
+
+
+class LokyPoolFactory:
+    """A `WorkerPoolManager` factory: ``factory(max_size)`` builds a `LokyWorkerPool`.
+
+    Pass it where the manager takes a factory::
+
+        factory = LokyPoolFactory()
+        with manager.lease("tenant-a", factory=factory) as pool: ...
+        pool, done = manager.get_pool_with_factory("tenant-a", 1, factory)
+
+    (A subclass of `WorkerPoolManager` whose `default_factory` returns
+    ``factory(max_size)`` makes every key's pool a loky pool.) The manager's
+    caps across keys (``max_total_workers``, ``max_busy_workers``) do not
+    apply to these pools yet.
+
+    Args:
+        max_pending: backpressure of each pool (see `LokyWorkerPool`).
+            Default: the pool's size, as the manager's default factory.
+            ``None`` never blocks.
+        context, initializer, initargs, env, task_timeout,
+        max_tasks_per_worker, max_worker_memory, kill_worker_memory: passed
+            to every pool (see `LokyWorkerPool`).
+
+    Raises:
+        TypeError, ValueError: for arguments of the wrong type or range.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_pending: int | None = _UNSET,
+        context: str = "loky",
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        env: dict[str, str] | None = None,
+        task_timeout: Duration | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | str | None = None,
+        kill_worker_memory: int | str | None = None,
+    ) -> None:
+        checked = None if max_pending is _UNSET else max_pending
+        _check_options(checked, initializer, initargs, context, env)
+        to_seconds("task_timeout", task_timeout, allow_none=True)
+        if max_tasks_per_worker is not None:
+            to_count("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+        memory_limits(max_worker_memory, kill_worker_memory)
+        self._limits: dict[str, Any] = {
+            "task_timeout": task_timeout,
+            "max_tasks_per_worker": max_tasks_per_worker,
+            "max_worker_memory": max_worker_memory,
+            "kill_worker_memory": kill_worker_memory,
+        }
+        self._max_pending = max_pending
+        self._context = context
+        self._initializer = initializer
+        self._initargs = initargs
+        self._env = None if env is None else dict(env)
+
+    def __call__(self, max_size: int) -> LokyWorkerPool:
+        """A new `LokyWorkerPool` of ``max_size`` (the manager passes its ``pool_size``)."""
+
+        max_pending = max_size if self._max_pending is _UNSET else self._max_pending
+        return POOL(
+            max_size,
+            max_pending=max_pending,
+            initializer=self._initializer,
+            initargs=self._initargs,
+            context=self._context,
+            env=self._env,
+            **self._limits,
+        )
+
+    def __repr__(self) -> str:
+        return f"<LokyPoolFactory context={self._context!r}>"
