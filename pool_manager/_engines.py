@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._platform import resolve_engine
+
 if TYPE_CHECKING:
     from .pool import WorkerPool
 
-__all__ = ["build_pool"]
+__all__ = ["build_pool", "resolve_engine"]
 
 
 def build_pool(

@@ -21,12 +21,13 @@ import weakref
 from typing import TYPE_CHECKING
 
 from . import _signals
-from ._loky_slots import _Actions
+from ._loky_slots import _Actions, _Slot
+from .errors import WorkerStartError
 
 if TYPE_CHECKING:
     from .loky import LokyWorkerPool
 
-__all__ = ["_live_pools", "_register_exit_hook"]
+__all__ = ["_live_pools", "_register_exit_hook", "plan_at_exit"]
 
 logger = logging.getLogger("pool_manager")
 
@@ -79,3 +80,22 @@ _register_exit_hook()
 
 if hasattr(os, "register_at_fork"):  # (a forked child's copies are the parent's)
     os.register_at_fork(after_in_child=_live_pools.clear)
+
+
+def plan_at_exit(pool: LokyWorkerPool, ready: list[_Slot], actions: _Actions) -> None:
+    """(Holds the pool's _lock) The interpreter is exiting: every queued task goes to a ready
+    slot, the least loaded first (no slot can start now); with none ready
+    or starting, they fail."""
+    if not ready:
+        if not any(not slot.ready for slot in pool._slots):
+            pool._fail_queued(
+                WorkerStartError(
+                    "the interpreter is exiting and the pool has no loky worker ready: loky "
+                    "cannot start one now, so the task was not run (call shutdown() before "
+                    "the program ends)"
+                ),
+                actions,
+            )
+        return
+    while pool._waiting:
+        pool._hand(min(ready, key=lambda slot: len(slot.handed)), actions)

@@ -12,9 +12,14 @@ from ._loky_slots import _check_options
 if TYPE_CHECKING:
     from .loky import LokyWorkerPool
 
-#: The pool class it builds: `LokyWorkerPool`, set by ``loky.py`` as it is
-#: defined (this module is imported by it, never the other way).
-POOL: Callable[..., LokyWorkerPool] = None  # type: ignore[assignment]
+_built: list[Callable[..., LokyWorkerPool]] = []  # the pool class (`builds`)
+
+
+def builds(pool_class: Callable[..., LokyWorkerPool]) -> None:
+    """(``loky.py``, as `LokyWorkerPool` is defined) the class the factory builds
+    (this module is imported by ``loky.py``, never the other way)."""
+    _built[:] = [pool_class]
+
 
 __all__ = ["LokyPoolFactory"]
 
@@ -82,7 +87,7 @@ class LokyPoolFactory:
         """A new `LokyWorkerPool` of ``max_size`` (the manager passes its ``pool_size``)."""
 
         max_pending = max_size if self._max_pending is _UNSET else self._max_pending
-        return POOL(
+        return _built[0](
             max_size,
             max_pending=max_pending,
             initializer=self._initializer,

@@ -74,7 +74,6 @@ import functools
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
@@ -94,7 +93,7 @@ except ImportError as error:
 from . import _loky_watch, _process, _threads
 from ._compat import ProcessView, resolve_start_method
 from ._durations import Duration, memory_limits, to_count, to_seconds
-from ._loky_exit import _live_pools, _register_exit_hook
+from ._loky_exit import _live_pools, _register_exit_hook, plan_at_exit
 from ._loky_limits import _LokyLimits
 from ._loky_slots import (
     HANDED_PER_SLOT,
@@ -430,7 +429,7 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
             return
         ready = [slot for slot in self._slots if slot.ready and not slot.retiring]
         if self._exiting:
-            self._plan_at_exit(ready, actions)
+            plan_at_exit(self, ready, actions)
             return
         for slot in ready:
             if not self._waiting:
@@ -458,24 +457,6 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
                 and not self._alone(self._next_queued())
             ):
                 self._hand(slot, actions)
-
-    def _plan_at_exit(self, ready: list[_Slot], actions: _Actions) -> None:
-        """(Holds _lock) The interpreter is exiting: every queued task goes to a ready
-        slot, the least loaded first (no slot can start now); with none ready
-        or starting, they fail."""
-        if not ready:
-            if not any(not slot.ready for slot in self._slots):
-                self._fail_queued(
-                    WorkerStartError(
-                        "the interpreter is exiting and the pool has no loky worker ready: loky "
-                        "cannot start one now, so the task was not run (call shutdown() before "
-                        "the program ends)"
-                    ),
-                    actions,
-                )
-            return
-        while self._waiting:
-            self._hand(min(ready, key=lambda slot: len(slot.handed)), actions)
 
     def _next_queued(self) -> _LokyTaskFuture:
         """(Holds _lock) The next queued task (there is one), past cancelled ones."""
@@ -796,8 +777,6 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
                     self._drained.notify_all()
 
 
-from ._loky_factory import LokyPoolFactory  # noqa: E402
+from ._loky_factory import LokyPoolFactory, builds  # noqa: E402
 
-sys.modules[
-    LokyPoolFactory.__module__
-].POOL = LokyWorkerPool  # (the factory builds this module's pools)
+builds(LokyWorkerPool)

@@ -41,9 +41,8 @@ from typing import Any
 
 from . import _process, _signals, memory
 from ._durations import Duration, to_bytes, to_count, to_seconds
-from ._engines import build_pool
+from ._engines import build_pool, resolve_engine
 from ._events import EventLog
-from ._platform import resolve_engine
 from ._poolmap import PoolMap
 
 # The records live in _records, USS_EVERY in _sampling; this module is their
@@ -242,7 +241,8 @@ class WorkerPoolManager:
         clock: Callable[[], float] = time.monotonic,
         engine: str | None = None,
     ) -> None:
-        self._engine = resolve_engine(engine)
+        #: What the default factory builds pools on: ``"fork_server"`` or ``"loky"``.
+        self.engine: str = resolve_engine(engine)
         self._pool_size = to_count("pool_size", pool_size, minimum=1)
         stale = to_seconds("stale_pool_expiration", stale_pool_expiration)
         lifetime = to_seconds("max_pool_lifetime", max_pool_lifetime)
@@ -306,7 +306,7 @@ class WorkerPoolManager:
 
         # The fork server starts now, before anything else is set up (see its docstring).
         self._holds_server = False
-        if self._engine == "fork_server":
+        if self.engine == "fork_server":
             _process.acquire_ready_server()
             self._holds_server = True
 
@@ -357,15 +357,10 @@ class WorkerPoolManager:
 
     # -- leases ----------------------------------------------------------
 
-    @property
-    def engine(self) -> str:
-        """What the default factory builds pools on: ``"fork_server"`` or ``"loky"``."""
-        return self._engine
-
     def default_factory(self, max_size: int) -> WorkerPool:
         """The factory `get_pool` uses: a pool on the manager's `engine`, with its settings."""
         return build_pool(
-            self._engine,
+            self.engine,
             max_size,
             self._max_pending,
             self._worker_idle_timeout,

@@ -224,6 +224,19 @@ def test_a_task_handed_to_a_starting_slot_is_running_as_in_the_call_queue() -> N
     assert all(f.cancelled() for f in futures[2:])
 
 
+def test_an_answer_settled_on_the_callers_thread_leaves_it_under_backpressure() -> None:
+    """An answer loky already has is settled at once, on the thread that sends
+    the task: its done-callbacks' submits are never held there, but only while
+    it settles (else that thread's later submits would skip ``max_pending``)."""
+    from pool_manager import _threads
+    from pool_manager._loky_slots import _settling_here
+
+    assert not _threads.must_not_stall()
+    with _settling_here():
+        assert _threads.must_not_stall()
+    assert not _threads.must_not_stall()
+
+
 def test_submit_blocks_while_the_pool_is_full(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     pool = LokyPoolFactory(max_pending=1)(1)  # 1 running + 1 pending
