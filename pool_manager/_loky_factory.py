@@ -36,9 +36,9 @@ class LokyPoolFactory:
         pool, done = manager.get_pool_with_factory("tenant-a", 1, factory)
 
     (A subclass of `WorkerPoolManager` whose `default_factory` returns
-    ``factory(max_size)`` makes every key's pool a loky pool.) The manager's
-    caps across keys (``max_total_workers``, ``max_busy_workers``) do not
-    apply to these pools yet.
+    ``factory(max_size)`` makes every key's pool a loky pool; so does
+    ``WorkerPoolManager(..., engine="loky")``.) The manager's caps across
+    keys (``max_total_workers``, ``max_busy_workers``) apply to these pools.
 
     Args:
         max_pending: backpressure of each pool (see `LokyWorkerPool`).

@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -68,12 +69,14 @@ def _probe() -> tuple[int, str | None]:
 
 
 def _run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """(In a worker) one task: ``(pid, fn(*args, **kwargs))``, so that the pool
-    knows the worker's pid even if loky replaced it (loky restarts a worker
-    whose memory grew by 300 MB)."""
+    """(In a worker) one task: ``(pid, seconds, fn(*args, **kwargs))``, so that the
+    pool knows the worker's pid even if loky replaced it (loky restarts a
+    worker whose memory grew by 300 MB), and how long the task ran."""
     if _init_failure is not None:
         raise RuntimeError(f"the pool's initializer failed in this worker:\n{_init_failure}")
-    return os.getpid(), fn(*args, **kwargs)
+    started = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return os.getpid(), time.perf_counter() - started, value
 
 
 # -- in the parent -------------------------------------------------------------------
@@ -127,6 +130,8 @@ class _LokyTaskFuture(_QueuedFuture):
         self._deadline: float | None = None
         #: Seconds from handing the task to a slot to its answer, once answered.
         self.run_time: float | None = None
+        #: What kind of task it is (`_dispatch.task_kind`: how long it may run).
+        self.kind: object = None
 
     def _let_go(self) -> None:
         self._call = None
@@ -144,7 +149,9 @@ class _Slot:
         "closed",
         "executor",
         "handed",
+        "holds_place",
         "pid",
+        "place_since",
         "ready",
         "retiring",
         "sending",
@@ -162,6 +169,14 @@ class _Slot:
         self.unsent: deque[_LokyTaskFuture] = deque()  # handed, not yet submitted to loky
         self.taken = 0  # tasks handed to it in all (``max_tasks_per_worker``)
         self.sending = threading.Lock()
+        # Under ``max_busy_workers`` (`budget.PlaceHolder`): it holds a place, since when.
+        self.holds_place = False
+        self.place_since = 0.0
+
+    @property
+    def assigned(self) -> deque[_LokyTaskFuture]:
+        """(`budget.PlaceHolder`) the tasks in its hands: ``handed``."""
+        return self.handed
 
 
 class _SlotState:
@@ -182,10 +197,11 @@ class _SlotState:
 class _Actions:
     """What a decision under the pool's lock leaves to do once it is released."""
 
-    __slots__ = ("closes", "feeds", "finished", "idle_callbacks", "starts", "watch")
+    __slots__ = ("closes", "feeds", "finished", "idle_callbacks", "starts", "watch", "went_idle")
 
     def __init__(self) -> None:
         self.watch = False  # a deadline or a memory limit to watch (`_loky_watch`)
+        self.went_idle = False  # its last unfinished task finished (for the budget)
         self.starts: list[_Slot] = []
         self.feeds: list[_Slot] = []
         self.closes: list[tuple[_Slot, bool]] = []  # (slot, kill its worker)

@@ -63,9 +63,18 @@ own. How a task travels::
   `WorkerLostError`, as it may have started. ``max_tasks_per_worker`` and
   ``max_worker_memory`` retire a slot between tasks: no task fails.
 
-Not supported yet (`BaseWorkerPool` has them): ``shared_data``, the worker
-budget across keys (``max_total_workers``). Only loky's public API is used:
-an executor per slot, its ``submit`` and ``shutdown``, and its errors.
+- A second task waits in a slot behind the running one only when both are
+  of kinds known to be short (`_dispatch.RunTimes`, as `BaseWorkerPool`
+  prefetches): a long or new kind runs alone, so the tasks behind it stay
+  queued, cancellable, for whichever slot frees first.
+- A manager's caps across keys hold: a slot is a worker to its
+  ``max_total_workers`` and ``max_busy_workers`` (``_loky_dispatch.py``).
+  A worker handed from one key to another is a slot shut down and another
+  started, about 0.1 s of CPU with loky, against a fork for the fork server.
+
+Not supported yet (`BaseWorkerPool` has it): ``shared_data``. Only loky's
+public API is used: an executor per slot, its ``submit`` and ``shutdown``,
+and its errors.
 """
 
 from __future__ import annotations
@@ -92,11 +101,12 @@ except ImportError as error:
 
 from . import _loky_watch, _process, _threads
 from ._compat import ProcessView, resolve_start_method
+from ._dispatch import RunTimes, task_kind
 from ._durations import Duration, memory_limits, to_count, to_seconds
-from ._loky_exit import _live_pools, _register_exit_hook, plan_at_exit
+from ._loky_dispatch import _LokyDispatch
+from ._loky_exit import _live_pools, _register_exit_hook
 from ._loky_limits import _LokyLimits
 from ._loky_slots import (
-    HANDED_PER_SLOT,
     _Actions,
     _check_options,
     _LokyTaskFuture,
@@ -135,7 +145,7 @@ MAX_ATTEMPTS = 3
 _UNSET: Any = object()
 
 
-class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
+class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture]):
     """A process pool for one key whose workers are loky's: an ``Executor``.
 
     Usually built by `LokyPoolFactory` for a `WorkerPoolManager`. Each worker
@@ -261,6 +271,8 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
         #: now (it registers an exit hook as each one starts, which the
         #: interpreter refuses), so the queued tasks go to the ready slots.
         self._exiting = False
+        self._estimates = RunTimes()  # each kind of task's run time (`_dispatch`)
+        self._init_caps()
 
     # -- WorkerPool ------------------------------------------------------
 
@@ -321,12 +333,24 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
         with self._lock:
             self._admit(deadline)
             future = _LokyTaskFuture(self, (fn, args, kwargs))
+            future.kind = task_kind(fn, args)
             future.timeout = self._task_timeout if timeout is _UNSET else timeout  # type: ignore[assignment]
             self._outstanding.add(future)
             self._unsettled += 1
             self._enqueue(future)
             self._waiting += 1
-            self._plan(actions)
+            self.last_submit = time.monotonic()
+            # Under a budget, a pool that could use another slot asks for it
+            # first: else its slots would take the queued tasks and it would
+            # never grow (past that, the budget hears of it as tasks finish).
+            ask = self._asks_budget()
+            if not ask:
+                self._plan(actions)
+        if ask:
+            assert self._budget is not None
+            self._budget.submitted(self, True)
+            with self._lock:
+                self._plan(actions)
         self._act(actions)
         return future
 
@@ -363,6 +387,7 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
                 while self._closes:  # (signalled by `_shut`, in its finally)
                     self._drained.wait()
             _live_pools.discard(self)  # (nothing left for the exit hook)
+            self._leave_caps()
 
     def terminate(self) -> None:
         """Stop now: cancel queued tasks, end the running ones, return when the workers are gone.
@@ -397,7 +422,6 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
     def _after_grant(self) -> None:
         actions = _Actions()
         with self._lock:
-            self._shrink(actions)
             self._plan(actions)
         self._act(actions)
 
@@ -414,103 +438,7 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
             self._conclude([(future, None, None)], actions)
         self._act(actions)
 
-    # -- decisions (under _lock) ---------------------------------------------
-
-    def _plan(self, actions: _Actions) -> None:
-        """(Holds _lock) Hand queued tasks to ready slots, and start slots, as the grant allows.
-
-        An idle slot takes a task first; then slots start for what is still
-        queued, each handed its first task as it starts (running from then
-        on, as in ``ProcessPoolExecutor``'s call queue before its workers
-        are up; sent once the slot is ready); then a busy slot takes a
-        second task, for what the starting slots will not take.
-        """
-        if self._stop_sending or not self._waiting:
-            return
-        ready = [slot for slot in self._slots if slot.ready and not slot.retiring]
-        if self._exiting:
-            plan_at_exit(self, ready, actions)
-            return
-        for slot in ready:
-            if not self._waiting:
-                return
-            if not slot.handed:
-                self._hand(slot, actions)
-        starting = sum(1 for slot in self._slots if not slot.ready and not slot.retiring)
-        more = min(max(1, self.worker_count) - len(self._slots), self._waiting)
-        if more > 0:
-            _live_pools.add(self)  # (for the exit hook)
-        for _ in range(more):
-            slot = _Slot()
-            self._slots.append(slot)
-            self._starts += 1
-            actions.starts.append(slot)
-            self._hand(slot, actions)
-            starting += 1
-        for slot in ready:
-            if self._waiting <= starting:
-                return
-            if (
-                0 < len(slot.handed) < HANDED_PER_SLOT
-                and not slot.retiring
-                and not self._alone(slot.handed[0])
-                and not self._alone(self._next_queued())
-            ):
-                self._hand(slot, actions)
-
-    def _next_queued(self) -> _LokyTaskFuture:
-        """(Holds _lock) The next queued task (there is one), past cancelled ones."""
-        pending = self._pending
-        while pending[0]._dropped:
-            pending.popleft()
-        return pending[0]
-
-    def _hand(self, slot: _Slot, actions: _Actions) -> None:
-        """(Holds _lock) Hand ``slot`` the next queued task (there is one)."""
-        future = self._next_queued()
-        self._pending.popleft()
-        self._waiting -= 1
-        if not future._sent:
-            future._sent = True
-            future.set_running_or_notify_cancel()
-        slot.handed.append(future)
-        slot.unsent.append(future)
-        slot.taken += 1
-        if self._max_tasks is not None and slot.taken >= self._max_tasks:
-            slot.retiring = True  # (shut down once it holds none)
-        if slot.ready:
-            self._sending(slot, [future], actions)
-        # (Else sent once the slot is ready: `_ready`.)
-
-    def _sending(self, slot: _Slot, futures: list[_LokyTaskFuture], actions: _Actions) -> None:
-        """(Holds _lock) ``futures``, handed to ready ``slot``, go to loky now: their
-        deadlines start (each such task is alone in the slot: it starts now)."""
-        now = time.monotonic()
-        for future in futures:
-            future._sent_at = now
-            if future.timeout is not None:
-                future._deadline = now + future.timeout
-                actions.watch = True
-        if self._hard_memory is not None:
-            actions.watch = True
-        if slot not in actions.feeds:
-            actions.feeds.append(slot)
-
-    def _requeue(self, futures: list[_LokyTaskFuture]) -> None:
-        """(Holds _lock) Tasks handed to a slot that never started them: to the queue's front."""
-        for future in reversed(futures):
-            future._deadline = None
-            self._pending.appendleft(future)
-            self._waiting += 1
-
-    def _shrink(self, actions: _Actions) -> None:
-        """(Holds _lock) Retire slots beyond the grant: starting, then idle, then busy ones."""
-        serving = [slot for slot in self._slots if not slot.retiring]
-        excess = len(serving) - max(1, self.worker_count)
-        for slot in sorted(serving, key=lambda slot: (slot.ready, len(slot.handed)))[:excess]:
-            slot.retiring = True
-            if not slot.ready or not slot.handed:
-                self._close_slot(slot, actions, kill=not slot.ready)
+    # -- decisions (under _lock; the dispatch is `_LokyDispatch`'s) ------------------
 
     def _close_slot(self, slot: _Slot, actions: _Actions, kill: bool) -> None:
         """(Holds _lock) Take ``slot`` out of the pool; its executor is shut down off the lock
@@ -519,6 +447,7 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
             return
         slot.closed = slot.retiring = True
         self._slots.remove(slot)
+        self._release_place(slot)
         if not slot.ready and slot.handed:  # (never sent: they go back to the queue)
             self._requeue(list(slot.handed))
             slot.handed.clear()
@@ -545,6 +474,7 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
         if done:
             actions.idle_callbacks += self._count_finished(ok for _, ok, _ in done)
             actions.finished += done
+            actions.went_idle = not self._outstanding
         if self._shut_down and not self._outstanding:
             self._close_all(actions, kill=False)
 
@@ -581,6 +511,7 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
                     runner.run(_threads.Strand(), functools.partial(self._shut, slot, kill))
             for slot in actions.feeds:
                 self._feed(slot)
+            self._tell_budget(actions)
             self._run_idle_callbacks(actions.idle_callbacks)
         finally:
             try:
@@ -621,12 +552,14 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
                         self._start_failed(WorkerStartError.for_cause(error, 0), actions)
                         self._plan(actions)
                 self._act(actions)
+                self._slot_gone()
                 return
             with self._lock:
                 slot.executor = executor
                 closed = slot.closed
             if closed:  # (terminated, disposed or shrunk while it started)
                 executor.shutdown(wait=True, kill_workers=True)
+                self._slot_gone()
                 return
         finally:
             with self._lock:
@@ -707,7 +640,7 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
         if the slot broke, fail its running task and requeue the other."""
         with _settling_here():
             error = CancelledError() if inner.cancelled() else inner.exception()
-            pid, value = inner.result() if error is None else (slot.pid, None)
+            pid, seconds, value = inner.result() if error is None else (slot.pid, 0.0, None)
             if error is not None and isinstance(error.__cause__, _LokyRemoteTraceback):
                 # (The worker's traceback, as ProcessPoolExecutor's class holds it.)
                 error.__cause__ = _RemoteTraceback(error.__cause__.tb)
@@ -727,6 +660,8 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
                 else:
                     slot.handed.remove(future)
                     slot.pid = pid
+                    if error is None:
+                        self._estimates.observe(future.kind, seconds)
                     outcome = (future, error is None, value if error is None else error)
                     self._conclude([outcome], actions)
                     if grown:
@@ -773,8 +708,10 @@ class LokyWorkerPool(_LokyLimits, ChunkedTaskPool[_LokyTaskFuture]):
         finally:
             with self._lock:
                 self._closes -= 1
+                self._live -= 1
                 if not self._closes:
                     self._drained.notify_all()
+            self._tell_budget(_Actions(), slots_gone=1)
 
 
 from ._loky_factory import LokyPoolFactory, builds  # noqa: E402

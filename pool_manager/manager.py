@@ -175,8 +175,8 @@ class WorkerPoolManager:
             ``pool_size``, so that a key alone runs ``pool_size`` tasks at
             once. ``None``: no cap: use it when tasks wait for each other
             (across keys too) or mostly wait on I/O. Pools from a custom
-            factory are under both caps if they are `BaseWorkerPool`
-            instances that have not run work yet.
+            factory are under both caps if they are `BaseWorkerPool` or
+            `LokyWorkerPool` instances that have not run work yet.
         max_tasks_per_worker, max_worker_memory, kill_worker_memory,
             task_timeout, shared_data: worker limits and shared data of the
             pools the default factory builds (see `BaseWorkerPool`; the
@@ -529,8 +529,9 @@ class WorkerPoolManager:
         if pool.name is None:
             with contextlib.suppress(AttributeError):
                 pool.name = str(key)
-        if isinstance(pool, BaseWorkerPool):
-            pool.attach_budget(self._budget, self._busy)
+        attach = getattr(pool, "attach_budget", None)  # (BaseWorkerPool, LokyWorkerPool)
+        if attach is not None:
+            attach(self._budget, self._busy)
         pool.add_idle_callback(functools.partial(self._pool_went_idle, entry))
         building.set_result(None)
         pool.add_worker_event_callback(functools.partial(self._events.worker_lost, key))

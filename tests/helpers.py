@@ -468,3 +468,10 @@ def numpy_imported_pid(seconds: float) -> int:
 
     time.sleep(seconds)
     return os.getpid()
+
+
+def learn_short(pool: Any, *calls: tuple[Any, ...]) -> None:
+    """Run each ``(fn, *args)`` call to its end: a loky pool then knows their kinds
+    as short, and lets a second task wait in a slot behind a running one."""
+    for fn, *args in calls:
+        pool.submit(fn, *args).result(timeout=60)

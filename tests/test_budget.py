@@ -28,10 +28,18 @@ from pool_manager.budget import (
 from .helpers import getpid, poll, square, touch_and_wait, wait_then_square
 
 
-def _manager(**options: Any) -> WorkerPoolManager:
+def _manager(engine: str = "fork_server", /, **options: Any) -> WorkerPoolManager:
     options.setdefault("memory_sample_interval", None)
     options.setdefault("max_busy_workers", None)  # (its own tests set it)
-    return WorkerPoolManager(2, 60, 600, **options)
+    return WorkerPoolManager(2, 60, 600, engine=engine, **options)
+
+
+@pytest.fixture(params=["fork_server", "loky"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each engine's pools keep both caps (a loky pool's workers are its slots)."""
+    if request.param == "loky":
+        pytest.importorskip("loky", reason="the loky extra is not installed")
+    return str(request.param)
 
 
 class _Sampler:
@@ -61,8 +69,8 @@ class _Sampler:
         self._thread.join()
 
 
-def test_live_workers_across_keys_never_exceed_the_budget(tmp_path: Path) -> None:
-    with _manager(max_total_workers=2) as manager, _Sampler(manager) as sampler:
+def test_live_workers_across_keys_never_exceed_the_budget(tmp_path: Path, engine: str) -> None:
+    with _manager(engine, max_total_workers=2) as manager, _Sampler(manager) as sampler:
         for key in ("a", "b", "c"):
             started, gate = tmp_path / f"{key}.started", tmp_path / f"{key}.gate"
             with manager.lease(key, 2) as pool:
@@ -80,8 +88,8 @@ def test_live_workers_across_keys_never_exceed_the_budget(tmp_path: Path) -> Non
         assert stats["budget"]["limit"] == 2 and stats["budget"]["waiting"] == 0
 
 
-def test_a_pool_takes_the_least_recently_used_idle_worker(tmp_path: Path) -> None:
-    with _manager(max_total_workers=2) as manager:
+def test_a_pool_takes_the_least_recently_used_idle_worker(tmp_path: Path, engine: str) -> None:
+    with _manager(engine, max_total_workers=2) as manager:
         with manager.lease("old") as old:
             old_pid = old.submit(getpid).result(timeout=30)
         with manager.lease("recent") as recent:
@@ -96,9 +104,9 @@ def test_a_pool_takes_the_least_recently_used_idle_worker(tmp_path: Path) -> Non
         assert manager.stats()["total_workers"] == 2
 
 
-def test_one_key_flooding_does_not_starve_another(tmp_path: Path) -> None:
+def test_one_key_flooding_does_not_starve_another(tmp_path: Path, engine: str) -> None:
     first_gate, backlog_gate = tmp_path / "first", tmp_path / "backlog"
-    with _manager(max_total_workers=2, max_pending=None) as manager:
+    with _manager(engine, max_total_workers=2, max_pending=None) as manager:
         a, done_a = manager.get_pool("A", 2)
         b, done_b = manager.get_pool("B", 1)
         try:
@@ -137,9 +145,9 @@ def test_one_key_flooding_does_not_starve_another(tmp_path: Path) -> None:
             done_b()
 
 
-def test_no_cap_with_none(tmp_path: Path) -> None:
+def test_no_cap_with_none(tmp_path: Path, engine: str) -> None:
     gate = tmp_path / "gate"
-    with _manager(max_total_workers=None) as manager:
+    with _manager(engine, max_total_workers=None) as manager:
         assert manager.max_total_workers is None
         leases = [manager.get_pool(key, 2) for key in "abc"]
         futures: list[Future[int]] = []
@@ -182,9 +190,11 @@ def test_default_and_bad_values() -> None:
 # -- max_busy_workers: how many run at once -------------------------------------
 
 
-def test_busy_workers_across_keys_never_exceed_max_busy_workers(tmp_path: Path) -> None:
+def test_busy_workers_across_keys_never_exceed_max_busy_workers(
+    tmp_path: Path, engine: str
+) -> None:
     gate = tmp_path / "gate"
-    with _manager(max_total_workers=None, max_busy_workers=2) as manager:
+    with _manager(engine, max_total_workers=None, max_busy_workers=2) as manager:
         leases = [manager.get_pool(key, 2) for key in "abc"]
         futures: list[Future[int]] = []
         with _Sampler(manager) as sampler:
@@ -210,13 +220,13 @@ def test_busy_workers_across_keys_never_exceed_max_busy_workers(tmp_path: Path) 
 
 
 def test_a_key_flooding_does_not_starve_another_of_a_place_to_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
     # A's first tasks last as long as the test likes; their time slice is
     # taken as over when they end (a slice of 0), so no timing is involved.
     monkeypatch.setattr(places_module, "BUSY_QUANTUM", 0.0)
     first_gate, backlog_gate = tmp_path / "first", tmp_path / "backlog"
-    with _manager(max_total_workers=None, max_busy_workers=2, max_pending=None) as manager:
+    with _manager(engine, max_total_workers=None, max_busy_workers=2, max_pending=None) as manager:
         a, done_a = manager.get_pool("A", 2)
         b, done_b = manager.get_pool("B", 1)
         try:
@@ -299,9 +309,11 @@ def test_a_busy_worker_within_its_slice_is_handed_more_while_its_sibling_waits(
 
 
 @pytest.mark.usefixtures("long_time_slice")
-def test_a_pool_keeps_its_place_while_backpressure_holds_its_next_task(tmp_path: Path) -> None:
+def test_a_pool_keeps_its_place_while_backpressure_holds_its_next_task(
+    tmp_path: Path, engine: str
+) -> None:
     gate_c, gate_a = tmp_path / "gate-c", tmp_path / "gate-a"
-    with _manager(max_total_workers=None, max_busy_workers=1, max_pending=0) as manager:
+    with _manager(engine, max_total_workers=None, max_busy_workers=1, max_pending=0) as manager:
         a, done_a = manager.get_pool("A", 1)
         c, done_c = manager.get_pool("C", 1)
         try:

@@ -49,6 +49,7 @@ from .helpers import (  # noqa: E402
     exit_process,
     fail_at,
     getpid,
+    learn_short,
     most_at_once,
     poll,
     raise_value_error,
@@ -200,12 +201,14 @@ def test_a_queued_task_can_be_cancelled_and_a_running_one_cannot(tmp_path: Path)
         running = pool.submit(wait_for_path, str(gate))  # (handed to the slot as it starts)
         assert pool.task_counts()["running"] == 1 and not running.cancel()
         assert poll(lambda: pool.worker_pids() != [], timeout=30)  # (the slot is ready)
-        second = pool.submit(square, 3)  # handed to the slot too (loky's call queue)
+        # Behind a task of a kind not yet known to be short, nothing waits in
+        # its slot: the next tasks stay queued, and cancellable.
+        second = pool.submit(square, 3)
         queued = pool.submit(square, 4)
         assert queued.cancel() and queued.cancelled()
         with pytest.raises(CancelledError):
             queued.result(timeout=0)
-        assert not running.cancel() and not second.cancel()
+        assert not running.cancel() and pool.task_counts()["running"] == 1
         gate.touch()
         assert running.result(timeout=30) == str(gate) and second.result(timeout=30) == 9
         counts = pool.task_counts()
@@ -381,10 +384,12 @@ def test_dispose_waits_for_accepted_work_and_the_workers(tmp_path: Path) -> None
 def test_terminate_fails_running_tasks_and_cancels_the_queue(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     pool = LokyWorkerPool(1)
+    learn_short(pool, (wait_for_path, str(tmp_path)), (square, 1))
     running = pool.submit(wait_for_path, str(gate))
     assert poll(lambda: pool.worker_pids() != [], timeout=30)  # (its slot is ready)
     (worker,) = pool.worker_pids()
-    handed = pool.submit(square, 2)  # in loky's call queue
+    handed = pool.submit(square, 2)  # in loky's call queue (both kinds are short)
+    assert poll(handed.running, timeout=30)
     queued = [pool.submit(square, i) for i in range(3)]
     pool.terminate()
     assert all(f.cancelled() for f in queued)

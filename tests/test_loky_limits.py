@@ -28,6 +28,7 @@ from .helpers import (  # noqa: E402
     getpid,
     grow_until_stopped,
     hoard,
+    learn_short,
     poll,
     run_step,
     runs_per_call,
@@ -141,9 +142,10 @@ def test_the_watch_thread_runs_only_while_a_deadline_is_watched(tmp_path: Path) 
 def test_kill_task_ends_the_running_task_and_never_runs_another_twice(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     with LokyWorkerPool(1) as pool:
+        learn_short(pool, (wait_for_path, str(tmp_path)), (run_step, str(tmp_path), 0))
         running = pool.submit(wait_for_path, str(gate))
         assert poll(lambda: _handed(pool) == [1], timeout=30)
-        behind = pool.submit(run_step, str(tmp_path), 1)  # (sent to the same slot)
+        behind = pool.submit(run_step, str(tmp_path), 1)  # (sent to the same slot: both short)
         assert poll(lambda: _handed(pool) == [2], timeout=30)
         queued = pool.submit(run_step, str(tmp_path), 2)
         (pid,) = pool.worker_pids()
@@ -161,6 +163,7 @@ def test_kill_task_ends_the_running_task_and_never_runs_another_twice(tmp_path: 
 def test_kill_task_cancels_a_queued_task_and_refuses_a_foreign_future(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     with LokyWorkerPool(1) as pool:
+        learn_short(pool, (wait_for_path, str(tmp_path)), (square, 0))
         running = pool.submit(wait_for_path, str(gate))
         pool.submit(square, 1)
         queued = pool.submit(square, 2)

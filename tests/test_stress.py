@@ -53,9 +53,11 @@ def _options(caps: tuple[Any, Any, Any]) -> dict[str, Any]:
     return {name: value for name, value in zip(names, caps) if value is not _UNSET}
 
 
-def _round(manager: WorkerPoolManager, shape: tuple[int, int, int, int, bool]) -> None:
+def _round(
+    manager: WorkerPoolManager, shape: tuple[int, int, int, int, bool], batches: int = 0
+) -> None:
     keys, pool_size, threads, tasks, full = shape
-    batches = int((300 if full else 80) * SCALE)
+    batches = int((batches or (300 if full else 80)) * SCALE)
     totals: list[int] = []
     lock = threading.Lock()
 
@@ -97,4 +99,28 @@ def test_many_keys_many_threads_every_batch_completes(caps: str) -> None:
             if finished:
                 manager.shutdown(wait=True)
             else:  # a hang or a failure: end the workers, so the callers return
+                manager.terminate()
+
+
+#: The loky engine's cases: a slot starts in about 0.1 s of CPU (an
+#: interpreter), so fewer batches, over keys that still outnumber the caps.
+LOKY_CAPS = ["no caps", "tight budget", "tight places", "both tight", "budget below the keys"]
+
+
+@pytest.mark.timeout(int(120 * max(1.0, SCALE) * ROUNDS))
+@pytest.mark.parametrize("caps", LOKY_CAPS, ids=LOKY_CAPS)
+def test_loky_engine_many_keys_many_threads_every_batch_completes(caps: str) -> None:
+    pytest.importorskip("loky", reason="the loky extra is not installed")
+    for _ in range(ROUNDS):
+        manager = WorkerPoolManager(
+            2, 600, 3600, memory_sample_interval=None, engine="loky", **_options(CAPS[caps])
+        )
+        finished = False
+        try:
+            _round(manager, (6, 2, 6, 6, False), batches=30)
+            finished = True
+        finally:
+            if finished:
+                manager.shutdown(wait=True)
+            else:
                 manager.terminate()
