@@ -63,11 +63,20 @@ LIBRARIES: dict[str, str] = {
     "pool_manager_shared": "pool_manager (shared_data)",
     "pool_manager_shared_array": "pool_manager (shared_array)",
     "pool_manager_shared_both": "pool_manager (shared_data = a shared_array)",
+    "pool_manager_loky": "pool_manager (loky engine)",
 }
 #: pool_manager's variants: columns beside it, left out of the ratios to peers.
-VARIANTS = ["pool_manager_shared", "pool_manager_shared_array", "pool_manager_shared_both"]
+VARIANTS = [
+    "pool_manager_shared",
+    "pool_manager_shared_array",
+    "pool_manager_shared_both",
+    "pool_manager_loky",
+]
 PEERS = [name for name in LIBRARIES if name != "pool_manager" and name not in VARIANTS]
-POOLS = ["pool_manager", "ppe", "loky", "pebble", "mpire", "mp_pool"]
+#: pool_manager's engines: the fork server's `BaseWorkerPool`, and the loky engine's
+#: `LokyWorkerPool` (a variant), in every measure of a pool or a manager.
+ENGINES = ["pool_manager", "pool_manager_loky"]
+POOLS = [*ENGINES, "ppe", "loky", "pebble", "mpire", "mp_pool"]
 #: The large-data measures' libraries (issue 14).
 BIG_DATA = ["pool_manager", "ppe", "ppe_spawn", "loky", "joblib"]
 DISTRIBUTIONS = [
@@ -167,7 +176,7 @@ MEASURES: list[Measure] = [
         "cold_start",
         "ms",
         False,
-        ["pool_manager", "ppe", "ppe_spawn", "loky", "pebble", "mpire", "mp_pool"],
+        [*ENGINES, "ppe", "ppe_spawn", "loky", "pebble", "mpire", "mp_pool"],
         {},
     ),
     Measure(
@@ -176,7 +185,7 @@ MEASURES: list[Measure] = [
         "cold_new_key",
         "ms",
         False,
-        ["pool_manager"],
+        ENGINES,
         {},
     ),
     Measure(
@@ -185,7 +194,7 @@ MEASURES: list[Measure] = [
         "cached_key",
         "µs",
         False,
-        ["pool_manager"],
+        ENGINES,
         {"calls": 500},
         {"calls": 200},
     ),
@@ -1077,8 +1086,15 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: The peers that are packages of their own (the rest are the standard library).
-PEER_MODULES = {"loky": "loky", "pebble": "pebble", "mpire": "mpire", "joblib": "joblib"}
+#: The peers that are packages of their own (the rest are the standard library), and
+#: the variants that need one (pool_manager's loky engine: the loky extra).
+PEER_MODULES = {
+    "loky": "loky",
+    "pebble": "pebble",
+    "mpire": "mpire",
+    "joblib": "joblib",
+    "pool_manager_loky": "loky",
+}
 
 
 def _installed(library: str) -> bool:

@@ -98,14 +98,20 @@ class Pool:
 
 
 class PoolManagerPool(Pool):
+    """pool_manager's pool: ``BaseWorkerPool(workers)`` (the fork server's engine)."""
+
     name = "pool_manager"
 
     def __init__(self, workers: int) -> None:
         super().__init__(workers)
+        self._cls = self.pool_class()
+        self._pool: Any = None
+
+    @staticmethod
+    def pool_class() -> type[Any]:
         from pool_manager import BaseWorkerPool
 
-        self._cls = BaseWorkerPool
-        self._pool: Any = None
+        return BaseWorkerPool
 
     def start(self) -> None:
         self._pool = self._cls(self.workers)
@@ -115,7 +121,7 @@ class PoolManagerPool(Pool):
 
     @property
     def auto_chunksize(self) -> bool:  # type: ignore[override]
-        return pool_manager_has_auto_chunksize()
+        return pool_manager_has_auto_chunksize(self._cls)
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> list[Any]:
         if chunksize is None:
@@ -130,11 +136,25 @@ class PoolManagerPool(Pool):
         return list(self._pool.worker_pids())
 
 
-def pool_manager_has_auto_chunksize() -> bool:
-    """Whether pool_manager's ``map`` picks a chunk size itself (its default is None)."""
-    from pool_manager import BaseWorkerPool
+class PoolManagerLokyPool(PoolManagerPool):
+    """pool_manager's loky engine: ``pool_manager.loky.LokyWorkerPool(workers)``, each
+    worker a one-worker ``loky.ProcessPoolExecutor`` (a slot) of its own."""
 
-    parameter = inspect.signature(BaseWorkerPool.map).parameters.get("chunksize")
+    name = "pool_manager (loky engine)"
+
+    @staticmethod
+    def pool_class() -> type[Any]:
+        from pool_manager.loky import LokyWorkerPool
+
+        return LokyWorkerPool
+
+
+def pool_manager_has_auto_chunksize(cls: type[Any] | None = None) -> bool:
+    """Whether pool_manager's ``map`` (``cls``'s: default `BaseWorkerPool`'s) picks a
+    chunk size itself (its default is None)."""
+    if cls is None:
+        cls = PoolManagerPool.pool_class()
+    parameter = inspect.signature(cls.map).parameters.get("chunksize")
     return parameter is not None and parameter.default is None
 
 
@@ -303,6 +323,7 @@ class JoblibPool(Pool):
 
 POOLS: dict[str, Callable[[int], Pool]] = {
     "pool_manager": PoolManagerPool,
+    "pool_manager_loky": PoolManagerLokyPool,
     "ppe": lambda workers: ExecutorPool(workers, "fork"),
     "ppe_spawn": lambda workers: ExecutorPool(workers, "spawn"),
     "loky": LokyPool,
@@ -373,16 +394,28 @@ def leased(manager: Any, key: str, send_size: int) -> Iterator[Any]:
             yield pool
 
 
-def new_manager(workers: int) -> Any:
+#: The manager's engine for each library that the keyed measures run: pool_manager's
+#: default (the fork server) and its loky engine.
+ENGINES: dict[str, str | None] = {"pool_manager": None, "pool_manager_loky": "loky"}
+
+
+def new_manager(workers: int, library: str = "pool_manager") -> Any:
+    """``WorkerPoolManager(workers, 600, 3600)`` on ``library``'s engine (`ENGINES`)."""
+    if library not in ENGINES:
+        raise NotApplicable("pool_manager only")
     from pool_manager import WorkerPoolManager
 
-    return WorkerPoolManager(workers, 600, 3600)
+    engine = ENGINES[library]
+    if engine is None:
+        return WorkerPoolManager(workers, 600, 3600)
+    return WorkerPoolManager(workers, 600, 3600, engine=engine)
 
 
 def manager_info(manager: Any) -> dict[str, Any]:
     return {
         "max_total_workers": getattr(manager, "max_total_workers", "?"),
         "max_busy_workers": getattr(manager, "max_busy_workers", "?"),
+        "engine": getattr(manager, "engine", "?"),
     }
 
 
@@ -447,9 +480,7 @@ def cold_start(library: str, p: dict[str, Any]) -> Result:
 
 def cold_new_key(library: str, p: dict[str, Any]) -> Result:
     """ms from ``get_pool`` of a new key, in a manager that served another key, to a result."""
-    if library != "pool_manager":
-        raise NotApplicable("pool_manager only")
-    manager = new_manager(p["workers"])
+    manager = new_manager(p["workers"], library)
     try:
         with leased(manager, "first-key", p["workers"]) as pool:
             pool.submit(noop).result()
@@ -464,9 +495,7 @@ def cold_new_key(library: str, p: dict[str, Any]) -> Result:
 
 def cached_key(library: str, p: dict[str, Any]) -> Result:
     """Median µs of ``get_pool`` of a cached, warm key + one no-op's result + release."""
-    if library != "pool_manager":
-        raise NotApplicable("pool_manager only")
-    manager = new_manager(p["workers"])
+    manager = new_manager(p["workers"], library)
     try:
         with leased(manager, "key", p["workers"]) as pool:
             for future in [pool.submit(nap, 0.1) for _ in range(p["workers"])]:

@@ -30,27 +30,42 @@ def test_help_lists_the_suites_options() -> None:
 def test_a_run_writes_its_report(tmp_path: Path) -> None:
     # The tasks reach every library's workers by name (benchmarks.suite_tasks):
     # pool_manager's through its fork server, multiprocessing.Pool's by fork,
-    # a spawn-started ProcessPoolExecutor's by the path it is passed.
+    # a spawn-started ProcessPoolExecutor's by the path it is passed, the loky
+    # engine's (pool_manager_loky, a variant) by loky's fork+exec, which passes it.
     done = suite(
         "--quick",
         "--repeat",
         "1",
         "--only",
-        "round_trip,cold_start",
+        "round_trip,cold_start,cold_new_key,idle_uss",
         "--libs",
-        "pool_manager,mp_pool,ppe_spawn",
+        "pool_manager,pool_manager_loky,mp_pool,ppe_spawn",
         "--out",
         str(tmp_path),
     )
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "suite-quick.json").read_text())
-    round_trip, cold_start = report["results"]["round_trip"], report["results"]["cold_start"]
+    results = report["results"]
+    round_trip, cold_start = results["round_trip"], results["cold_start"]
     assert round_trip["pool_manager"]["median"] > 0 and round_trip["mp_pool"]["median"] > 0
     for library in ("pool_manager", "mp_pool", "ppe_spawn"):
         assert cold_start[library]["median"] > 0, cold_start[library]
+    assert results["cold_new_key"]["pool_manager"]["median"] > 0
+    assert "mp_pool" not in results["cold_new_key"]  # (a manager's measure)
     table = (tmp_path / "suite-quick.md").read_text()
     assert "warm round trip" in table and "python -m benchmarks.suite --quick" in table
     assert str(ROOT / "pool_manager") in report["machine"]["pool_manager"]
+    # The loky engine: a column of its own in every measure here (the loky extra),
+    # left out of the ratios to peers.
+    if report["settings"]["not_installed"] == ["pool_manager_loky"]:
+        return  # (loky is not installed: the report says so)
+    for measure in ("round_trip", "cold_start", "cold_new_key", "idle_uss"):
+        assert results[measure]["pool_manager_loky"]["median"] > 0, measure
+    assert results["cold_new_key"]["pool_manager_loky"]["details"][0]["engine"] == "loky"
+    # Its idle workers are its two loky workers, not loky's resource tracker.
+    assert results["idle_uss"]["pool_manager_loky"]["details"][0]["workers_seen"] == 2
+    assert "pool_manager (loky engine)" in table
+    assert all("pool_manager_loky" not in row for row in report["ratios"].values())
 
 
 def test_the_large_data_measures_report_time_and_memory(tmp_path: Path) -> None:
