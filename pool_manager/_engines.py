@@ -21,7 +21,7 @@ def build_pool(
     options: dict[str, Any],
 ) -> WorkerPool:
     """A manager's default pool on ``engine`` (`WorkerPoolManager.default_factory`):
-    a `BaseWorkerPool`, or a `LokyWorkerPool` (no ``idle_timeout`` there).
+    a `BaseWorkerPool`, or a `LokyWorkerPool`.
 
     Raises:
         ImportError: the loky engine without loky installed (it names the extra).
@@ -29,7 +29,9 @@ def build_pool(
     if engine == "loky":
         from .loky import LokyWorkerPool
 
-        return LokyWorkerPool(max_size, max_pending=max_pending, **options)
+        return LokyWorkerPool(
+            max_size, max_pending=max_pending, idle_timeout=idle_timeout, **options
+        )
     from .pool import BaseWorkerPool
 
     return BaseWorkerPool(max_size, max_pending=max_pending, idle_timeout=idle_timeout, **options)

@@ -59,6 +59,7 @@ class _LokyDispatch:
     _counts: list[int]
     _blocked_submits: int
     _estimates: RunTimes
+    _idle_timeout: float | None
 
     if TYPE_CHECKING:
 
@@ -231,6 +232,13 @@ class _LokyDispatch:
             more_coming = bool(self._waiting or self._blocked_submits)
             for slot in busy.places_to_release(self._slots, more_coming):
                 self._release_place(slot)
+        if self._idle_timeout is not None:
+            for slot in self._slots:
+                if slot.handed or not slot.ready:
+                    slot.idle_since = None
+                elif slot.idle_since is None:
+                    slot.idle_since = now
+                    actions.watch = True  # (the watch retires it once idle too long)
 
     def _dispatch(self, limit: int, over: bool, rules: Any, now: float, actions: _Actions) -> None:
         """(Holds _lock; `_plan`) Hand out what is queued; ``over``: busy slots

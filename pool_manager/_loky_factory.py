@@ -45,8 +45,8 @@ class LokyPoolFactory:
             Default: the pool's size, as the manager's default factory.
             ``None`` never blocks.
         context, initializer, initargs, env, task_timeout,
-        max_tasks_per_worker, max_worker_memory, kill_worker_memory: passed
-            to every pool (see `LokyWorkerPool`).
+        max_tasks_per_worker, max_worker_memory, kill_worker_memory,
+        idle_timeout: passed to every pool (see `LokyWorkerPool`).
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.
@@ -64,10 +64,12 @@ class LokyPoolFactory:
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | str | None = None,
         kill_worker_memory: int | str | None = None,
+        idle_timeout: Duration | None = None,
     ) -> None:
         checked = None if max_pending is _UNSET else max_pending
         _check_options(checked, initializer, initargs, context, env)
         to_seconds("task_timeout", task_timeout, allow_none=True)
+        to_seconds("idle_timeout", idle_timeout, allow_none=True)
         if max_tasks_per_worker is not None:
             to_count("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
         memory_limits(max_worker_memory, kill_worker_memory)
@@ -76,6 +78,7 @@ class LokyPoolFactory:
             "max_tasks_per_worker": max_tasks_per_worker,
             "max_worker_memory": max_worker_memory,
             "kill_worker_memory": kill_worker_memory,
+            "idle_timeout": idle_timeout,
         }
         self._max_pending = max_pending
         self._context = context

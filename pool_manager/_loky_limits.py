@@ -42,6 +42,7 @@ class _LokyLimits:
     _pending: deque[_LokyTaskFuture]
     _waiting: int
     _task_timeout: float | None
+    _idle_timeout: float | None
     _hard_memory: int | None
     _next_memory_check: float
 
@@ -173,8 +174,9 @@ class _LokyLimits:
 
     def _watch(self) -> float | None:
         """(The watch's thread, `_loky_watch`) End the slots whose running task is past
-        its deadline, or whose worker is past ``kill_worker_memory``; returns the
-        seconds until the next check is due, None if there is nothing to watch."""
+        its deadline, or whose worker is past ``kill_worker_memory``, and shut down
+        those idle past ``idle_timeout``; returns the seconds until the next
+        check is due, None if there is nothing to watch."""
         now = time.monotonic()
         actions = _Actions()
         wait = math.inf
@@ -182,6 +184,12 @@ class _LokyLimits:
         with self._lock:
             for slot in list(self._slots):
                 if not slot.handed:
+                    if slot.idle_since is not None and self._idle_timeout is not None:
+                        due = slot.idle_since + self._idle_timeout
+                        if now < due:
+                            wait = min(wait, due - now)
+                        elif not slot.retiring:
+                            self._close_slot(slot, actions, kill=False)  # (idle too long)
                     continue
                 running = slot.handed[0]
                 if running._deadline is not None:

@@ -150,6 +150,7 @@ class _Slot:
         "executor",
         "handed",
         "holds_place",
+        "idle_since",
         "pid",
         "place_since",
         "ready",
@@ -172,6 +173,9 @@ class _Slot:
         # Under ``max_busy_workers`` (`budget.PlaceHolder`): it holds a place, since when.
         self.holds_place = False
         self.place_since = 0.0
+        #: ``time.monotonic()`` it went idle (ready, holding no task), under an
+        #: ``idle_timeout``; None while busy or starting.
+        self.idle_since: float | None = None
 
     @property
     def assigned(self) -> deque[_LokyTaskFuture]:

@@ -193,6 +193,9 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
             above it (checked every 50 ms) is ended at once and only its
             task fails, with `WorkerMemoryError`. Each slot then holds one
             task at a time.
+        idle_timeout: seconds a slot's worker may stay idle; then the slot is
+            shut down, and started again on demand. ``None`` (the default,
+            as ``ProcessPoolExecutor``) keeps it.
         shared_data: not supported yet (``TypeError`` when given): use
             `BaseWorkerPool`.
 
@@ -220,6 +223,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | str | None = None,
         kill_worker_memory: int | str | None = None,
+        idle_timeout: Duration | None = None,
         shared_data: object = None,
     ) -> None:
         if shared_data is not None:
@@ -237,6 +241,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         resolve_start_method(mp_context)
         _check_options(max_pending, initializer, initargs, context, env)
         self._task_timeout = to_seconds("task_timeout", task_timeout, allow_none=True)
+        self._idle_timeout = to_seconds("idle_timeout", idle_timeout, allow_none=True)
         self._max_tasks = (
             None
             if max_tasks_per_worker is None

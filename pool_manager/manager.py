@@ -203,8 +203,8 @@ class WorkerPoolManager:
             are real time and real bytes, enforced in the workers.)
         engine: what the default factory builds pools on: ``"fork_server"``
             (`BaseWorkerPool`) or ``"loky"`` (`pool_manager.loky.LokyWorkerPool`,
-            which has no ``worker_idle_timeout``, ``shared_data`` nor caps
-            across keys yet). Default: `DEFAULT_ENGINE` (``_platform.py``).
+            which has no ``shared_data`` yet). Default: `DEFAULT_ENGINE`
+            (``_platform.py``).
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.

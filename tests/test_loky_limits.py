@@ -20,6 +20,7 @@ from pool_manager import (  # noqa: E402
     TaskTimeoutError,
     WorkerLostError,
     WorkerMemoryError,
+    WorkerPoolManager,
     _loky_watch,  # noqa: E402
 )
 from pool_manager.loky import LokyPoolFactory, LokyWorkerPool  # noqa: E402
@@ -178,6 +179,34 @@ def test_kill_task_cancels_a_queued_task_and_refuses_a_foreign_future(tmp_path: 
 
 
 # -- retiring slots ------------------------------------------------------------------
+
+
+def test_idle_timeout_shuts_an_idle_slot_down_and_never_a_busy_one(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    with LokyWorkerPool(1, idle_timeout=0.2) as pool:
+        running = pool.submit(wait_for_path, str(gate))
+        assert poll(lambda: pool.worker_pids() != [], timeout=30)
+        (pid,) = pool.worker_pids()
+        time.sleep(0.6)  # (busy for three idle timeouts: it stays)
+        assert pool.worker_pids() == [pid] and not _gone(pid)
+        gate.touch()
+        assert running.result(timeout=30) == str(gate)
+        # Idle now: shut down once the timeout passes, started again on demand.
+        assert poll(lambda: pool.worker_pids() == [] and _gone(pid), timeout=30)
+        assert pool.submit(getpid).result(timeout=60) != pid
+    with pytest.raises(ValueError):
+        LokyWorkerPool(1, idle_timeout=-1)
+
+
+def test_a_manager_on_loky_passes_its_worker_idle_timeout() -> None:
+    with (
+        WorkerPoolManager(
+            1, 600, 3600, engine="loky", worker_idle_timeout=0.2, memory_sample_interval=None
+        ) as manager,
+        manager.lease("a") as pool,
+    ):
+        pid = pool.submit(getpid).result(timeout=60)
+        assert poll(lambda: pool.worker_pids() == [] and _gone(pid), timeout=30)
 
 
 def test_max_tasks_per_worker_replaces_a_slot_between_tasks() -> None:
