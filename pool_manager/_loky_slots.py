@@ -28,7 +28,12 @@ from . import _threads
 from ._durations import to_count
 from ._queued import QueuedPool, _QueuedFuture
 from ._worker import _watch_parent, worker_env
-from .errors import WorkerLostError, WorkerPoolBrokenError
+from .errors import (
+    ArgumentUnpicklingError,
+    ResultUnpicklingError,
+    WorkerLostError,
+    WorkerPoolBrokenError,
+)
 
 #: Tasks a slot holds at once: one running, one waiting in loky's call queue.
 HANDED_PER_SLOT = 2
@@ -229,6 +234,28 @@ def _lost(error: BaseException, pid: int | None) -> WorkerLostError:
     )
     lost.__cause__ = error
     return lost
+
+
+def _poisoned(error: BaseException) -> BaseException:
+    """loky's error for a task whose call or result would not load (it ends the
+    worker then), as the fork server's pools say it: `ArgumentUnpicklingError`
+    or `ResultUnpicklingError`, caused by loky's (which holds the traceback).
+    Any other error is returned as it is."""
+    message = str(error)
+    if message.startswith("A task has failed to un-serialize"):
+        poisoned: BaseException = ArgumentUnpicklingError(
+            "the task's function or arguments failed to unpickle in the loky worker "
+            "(loky's error, the cause, has the worker's traceback); only this task failed"
+        )
+    elif message.startswith("A result has failed to un-serialize"):
+        poisoned = ResultUnpicklingError(
+            "the task ran, but its result failed to unpickle here (loky's error, the "
+            "cause, has the traceback); only this task failed"
+        )
+    else:
+        return error
+    poisoned.__cause__ = error
+    return poisoned
 
 
 def _not_ready(count: int, error: BaseException | None, failure: str | None) -> BaseException:

@@ -113,6 +113,7 @@ from ._loky_slots import (
     _lost,
     _not_ready,
     _on_a_slot_thread,
+    _poisoned,
     _probe,
     _run,
     _settling_here,
@@ -695,7 +696,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
             outcomes = [(culprit, False, _lost(error, slot.pid))]
             self._requeue(rest)
         else:
-            outcomes = [(culprit, False, error)]
+            outcomes = [(culprit, False, _poisoned(error))]
             outcomes += [(future, False, _lost(error, slot.pid)) for future in rest]
         self._conclude(outcomes, actions)
         self._close_slot(slot, actions, kill=True)

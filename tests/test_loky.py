@@ -21,7 +21,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Future
 from pathlib import Path
 
 import psutil
@@ -30,9 +30,11 @@ import pytest
 loky = pytest.importorskip("loky", reason="the loky extra is not installed")
 
 from pool_manager import (  # noqa: E402
+    ArgumentUnpicklingError,
     BaseWorkerPool,
     PoolShutDownError,
     PoolTerminatedError,
+    ResultUnpicklingError,
     WorkerLostError,
     WorkerPool,
     WorkerPoolBrokenError,
@@ -44,6 +46,7 @@ from pool_manager.loky import LokyPoolFactory, LokyWorkerPool  # noqa: E402
 
 from .helpers import (  # noqa: E402
     FakeClock,
+    LoadsNowhere,
     add,
     crash_initializer,
     exit_process,
@@ -54,6 +57,7 @@ from .helpers import (  # noqa: E402
     poll,
     raise_value_error,
     record_interval,
+    return_unloadable,
     run_scripted,
     run_step,
     runs_per_call,
@@ -121,6 +125,22 @@ def test_an_unpicklable_argument_fails_only_its_task(pool: LokyWorkerPool) -> No
     assert isinstance(poison.exception(timeout=30), Exception)
     assert [f.result(timeout=30) for f in others] == [i * i for i in range(5)]
     assert pool.task_counts()["failed"] == 1
+
+
+def test_poison_that_loads_nowhere_fails_only_its_own_task(pool: LokyWorkerPool) -> None:
+    # An argument that fails to load in the worker, and a result that fails
+    # to load here: loky ends the slot's worker for each; only that task fails.
+    bad_argument = pool.submit(repr, LoadsNowhere("no argument here"))
+    error = bad_argument.exception(timeout=60)
+    assert isinstance(error, ArgumentUnpicklingError)  # (as on the fork server)
+    assert "RuntimeError: no argument here" in str(error.__cause__.__cause__)
+    bad_result = pool.submit(return_unloadable, "no result here")
+    error = bad_result.exception(timeout=60)
+    assert isinstance(error, ResultUnpicklingError) and isinstance(error, BrokenExecutor)
+    assert "RuntimeError: no result here" in str(error.__cause__.__cause__)
+    others = [pool.submit(square, i) for i in range(5)]
+    assert [f.result(timeout=60) for f in others] == [i * i for i in range(5)]
+    assert pool.task_counts()["failed"] == 2
 
 
 # -- map -------------------------------------------------------------------------
