@@ -454,6 +454,8 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         slot.closed = slot.retiring = True
         self._slots.remove(slot)
         self._release_place(slot)
+        if slot.idle_since is not None:
+            actions.watch = True  # (the watch may have nothing left to wait for)
         if not slot.ready and slot.handed:  # (never sent: they go back to the queue)
             self._requeue(list(slot.handed))
             slot.handed.clear()

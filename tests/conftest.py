@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from pool_manager import _threads
+
 
 def _children() -> set[int]:
     return {child.pid for child in psutil.Process().children(recursive=True)}
@@ -18,6 +20,21 @@ def _children() -> set[int]:
 
 def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
+
+
+def _working(thread: threading.Thread) -> bool:
+    """A thread that is not an idle callback thread of the library's.
+
+    `_threads.CallbackRunner` keeps its threads for ``IDLE_EXIT`` seconds
+    after their last job, for the next one: one of them while the runner has
+    no job queued or running is the process's, not a test's (waiting for it
+    to end would add a second to every test that ran a callback).
+    """
+    if thread.name != "pool_manager-callbacks":
+        return True
+    runner = _threads.get_runner()
+    with runner._lock:
+        return bool(runner._ready or runner._running)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,7 +67,9 @@ def no_leaks(_multiprocessing_resource_tracker: None) -> Iterator[None]:
     deadline = time.monotonic() + 15.0
     while True:
         new_children = _children() - children
-        new_threads = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+        new_threads = [
+            t for t in threading.enumerate() if t not in threads and t.is_alive() and _working(t)
+        ]
         new_fds = _fds() - fds
         if not (new_children or new_threads or new_fds) or time.monotonic() > deadline:
             break
