@@ -10,6 +10,7 @@ workers reaped.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import json
@@ -436,6 +437,19 @@ def test_a_manager_with_the_loky_factory_expires_an_idle_pool() -> None:
         assert not any(_alive(pid) for pid in workers)
         with manager.lease("a", 2, factory=factory) as fresh:  # the next use builds a new pool
             assert fresh is not pool and fresh.submit(square, 5).result(timeout=30) == 25
+
+
+def test_a_manager_on_loky_serves_asyncio_and_samples_its_workers_memory() -> None:
+    async def main(manager: WorkerPoolManager) -> list[int]:
+        async with manager.lease_async("a", send_size=2) as pool:
+            assert isinstance(pool, LokyWorkerPool)
+            return list(await asyncio.gather(*(pool.run(square, i) for i in range(10))))
+
+    with WorkerPoolManager(2, STALE, LIFETIME, engine="loky", memory_sample_interval=0.05) as m:
+        assert asyncio.run(main(m)) == [i * i for i in range(10)]
+        (stats,) = m.stats()["pools"].values()
+        assert poll(lambda: set(m.stats()["pools"]["a"]["memory"]) == set(stats["worker_pids"]))
+        assert m.stats()["pools"]["a"]["memory_rss"] > 0
 
 
 def test_the_loky_pool_shares_the_queued_base() -> None:
