@@ -117,7 +117,7 @@ def test_loky_engine_many_keys_many_threads_every_batch_completes(caps: str) -> 
         )
         finished = False
         try:
-            _round(manager, (6, 2, 6, 6, False), batches=30)
+            _round(manager, (6, 2, 6, 6, False), batches=16)
             finished = True
         finally:
             if finished:
