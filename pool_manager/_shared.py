@@ -24,6 +24,10 @@ it (`_buffers.Segment`): not the pool once it is disposed (its workers
 gone) or collected, nor the manager once it is shut down, nor an ``INIT``
 not yet sent. A worker's mappings go when it exits.
 
+The loky engine's pools do the same with one named shared-memory segment
+instead of memfd descriptors (``_loky_shared.py``); their workers store
+the object here too (`set_value`), for `shared_data` to return.
+
 It imports ``_buffers`` and ``_protocol`` only: the workers import it.
 """
 
