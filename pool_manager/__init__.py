@@ -52,7 +52,8 @@ How a task and a pool's life flow through the parts::
 - ``loky.py``: ``LokyWorkerPool``, a key's pool of loky workers, each a
   one-worker loky executor (a ``QueuedPool`` too; optional, and imported by
   nothing else); its parts (what runs in a loky worker, its records) are
-  ``_loky_slots.py``.
+  ``_loky_slots.py``, and its ``shared_data`` (one named shared-memory
+  segment, mapped read-only by each loky worker) ``_loky_shared.py``.
 - ``_dispatch.py``: dispatch decisions as pure functions (a task's kind, each
   kind's run time, how many tasks a worker is handed at once).
 - ``_map.py``: ``map`` for every pool (ordered, chunked, lazy where it must

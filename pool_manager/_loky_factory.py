@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._durations import Duration, memory_limits, to_count, to_seconds
+from ._loky_shared import LokySharedData
 from ._loky_slots import _check_options
 
 if TYPE_CHECKING:
@@ -47,9 +48,16 @@ class LokyPoolFactory:
         context, initializer, initargs, env, task_timeout,
         max_tasks_per_worker, max_worker_memory, kill_worker_memory,
         idle_timeout: passed to every pool (see `LokyWorkerPool`).
+        shared_data: one large read-only object for every worker of every
+            pool it builds (see `LokyWorkerPool`), pickled once, here: its
+            pools share one shared-memory segment, unlinked once the factory
+            and every pool it built are gone (collected, or disposed).
 
     Raises:
-        TypeError, ValueError: for arguments of the wrong type or range.
+        TypeError, ValueError: for arguments of the wrong type or range, or
+            that cannot be pickled (``initializer``, ``initargs``,
+            ``shared_data``).
+        OSError: ``shared_data``'s buffers could not be put in shared memory.
     """
 
     def __init__(
@@ -65,6 +73,7 @@ class LokyPoolFactory:
         max_worker_memory: int | str | None = None,
         kill_worker_memory: int | str | None = None,
         idle_timeout: Duration | None = None,
+        shared_data: object = None,
     ) -> None:
         checked = None if max_pending is _UNSET else max_pending
         _check_options(checked, initializer, initargs, context, env)
@@ -85,6 +94,7 @@ class LokyPoolFactory:
         self._initializer = initializer
         self._initargs = initargs
         self._env = None if env is None else dict(env)
+        self._shared = LokySharedData.of(shared_data)  # (last: every argument is checked)
 
     def __call__(self, max_size: int) -> LokyWorkerPool:
         """A new `LokyWorkerPool` of ``max_size`` (the manager passes its ``pool_size``)."""
@@ -97,6 +107,7 @@ class LokyPoolFactory:
             initargs=self._initargs,
             context=self._context,
             env=self._env,
+            shared_data=self._shared,
             **self._limits,
         )
 

@@ -3,7 +3,8 @@ the records the pool keeps (`_LokyTaskFuture`, `_Slot`, `_Actions`), its errors
 and the checks of its arguments.
 
 In a worker, a slot's executor runs `_start_slot` as its initializer (the
-watchdog thread, then the pool's initializer, whose failure it keeps),
+watchdog thread, then the pool's shared data, ``_loky_shared.load``, then
+the pool's initializer; it keeps the failure of either),
 `_probe` as its first task, and each task through `_run`, which answers
 with the worker's pid. They travel by reference: a loky worker imports
 this module (and loky) to run them.
@@ -24,7 +25,7 @@ from typing import Any
 import cloudpickle
 from loky.process_executor import TerminatedWorkerError
 
-from . import _threads
+from . import _loky_shared, _shared, _threads
 from ._durations import to_count
 from ._queued import QueuedPool, _QueuedFuture
 from ._worker import _watch_parent, worker_env
@@ -44,15 +45,23 @@ START_METHODS = ("loky", "loky_init_main", "spawn")
 
 # -- in the loky worker ------------------------------------------------------------
 
-#: (In a worker) the traceback of the pool's initializer, if it raised there.
+#: (In a worker) the traceback of the pool's initializer, if it raised there
+#: (or of loading the pool's shared data, after `SHARED_DATA_FAILED`).
 _init_failure: str | None = None
+#: How a failure to load the shared data starts (`_not_ready` words it so).
+SHARED_DATA_FAILED = "loading the pool's shared_data failed:\n"
 
 
 def _start_slot(
-    parent_pid: int, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]
+    parent_pid: int,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+    shared: _loky_shared.LokySharedSpec | None = None,
 ) -> None:
-    """(In a loky worker, as its executor's initializer) start the watchdog, then
-    run the pool's initializer; what that raises is kept for the probe."""
+    """(In a loky worker, as its executor's initializer) start the watchdog, load
+    the pool's shared data (``shared``), then run the pool's initializer; what
+    either raises is kept for the probe (and the initializer does not run if
+    the shared data failed to load)."""
     global _init_failure
     threading.Thread(
         target=_watch_parent, args=(parent_pid,), name="pool_manager-watchdog", daemon=True
@@ -61,6 +70,13 @@ def _start_slot(
         # The slot was started from a pool_manager thread, which blocks these
         # (its children inherit the mask): the worker takes them as any would.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    _shared.mark_worker()  # (`shared_data()` here: "this worker's pool has none")
+    if shared is not None:
+        try:
+            _loky_shared.load(shared)
+        except BaseException:
+            _init_failure = SHARED_DATA_FAILED + traceback.format_exc()
+            return
     if initializer is not None:
         try:
             initializer(*initargs)
@@ -261,9 +277,12 @@ def _poisoned(error: BaseException) -> BaseException:
 def _not_ready(count: int, error: BaseException | None, failure: str | None) -> BaseException:
     """The error for queued tasks once ``count`` slots in a row failed to get ready."""
     if failure is not None:
+        what = "the pool's initializer"
+        if failure.startswith(SHARED_DATA_FAILED):
+            what, failure = "loading the pool's shared_data", failure[len(SHARED_DATA_FAILED) :]
         return WorkerPoolBrokenError(
-            f"the pool's initializer failed in {count} loky worker processes in a row; the "
-            f"task was not run. The last failure, in the worker:\n{failure}"
+            f"{what} failed in {count} loky worker processes in a row; the task was not "
+            f"run. The last failure, in the worker:\n{failure}"
         )
     broken = WorkerPoolBrokenError(
         f"{count} loky worker processes in a row ended before they were ready (killed as "

@@ -24,6 +24,10 @@ it (`_buffers.Segment`): not the pool once it is disposed (its workers
 gone) or collected, nor the manager once it is shut down, nor an ``INIT``
 not yet sent. A worker's mappings go when it exits.
 
+The loky engine's pools do the same with one named shared-memory segment
+instead of memfd descriptors (``_loky_shared.py``); their workers store
+the object here too (`set_value`), for `shared_data` to return.
+
 It imports ``_buffers`` and ``_protocol`` only: the workers import it.
 """
 
@@ -36,7 +40,7 @@ from typing import Any, NamedTuple
 from ._buffers import Segment, map_segments, share
 from ._protocol import ByReference, _is_large_bytes, _LargeBytes, _OutOfBand, dumps
 
-__all__ = ["SharedData", "SharedPickle", "load", "mark_worker", "shared_data"]
+__all__ = ["SharedData", "SharedPickle", "load", "mark_worker", "set_value", "shared_data"]
 
 
 class SharedPickle(NamedTuple):
@@ -100,6 +104,13 @@ def mark_worker() -> None:
     _value = _NONE
 
 
+def set_value(value: object) -> None:
+    """(Worker side) this worker's shared data is ``value`` (loaded by another
+    engine: a loky worker's, ``_loky_shared.load``)."""
+    global _value
+    _value = value
+
+
 def load(spec: SharedPickle, fds: Sequence[int]) -> None:
     """(Worker side) map the segments ``fds`` read-only (the descriptors are
     closed, whatever happens) and load the shared data from them, once.
@@ -115,7 +126,8 @@ def load(spec: SharedPickle, fds: Sequence[int]) -> None:
 
 def shared_data() -> Any:
     """The shared data of the pool this worker belongs to (``shared_data=`` of
-    `BaseWorkerPool` or `WorkerPoolManager`), for a task or the initializer.
+    `BaseWorkerPool`, `WorkerPoolManager`, or the loky engine's
+    ``LokyWorkerPool`` and ``LokyPoolFactory``), for a task or the initializer.
 
     The object was pickled once when the pool was built and loaded once in
     this worker, before its initializer ran: every call returns the same
@@ -145,7 +157,7 @@ def shared_data() -> Any:
         )
     if value is _NONE:
         raise LookupError(
-            "this worker's pool has no shared data: build it with "
-            "BaseWorkerPool(..., shared_data=obj) or WorkerPoolManager(..., shared_data=obj)"
+            "this worker's pool has no shared data: build it with shared_data=obj "
+            "(BaseWorkerPool, WorkerPoolManager, LokyWorkerPool or LokyPoolFactory)"
         )
     return value

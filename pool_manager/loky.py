@@ -72,9 +72,13 @@ own. How a task travels::
   A worker handed from one key to another is a slot shut down and another
   started, about 0.1 s of CPU with loky, against a fork for the fork server.
 
-Not supported yet (`BaseWorkerPool` has it): ``shared_data``. Only loky's
-public API is used: an executor per slot, its ``submit`` and ``shutdown``,
-and its errors.
+- ``shared_data`` (``_loky_shared.py``): pickled once as the pool is built,
+  its large buffers in one named shared-memory segment (not memfd
+  descriptors, which loky's workers cannot get), which each worker maps
+  read-only and loads from before the pool's initializer.
+
+Only loky's public API is used: an executor per slot, its ``submit`` and
+``shutdown``, and its errors.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ from ._durations import Duration, memory_limits, to_count, to_seconds
 from ._loky_dispatch import _LokyDispatch
 from ._loky_exit import _live_pools, _register_exit_hook
 from ._loky_limits import _LokyLimits
+from ._loky_shared import LokySharedData
 from ._loky_slots import (
     _Actions,
     _check_options,
@@ -197,12 +202,22 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         idle_timeout: seconds a slot's worker may stay idle; then the slot is
             shut down, and started again on demand. ``None`` (the default,
             as ``ProcessPoolExecutor``) keeps it.
-        shared_data: not supported yet (``TypeError`` when given): use
-            `BaseWorkerPool`.
+        shared_data: one large read-only object for every worker, as
+            `BaseWorkerPool`'s: pickled once, here; its large buffers (numpy
+            arrays' data, ``pickle.PickleBuffer``, a large ``bytes``) go into
+            one named shared-memory segment (``multiprocessing.shared_memory``,
+            not the fork server's memfd) that each worker maps read-only; it
+            loads the object once, before the initializer, and tasks read it
+            with `pool_manager.shared_data`. The pool unlinks the segment once
+            disposed (its workers gone) or collected; if this process is
+            killed, multiprocessing's resource tracker unlinks it (see
+            ``_loky_shared.py``). If it fails to load in 3 workers in a row,
+            the queued tasks fail with `WorkerPoolBrokenError`.
 
     Raises:
         TypeError, ValueError: arguments of the wrong type or range, or that
-            cannot be pickled (``initializer``, ``initargs``).
+            cannot be pickled (``initializer``, ``initargs``, ``shared_data``).
+        OSError: ``shared_data``'s buffers could not be put in shared memory.
     """
 
     _idle_callback_failed = "an idle callback of a loky pool failed"
@@ -227,11 +242,6 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         idle_timeout: Duration | None = None,
         shared_data: object = None,
     ) -> None:
-        if shared_data is not None:
-            raise TypeError(
-                "LokyWorkerPool does not support shared_data yet: use BaseWorkerPool, the "
-                "fork-server pool, for it"
-            )
         if max_size is not None and max_workers is not None:
             raise TypeError("give max_size or its alias max_workers, not both")
         size = max_size if max_size is not None else max_workers
@@ -279,6 +289,9 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         self._exiting = False
         self._estimates = RunTimes()  # each kind of task's run time (`_dispatch`)
         self._init_caps()
+        # (Last: its segment is made once every other argument is checked.)
+        self._shared = LokySharedData.of(shared_data)
+        self._shared_spec = None if self._shared is None else self._shared.spec
 
     # -- WorkerPool ------------------------------------------------------
 
@@ -393,6 +406,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                 while self._closes:  # (signalled by `_shut`, in its finally)
                     self._drained.wait()
             _live_pools.discard(self)  # (nothing left for the exit hook)
+            self._shared = None  # (no worker is left to load it: its segment goes)
             self._leave_caps()
 
     def terminate(self) -> None:
@@ -545,7 +559,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                     1,
                     context=self._context,
                     initializer=_start_slot,
-                    initargs=(os.getpid(), self._initializer, self._initargs),
+                    initargs=(os.getpid(), self._initializer, self._initargs, self._shared_spec),
                     env=self._env,
                 )
                 probe = executor.submit(_probe)

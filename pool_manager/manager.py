@@ -54,7 +54,7 @@ from ._sampling import MemorySampler
 from ._stats import PoolSnapshot, manager_stats
 from .budget import BusySlots, WorkerBudget, default_busy_limit, default_limit
 from .errors import FactoryError, ManagerShutDownError, UsedAfterForkError
-from .pool import DEFAULT_IDLE_TIMEOUT, BaseWorkerPool, TakenOnAThread, WorkerPool
+from .pool import DEFAULT_IDLE_TIMEOUT, TakenOnAThread, WorkerPool
 from .supervisor import Supervisor
 
 __all__ = [
@@ -202,9 +202,9 @@ class WorkerPoolManager:
             call `sweep` after moving it. (Task deadlines and memory limits
             are real time and real bytes, enforced in the workers.)
         engine: what the default factory builds pools on: ``"fork_server"``
-            (`BaseWorkerPool`) or ``"loky"`` (`pool_manager.loky.LokyWorkerPool`,
-            which has no ``shared_data`` yet). Default: `DEFAULT_ENGINE`
-            (``_platform.py``).
+            (`BaseWorkerPool`) or ``"loky"`` (`pool_manager.loky.LokyWorkerPool`;
+            its ``shared_data`` is in named shared memory). Default:
+            `DEFAULT_ENGINE` (``_platform.py``).
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or range.
@@ -271,8 +271,8 @@ class WorkerPoolManager:
         # Checked now, by the pool that would take them, rather than at the
         # first get_pool; it pickles the shared data, once for every pool.
         checked = self.default_factory(1)  # (starts nothing)
-        if isinstance(checked, BaseWorkerPool):
-            self._worker_options["shared_data"] = checked._shared
+        # (A BaseWorkerPool's, or a LokyWorkerPool's: pickled, for every pool.)
+        self._worker_options["shared_data"] = getattr(checked, "_shared", shared_data)
         sample_every = to_seconds("memory_sample_interval", memory_sample_interval, allow_none=True)
         self._min_available = to_bytes("min_available_memory", min_available_memory)
         if self._min_available is not None and sample_every is None:

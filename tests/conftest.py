@@ -1,4 +1,5 @@
-"""Every test must leave no child process, thread or file descriptor behind."""
+"""Every test must leave no child process, thread, file descriptor or named
+shared-memory segment of the library's behind."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def _working(thread: threading.Thread) -> bool:
         return bool(runner._ready or runner._running)
 
 
+def _segments() -> set[str]:
+    """This process's named shared-memory segments (the loky engine's ``shared_data``:
+    ``_loky_shared.NAME_PREFIX``, then the pid)."""
+    prefix = f"pool_manager_{os.getpid()}_"
+    try:
+        return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
+    except OSError:
+        return set()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _multiprocessing_resource_tracker() -> Iterator[None]:
     """Start multiprocessing's resource tracker once, and loky's: they live as long as
@@ -59,10 +70,12 @@ def _multiprocessing_resource_tracker() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def no_leaks(_multiprocessing_resource_tracker: None) -> Iterator[None]:
-    """Fail a test that leaves a child process, a thread or a descriptor behind."""
+    """Fail a test that leaves a child process, a thread, a descriptor or a
+    segment behind."""
     children = _children()
     threads = set(threading.enumerate())
     fds = _fds()
+    segments = _segments()
     yield
     deadline = time.monotonic() + 15.0
     while True:
@@ -71,7 +84,11 @@ def no_leaks(_multiprocessing_resource_tracker: None) -> Iterator[None]:
             t for t in threading.enumerate() if t not in threads and t.is_alive() and _working(t)
         ]
         new_fds = _fds() - fds
-        if not (new_children or new_threads or new_fds) or time.monotonic() > deadline:
+        new_segments = _segments() - segments
+        if (
+            not (new_children or new_threads or new_fds or new_segments)
+            or time.monotonic() > deadline
+        ):
             break
         time.sleep(0.05)
     for pid in new_children:  # end what this test started, so the next one starts clean
@@ -90,5 +107,7 @@ def no_leaks(_multiprocessing_resource_tracker: None) -> Iterator[None]:
             except OSError:
                 targets.append(fd)
         problems.append(f"file descriptors left: {targets}")
+    if new_segments:
+        problems.append(f"shared-memory segments left in /dev/shm: {sorted(new_segments)}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,6 @@ def test_engine_names_and_loky_options_are_checked() -> None:
         WorkerPoolManager(1, 60, 600, engine="threads")
     with pytest.raises(TypeError, match="engine must be"):
         WorkerPoolManager(1, 60, 600, engine=1)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="shared_data"):
-        WorkerPoolManager(1, 60, 600, engine="loky", shared_data=[1, 2])
+    with pytest.raises(TypeError, match="shared_data must be picklable"):
+        WorkerPoolManager(1, 60, 600, engine="loky", shared_data=threading.Lock())
     assert issubclass(EngineUnavailableError, RuntimeError)

@@ -514,8 +514,8 @@ def test_bad_arguments_are_refused() -> None:
         LokyWorkerPool(1, context="fork")
     with pytest.raises(ValueError, match="env needs"):
         LokyWorkerPool(1, context="spawn", env={"A": "1"})
-    with pytest.raises(TypeError, match="shared_data yet"):
-        LokyWorkerPool(1, shared_data=[1])
+    with pytest.raises(TypeError, match="shared_data must be picklable"):
+        LokyWorkerPool(1, shared_data=threading.Lock())
     with pytest.raises(TypeError, match="picklable"):
         LokyPoolFactory(initargs=(threading.Lock(),))
     with pytest.raises(ValueError):
