@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install demo test test-all stress lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,progress,dask,loky]'
 	touch $(STAMP)
@@ -47,7 +47,8 @@ test-all:
 	  if [ -z "$$python" ]; then echo "== Python $$version: not found, skipped"; continue; fi; \
 	  venv=.venv-$$version; \
 	  echo "== Python $$version ($$python) in $$venv"; \
-	  if [ ! -f $$venv/.installed-stamp ] || [ pyproject.toml -nt $$venv/.installed-stamp ]; then \
+	  if [ ! -f $$venv/.installed-stamp ] || [ pyproject.toml -nt $$venv/.installed-stamp ] \
+	     || [ Makefile -nt $$venv/.installed-stamp ]; then \
 	    $$python -m venv $$venv \
 	    && $$venv/bin/python -m pip install --quiet --disable-pip-version-check \
 	         -e '.[test,progress,dask,loky]' \
