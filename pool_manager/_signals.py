@@ -107,7 +107,22 @@ def _start_drainer() -> None:
         target=_drain_loop, args=(receive,), name="pool_manager-sigterm", daemon=True
     )
     _wake, _drainer_pid, _state = wake, os.getpid(), "idle"
-    _drainer.start()
+    # Started with the signals blocked (it inherits the mask; `_drain_loop`
+    # blocks them again): a SIGTERM that came before its first line would be
+    # taken by it and never wake the main thread from a sleep.
+    previous = _block_signals()
+    try:
+        _drainer.start()
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _block_signals() -> set[int | signal.Signals] | None:
+    """Block SIGINT/SIGTERM in this thread; returns the mask to restore (None: no masks)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def release() -> None:

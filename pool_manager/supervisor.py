@@ -28,7 +28,7 @@ import threading
 import weakref
 from collections.abc import Callable
 
-from . import _threads
+from . import _process, _threads
 from ._durations import wait_step
 
 __all__ = ["Supervisor"]
@@ -70,7 +70,11 @@ class Supervisor:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        # Started with SIGINT/SIGTERM blocked (it inherits the mask): else a
+        # signal that came before its first line blocks them would be taken
+        # here, and never wake the main thread (see _process.signals_blocked).
+        with _process.signals_blocked():
+            self._thread.start()
 
     def wake(self) -> None:
         """Ask for a sweep now (cheap; callable from any thread)."""

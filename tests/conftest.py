@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -76,7 +77,11 @@ def no_leaks(_multiprocessing_resource_tracker: None) -> Iterator[None]:
     threads = set(threading.enumerate())
     fds = _fds()
     segments = _segments()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     yield
+    # (The test's thread: a mask left blocking SIGTERM is inherited by every
+    # process started after, whose main thread then never takes it.)
+    mask_after = signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     deadline = time.monotonic() + 15.0
     while True:
         new_children = _children() - children
@@ -95,6 +100,8 @@ def no_leaks(_multiprocessing_resource_tracker: None) -> Iterator[None]:
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).kill()
     problems = []
+    if mask_after != mask:
+        problems.append(f"signal mask changed: {sorted(mask)} -> {sorted(mask_after)}")
     if new_children:
         problems.append(f"child processes left: {sorted(new_children)}")
     if new_threads:

@@ -256,3 +256,36 @@ def test_sigterm_while_the_main_thread_holds_a_pool_lock_drains_at_once(
         assert "application handler ran, on the main thread: True" in parent.stdout.read()
     else:
         assert code == -signal.SIGTERM
+
+
+def test_every_library_thread_starts_with_sigint_and_sigterm_blocked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signal goes to any thread that does not block it, and Python runs its
+    handler only when the main thread next looks: one taken by a library
+    thread in its first moments (before it blocked the signals itself) left
+    a main thread asleep in ``time.sleep`` until the sleep ended. So each
+    starts with them blocked, inherited from the thread that started it."""
+    import threading
+
+    from pool_manager import WorkerPoolManager
+
+    from .helpers import square
+
+    masks: dict[str, set[int]] = {}
+    run = threading.Thread.run
+
+    def recording_run(self: threading.Thread) -> None:
+        if self.name.startswith("pool_manager"):
+            masks[self.name] = set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        run(self)
+
+    monkeypatch.setattr(threading.Thread, "run", recording_run)
+    with WorkerPoolManager(1, 600, 3600) as manager:  # (handles signals: the drainer starts)
+        with manager.lease("a") as pool:
+            pool.submit(square, 3).add_done_callback(lambda _: None)
+            assert pool.submit(square, 2).result(timeout=60) == 4
+    names = {name.rsplit("-", 1)[0] if "supervisor" in name else name for name in masks}
+    assert {"pool_manager-supervisor", "pool_manager-sigterm"} <= names, masks
+    unblocked = {name for name, mask in masks.items() if not {2, 15} <= mask}
+    assert not unblocked, unblocked
