@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,8 +21,10 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, 
 
 PRELUDE = textwrap.dedent(
     """
-    import json, os, signal, sys, time
+    import faulthandler, json, os, signal, sys, time
     from pool_manager import WorkerPoolManager
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # (what a hang was doing)
 
     def nap(seconds, tag):
         time.sleep(seconds)
@@ -67,9 +70,35 @@ def _gone(pids: list[int]) -> bool:
     return not any(alive(pid) for pid in pids)
 
 
+def _signal_state(pid: int) -> str:
+    """Each thread of ``pid``: its name, and the signals it blocks and has pending."""
+    lines = []
+    for task in sorted(os.listdir(f"/proc/{pid}/task")):
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines()
+            fields = dict(line.split(":\t", 1) for line in status if ":\t" in line)
+            lines.append(
+                f"{task} {fields.get('Name')}: blocked {fields.get('SigBlk')}, "
+                f"pending {fields.get('SigPnd')} (process: {fields.get('ShdPnd')})"
+            )
+    return "\n".join(lines)
+
+
 def _finish(parent: subprocess.Popen[str], pids: list[int], timeout: float = 60) -> int:
     try:
         return parent.wait(timeout)
+    except subprocess.TimeoutExpired:
+        # A hang: say what the parent was doing (its threads' stacks, from
+        # faulthandler, and their signal masks) before it is killed below.
+        state = _signal_state(parent.pid)
+        os.kill(parent.pid, signal.SIGUSR1)
+        time.sleep(2)
+        stderr = (Path(parent.args[1]).parent / "stderr").read_text()  # type: ignore[index]
+        if parent.stdout is not None:
+            parent.stdout.close()
+        raise AssertionError(
+            f"the parent did not end within {timeout}s\n{state}\n{stderr}"
+        ) from None
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -281,10 +310,10 @@ def test_every_library_thread_starts_with_sigint_and_sigterm_blocked(
         run(self)
 
     monkeypatch.setattr(threading.Thread, "run", recording_run)
-    with WorkerPoolManager(1, 600, 3600) as manager:  # (handles signals: the drainer starts)
-        with manager.lease("a") as pool:
-            pool.submit(square, 3).add_done_callback(lambda _: None)
-            assert pool.submit(square, 2).result(timeout=60) == 4
+    # (The manager handles signals: the drainer starts.)
+    with WorkerPoolManager(1, 600, 3600) as manager, manager.lease("a") as pool:
+        pool.submit(square, 3).add_done_callback(lambda _: None)
+        assert pool.submit(square, 2).result(timeout=60) == 4
     names = {name.rsplit("-", 1)[0] if "supervisor" in name else name for name in masks}
     assert {"pool_manager-supervisor", "pool_manager-sigterm"} <= names, masks
     unblocked = {name for name, mask in masks.items() if not {2, 15} <= mask}
