@@ -23,10 +23,10 @@ own. How a task travels::
 - The cap: at most `LokyWorkerPool.worker_count` slots (never above
   ``max_size``), started as queued tasks find no idle slot, so at most that
   many tasks run at once. A slot is handed at most 2 tasks at a time: one
-  running, one waiting in loky's call queue (so the worker never waits for
-  the parent between tasks). The rest wait in the pool's local queue, where
-  ``cancel()`` works and ``max_pending`` applies (`QueuedPool`,
-  ``_queued.py``). A grant below the slots in use shuts down the idle
+  running, and, for short kinds of task, one waiting in loky's call queue
+  (so the worker never waits for the parent between them). The rest wait
+  in the pool's local queue, where ``cancel()`` works and ``max_pending``
+  applies (`QueuedPool`, ``_queued.py``). A grant below the slots in use shuts down the idle
   slots beyond it at once, the busy ones when they finish.
 - Crash isolation: a worker that dies (``os._exit``, a signal, the OOM
   killer) breaks its slot's executor. Its one worker runs its tasks in the
@@ -62,6 +62,8 @@ own. How a task travels::
   the slot's worker too; a task behind it in the slot fails with
   `WorkerLostError`, as it may have started. ``max_tasks_per_worker`` and
   ``max_worker_memory`` retire a slot between tasks: no task fails.
+  ``idle_timeout`` (a manager's ``worker_idle_timeout``) shuts a slot down
+  once it has been idle that long (the watch's thread), never a busy one.
 
 - A second task waits in a slot behind the running one only when both are
   of kinds known to be short (`_dispatch.RunTimes`, as `BaseWorkerPool`
