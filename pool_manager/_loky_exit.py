@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ from .errors import WorkerStartError
 if TYPE_CHECKING:
     from .loky import LokyWorkerPool
 
-__all__ = ["_live_pools", "_register_exit_hook", "plan_at_exit"]
+__all__ = ["_live_pools", "_register_exit_hook", "interpreter_exiting", "plan_at_exit"]
 
 logger = logging.getLogger("pool_manager")
 
@@ -80,6 +81,12 @@ _register_exit_hook()
 
 if hasattr(os, "register_at_fork"):  # (a forked child's copies are the parent's)
     os.register_at_fork(after_in_child=_live_pools.clear)
+
+
+def interpreter_exiting() -> bool:
+    """The interpreter has begun to exit (its threading exit hooks run, or later):
+    from then on, Python 3.12+ starts no thread, so loky starts no executor."""
+    return bool(getattr(threading, "_SHUTTING_DOWN", False)) or sys.is_finalizing()
 
 
 def plan_at_exit(pool: LokyWorkerPool, ready: list[_Slot], actions: _Actions) -> None:

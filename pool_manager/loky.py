@@ -110,7 +110,7 @@ from ._compat import ProcessView, resolve_start_method
 from ._dispatch import RunTimes, task_kind
 from ._durations import Duration, memory_limits, to_count, to_seconds
 from ._loky_dispatch import _LokyDispatch
-from ._loky_exit import _live_pools, _register_exit_hook
+from ._loky_exit import _live_pools, _register_exit_hook, interpreter_exiting
 from ._loky_limits import _LokyLimits
 from ._loky_shared import LokySharedData
 from ._loky_slots import (
@@ -557,6 +557,8 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         executor = None
         try:
             try:
+                if interpreter_exiting():  # (no process is started, to fail as it loads)
+                    raise RuntimeError("the interpreter is exiting: no loky worker can start")
                 executor = loky.ProcessPoolExecutor(
                     1,
                     context=self._context,
@@ -568,9 +570,16 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                 _register_exit_hook()
             except Exception as error:
                 if executor is not None:
-                    executor.shutdown(wait=True, kill_workers=True)
+                    try:  # (at exit this may fail too: the slot goes whatever happens)
+                        executor.shutdown(wait=True, kill_workers=True)
+                    except Exception:
+                        logger.debug("shutting down a loky executor that failed to start failed")
                 actions = _Actions()
                 with self._lock:
+                    if interpreter_exiting():
+                        # (Python 3.12+ refuses loky's threads once the interpreter
+                        # begins to exit, maybe before our exit hook has run.)
+                        self._exiting = True
                     if not slot.closed:
                         self._close_slot(slot, actions, kill=True)
                         self._start_failed(WorkerStartError.for_cause(error, 0), actions)
