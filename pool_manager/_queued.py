@@ -191,7 +191,7 @@ class QueuedPool(WorkerPool, Generic[F]):
         call itself starts no process.
         """
         self._check_owner()
-        to_count("send_size", count, minimum=0)
+        to_count("grant_workers: count", count, minimum=0)
         with self._lock:
             self._granted = min(self._max_size, (self._granted or 0) + count)
             if self._max_pending is not None:

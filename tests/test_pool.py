@@ -494,6 +494,15 @@ def test_grants_never_exceed_max_size_under_concurrent_calls() -> None:
         assert pool.worker_count == 7
 
 
+def test_a_bad_grant_names_its_own_argument() -> None:
+    with BaseWorkerPool(2) as pool:
+        with pytest.raises(ValueError, match="grant_workers: count must be >= 0, got -1"):
+            pool.grant_workers(-1)
+        with pytest.raises(TypeError, match="grant_workers: count"):
+            pool.grant_workers(1.5)  # type: ignore[arg-type]
+        assert pool.grant_workers(1) == 1  # (nothing changed by the refused calls)
+
+
 def test_idle_workers_exit_and_come_back_on_demand() -> None:
     with BaseWorkerPool(2, idle_timeout=0.3) as pool:
         assert pool.submit(square, 2).result(timeout=60) == 4
