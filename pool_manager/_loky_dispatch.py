@@ -25,19 +25,14 @@ from typing import TYPE_CHECKING, Any
 from ._dispatch import RunTimes
 from ._loky_exit import _live_pools, plan_at_exit
 from ._loky_slots import HANDED_PER_SLOT, _Actions, _LokyTaskFuture, _Slot
+from ._places import grant_places
 from ._queued import _SUBMITTED
 from .budget import BudgetReport
 
 if TYPE_CHECKING:
-    from .budget import BusySlots, PlacedPool, WorkerBudget
+    from .budget import BusySlots, WorkerBudget
 
 __all__: list[str] = []
-
-
-def _grant_places(pools: list[PlacedPool]) -> None:
-    """Tell each pool handed a place under ``max_busy_workers`` (no lock held)."""
-    for pool in pools:
-        pool.place_granted()
 
 
 class _LokyDispatch:
@@ -156,7 +151,7 @@ class _LokyDispatch:
             return
         with self._lock:
             count, self._places_to_return = self._places_to_return, 0
-        _grant_places(busy.give_back(self, count))
+        grant_places(busy.give_back(self, count))
 
     def _tell_budget(self, actions: _Actions, slots_gone: int = 0) -> None:
         """(No lock held) Tell the budget of finished tasks and exited workers, and
@@ -179,7 +174,7 @@ class _LokyDispatch:
         busy = self._busy_slots
         if busy is not None:
             self._return_places()
-            _grant_places(busy.leave(self))
+            grant_places(busy.leave(self))
         if self._budget is not None:
             self._budget.unregister(self)  # its places return to the budget
 

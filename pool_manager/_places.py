@@ -23,7 +23,7 @@ from typing import Protocol, TypeVar
 
 from ._durations import to_count
 
-__all__ = ["BUSY_QUANTUM", "BusySlots", "PlaceHolder", "PlaceRules", "PlacedPool"]
+__all__ = ["BUSY_QUANTUM", "BusySlots", "PlaceHolder", "PlaceRules", "PlacedPool", "grant_places"]
 
 #: Under ``max_busy_workers``, while another pool waits for a place, a worker
 #: is handed more work only this many seconds after it took its place (then
@@ -53,6 +53,13 @@ class PlacedPool(Protocol):
         the pools that returns in turn.
         """
         ...
+
+
+def grant_places(pools: list[PlacedPool]) -> None:
+    """Tell each pool `BusySlots` handed a place (`BusySlots.give_back`,
+    `BusySlots.leave`): call with no lock held."""
+    for pool in pools:
+        pool.place_granted()
 
 
 class PlaceHolder(Protocol):

@@ -26,6 +26,7 @@ from . import _process, _threads
 from ._buffers import MAX_DESCRIPTORS, PASSING_ERRORS, Carrying, Segment, descriptors_message
 from ._dispatch import RunTimes, batch_size
 from ._io_loop import get_loop
+from ._places import grant_places
 from ._pool_registry import _busy_pools
 from ._protocol import BUDGET, EXIT, SETUP, SHUTDOWN, TASKS, TASKS_META, TO_WORKER, WithBuffers
 from ._queued import _SUBMITTED
@@ -37,15 +38,9 @@ if TYPE_CHECKING:
     from ._pool_start import _Start
     from ._pool_tasks import _TaskFuture
     from ._queued import _QueuedFuture
-    from .budget import BusySlots, PlacedPool, WorkerBudget
+    from .budget import BusySlots, WorkerBudget
 
 logger = logging.getLogger("pool_manager")
-
-
-def _grant_places(pools: list[PlacedPool]) -> None:
-    """Tell each pool handed a place under ``max_busy_workers`` (no lock held)."""
-    for pool in pools:
-        pool.place_granted()
 
 
 class _Message:
@@ -353,7 +348,7 @@ class _Dispatch:
             return
         with self._lock:
             count, self._places_to_return = self._places_to_return, 0
-        _grant_places(busy.give_back(self, count))
+        grant_places(busy.give_back(self, count))
 
     def place_granted(self) -> None:
         """(For `BusySlots`) a place was handed to this pool: use it, or hand it on."""

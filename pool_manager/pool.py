@@ -86,8 +86,9 @@ from ._dispatch import RunTimes, task_kind
 from ._durations import Duration, memory_limits, to_count, to_seconds
 from ._main_module import by_reference, main_to_import
 from ._map import map_lazily
+from ._places import grant_places
 from ._platform import check_fork_server
-from ._pool_dispatch import _Dispatch, _grant_places
+from ._pool_dispatch import _Dispatch
 from ._pool_interface import TakenOnAThread as TakenOnAThread
 from ._pool_interface import TaskCounts, WorkerPool
 from ._pool_io import MAX_ATTEMPTS as MAX_ATTEMPTS
@@ -759,7 +760,7 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         _live_pools.discard(self)
         if self._busy_slots is not None:
             self._return_places()
-            _grant_places(self._busy_slots.leave(self))
+            grant_places(self._busy_slots.leave(self))
         if self._budget is not None:
             self._budget.unregister(self)  # its places return to the budget
 
