@@ -24,7 +24,7 @@ How a task and a pool's life flow through the parts::
 
 - ``manager.py``: the ``_Lease`` objects that keep a pool alive, each
   key's pool built once, and ``sweep()``, which makes every time-driven
-  transition. Its parts: ``_poolmap.py`` (the map of ``_PoolEntry``
+  transition. Its parts: ``_lease.py`` (the ``_Lease``), ``_poolmap.py`` (the map of ``_PoolEntry``
   records and their deadlines: what is due to retire or expire),
   ``_records.py`` (the records it keeps and returns), ``_events.py`` (each
   ``PoolEvent``, logged and passed on), ``_sampling.py`` (memory samples),
@@ -45,7 +45,8 @@ How a task and a pool's life flow through the parts::
   (dispatch, the caps across keys, ``_finish_tasks``), ``_pool_start.py``
   (worker starts and their retries), ``_pool_io.py`` (what it does on the
   I/O loop, and its ``_Worker`` records), ``_pool_tasks.py`` (its
-  futures), ``_pool_registry.py`` (the process's pools, for the exit and
+  futures), ``_pool_main.py`` (which of ``__main__``'s objects travel by
+  reference), ``_pool_registry.py`` (the process's pools, for the exit and
   fork hooks).
 - ``dask.py``: ``DaskWorkerPool``, a key's pool on a Dask cluster (a
   ``QueuedPool`` too; optional, and imported by nothing else).

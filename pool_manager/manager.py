@@ -13,7 +13,7 @@ anything. Time-driven transitions happen in
 `sweep`, which the supervisor thread runs at each deadline and tests run by
 hand with a fake clock.
 
-The manager keeps the leases (`_Lease`), the building of each key's pool,
+The manager keeps the leases (`_Lease`, ``_lease.py``), the building of each key's pool,
 disposal and shutdown here, and leaves the rest to private modules, all
 under its one lock where they hold state: ``_poolmap.py`` (the map, the
 retiring pools and their deadlines: which pools a sweep retires and
@@ -43,6 +43,7 @@ from . import _process, _signals, memory
 from ._durations import Duration, to_bytes, to_count, to_seconds
 from ._engines import build_pool, resolve_engine
 from ._events import EventLog
+from ._lease import _check_lease, _Lease
 from ._poolmap import PoolMap
 
 # The records live in _records, USS_EVERY in _sampling; this module is their
@@ -72,31 +73,6 @@ logger = logging.getLogger("pool_manager")
 Factory = Callable[[int], WorkerPool]
 
 
-class _Lease:
-    """The ``done`` callable that `WorkerPoolManager.get_pool` returns.
-
-    Calling it releases the lease on the pool; calling it again does nothing.
-    """
-
-    __slots__ = ("_entry", "_manager", "_released")
-
-    def __init__(self, manager: WorkerPoolManager, entry: _PoolEntry) -> None:
-        self._manager = manager
-        self._entry = entry
-        self._released = False
-
-    def __call__(self) -> None:
-        self._manager._release(self)
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def __repr__(self) -> str:
-        state = "released" if self._released else "held"
-        return f"<lease on {self._entry.key!r}, {state}>"
-
-
 def _shut_down(pool: WorkerPool) -> bool:
     """True if ``pool`` refuses work for good (a custom pool may not say: then False)."""
     return bool(getattr(pool, "is_shut_down", False))
@@ -121,17 +97,6 @@ def _shutdown_forgotten_managers() -> None:
     # joins whatever is left, so that no worker outlives the interpreter.
     for manager in list(_live_managers):
         manager.shutdown(wait=True)
-
-
-def _check_lease(key: Hashable, send_size: int, factory: object) -> None:
-    """Check `WorkerPoolManager.get_pool_with_factory`'s arguments (raises as it says)."""
-    try:
-        hash(key)
-    except TypeError:
-        raise TypeError(f"key must be hashable, not {type(key).__name__}") from None
-    to_count("send_size", send_size, minimum=0)
-    if not callable(factory):
-        raise TypeError(f"factory must be callable, not {type(factory).__name__}")
 
 
 def _let_go(handles_signals: bool) -> None:

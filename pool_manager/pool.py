@@ -24,6 +24,8 @@ of tasks, backpressure, and the futures it hands out.
   retries after a failure (``START_RETRY_*``), the hold on the fork server;
 - ``_pool_io.py`` (`_WorkerIO`, and the records `_Worker` and `_Remains`):
   what runs on the I/O loop;
+- ``_pool_main.py`` (`_MainModuleRefs`): which of ``__main__``'s objects
+  travel by reference (the fork server's report of the main module);
 - ``_pool_tasks.py``: the future ``submit`` returns (`_TaskFuture`, a
   `_queued._QueuedFuture`);
 - ``_pool_registry.py``: the process's pools, for the exit and fork hooks.
@@ -84,7 +86,7 @@ from ._buffers import share
 from ._compat import ProcessView, resolve_start_method
 from ._dispatch import RunTimes, task_kind
 from ._durations import Duration, memory_limits, to_count, to_seconds
-from ._main_module import by_reference, main_to_import
+from ._main_module import main_to_import
 from ._map import map_lazily
 from ._places import grant_places
 from ._platform import check_fork_server
@@ -94,13 +96,14 @@ from ._pool_interface import TaskCounts, WorkerPool
 from ._pool_io import MAX_ATTEMPTS as MAX_ATTEMPTS
 from ._pool_io import MEMORY_CHECK_INTERVAL as MEMORY_CHECK_INTERVAL
 from ._pool_io import _Remains, _Worker, _WorkerIO
+from ._pool_main import _MainModuleRefs, _MainReportNotIn
 from ._pool_registry import _all_pools, _busy_pools, _live_pools
 from ._pool_start import START_RETRY_FIRST as START_RETRY_FIRST
 from ._pool_start import START_RETRY_MAX as START_RETRY_MAX
 from ._pool_start import START_RETRY_WINDOW as START_RETRY_WINDOW
 from ._pool_start import _Start, _StartTrouble, _WorkerStarts
 from ._pool_tasks import _TaskFuture
-from ._protocol import ByReference, MainReport, WithBuffers, dump_call
+from ._protocol import WithBuffers, dump_call
 from ._queued import QueuedPool
 from ._shared import SharedData
 from ._worker import (
@@ -133,12 +136,7 @@ logger = logging.getLogger("pool_manager")
 DEFAULT_IDLE_TIMEOUT: float = 300.0
 
 
-class _MainReportNotIn(Exception):
-    """Pickling a ``__main__`` object would wait for the fork server's report of
-    its import of the main module (see `BaseWorkerPool._main_by_reference_now`)."""
-
-
-class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture]):
+class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture]):
     """A process pool for one key, and a drop-in ``ProcessPoolExecutor``.
 
     ``BaseWorkerPool(4)`` behaves like ``ProcessPoolExecutor(4)``: up to four
@@ -310,53 +308,6 @@ class BaseWorkerPool(_Dispatch, _WorkerStarts, _WorkerIO, QueuedPool[_TaskFuture
         except Exception as error:
             raise TypeError(f"the initializer and initargs must be picklable: {error}") from error
         _all_pools.add(self)
-
-    # -- the main module in the workers ---------------------------------------
-
-    def _by_reference(self) -> ByReference | None:
-        return self._main_by_reference if self._main_importable else None
-
-    def _main_by_reference(self, obj: object) -> bool:
-        """(No lock held) The workers have this function or class of ``__main__``:
-        it travels by reference. The first asks the fork server what its import
-        of the main module defines, and may wait for the server to boot."""
-        report = self._main_report()
-        return report is not None and by_reference(obj, report)  # type: ignore[arg-type]
-
-    def _main_by_reference_now(self, obj: object) -> bool:
-        """`_main_by_reference`, for a submit that must not wait (`_submit_nowait`,
-        on an event loop's thread): raises `_MainReportNotIn` if it would."""
-        server = self._remains.server
-        if server is None or server.gone or not server.ready:
-            raise _MainReportNotIn
-        return self._main_by_reference(obj)
-
-    def _main_report(self) -> MainReport | None:
-        """(No lock held) What the main module in this pool's workers defines:
-        the fork server's report (the pool takes its hold on the server now,
-        if it has none). None: no main module (a server that fails to start
-        fails the pool's worker starts on its own)."""
-        server = self._remains.server
-        if server is not None and not server.gone:
-            try:
-                return server.main_report()
-            except Exception:  # (it failed to start: its worker starts say why)
-                return None
-        try:
-            server = _process.acquire_server()
-        except (OSError, RuntimeError):
-            return None
-        report = None
-        with contextlib.suppress(Exception):
-            report = server.main_report()
-        with self._lock:
-            # (While a start is under way the starter sets the server.)
-            keep = self._remains.server is None and not self._starts and not self._shut_down
-            if keep:
-                self._remains.server = server
-        if not keep:
-            _process.release_server()
-        return report
 
     # -- after a fork ------------------------------------------------------
 
