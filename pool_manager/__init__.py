@@ -206,7 +206,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._platform import DEFAULT_ENGINE
-    from ._shared import shared_data
+    from ._shared import shared_data, worker_index
     from ._shared_array import shared_array
     from .errors import (
         ArgumentUnpicklingError,
@@ -279,6 +279,7 @@ __all__ = [
     "as_completed",
     "shared_array",
     "shared_data",
+    "worker_index",
 ]
 
 #: Where each public name lives. They are imported on first use: the fork
@@ -316,6 +317,7 @@ _HOMES = {
     "WorkerPool": "pool",
     "as_completed": "progress",
     "shared_data": "_shared",
+    "worker_index": "_shared",
     "shared_array": "_shared_array",
     "DEFAULT_ENGINE": "_platform",
 }

@@ -17,6 +17,7 @@ more work is queued, or its time slice is over while another pool waits
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -256,7 +257,9 @@ class _LokyDispatch:
         for _ in range(more):
             if not self._take_place(None, now):
                 break
-            slot = _Slot()
+            # (A closed slot, shutting down, takes no task: its index is free.)
+            taken = {slot.index for slot in self._slots}
+            slot = _Slot(next(i for i in itertools.count() if i not in taken))
             if self._busy_slots is not None:
                 slot.holds_place, slot.place_since = True, now
             self._slots.append(slot)

@@ -45,7 +45,7 @@ class LokyPoolFactory:
         max_pending: backpressure of each pool (see `LokyWorkerPool`).
             Default: the pool's size, as the manager's default factory.
             ``None`` never blocks.
-        context, initializer, initargs, env, task_timeout,
+        context, initializer, initargs, finalizer, finalargs, env, task_timeout,
         max_tasks_per_worker, max_worker_memory, kill_worker_memory,
         idle_timeout: passed to every pool (see `LokyWorkerPool`).
         shared_data: one large read-only object for every worker of every
@@ -67,6 +67,8 @@ class LokyPoolFactory:
         context: str = "loky",
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        finalizer: Callable[..., object] | None = None,
+        finalargs: tuple[Any, ...] = (),
         env: dict[str, str] | None = None,
         task_timeout: Duration | None = None,
         max_tasks_per_worker: int | None = None,
@@ -76,7 +78,7 @@ class LokyPoolFactory:
         shared_data: object = None,
     ) -> None:
         checked = None if max_pending is _UNSET else max_pending
-        _check_options(checked, initializer, initargs, context, env)
+        _check_options(checked, initializer, initargs, context, env, finalizer, finalargs)
         to_seconds("task_timeout", task_timeout, allow_none=True)
         to_seconds("idle_timeout", idle_timeout, allow_none=True)
         if max_tasks_per_worker is not None:
@@ -93,6 +95,8 @@ class LokyPoolFactory:
         self._context = context
         self._initializer = initializer
         self._initargs = initargs
+        self._finalizer = finalizer
+        self._finalargs = finalargs
         self._env = None if env is None else dict(env)
         self._shared = LokySharedData.of(shared_data)  # (last: every argument is checked)
 
@@ -105,6 +109,8 @@ class LokyPoolFactory:
             max_pending=max_pending,
             initializer=self._initializer,
             initargs=self._initargs,
+            finalizer=self._finalizer,
+            finalargs=self._finalargs,
             context=self._context,
             env=self._env,
             shared_data=self._shared,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -28,7 +29,7 @@ from loky.process_executor import TerminatedWorkerError
 from . import _loky_shared, _shared, _threads
 from ._durations import to_count
 from ._queued import QueuedPool, _QueuedFuture
-from ._worker import _watch_parent, worker_env
+from ._worker import _watch_parent, check_hook, worker_env
 from .errors import (
     ArgumentUnpicklingError,
     ResultUnpicklingError,
@@ -48,6 +49,8 @@ START_METHODS = ("loky", "loky_init_main", "spawn")
 #: (In a worker) the traceback of the pool's initializer, if it raised there
 #: (or of loading the pool's shared data, after `SHARED_DATA_FAILED`).
 _init_failure: str | None = None
+#: (In a worker) the pool's finalizer and its arguments (`_finish_slot`).
+_finalizer: tuple[Callable[..., object], tuple[Any, ...]] | None = None
 #: How a failure to load the shared data starts (`_not_ready` words it so).
 SHARED_DATA_FAILED = "loading the pool's shared_data failed:\n"
 
@@ -57,12 +60,18 @@ def _start_slot(
     initializer: Callable[..., object] | None,
     initargs: tuple[Any, ...],
     shared: _loky_shared.LokySharedSpec | None = None,
+    index: int = 0,
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[Any, ...] = (),
 ) -> None:
     """(In a loky worker, as its executor's initializer) start the watchdog, load
     the pool's shared data (``shared``), then run the pool's initializer; what
     either raises is kept for the probe (and the initializer does not run if
-    the shared data failed to load)."""
-    global _init_failure
+    the shared data failed to load). The slot's ``index`` is the worker's
+    (`_shared.worker_index`); the finalizer is kept for `_finish_slot`."""
+    global _init_failure, _finalizer
+    _shared.set_worker_index(index)
+    _finalizer = None if finalizer is None else (finalizer, finalargs)
     threading.Thread(
         target=_watch_parent, args=(parent_pid,), name="pool_manager-watchdog", daemon=True
     ).start()
@@ -82,6 +91,19 @@ def _start_slot(
             initializer(*initargs)
         except BaseException:
             _init_failure = traceback.format_exc()
+
+
+def _finish_slot() -> None:
+    """(In a worker: a slot's last task, as it is shut down cleanly) the pool's
+    finalizer, if the worker got ready; what it raises goes to stderr."""
+    if _finalizer is None or _init_failure is not None:
+        return
+    finalizer, finalargs = _finalizer
+    try:
+        finalizer(*finalargs)
+    except BaseException:
+        sys.stderr.write(f"pool_manager: a worker's finalizer failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
 
 
 def _probe() -> tuple[int, str | None]:
@@ -172,6 +194,7 @@ class _Slot:
         "handed",
         "holds_place",
         "idle_since",
+        "index",
         "pid",
         "place_since",
         "ready",
@@ -181,7 +204,8 @@ class _Slot:
         "unsent",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
+        self.index = index  # its worker's index in the pool (`_shared.worker_index`)
         self.executor: Any = None  # a loky.ProcessPoolExecutor, once started
         self.pid: int | None = None  # its worker's, from the probe and each answer
         self.ready = False  # its probe answered: it takes tasks
@@ -298,14 +322,14 @@ def _check_options(
     initargs: tuple[Any, ...],
     context: str,
     env: dict[str, str] | None,
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[Any, ...] = (),
 ) -> None:
     """Check a loky pool's arguments (raises ``TypeError``/``ValueError``)."""
     if max_pending is not None:
         to_count("max_pending", max_pending, minimum=0)
-    if initializer is not None and not callable(initializer):
-        raise TypeError("initializer must be callable")
-    if not isinstance(initargs, tuple):
-        raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
+    check_hook("initializer", initializer, initargs)
+    check_hook("finalizer", finalizer, finalargs)
     if not isinstance(context, str):
         raise TypeError(f"context must be a start method's name, not {type(context).__name__}")
     if context not in START_METHODS:
@@ -317,6 +341,8 @@ def _check_options(
     if env is not None and not context.startswith("loky"):
         raise ValueError(f"env needs the 'loky' or 'loky_init_main' context, not {context!r}")
     try:
-        cloudpickle.dumps((initializer, initargs))
+        cloudpickle.dumps((initializer, initargs, finalizer, finalargs))
     except Exception as error:
-        raise TypeError(f"the initializer and initargs must be picklable: {error}") from error
+        raise TypeError(
+            f"the initializer, finalizer and their arguments must be picklable: {error}"
+        ) from error

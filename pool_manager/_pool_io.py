@@ -126,6 +126,7 @@ class _Worker:
         "deadline",
         "dying",
         "idle_since",
+        "index",
         "init_failed",
         "reader",
         "leaving",
@@ -151,6 +152,7 @@ class _Worker:
         self, pid: int, sock: socket.socket, status_fd: int, now: float, owner: int
     ) -> None:
         self.pid = pid
+        self.index = 0  # its index in the pool (`_shared.worker_index`), set as it is filed
         self.owner = owner  # its pool's token in the I/O loop
         self.sock = sock
         self.status_fd = status_fd

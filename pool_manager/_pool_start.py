@@ -18,6 +18,7 @@ it (``pool.py`` re-exports it, to read).
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import math
 import selectors
@@ -246,11 +247,14 @@ class _WorkerStarts:
         # (Its time slice under max_busy_workers starts with its first batch:
         # a place is not given up before it was used.)
         worker.place_since = math.inf if place else now
+        # (A worker leaving runs no more tasks: its index is free for its successor.)
+        taken = {other.index for other in self._workers.values() if other.leaving is None}
+        worker.index = next(i for i in itertools.count() if i not in taken)
         self._workers[pid] = worker
         _live_pools.add(self)
         # Made now: the worker gets the directory and environment of its start;
         # the segments of the pool's shared data go with it.
-        message = init_message(self._config, self._env)
+        message = init_message(self._config, self._env, worker.index)
         shared = self._shared
         if shared is None or not shared.segments:
             self._send(worker, message)

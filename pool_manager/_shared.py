@@ -28,6 +28,9 @@ The loky engine's pools do the same with one named shared-memory segment
 instead of memfd descriptors (``_loky_shared.py``); their workers store
 the object here too (`set_value`), for `shared_data` to return.
 
+A worker also keeps its index in its pool here (`set_worker_index`), for
+`worker_index` to return to a task or the initializer.
+
 It imports ``_buffers`` and ``_protocol`` only: the workers import it.
 """
 
@@ -40,7 +43,16 @@ from typing import Any, NamedTuple
 from ._buffers import Segment, map_segments, share
 from ._protocol import ByReference, _is_large_bytes, _LargeBytes, _OutOfBand, dumps
 
-__all__ = ["SharedData", "SharedPickle", "load", "mark_worker", "set_value", "shared_data"]
+__all__ = [
+    "SharedData",
+    "SharedPickle",
+    "load",
+    "mark_worker",
+    "set_value",
+    "set_worker_index",
+    "shared_data",
+    "worker_index",
+]
 
 
 class SharedPickle(NamedTuple):
@@ -98,10 +110,44 @@ _NONE = object()
 _value: Any = _NOT_A_WORKER
 
 
+#: (Worker side) its index in its pool; None: not a worker (`worker_index`).
+_index: int | None = None
+
+
 def mark_worker() -> None:
     """(Worker side) this process is a worker (of a pool with no shared data, until `load`)."""
     global _value
     _value = _NONE
+
+
+def set_worker_index(index: int) -> None:
+    """(Worker side) this worker's index in its pool (`worker_index`)."""
+    global _index
+    _index = index
+
+
+def worker_index() -> int:
+    """This worker's index in its pool, for a task or the initializer (as mpire's
+    ``worker_id``): 0 for the pool's first worker, up to ``max_size - 1``.
+
+    A new worker takes the lowest index that no worker of its pool taking
+    tasks holds, so a worker that replaces one (recycled, timed out,
+    crashed, idle and started again) takes the index it left free: one
+    index per working worker, e.g. to pick a GPU or a scratch file. (A
+    worker leaving, still running its ``finalizer``, has given its index up
+    already.) Fork-server and loky pools set it; a Dask pool's workers are
+    Dask's and have none.
+
+    Raises:
+        LookupError: not in a worker process of a fork-server or loky pool.
+    """
+    index = _index
+    if index is None:
+        raise LookupError(
+            "pool_manager.worker_index() is for a task or initializer running in a worker "
+            "process of a fork-server or loky pool; this process is not one"
+        )
+    return index
 
 
 def set_value(value: object) -> None:

@@ -116,6 +116,7 @@ class ParentState:
 
     cwd: str | None  #: None: the parent's directory is gone (the worker stays put)
     environ: dict[bytes, bytes]  #: the whole environment, as ``os.environb`` holds it
+    index: int = 0  #: the worker's index in its pool (`_shared.worker_index`)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,10 @@ class WorkerConfig:
     #: The pool's shared data (``_shared.py``): its pickle, and how many of the
     #: ``INIT`` message's descriptors are the segments of its buffers.
     shared: _shared.SharedPickle | None = None
+    #: Run when the worker leaves cleanly (told to by its pool, or after a
+    #: task when it is recycled); not when it is ended or dies.
+    finalizer: Callable[..., object] | None = None
+    finalargs: tuple[Any, ...] = ()
 
 
 _limits = WorkerLimits()
@@ -213,10 +218,21 @@ def serve(sock: socket.socket) -> NoReturn:
             _send(INIT_FAILED, text.encode("utf-8", "replace"), reason=step)
             _exit(INIT_FAILED_EXIT_CODE)
         _send(READY)
-        _serve_tasks(reader)
+        if _serve_tasks(reader) and config.finalizer is not None:
+            _finalize(config.finalizer, config.finalargs)
     except BaseException:  # the parent has gone (a broken socket), or a bug: leave
         code = 1
     _exit(code)
+
+
+def _finalize(finalizer: Callable[..., object], finalargs: tuple[Any, ...]) -> None:
+    """Run the pool's finalizer as the worker leaves cleanly; what it raises is
+    written to stderr (the worker still leaves as it would have)."""
+    try:
+        finalizer(*finalargs)
+    except BaseException as error:
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        sys.stderr.write(f"pool_manager: a worker's finalizer failed:\n{text}")
 
 
 def _set_up(body: bytes | bytearray, reader: Inbox) -> WorkerConfig:
@@ -231,6 +247,7 @@ def _set_up(body: bytes | bytearray, reader: Inbox) -> WorkerConfig:
     (state_length,) = INIT_META.unpack_from(body)
     state_end = INIT_META.size + state_length
     state: ParentState = pickle.loads(body[INIT_META.size : state_end])
+    _shared.set_worker_index(state.index)
     if state.cwd is not None:
         os.chdir(state.cwd)
     environ = os.environb
@@ -258,14 +275,16 @@ def _read_message(reader: Inbox) -> tuple[int, bytes | bytearray] | None:
     return reader.message(TO_WORKER)
 
 
-def _serve_tasks(reader: Inbox) -> None:
+def _serve_tasks(reader: Inbox) -> bool:
+    """Run the batches the parent sends; True once the worker leaves cleanly
+    (``EXIT``, or recycled after a task), False if the parent is gone."""
     while True:
         message = _read_message(reader)
         if message is None:
-            return  # the parent is gone
+            return False  # the parent is gone
         kind, body = message
         if kind == EXIT:
-            return
+            return True
         if kind != TASKS:
             continue
         meta_length, fd_count, blanks = TASKS_META.unpack_from(body)
@@ -278,7 +297,7 @@ def _serve_tasks(reader: Inbox) -> None:
             del fds[fd_count - blanks :]
         try:
             if _serve_batch(body, meta_length, fds):
-                return
+                return True
         finally:
             if fds:
                 close_all(fds)
@@ -500,6 +519,19 @@ def _reported_calls(
     return results
 
 
+def check_hook(name: str, hook: object, args: object) -> None:
+    """(Parent side) check an ``initializer``/``finalizer`` and its argument tuple.
+
+    Raises:
+        TypeError: ``hook`` is not callable (nor None), or ``args`` not a tuple.
+    """
+    if hook is not None and not callable(hook):
+        raise TypeError(f"{name} must be callable, not {type(hook).__name__}")
+    if not isinstance(args, tuple):
+        what = "initargs" if name == "initializer" else "finalargs"
+        raise TypeError(f"{what} must be a tuple, not {type(args).__name__}")
+
+
 def dump_config(config: WorkerConfig, main: ByReference | None = None) -> bytes:
     """(Parent side) pickle a pool's configuration, the part of ``INIT`` that never
     changes (``main``: which of ``__main__``'s objects go by reference, as for
@@ -537,17 +569,17 @@ def worker_env(env: object) -> dict[bytes, bytes] | None:
     return converted
 
 
-def init_message(config: bytes, env: dict[bytes, bytes] | None) -> bytes:
+def init_message(config: bytes, env: dict[bytes, bytes] | None, index: int = 0) -> bytes:
     """(Parent side) a worker's whole ``INIT`` message, made as it starts.
 
     ``config``: from `dump_config`; ``env``: the pool's own variables, set
-    over this process's current environment.
+    over this process's current environment; ``index``: the worker's in its pool.
     """
     try:
         cwd: str | None = os.getcwd()
     except OSError:  # (deleted, say: the worker stays where the fork server is)
         cwd = None
-    state = pickle.dumps(ParentState(cwd, _environ_now(env)), pickle.HIGHEST_PROTOCOL)
+    state = pickle.dumps(ParentState(cwd, _environ_now(env), index), pickle.HIGHEST_PROTOCOL)
     length = INIT_META.size + len(state) + len(config)
     return TO_WORKER.pack(length, INIT) + INIT_META.pack(len(state)) + state + config
 

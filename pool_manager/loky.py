@@ -116,6 +116,7 @@ from ._loky_shared import LokySharedData
 from ._loky_slots import (
     _Actions,
     _check_options,
+    _finish_slot,
     _LokyTaskFuture,
     _lost,
     _not_ready,
@@ -179,7 +180,13 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
             more wait.
         initializer, initargs: run ``initializer(*initargs)`` once in each
             worker process. If it raises, the worker takes no task; 3
-            workers in a row that fail so fail the queued tasks.
+            workers in a row that fail so fail the queued tasks. A task or
+            the initializer reads the worker's index in the pool with
+            `pool_manager.worker_index`.
+        finalizer, finalargs: run ``finalizer(*finalargs)`` in a worker as
+            its slot is shut down cleanly (idle, recycled, retired by the
+            caps across keys, or at shutdown); not in a worker that is ended
+            or dies. What it raises is written to the worker's stderr.
         context: loky's start method: ``"loky"`` (fork+exec on POSIX, the
             default), ``"loky_init_main"`` or ``"spawn"``. ``"fork"`` and
             ``"forkserver"`` are refused.
@@ -235,6 +242,8 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         max_pending: int | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        finalizer: Callable[..., object] | None = None,
+        finalargs: tuple[Any, ...] = (),
         context: str = "loky",
         env: dict[str, str] | None = None,
         task_timeout: Duration | None = None,
@@ -252,7 +261,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         if max_tasks_per_worker is None:
             max_tasks_per_worker = max_tasks_per_child
         resolve_start_method(mp_context)
-        _check_options(max_pending, initializer, initargs, context, env)
+        _check_options(max_pending, initializer, initargs, context, env, finalizer, finalargs)
         self._task_timeout = to_seconds("task_timeout", task_timeout, allow_none=True)
         self._idle_timeout = to_seconds("idle_timeout", idle_timeout, allow_none=True)
         self._max_tasks = (
@@ -275,6 +284,8 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         self._context = get_context(context)
         self._initializer = initializer
         self._initargs = initargs
+        self._finalizer = finalizer
+        self._finalargs = finalargs
         self._env = None if env is None else dict(env)
 
         self._outstanding: set[_LokyTaskFuture] = set()  # accepted, not finished
@@ -563,7 +574,15 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                     1,
                     context=self._context,
                     initializer=_start_slot,
-                    initargs=(os.getpid(), self._initializer, self._initargs, self._shared_spec),
+                    initargs=(
+                        os.getpid(),
+                        self._initializer,
+                        self._initargs,
+                        self._shared_spec,
+                        slot.index,
+                        self._finalizer,
+                        self._finalargs,
+                    ),
                     env=self._env,
                 )
                 probe = executor.submit(_probe)
@@ -731,6 +750,8 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
     def _shut(self, slot: _Slot, kill: bool) -> None:
         """Shut ``slot``'s executor down and wait for its worker and threads (no lock held)."""
         try:
+            if not kill and slot.ready and self._finalizer is not None:
+                slot.executor.submit(_finish_slot)  # (shutdown waits for it)
             slot.executor.shutdown(wait=True, kill_workers=kill)
             # A worker loky killed (a broken executor, kill_workers) is not
             # joined: multiprocessing keeps it, and the descriptor of its

@@ -109,6 +109,7 @@ from ._shared import SharedData
 from ._worker import (
     WorkerConfig,
     WorkerLimits,
+    check_hook,
     dump_config,
     run_chunk,
     run_chunk_single,
@@ -155,7 +156,15 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
             worker process, to give it its own state (a model, a connection).
             When they hold a function or class of the main script, the pool
             starts the fork server as it is built, and waits for it to
-            import the script (see `submit`).
+            import the script (see `submit`). A task or the initializer
+            reads the worker's index in the pool with `pool_manager.worker_index`.
+        finalizer, finalargs: run ``finalizer(*finalargs)`` in a worker as it
+            leaves cleanly (idle past ``idle_timeout``, recycled, retired by
+            the caps across keys, or at shutdown), e.g. to flush or close
+            what the initializer opened; not in a worker that is ended (a
+            deadline, ``kill_task``, ``terminate``) or dies. What it raises
+            is written to the worker's stderr. Shutdown waits for it, as for
+            a task.
         mp_context: accepted for ``ProcessPoolExecutor`` compatibility (a
             start method name or ``multiprocessing`` context, checked); every
             worker is forked from the fork server whatever it names, so a
@@ -204,6 +213,8 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
         max_workers: int | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        finalizer: Callable[..., object] | None = None,
+        finalargs: tuple[Any, ...] = (),
         mp_context: object = None,
         max_pending: int | None = None,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
@@ -226,10 +237,8 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
             raise TypeError(f"max_workers must be an int, not {type(size).__name__}")
         elif size <= 0:
             raise ValueError("max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be callable")
-        if not isinstance(initargs, tuple):
-            raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
+        check_hook("initializer", initializer, initargs)
+        check_hook("finalizer", finalizer, finalargs)
         self._env = worker_env(env)
         if max_pending is not None:
             to_count("max_pending", max_pending, minimum=0)
@@ -302,11 +311,15 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
             initargs,
             bytes(multiprocessing.current_process().authkey),
             None if self._shared is None else self._shared.spec,
+            finalizer,
+            finalargs,
         )
         try:
             self._config = dump_config(config, self._by_reference())
         except Exception as error:
-            raise TypeError(f"the initializer and initargs must be picklable: {error}") from error
+            raise TypeError(
+                f"the initializer, finalizer and their arguments must be picklable: {error}"
+            ) from error
         _all_pools.add(self)
 
     # -- after a fork ------------------------------------------------------
