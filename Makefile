@@ -1,20 +1,36 @@
-# Every target installs what it needs into .venv first (a fresh clone needs
-# nothing but python3 >= 3.10 with venv).
+# Every target installs what it needs, and only that, into .venv first (a
+# fresh clone needs nothing but python3 >= 3.10 with venv): the demo, the
+# package and tqdm; the tests, the extras they test; lint, ruff and mypy too.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# The extras the test suite exercises (make test, test-all).
+TEST_EXTRAS := test,progress,dask,loky
+DEMO_STAMP  := $(VENV)/.demo-stamp
+STAMP       := $(VENV)/.installed-stamp
+LINT_STAMP  := $(VENV)/.lint-stamp
 
 .PHONY: install demo test test-all stress lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,progress,dask,loky]'
+
+$(DEMO_STAMP): pyproject.toml Makefile | $(VENV)/bin/python
+	$(PIP) -e '.[progress]'
+	touch $(DEMO_STAMP)
+
+$(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
+	$(PIP) -e '.[$(TEST_EXTRAS)]'
 	touch $(STAMP)
+
+$(LINT_STAMP): $(STAMP)
+	$(PIP) -e '.[$(TEST_EXTRAS),lint]'
+	touch $(LINT_STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m pool_manager demo
 
 test: $(STAMP)
@@ -51,7 +67,7 @@ test-all:
 	     || [ Makefile -nt $$venv/.installed-stamp ]; then \
 	    $$python -m venv $$venv \
 	    && $$venv/bin/python -m pip install --quiet --disable-pip-version-check \
-	         -e '.[test,progress,dask,loky]' \
+	         -e '.[$(TEST_EXTRAS)]' \
 	    && touch $$venv/.installed-stamp \
 	    || { failed="$$failed $$version(install)"; continue; }; \
 	  fi; \
@@ -64,7 +80,7 @@ test-all:
 	if [ -n "$$failed" ]; then echo "== failed:$$failed"; exit 1; fi; \
 	echo "== every version passed"
 
-lint: $(STAMP)
+lint: $(LINT_STAMP)
 	$(BIN)/ruff check pool_manager tests benchmarks
 	$(BIN)/ruff format --check pool_manager tests benchmarks
 	$(BIN)/mypy
