@@ -48,7 +48,7 @@ fork-server round trip with no pool lock held and hands the worker back
 (`_worker_started`, ``_pool_start.py``) with its first batch, taken from
 the queue when it was asked for. When tasks queue up, a worker gets
 several in one message, and a few more than it is running (enough for
-about a millisecond of work, by the measured task time), so that it never
+about 2 ms of work, by the measured task time), so that it never
 waits for the parent between tasks.
 
 One I/O loop serves every pool of the process (`_io_loop.py`): a pool with
