@@ -85,6 +85,7 @@ Only loky's public API is used: an executor per slot, its ``submit`` and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -751,7 +752,10 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         """Shut ``slot``'s executor down and wait for its worker and threads (no lock held)."""
         try:
             if not kill and slot.ready and self._finalizer is not None:
-                slot.executor.submit(_finish_slot)  # (shutdown waits for it)
+                # (Shutdown waits for it; a broken executor refuses it, and its
+                # worker is gone anyway.)
+                with contextlib.suppress(Exception):
+                    slot.executor.submit(_finish_slot)
             slot.executor.shutdown(wait=True, kill_workers=kill)
             # A worker loky killed (a broken executor, kill_workers) is not
             # joined: multiprocessing keeps it, and the descriptor of its
