@@ -40,7 +40,15 @@ from typing import Any, NamedTuple
 from ._buffers import Segment, map_segments, share
 from ._protocol import ByReference, _is_large_bytes, _LargeBytes, _OutOfBand, dumps
 
-__all__ = ["SharedData", "SharedPickle", "load", "mark_worker", "set_value", "shared_data"]
+__all__ = [
+    "SharedData",
+    "SharedPickle",
+    "is_worker",
+    "load",
+    "mark_worker",
+    "set_value",
+    "shared_data",
+]
 
 
 class SharedPickle(NamedTuple):
@@ -102,6 +110,11 @@ def mark_worker() -> None:
     """(Worker side) this process is a worker (of a pool with no shared data, until `load`)."""
     global _value
     _value = _NONE
+
+
+def is_worker() -> bool:
+    """True in a worker process of this library's pools (either engine)."""
+    return _value is not _NOT_A_WORKER
 
 
 def set_value(value: object) -> None:
