@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,progress,dask,loky]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,progress,dask,loky,joblib]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -51,7 +51,7 @@ test-all:
 	     || [ Makefile -nt $$venv/.installed-stamp ]; then \
 	    $$python -m venv $$venv \
 	    && $$venv/bin/python -m pip install --quiet --disable-pip-version-check \
-	         -e '.[test,progress,dask,loky]' \
+	         -e '.[test,progress,dask,loky,joblib]' \
 	    && touch $$venv/.installed-stamp \
 	    || { failed="$$failed $$version(install)"; continue; }; \
 	  fi; \
