@@ -37,9 +37,10 @@ What the manager gives a ``Parallel`` call:
   call meanwhile;
 - crash isolation: a worker that dies (``os._exit``, a segfault, the
   manager's ``kill_worker_memory`` or ``task_timeout``) fails only its batch,
-  and the call raises `WorkerLostError` (or the limit's own error) as joblib
-  raises any task's exception; the pool replaces the worker and serves the
-  next call.
+  and the call raises `WorkerLostError` as joblib raises any task's
+  exception (`WorkerMemoryError`, a subclass, past ``kill_worker_memory``;
+  `TaskTimeoutError` past ``task_timeout``); the pool replaces the worker
+  and serves the next call.
 
 ``n_jobs`` follows joblib's conventions, with the pool as "all":
 ``None`` is 1, ``-1`` is the manager's ``pool_size``, ``-2`` one less, and
@@ -350,14 +351,16 @@ class PoolManagerBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignor
             futures = list(self._futures)
         for future in futures:
             future.cancel()
-        if ensure_ready:
-            with self._lock:
-                old = self._leases.pop() if self._leases else None
-            try:
-                self._take_lease()
-            finally:
-                if old is not None:
-                    old.done()
+        if not ensure_ready:
+            return
+        with self._lock:
+            old = self._leases.pop() if self._leases else None
+        if old is None:
+            return  # (no call under way: nothing to renew)
+        try:
+            self._take_lease()
+        finally:
+            old.done()
 
     def terminate(self) -> None:
         """(joblib, as a call ends, however it ends) Release the call's lease."""

@@ -273,6 +273,21 @@ def test_a_tasks_exception_reaches_the_caller_with_its_type(
         assert Parallel()(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
 
 
+def test_a_failure_in_a_parallel_block_leaves_the_block_ready(
+    make_manager: Callable[..., WorkerPoolManager],
+) -> None:
+    manager = make_manager()
+    with (
+        parallel_config(backend="pool_manager", n_jobs=2, manager=manager, key=KEY),
+        Parallel() as parallel,
+    ):
+        with pytest.raises(ValueError, match="in a block"):
+            parallel(delayed(raise_value_error)("in a block") for _ in range(3))
+        assert leases(manager, KEY) == 1  # (renewed by abort_everything)
+        assert parallel(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
+    assert leases(manager, KEY) == 0
+
+
 @pytest.mark.timeout(30)
 def test_a_failure_cancels_the_calls_queued_tasks(
     make_manager: Callable[..., WorkerPoolManager], tmp_path: Path
