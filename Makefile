@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # The extras the test suite exercises (make test, test-all).
-TEST_EXTRAS := test,progress,dask,loky
+TEST_EXTRAS := test,progress,dask,loky,joblib
 DEMO_STAMP  := $(VENV)/.demo-stamp
 STAMP       := $(VENV)/.installed-stamp
 LINT_STAMP  := $(VENV)/.lint-stamp

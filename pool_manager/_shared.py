@@ -46,6 +46,7 @@ from ._protocol import ByReference, _is_large_bytes, _LargeBytes, _OutOfBand, du
 __all__ = [
     "SharedData",
     "SharedPickle",
+    "is_worker",
     "load",
     "mark_worker",
     "set_value",
@@ -148,6 +149,11 @@ def worker_index() -> int:
             "process of a fork-server or loky pool; this process is not one"
         )
     return index
+
+
+def is_worker() -> bool:
+    """True in a worker process of this library's pools (either engine)."""
+    return _value is not _NOT_A_WORKER
 
 
 def set_value(value: object) -> None:
