@@ -57,8 +57,11 @@ How a task and a pool's life flow through the parts::
   segment, mapped read-only by each loky worker) ``_loky_shared.py``.
 - ``_dispatch.py``: dispatch decisions as pure functions (a task's kind, each
   kind's run time, how many tasks a worker is handed at once).
-- ``_map.py``: ``map`` for every pool (ordered, chunked, lazy where it must
-  be), shared by ``BaseWorkerPool``, the Dask pool and the loky pool.
+- ``_map.py``: ``map`` for every pool (ordered or in completion order,
+  chunked, lazy where it must be), shared by ``BaseWorkerPool``, the Dask
+  pool and the loky pool; ``_map_methods.py``: the map methods every pool
+  has (``map``, ``imap``, ``imap_unordered``, ``starmap``,
+  ``starmap_unordered``), each a call of the engine's ``_map_calls``.
 - ``_compat.py``: what ``ProcessPoolExecutor`` code expects beyond
   ``Executor`` (``mp_context``, the ``_processes`` view of the workers).
 - ``_io_loop.py``: the process's one I/O loop, which serves every pool's

@@ -1,15 +1,20 @@
-"""``map`` for every pool here: ordered, chunked, lazy where it must be.
+"""``map`` for every pool here: ordered or not, chunked, lazy where it must be.
 
-`map_lazily` is the one implementation every pool's ``map`` shares (the Dask
+`map_lazily` is the one implementation every pool's map methods share
+(``map``, ``imap``, ``imap_unordered``, ``starmap``, ``starmap_unordered``:
+`_map_methods.MapMethods`, through each engine's ``_map_calls``; the Dask
 and loky pools' through their base, `_queued.ChunkedTaskPool`, whose chunks
-run as `chunk_runner`, a task of their own): it cuts the input into chunks (`_ChunkSizer`:
-fixed, cut from a known length, or sized by measured run times), keeps a
-bounded window of them submitted, yields results in order (those before a
-failing call first: see `PartialChunk`), and cancels what is left when the
-consumer stops early or the timeout passes. With ``return_exceptions`` it
-yields every call's outcome, an exception in place of a result, and runs
-again the calls of a chunk that its worker took down after the call that
-did (`_chunk_outcomes`). `OpenMaps` is how a pool knows it has a lazy
+run as `chunk_runner`, a task of their own). Its input is a `MapInput`
+(the iterables zipped, or one iterable of argument tuples). It cuts the
+input into chunks (`_ChunkSizer`: fixed, cut from a known length, or sized
+by measured run times), keeps a bounded window of them submitted, yields
+results in order (`_InOrder`; those before a failing call first: see
+`PartialChunk`) or as their chunks finish (`_AsCompleted`, fed by the
+chunks' done-callbacks), and cancels what is left when the consumer stops
+early or the timeout passes. With ``return_exceptions`` it yields every
+call's outcome, an exception in place of a result, and runs again the
+calls of a chunk that its worker took down after the call that did
+(`_chunk_outcomes`). `OpenMaps` is how a pool knows it has a lazy
 iterator not yet finished (a manager does not expire it).
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import queue
 import time
 import weakref
 from collections import deque
@@ -29,11 +35,13 @@ from typing import Any, NamedTuple, TypeVar
 from ._durations import MAX_WAIT
 from ._protocol import CallFailed, PartialChunk, load_outcome
 from .errors import ResultTimeoutError
+from .progress import ProgressOption, asks_for_a_bar, with_progress
 
 __all__ = [
     "CHUNKS_PER_WORKER",
     "MAX_CHUNK",
     "TARGET_CHUNK_SECONDS",
+    "MapInput",
     "OpenMaps",
     "known_length",
     "chunk_runner",
@@ -48,6 +56,28 @@ T = TypeVar("T")
 CHUNKS_PER_WORKER = 16
 TARGET_CHUNK_SECONDS = 0.01
 MAX_CHUNK = 65536
+
+_TIMED_OUT = "map: a result was not ready within its timeout; the tasks not started were cancelled"
+
+
+class MapInput(NamedTuple):
+    """What a map calls ``fn`` with: one item of each of ``iterables`` per
+    call (zipped, as ``map`` does), or, with ``star`` (``starmap``), the
+    items of the one iterable, each a tuple of the call's arguments."""
+
+    iterables: tuple[Iterable[Any], ...]
+    star: bool = False
+
+    @property
+    def starred(self) -> bool:
+        """Is each call's item a tuple of its arguments (else the one argument)?"""
+        return self.star or len(self.iterables) != 1
+
+    def items(self) -> Iterator[Any]:
+        """Each call's item (`starred`: its arguments), read as they are asked for."""
+        if len(self.iterables) == 1:
+            return iter(self.iterables[0])
+        return zip(*self.iterables)
 
 
 def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
@@ -68,10 +98,7 @@ def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
         except concurrent.futures.TimeoutError as error:
             if future.done() and not future.cancelled() and future.exception() is error:
                 raise  # the task's own exception, not the wait's
-            raise ResultTimeoutError(
-                "map: a result was not ready within its timeout; the tasks not started "
-                "were cancelled"
-            ) from None
+            raise ResultTimeoutError(_TIMED_OUT) from None
     finally:
         future.cancel()
 
@@ -166,7 +193,7 @@ class _ChunkSizer:
 
 def map_lazily(
     fn: Callable[..., T],
-    iterables: tuple[Iterable[Any], ...],
+    inputs: MapInput,
     *,
     submit: Callable[[float | None, Callable[..., Any], tuple[Any, ...]], Future[Any]],
     submit_chunk: Callable[[float | None, list[Any]], Future[list[Any] | PartialChunk]],
@@ -174,17 +201,21 @@ def map_lazily(
     chunksize: int | None,
     workers: int,
     window: int | None,
-    progress: bool | str,
+    progress: ProgressOption,
     name: str | None,
+    ordered: bool = True,
     target_chunk_seconds: float = TARGET_CHUNK_SECONDS,
     open_maps: OpenMaps | None = None,
     return_exceptions: bool = False,
 ) -> Iterator[Any]:
-    """The ordered, chunked map that `BaseWorkerPool.map` and other pools share.
+    """The chunked map that every pool's map methods share.
 
-    ``submit(deadline, fn, args)`` sends one call; ``submit_chunk(deadline,
-    chunk)`` sends a list of argument items (a tuple each when there is more
-    than one iterable) and its future's result is the list of results, or a
+    ``fn`` over ``inputs`` (see `MapInput`). ``ordered``: results in input
+    order; else in completion order, a chunk's results as its chunk is
+    done (a chunk run again goes back in flight). ``submit(deadline, fn,
+    args)`` sends one call; ``submit_chunk(deadline,
+    chunk)`` sends a list of argument items (a tuple each when
+    ``inputs.starred``) and its future's result is the list of results, or a
     `PartialChunk` when a call failed after others had returned (or a
     ``(results, exception)`` tuple, from a runner that does without
     pool_manager: the Dask pool's): those results are yielded, then the
@@ -198,10 +229,10 @@ def map_lazily(
     ``window`` is None) in chunks sized by the measured time of each call.
     A ``window`` also bounds an input with a length (backpressure).
     Measured chunks hold about ``target_chunk_seconds`` of calls.
-    ``progress``/``name``: see `BaseWorkerPool.map`. The iterator is in
+    ``progress``/``name``: see `MapMethods.map`. The iterator is in
     ``open_maps`` until it is exhausted, closed or collected.
 
-    ``return_exceptions``: yield every call's outcome, in order, an
+    ``return_exceptions``: yield every call's outcome, an
     exception in place of a result (see `_chunk_outcomes`); ``submit_chunk``
     then sends a runner that goes on past a call that raises (its results
     list holds a `CallFailed`, or the exception itself, in that call's
@@ -219,19 +250,19 @@ def map_lazily(
     if not callable(fn):
         raise TypeError(f"fn must be callable, not {type(fn).__name__}")
     end_time = None if timeout is None else timeout + time.monotonic()
-    length = known_length(iterables)
+    length = known_length(inputs.iterables)
 
     def start() -> Iterator[T]:
-        single = len(iterables) == 1
-        calls: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables)
+        calls = inputs.items()
+        starred = inputs.starred
         ahead = max(8, 4 * workers) if window is None and length is None else window
         sizer = _ChunkSizer(chunksize, length, workers, target_chunk_seconds)
         chunks: dict[Future[Any], list[Any]] = {}  # a submitted chunk's calls, where kept
         if sizer.fixed == 1:
-            if single:
-                tasks: Iterator[Future[Any]] = (submit(end_time, fn, (arg,)) for arg in calls)
+            if starred:
+                tasks: Iterator[Future[Any]] = (submit(end_time, fn, args) for args in calls)
             else:
-                tasks = (submit(end_time, fn, args) for args in calls)
+                tasks = (submit(end_time, fn, (arg,)) for arg in calls)
             chunked = False
         else:
 
@@ -247,14 +278,13 @@ def map_lazily(
 
             tasks = chunk_tasks()
             chunked = True
-        submitted: deque[Future[Any]] = deque()
+        in_flight: _InOrder | _AsCompleted = _InOrder() if ordered else _AsCompleted()
         # Held from before the first submission: the pool is never idle in between.
         hold = None if open_maps is None else open_maps.hold()
         try:
-            submitted.extend(itertools.islice(tasks, ahead))
+            in_flight.extend(itertools.islice(tasks, ahead))
         except BaseException:  # the pool stayed full to the deadline, or shut down
-            for future in submitted:
-                future.cancel()
+            in_flight.cancel_all()
             hold = None  # (the traceback keeps this frame)
             raise
 
@@ -264,7 +294,7 @@ def map_lazily(
             return future
 
         return _map_results(
-            submitted,
+            in_flight,
             tasks,
             end_time,
             sizer=sizer,
@@ -274,11 +304,96 @@ def map_lazily(
             return_exceptions=return_exceptions,
         )
 
-    if not progress:
+    if not asks_for_a_bar(progress):
         return start()
-    from .progress import with_progress
+    return with_progress(start, progress, name, length, "item", in_input_order=ordered)
 
-    return with_progress(start, progress, name, length, "item")
+
+class _InOrder:
+    """A map's tasks in flight, taken back in the order they were sent (a
+    chunk sent again goes first: its calls are the next in the input)."""
+
+    __slots__ = ("_futures",)
+
+    def __init__(self) -> None:
+        self._futures: deque[Future[Any]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._futures)
+
+    def extend(self, futures: Iterable[Future[Any]]) -> None:
+        self._futures.extend(futures)
+
+    def add_rerun(self, future: Future[Any]) -> None:
+        self._futures.appendleft(future)
+
+    def take(self, end_time: float | None) -> Future[Any]:
+        """The next task in order, done or not (`_outcome` waits for it)."""
+        return self._futures.popleft()
+
+    def cancel_all(self) -> None:
+        for future in self._futures:
+            future.cancel()
+
+
+class _AsCompleted:
+    """A map's tasks in flight, taken back as they finish (or are cancelled).
+
+    Each task's done-callback puts it on this map's own queue, so taking the
+    next one costs the same however many are in flight (where
+    ``concurrent.futures.wait`` would look at each of them). The callback
+    is the library's own (one ``put``); it runs where the pool runs
+    done-callbacks, a pool's one at a time.
+    """
+
+    __slots__ = ("_in_flight", "_done")
+
+    def __init__(self) -> None:
+        self._in_flight: set[Future[Any]] = set()
+        #: Signalled by the tasks' done-callbacks (each task puts itself once).
+        self._done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+
+    def __bool__(self) -> bool:
+        return bool(self._in_flight)
+
+    def extend(self, futures: Iterable[Future[Any]]) -> None:
+        for future in futures:
+            self._in_flight.add(future)
+            future.add_done_callback(self._done.put)
+
+    def add_rerun(self, future: Future[Any]) -> None:
+        self.extend((future,))
+
+    def take(self, end_time: float | None) -> Future[Any]:
+        """The next task to finish: waits for one until ``end_time`` (None: no limit).
+
+        A task that finished by then is taken even when ``end_time`` has
+        passed, as `_result_or_cancel` returns a result that is ready.
+
+        Raises:
+            ResultTimeoutError: none finished by ``end_time``.
+        """
+        try:
+            if end_time is None:
+                future = self._done.get()
+            else:
+                while True:
+                    left = end_time - time.monotonic()
+                    if left <= 0:
+                        future = self._done.get_nowait()
+                        break
+                    # (In steps: a wait of centuries overflows the lock's wait.)
+                    with contextlib.suppress(queue.Empty):
+                        future = self._done.get(timeout=min(left, MAX_WAIT))
+                        break
+        except queue.Empty:
+            raise ResultTimeoutError(_TIMED_OUT) from None
+        self._in_flight.discard(future)
+        return future
+
+    def cancel_all(self) -> None:
+        for future in self._in_flight:
+            future.cancel()
 
 
 class _ChunkOutcome(NamedTuple):
@@ -356,7 +471,7 @@ def _chunk_outcomes(
 
 
 def _map_results(
-    submitted: deque[Future[Any]],
+    in_flight: _InOrder | _AsCompleted,
     tasks: Iterator[Future[Any]],
     end_time: float | None,
     *,
@@ -372,8 +487,8 @@ def _map_results(
     # (``resend``: a chunked map's; it sends calls again as a chunk.)
     unsubmitted: BaseException | None = None  # why the rest of the input was not sent
     try:
-        while submitted:
-            future = submitted.popleft()
+        while in_flight:
+            future = in_flight.take(end_time)
             ok, value = _outcome(future, end_time)
             if resend is None:
                 if not (ok or return_exceptions):
@@ -389,16 +504,16 @@ def _map_results(
                 if ok:
                     sizer.observe(len(results), getattr(future, "run_time", None))
                 if rerun is not None:
-                    # Before the others: the map's order is the input's.
+                    # In order: before the others (the map's order is the input's).
                     try:
-                        submitted.appendleft(resend(rerun))
+                        in_flight.add_rerun(resend(rerun))
                     except Exception as error:  # the pool full to the deadline, or shut down
                         failure = error
             del future, value
             # Keep the pool fed before handing the result out.
             if unsubmitted is None and failure is None:
                 try:
-                    submitted.extend(itertools.islice(tasks, 1))
+                    in_flight.extend(itertools.islice(tasks, 1))
                 except ResultTimeoutError as error:
                     # The pool stayed full to the deadline. Results ready by
                     # then still go out; the first one that is not raises.
@@ -414,8 +529,7 @@ def _map_results(
         # The map is over: no longer in its pool's OpenMaps (nor kept there
         # by a traceback that holds this frame).
         del hold
-        for future in submitted:
-            future.cancel()
+        in_flight.cancel_all()
 
 
 def chunk_runner(

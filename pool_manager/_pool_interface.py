@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from collections.abc import Callable
+from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Generic, Literal, ParamSpec, TypedDict, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypedDict, TypeVar
 
-from ._map import known_length, map_lazily
+from ._map_methods import MapMethods
 
 __all__ = ["TakenOnAThread", "TaskCounts", "WorkerPool"]
 
@@ -29,15 +29,13 @@ V = TypeVar("V")
 P = ParamSpec("P")
 
 
-def _no_chunks(deadline: float | None, chunk: list[Any]) -> Future[Any]:
-    raise AssertionError("WorkerPool.map submits one task per call")  # (chunksize=1)
-
-
-class WorkerPool(Executor, abc.ABC):
+class WorkerPool(MapMethods, abc.ABC):
     """What a `WorkerPoolManager` needs of a pool, on top of ``Executor``.
 
     Factories return instances of this class; in practice a subclass of
-    `BaseWorkerPool`. Everything here is safe to call from any thread.
+    `BaseWorkerPool`. Everything here is safe to call from any thread. The
+    map methods (``map``, ``imap``, ``imap_unordered``, ``starmap``,
+    ``starmap_unordered``) are `MapMethods`'.
     """
 
     #: A label for progress bars and logs: a manager sets it to ``str(key)``
@@ -71,71 +69,6 @@ class WorkerPool(Executor, abc.ABC):
     ) -> Future[T] | None:
         """`submit`, or None if it would block (the default: it might, so None)."""
         return None
-
-    @overload
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        progress: bool | str = False,
-        return_exceptions: Literal[False] = False,
-    ) -> Iterator[T]: ...
-
-    @overload
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        progress: bool | str = False,
-        return_exceptions: bool,
-    ) -> Iterator[T | BaseException]: ...
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        progress: bool | str = False,
-        return_exceptions: bool = False,
-    ) -> Iterator[T | BaseException]:
-        """``Executor.map``, with a progress bar if ``progress`` (see `BaseWorkerPool.map`).
-
-        ``return_exceptions`` (as ``asyncio.gather``'s): yield every call's
-        outcome in order, the exception in place of the result for a call
-        that failed, and go on past it (this default submits one task per
-        call; ``timeout`` still raises ``TimeoutError``).
-
-        Raises:
-            ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
-        """
-
-        def start() -> Iterator[Any]:
-            if return_exceptions:
-                return map_lazily(
-                    fn,
-                    iterables,
-                    submit=lambda deadline, call, args: self.submit(call, *args),
-                    submit_chunk=_no_chunks,
-                    timeout=timeout,
-                    chunksize=1,
-                    workers=1,
-                    window=None,
-                    progress=False,
-                    name=None,
-                    return_exceptions=True,
-                )
-            return super(WorkerPool, self).map(fn, *iterables, timeout=timeout, chunksize=chunksize)
-
-        if not progress:
-            return start()
-        from .progress import with_progress
-
-        return with_progress(start, progress, self.name, known_length(iterables), "item")
 
     @property
     @abc.abstractmethod

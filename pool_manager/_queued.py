@@ -38,13 +38,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Any, Generic, TypeVar
 
 from . import _threads
 from ._durations import to_count, wait_step
-from ._map import TARGET_CHUNK_SECONDS, OpenMaps, chunk_runner, map_lazily
+from ._map import TARGET_CHUNK_SECONDS, MapInput, OpenMaps, chunk_runner, map_lazily
 from ._pool_interface import TaskCounts, WorkerPool
 from .errors import PoolShutDownError, ResultTimeoutError
+from .progress import ProgressOption
 
 __all__ = ["ChunkedTaskPool", "QueuedPool"]
 
@@ -398,8 +399,9 @@ class QueuedPool(WorkerPool, Generic[F]):
 
 
 class ChunkedTaskPool(QueuedPool[F]):
-    """A `QueuedPool` whose ``map`` sends each chunk as one task of its own, run by
-    `chunk_runner` (the Dask and loky pools; `BaseWorkerPool` has its own ``map``).
+    """A `QueuedPool` whose map methods send each chunk as one task of its own, run
+    by `chunk_runner` (the Dask and loky pools; `BaseWorkerPool` has its own
+    ``_map_calls``).
 
     Subclasses define ``_submit(deadline, fn, args, kwargs)``: ``submit``,
     waiting for room only until ``deadline`` (a ``time.monotonic()`` time).
@@ -423,79 +425,31 @@ class ChunkedTaskPool(QueuedPool[F]):
     ) -> Future[Any]:
         """``submit``, waiting for room only until ``deadline``; raises ``TimeoutError`` then."""
 
-    @overload
-    def map(
+    def _map_calls(
         self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
-        return_exceptions: Literal[False] = False,
-    ) -> Iterator[T]: ...
-
-    @overload
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
+        fn: Callable[..., Any],
+        inputs: MapInput,
+        *,
+        ordered: bool,
+        timeout: float | None,
+        chunksize: int | None,
+        progress: ProgressOption,
         return_exceptions: bool,
-    ) -> Iterator[T | BaseException]: ...
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
-        return_exceptions: bool = False,
-    ) -> Iterator[T | BaseException]:
-        """Return an iterator of ``fn`` over the iterables, in order (``Executor.map``).
-
-        Lazy where it must be (unlike Dask's ``Client.map``): an input with a
-        length is cut into about ``CHUNKS_PER_WORKER`` chunks per unit of
-        `worker_count` and submitted at once; an input without one (a
-        generator) is read a bounded window ahead, in chunks sized to about
-        the engine's ``TARGET_CHUNK_SECONDS`` of calls as measured, and more
-        is read as results are consumed. A bounded pool (``max_pending``
-        set) submits only what it can hold. ``chunksize=1`` sends one task
-        (for a Dask pool, one Dask task) per call. ``timeout`` counts from
-        this call, also while the pool is full (then ``TimeoutError`` comes
-        from the call itself, or on iteration); on timeout or when the
-        iterator is closed, the tasks still queued are cancelled.
-
-        ``return_exceptions`` (as ``asyncio.gather``'s): yield every call's
-        outcome in order, the exception in place of the result for a call
-        that failed, and go on past it. A call that raised yields its
-        exception (one that cannot be pickled, a ``RuntimeError`` that
-        describes it); a task that failed as a whole (its worker lost:
-        `WorkerLostError`; or cancelled) yields that error for each of its
-        calls: every call of the chunk (run with ``chunksize=1`` to lose
-        only the call). The map's ``timeout`` still raises.
-
-        ``progress`` (True, or the bar's description) draws a tqdm progress
-        bar, as `BaseWorkerPool.map` does.
-
-        Raises:
-            ValueError: ``chunksize`` < 1.
-            ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
-            ResultTimeoutError: a result was not ready in time, or the pool
-                stayed full until the timeout (a ``TimeoutError`` and a
-                ``concurrent.futures.TimeoutError``, also on 3.10).
-            Exception: (on iteration, without ``return_exceptions``)
-                whatever ``fn`` raised.
-        """
-        runner = chunk_runner(fn, starred=len(iterables) > 1, catch=return_exceptions)
+    ) -> Iterator[Any]:
+        """Every map method's engine (see `MapMethods.map`): each chunk a task of
+        its own, run by `chunk_runner` (for a Dask pool, one Dask task), lazy
+        where it must be (unlike Dask's ``Client.map``); measured chunks hold
+        about the engine's ``_target_chunk_seconds`` of calls. A task that
+        failed as a whole yields its error, with ``return_exceptions``, for
+        every call of its chunk (run with ``chunksize=1`` to lose only the
+        call)."""
+        runner = chunk_runner(fn, starred=inputs.starred, catch=return_exceptions)
         submit = self._submit
         if self._calls_alone():
             chunksize = 1
         return map_lazily(
             fn,
-            iterables,
+            inputs,
             submit=lambda deadline, call, args: submit(deadline, call, args, {}),
             submit_chunk=lambda deadline, chunk: submit(deadline, runner, (chunk,), {}),
             timeout=timeout,
@@ -504,6 +458,7 @@ class ChunkedTaskPool(QueuedPool[F]):
             window=self._map_window(),
             progress=progress,
             name=self.name,
+            ordered=ordered,
             target_chunk_seconds=self._target_chunk_seconds,
             open_maps=self._open_maps,
             return_exceptions=return_exceptions,

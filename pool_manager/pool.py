@@ -14,9 +14,10 @@ of tasks, backpressure, and the futures it hands out.
   admission and backpressure, the grant, the counts, cancel while queued,
   idle callbacks, ``shutdown``;
 - this module: its constructor, the rest of the ``WorkerPool`` and
-  ``Executor`` methods (``submit``, ``map``, ``kill_task``, ``terminate``,
-  ``dispose``), its checks after a fork, and the hooks `QueuedPool` asks of
-  an engine;
+  ``Executor`` methods (``submit``, ``kill_task``, ``terminate``,
+  ``dispose``; ``_map_calls``, the engine of the map methods, which
+  ``_map_methods.py`` holds), its checks after a fork, and the hooks
+  `QueuedPool` asks of an engine;
 - ``_pool_dispatch.py`` (the mixin `_Dispatch`): dispatch, the pool's side
   of the caps across keys (the worker budget, the busy places), and
   ``_finish_tasks``, through which every task leaves the pool's books;
@@ -77,9 +78,9 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from . import _process, _threads
 from ._buffers import share
@@ -87,7 +88,7 @@ from ._compat import ProcessView, resolve_start_method
 from ._dispatch import RunTimes, task_kind
 from ._durations import Duration, memory_limits, to_count, to_seconds
 from ._main_module import main_to_import
-from ._map import map_lazily
+from ._map import MapInput, map_lazily
 from ._places import grant_places
 from ._platform import check_fork_server
 from ._pool_dispatch import _Dispatch
@@ -116,6 +117,7 @@ from ._worker import (
     worker_env,
 )
 from .errors import PoolShutDownError, TaskKilledError, UsedAfterForkError
+from .progress import ProgressOption
 
 if TYPE_CHECKING:
     from .budget import BusySlots, WorkerBudget
@@ -581,96 +583,24 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
             _process.kill_worker(pid)
         self.dispose(wait=True)
 
-    @overload
-    def map(
+    def _map_calls(
         self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
-        return_exceptions: Literal[False] = False,
-    ) -> Iterator[T]: ...
-
-    @overload
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
+        fn: Callable[..., Any],
+        inputs: MapInput,
+        *,
+        ordered: bool,
+        timeout: float | None,
+        chunksize: int | None,
+        progress: ProgressOption,
         return_exceptions: bool,
-    ) -> Iterator[T | BaseException]: ...
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        progress: bool | str = False,
-        return_exceptions: bool = False,
-    ) -> Iterator[T | BaseException]:
-        """Return an iterator of ``fn`` over the iterables, in order.
-
-        As ``Executor.map``, with an automatic ``chunksize`` when none is
-        given: an input with a length is cut into about
-        ``CHUNKS_PER_WORKER`` chunks per worker; an input without one (a
-        generator) is read a bounded window ahead, in chunks sized by the
-        measured time of each call, and more is read as results are
-        consumed, so an unbounded input never fills memory. A bounded pool
-        (``max_pending`` set) also submits only what it can hold. ``timeout``
-        counts from this call, also while the pool is full: once it has
-        passed, ``TimeoutError`` is raised (by the call itself if its first
-        submissions wait that long for room, else on iteration), and the
-        tasks the map submitted that have not started are cancelled.
-
-        The pool's ``task_timeout`` is each call's, chunks or not: a call
-        still running that long after it started has its worker ended and
-        fails with `TaskTimeoutError`; the calls before it keep their
-        results. A call that raises, or whose worker dies, costs no result
-        of the calls before it either: they are yielded first, then its
-        error is raised.
-
-        ``return_exceptions`` (as ``asyncio.gather``'s): yield every call's
-        outcome in order, the exception in place of the result for a call
-        that failed, and go on past it. A call that raised yields its
-        exception (one that cannot be pickled, a ``RuntimeError`` that
-        describes it); a call past ``task_timeout``, `TaskTimeoutError`, and
-        a call whose worker died or was ended for ``kill_worker_memory``,
-        `WorkerLostError` (`WorkerMemoryError`): in a chunk with a
-        deadline the worker reports each call, so that error is that
-        call's alone and the chunk's calls after it run again in a new
-        task; in a chunk without one (no ``task_timeout``), every call of
-        the chunk yields it (run with ``chunksize=1`` to lose only the
-        call). A result that cannot be pickled is its call's error in a
-        chunk with a deadline, every call's of its chunk without one. Any
-        other failure of a whole task (a terminated pool, arguments that
-        cannot be pickled or unpickled, a failed worker start) is yielded
-        for each call of its task that has no result. The map's ``timeout``
-        still raises ``TimeoutError``.
-
-        ``progress`` (True, or the bar's description) draws a tqdm progress
-        bar (the extra ``pool-manager[progress]``) that advances as results
-        are handed out, described by the pool's `name` (a manager's key);
-        its total is the input's length when it has one.
-
-        Raises:
-            ValueError: ``chunksize`` < 1.
-            ModuleNotFoundError: ``progress`` asked for and tqdm is not installed.
-            ResultTimeoutError: a result was not ready in time, or the pool
-                stayed full until the timeout (a ``TimeoutError`` and a
-                ``concurrent.futures.TimeoutError``, also on 3.10).
-            Exception: (on iteration, without ``return_exceptions``)
-                whatever ``fn`` raised, or the task's error
-                (`TaskTimeoutError`, `WorkerLostError`, ...).
-        """
-        runner = run_chunk_single if len(iterables) == 1 else run_chunk
+    ) -> Iterator[Any]:
+        """Every map method's engine (see `MapMethods.map`): a chunk runs as
+        `run_chunk`, whose worker reports each call in a task with a deadline."""
+        runner = run_chunk if inputs.starred else run_chunk_single
         catch = (True,) if return_exceptions else ()
         return map_lazily(
             fn,
-            iterables,
+            inputs,
             submit=self._submit_by,
             submit_chunk=lambda deadline, chunk: self._submit_by(
                 deadline, runner, (fn, chunk, *catch)
@@ -681,6 +611,7 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
             window=self._map_window(),
             progress=progress,
             name=self.name,
+            ordered=ordered,
             open_maps=self._open_maps,
             return_exceptions=return_exceptions,
         )

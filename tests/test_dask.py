@@ -334,6 +334,27 @@ def test_map_returns_results_in_order_for_every_kind_of_input(client: Client) ->
         pool.dispose()
 
 
+def test_the_ported_map_methods_work_on_a_dask_pool(client: Client, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    pool = DaskWorkerPool(client, 2)
+    try:
+        # Completion order: call 0 waits for the gate, call 1's (a path that
+        # exists) is open, and the gate opens once call 1's result is out.
+        results = pool.starmap_unordered(
+            wait_then_square, [(str(gate), 0), (str(tmp_path), 3)], chunksize=1
+        )
+        assert next(results) == 9
+        gate.touch()
+        assert list(results) == [0]
+        assert list(pool.starmap(pow, [(2, 5), (3, 2)], chunksize=1)) == [32, 9]
+        assert sorted(pool.imap_unordered(square, (i for i in range(50)))) == [
+            i * i for i in range(50)
+        ]
+        assert list(pool.imap(square, range(5), chunksize=2)) == [0, 1, 4, 9, 16]
+    finally:
+        pool.dispose()
+
+
 def test_an_unfinished_map_counts_until_it_ends(client: Client) -> None:
     # (What keeps a manager from disposing the pool under the map's consumer.)
     pool = DaskWorkerPool(client, 2)

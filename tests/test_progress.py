@@ -33,8 +33,11 @@ T = TypeVar("T")
 class _RecordingBar:
     made: list[_RecordingBar] = []
 
-    def __init__(self, total: int | None = None, desc: str | None = None, unit: str = "") -> None:
+    def __init__(
+        self, total: int | None = None, desc: str | None = None, unit: str = "", **options: Any
+    ) -> None:
         self.total, self.desc, self.unit = total, desc, unit
+        self.options = options
         self.n = 0
         self.closed = False
         _RecordingBar.made.append(self)

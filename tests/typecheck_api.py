@@ -53,6 +53,16 @@ def check(pool: BaseWorkerPool, manager: WorkerPoolManager) -> None:
     assert_type(pool.map(add, range(3), progress=True), Iterator[int])
     assert_type(pool.map(add, range(3), return_exceptions=True), Iterator[int | BaseException])
     assert_type(pool.map(add, range(3), return_exceptions=False), Iterator[int])
+    assert_type(pool.map(add, range(3), progress={"desc": "a", "leave": False}), Iterator[int])
+    assert_type(pool.imap_unordered(add, range(3), chunksize=2), Iterator[int])
+    assert_type(pool.imap(add, range(3)), Iterator[int])
+    assert_type(
+        pool.imap_unordered(add, range(3), return_exceptions=True), Iterator[int | BaseException]
+    )
+    pool.imap_unordered(add, ["one"])  # type: ignore[arg-type]
+    assert_type(pool.starmap(add, [(1, 2)]), Iterator[int])
+    assert_type(pool.starmap_unordered(add, [(1, 2)], progress="sums"), Iterator[int])
+    assert_type(pool.starmap(add, [(1, 2)], return_exceptions=True), Iterator[int | BaseException])
     assert_type(pool.task_counts(), TaskCounts)
     for future in as_completed([pool.submit(add, 1)], progress="sums"):
         assert_type(future, Future[int])
