@@ -267,6 +267,18 @@ def test_starmap_calls_fn_with_each_tuple_unpacked_in_order(
         assert list(pool.starmap(pow, [])) == []
 
 
+def test_the_chunk_size_may_be_given_by_position_as_multiprocessing_takes_it(
+    engine: str,
+) -> None:
+    with make_pool(engine) as pool:
+        assert list(pool.imap(abs, range(-4, 4), 3)) == [abs(x) for x in range(-4, 4)]
+        assert sorted(pool.imap_unordered(abs, range(-4, 4), 3)) == sorted(map(abs, range(-4, 4)))
+        assert list(pool.starmap(pow, [(2, 3), (3, 2)], 1)) == [8, 9]
+        assert sorted(pool.starmap_unordered(pow, [(2, 3), (3, 2)], 1)) == [8, 9]
+        with pytest.raises(ValueError, match="chunksize"):
+            pool.imap_unordered(abs, range(3), 0)
+
+
 @pytest.mark.parametrize("chunksize", [None, 1])
 def test_map_of_a_partial_fixes_keyword_arguments(engine: str, chunksize: int | None) -> None:
     cube = functools.partial(power, exponent=3)  # a function of this test module
