@@ -20,7 +20,8 @@ here, under the pool's ``_lock``:
   to) and settling a future (`_settle`);
 - shutdown: ``shutdown(cancel_futures=True)`` and an engine's ``terminate``
   cancel what is queued (`_cancel_queued`); blocked submits raise
-  `PoolShutDownError`.
+  `PoolShutDownError`, whose message says why when a manager ended the
+  pool (`set_shutdown_reason`).
 
 Each engine keeps its own: its books of unfinished tasks
 (``_outstanding``), sending (dispatch), how results come back and what
@@ -49,6 +50,9 @@ from .errors import PoolShutDownError, ResultTimeoutError
 __all__ = ["ChunkedTaskPool", "QueuedPool"]
 
 T = TypeVar("T")
+
+#: What a pool shut down by its own ``shutdown`` says (``ProcessPoolExecutor``'s words).
+_PLAIN_REFUSAL = "cannot schedule new futures after shutdown"
 
 #: Indices of a pool's ``_counts``.
 _SUBMITTED, _COMPLETED, _FAILED, _CANCELLED = range(4)
@@ -121,6 +125,8 @@ class QueuedPool(WorkerPool, Generic[F]):
         self._counts = [0, 0, 0, 0]  # submitted, completed, failed, cancelled
         self._granted: int | None = None  # None: not granted piecemeal, all usable
         self._shut_down = False
+        #: What `PoolShutDownError` says once shut down (`set_shutdown_reason`).
+        self._refusal = _PLAIN_REFUSAL
         self._idle_callbacks: list[Callable[[], object]] = []
         self._open_maps = OpenMaps()  # lock-free (see OpenMaps)
         #: Held by dispose while it releases the engine's resources: a second
@@ -242,6 +248,20 @@ class QueuedPool(WorkerPool, Generic[F]):
         """True once `shutdown`, `dispose` or `terminate` was called."""
         return self._shut_down
 
+    def set_shutdown_reason(self, reason: str) -> None:
+        """Say why the pool is about to be shut down: `PoolShutDownError`'s message from then on.
+
+        A `WorkerPoolManager` calls it just before it disposes of a pool it
+        built (expired, retired, to free memory, or with the manager), so
+        that a ``submit`` on the pool, kept past its lease, says which key's
+        pool it was, why it went and what to do. A pool already shut down
+        keeps what it says: one shut down by its own `shutdown` raises with
+        ``ProcessPoolExecutor``'s plain message.
+        """
+        with self._lock:
+            if not self._shut_down:
+                self._refusal = reason
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work and release what the pool holds (``Executor.shutdown``).
 
@@ -287,7 +307,7 @@ class QueuedPool(WorkerPool, Generic[F]):
         if self._max_pending is not None and not self._wait_for_room(deadline, block):
             return False
         if self._shut_down:
-            raise PoolShutDownError("cannot schedule new futures after shutdown")
+            raise PoolShutDownError(self._refusal)
         return True
 
     def _wait_for_room(self, deadline: float | None, block: bool) -> bool:

@@ -474,7 +474,7 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
         except Exception as error:
             # As ProcessPoolExecutor: a task that cannot be pickled fails its future.
             if self._shut_down:
-                raise PoolShutDownError("cannot schedule new futures after shutdown") from None
+                raise PoolShutDownError(self._refusal) from None
             failed: Future[T] = Future()
             failure = error
             if not isinstance(error, pickle.PicklingError):

@@ -1,0 +1,281 @@
+"""Errors that say what to do: a pool its manager ended says which key's pool
+it was, why it went, and what to do instead.
+
+Expiry, retirement and memory pressure are driven by a fake clock and
+``manager.sweep()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pool_manager import (
+    BaseWorkerPool,
+    PoolShutDownError,
+    WorkerPool,
+    WorkerPoolManager,
+    memory,
+)
+
+from .helpers import FakeClock, poll, square, wait_then_square
+
+STALE = 600.0
+LIFETIME = 3600.0
+PLAIN = "cannot schedule new futures after shutdown"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=["fork_server", "loky"])
+def engine(request: pytest.FixtureRequest) -> str:
+    if request.param == "loky":
+        pytest.importorskip("loky", reason="the loky extra is not installed")
+    return str(request.param)
+
+
+@pytest.fixture
+def manager(clock: FakeClock, engine: str) -> Iterator[WorkerPoolManager]:
+    with WorkerPoolManager(
+        2, STALE, LIFETIME, clock=clock, memory_sample_interval=None, engine=engine
+    ) as manager:
+        yield manager
+
+
+def refusals(pool: WorkerPool) -> list[BaseException]:
+    """What each way of handing the pool work raises: submit, map, run."""
+    calls: list[Callable[[], object]] = [
+        lambda: pool.submit(square, 3),
+        lambda: pool.submit(square, threading.Lock()),  # (cannot be pickled)
+        lambda: list(pool.map(square, [1, 2])),
+        lambda: asyncio.run(pool.run(square, 3)),
+    ]
+    if isinstance(pool, BaseWorkerPool):
+        calls.append(lambda: pool.submit_with_timeout(5, square, 3))
+    raised = []
+    for call in calls:
+        with pytest.raises(PoolShutDownError) as caught:
+            call()
+        raised.append(caught.value)
+    return raised
+
+
+def assert_says(pool: WorkerPool, *parts: str) -> str:
+    """Every entry point raises a `PoolShutDownError` (a ``RuntimeError``) whose
+    message has each of ``parts``; returns the message."""
+    messages = set()
+    for error in refusals(pool):
+        assert isinstance(error, RuntimeError)
+        messages.add(str(error))
+    (message,) = messages
+    for part in parts:
+        assert part in message, (part, message)
+    return message
+
+
+@pytest.mark.timeout(120)
+def test_an_expired_pool_names_its_key_the_reason_and_the_remedy(
+    manager: WorkerPoolManager, clock: FakeClock
+) -> None:
+    with manager.lease("tenant-a") as pool:
+        assert pool.submit(square, 2).result(timeout=60) == 4
+    clock.advance(STALE)
+    assert manager.sweep().expired == ["tenant-a"]
+    assert pool.is_shut_down
+    message = assert_says(
+        pool,
+        "the pool of key 'tenant-a' expired (unused for 600 s, stale_pool_expiration)",
+        "disposed by its manager",
+        "take a new lease (manager.get_pool('tenant-a')) rather than keeping the pool",
+    )
+    assert PLAIN not in message
+
+
+@pytest.mark.timeout(120)
+def test_a_retired_pool_says_it_was_retired(manager: WorkerPoolManager, clock: FakeClock) -> None:
+    pool, done = manager.get_pool(("tenant", 7))
+    clock.advance(LIFETIME)
+    assert manager.sweep().retired == [("tenant", 7)]
+    # Retired but leased: it still takes work until its lease is released.
+    assert pool.submit(square, 5).result(timeout=60) == 25
+    done()
+    manager.sweep()
+    assert pool.is_shut_down
+    assert_says(
+        pool,
+        "the pool of key ('tenant', 7) was retired (older than max_pool_lifetime, 3600 s)",
+        "manager.get_pool(('tenant', 7))",
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_disposed_for_memory_says_so(
+    engine: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory, "available_memory", lambda: 100_000_000)
+    with WorkerPoolManager(
+        1,
+        STALE,
+        LIFETIME,
+        clock=clock,
+        engine=engine,
+        memory_sample_interval=5,
+        min_available_memory="1GB",
+    ) as manager:
+        with manager.lease("big") as pool:
+            assert pool.submit(square, 2).result(timeout=60) == 4
+        clock.advance(5)  # the next sample is due
+        manager.sweep()
+        # (The supervisor may be the one that sampled.)
+        assert poll(lambda: pool.is_shut_down and "big" not in manager, timeout=60)
+        assert_says(
+            pool,
+            "the pool of key 'big' was disposed by its manager to free memory",
+            "100 MB available, below min_available_memory=1000 MB",
+            "manager.get_pool('big')",
+        )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["shutdown", "terminate", "shutdown_within"])
+def test_a_pool_whose_manager_ended_says_to_use_a_new_manager(engine: str, how: str) -> None:
+    manager = WorkerPoolManager(2, STALE, LIFETIME, memory_sample_interval=None, engine=engine)
+    try:
+        leased, _ = manager.get_pool("leased")  # (shut down with its manager all the same)
+        with manager.lease("idle") as idle:
+            assert idle.submit(square, 2).result(timeout=60) == 4
+    finally:
+        if how == "shutdown_within":
+            manager.shutdown_within(5)
+        else:
+            getattr(manager, how)()
+    word = "terminated" if how == "terminate" else "shut down"
+    for key, pool in (("leased", leased), ("idle", idle)):
+        assert_says(
+            pool,
+            f"the pool of key {key!r} was disposed because its manager was {word}",
+            "create a new WorkerPoolManager",
+        )
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_shut_down_by_its_user_keeps_the_plain_message(
+    engine: str, clock: FakeClock
+) -> None:
+    events: list[tuple[str, object]] = []
+    with WorkerPoolManager(
+        2,
+        STALE,
+        LIFETIME,
+        clock=clock,
+        memory_sample_interval=None,
+        engine=engine,
+        on_event=lambda event: events.append((event.kind, event.key)),
+    ) as manager:
+        with manager.lease("mine") as pool:
+            pool.shutdown()
+        assert {str(error) for error in refusals(pool)} == {PLAIN}
+        # A fresh pool takes its key; the manager disposes of the old one (and
+        # tells it why): it still says what its user's shutdown said.
+        with manager.lease("mine") as fresh:
+            assert fresh is not pool
+        manager.sweep()
+        assert poll(lambda: ("pool_disposed", "mine") in events, timeout=60)
+        assert {str(error) for error in refusals(pool)} == {PLAIN}
+        clock.advance(STALE)
+        manager.sweep()
+        assert "the pool of key 'mine' expired" in str(refusals(fresh)[0])
+
+
+def test_a_standalone_pool_keeps_the_plain_message(engine: str) -> None:
+    pool: WorkerPool
+    if engine == "loky":
+        from pool_manager.loky import LokyWorkerPool
+
+        pool = LokyWorkerPool(1)
+    else:
+        pool = BaseWorkerPool(1)
+    with pool:
+        pass
+    assert {str(error) for error in refusals(pool)} == {PLAIN}
+
+
+@pytest.mark.timeout(120)
+def test_a_blocked_submit_hears_why_its_pool_ended(
+    engine: str, tmp_path: Any, clock: FakeClock
+) -> None:
+    gate = tmp_path / "gate"
+    manager = WorkerPoolManager(
+        1, STALE, LIFETIME, max_pending=0, clock=clock, memory_sample_interval=None, engine=engine
+    )
+    try:
+        pool, done = manager.get_pool("full")
+        running = pool.submit(wait_then_square, str(gate), 3)
+        blocked: list[BaseException] = []
+
+        def submit() -> None:
+            try:
+                pool.submit(square, 2)
+            except BaseException as error:
+                blocked.append(error)
+
+        thread = threading.Thread(target=submit)
+        thread.start()
+        assert poll(lambda: pool._blocked_submits == 1, timeout=30)  # type: ignore[attr-defined]
+        gate.touch()  # (the shutdown lets the running task finish)
+        manager.shutdown(wait=False)
+        thread.join(60)
+        done()
+        assert running.result(timeout=60) == 9
+    finally:
+        gate.touch()
+        manager.shutdown()
+    (error,) = blocked
+    assert isinstance(error, PoolShutDownError)
+    assert re.search(r"key 'full' was disposed because its manager was shut down", str(error))
+
+
+class _ThreadPool(WorkerPool):
+    """A custom `WorkerPool` with no ``set_shutdown_reason``: the manager leaves it alone."""
+
+    def __init__(self, max_size: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._threads = ThreadPoolExecutor(2)
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return self._threads.submit(fn, *args, **kwargs)
+
+    max_size = worker_count = 2
+
+    def grant_workers(self, count: int) -> int:
+        return 2
+
+    unfinished_tasks = 0
+
+    def worker_pids(self) -> list[int]:
+        return []
+
+    def add_idle_callback(self, callback: Callable[[], object]) -> None:
+        pass
+
+    def dispose(self, wait: bool = True) -> None:
+        self._threads.shutdown(wait)
+
+
+def test_a_custom_pool_without_the_hook_is_disposed_as_before(clock: FakeClock) -> None:
+    with WorkerPoolManager(2, STALE, LIFETIME, clock=clock, memory_sample_interval=None) as manager:
+        with manager.lease("custom", factory=_ThreadPool) as pool:
+            assert pool.submit(square, 3).result(timeout=60) == 9
+        clock.advance(STALE)
+        assert manager.sweep().expired == ["custom"]
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        pool.submit(square, 3)
