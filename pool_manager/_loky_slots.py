@@ -274,12 +274,18 @@ def _poisoned(error: BaseException) -> BaseException:
     return poisoned
 
 
+def _setup_failure(failure: str) -> tuple[str, str]:
+    """What failed in a worker (its initializer, or loading the shared data), and
+    its traceback, from what `_probe` answered."""
+    if failure.startswith(SHARED_DATA_FAILED):
+        return "loading the pool's shared_data", failure[len(SHARED_DATA_FAILED) :]
+    return "the pool's initializer", failure
+
+
 def _not_ready(count: int, error: BaseException | None, failure: str | None) -> BaseException:
     """The error for queued tasks once ``count`` slots in a row failed to get ready."""
     if failure is not None:
-        what = "the pool's initializer"
-        if failure.startswith(SHARED_DATA_FAILED):
-            what, failure = "loading the pool's shared_data", failure[len(SHARED_DATA_FAILED) :]
+        what, failure = _setup_failure(failure)
         return WorkerPoolBrokenError(
             f"{what} failed in {count} loky worker processes in a row; the task was not "
             f"run. The last failure, in the worker:\n{failure}"

@@ -124,6 +124,7 @@ from ._loky_slots import (
     _probe,
     _run,
     _settling_here,
+    _setup_failure,
     _Slot,
     _SlotState,
     _start_slot,
@@ -613,7 +614,10 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                 if error is not None or failure is not None:
                     self._close_slot(slot, actions, kill=True)
                     self._start_failed(_not_ready(self._fruitless + 1, error, failure), actions)
+                    if failure is not None:
+                        self._worker_setup_failed(*_setup_failure(failure))
                 else:
+                    self._worker_got_ready()
                     self._fruitless = 0
                     slot.pid, slot.ready = pid, True
                     if slot.retiring and not slot.handed:
@@ -622,6 +626,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                         self._sending(slot, list(slot.handed), actions)
                 self._plan(actions)
             self._act(actions)
+        self._log_setup_failure()
 
     def _feed(self, slot: _Slot) -> None:
         """Submit ``slot``'s handed tasks to its executor, in the order handed."""

@@ -356,6 +356,7 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
         with self._lock:
             events, self._worker_events = self._worker_events, []
             callbacks = list(self._worker_event_callbacks)
+        self._log_setup_failure()  # (a worker's failed initializer: once, see QueuedPool)
         for kind, pid, reason in events:
             logger.debug("worker %d: %s (%s)", pid, kind, reason)
             for callback in callbacks:

@@ -8,6 +8,7 @@ Expiry, retirement and memory pressure are driven by a fake clock and
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -19,11 +20,19 @@ from pool_manager import (
     BaseWorkerPool,
     PoolShutDownError,
     WorkerPool,
+    WorkerPoolBrokenError,
     WorkerPoolManager,
     memory,
 )
 
-from .helpers import FakeClock, poll, square, wait_then_square
+from .helpers import (
+    FakeClock,
+    poll,
+    raise_value_error,
+    raise_while_exists,
+    square,
+    wait_then_square,
+)
 
 STALE = 600.0
 LIFETIME = 3600.0
@@ -48,6 +57,15 @@ def manager(clock: FakeClock, engine: str) -> Iterator[WorkerPoolManager]:
         2, STALE, LIFETIME, clock=clock, memory_sample_interval=None, engine=engine
     ) as manager:
         yield manager
+
+
+def new_pool(engine: str, max_size: int, **options: Any) -> WorkerPool:
+    """A standalone pool on ``engine``."""
+    if engine == "loky":
+        from pool_manager.loky import LokyWorkerPool
+
+        return LokyWorkerPool(max_size, **options)
+    return BaseWorkerPool(max_size, **options)
 
 
 def refusals(pool: WorkerPool) -> list[BaseException]:
@@ -196,14 +214,7 @@ def test_a_pool_shut_down_by_its_user_keeps_the_plain_message(
 
 
 def test_a_standalone_pool_keeps_the_plain_message(engine: str) -> None:
-    pool: WorkerPool
-    if engine == "loky":
-        from pool_manager.loky import LokyWorkerPool
-
-        pool = LokyWorkerPool(1)
-    else:
-        pool = BaseWorkerPool(1)
-    with pool:
+    with new_pool(engine, 1) as pool:
         pass
     assert {str(error) for error in refusals(pool)} == {PLAIN}
 
@@ -279,3 +290,64 @@ def test_a_custom_pool_without_the_hook_is_disposed_as_before(clock: FakeClock) 
         assert manager.sweep().expired == ["custom"]
     with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
         pool.submit(square, 3)
+
+
+# -- a failing initializer: its traceback logged once -----------------------------
+
+
+def logged_failures(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "pool_manager" and text in r.getMessage()]
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_initializer_is_logged_once_and_not_by_each_worker(
+    engine: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.ERROR, logger="pool_manager")
+    with new_pool(engine, 2, initializer=raise_value_error, initargs=("no model here",)) as pool:
+        pool.name = "tenant-a"
+        errors = []
+        for _ in range(2):  # (two rounds: each tries MAX_ATTEMPTS workers)
+            futures = [pool.submit(square, i) for i in range(3)]
+            for future in futures:
+                with pytest.raises(WorkerPoolBrokenError) as caught:
+                    future.result(timeout=60)
+                errors.append(str(caught.value))
+        # (Logged off the thread that fails the tasks: poll for it.)
+        assert poll(lambda: logged_failures(caplog, "no model here"), timeout=30)
+    # (Several workers failed, each of which once printed the traceback.)
+    counts = [re.search(r"failed in (\d+) (loky )?worker processes in a row", e) for e in errors]
+    assert all(count is not None and int(count[1]) >= 3 for count in counts)
+    (record,) = logged_failures(caplog, "no model here")
+    assert record.levelno == logging.ERROR
+    message = record.getMessage()
+    assert message.startswith("the pool 'tenant-a': in a worker process, the pool's initializer")
+    # The same traceback the tasks' error holds.
+    traceback = message[message.index("Traceback (most recent call last):") :]
+    assert traceback.endswith("ValueError: no model here")
+    assert all(traceback in error for error in errors)
+    assert "no model here" not in capfd.readouterr().err  # (the workers print nothing)
+
+
+@pytest.mark.timeout(120)
+def test_an_initializer_failing_again_after_a_worker_got_ready_is_logged_again(
+    engine: str, caplog: pytest.LogCaptureFixture, tmp_path: Any
+) -> None:
+    caplog.set_level(logging.ERROR, logger="pool_manager")
+    switch = tmp_path / "broken"
+    switch.touch()
+    options: dict[str, Any] = {"initializer": raise_while_exists, "initargs": (str(switch),)}
+    # (A worker per task: each task starts one, and runs its initializer.)
+    with new_pool(engine, 1, max_tasks_per_worker=1, **options) as pool:
+        with pytest.raises(WorkerPoolBrokenError):
+            pool.submit(square, 1).result(timeout=60)
+        with pytest.raises(WorkerPoolBrokenError):
+            pool.submit(square, 2).result(timeout=60)  # (the same run of failures)
+        assert poll(lambda: logged_failures(caplog, "no model while"), timeout=30)
+        switch.unlink()
+        assert pool.submit(square, 3).result(timeout=60) == 9  # a worker got ready
+        switch.touch()
+        with pytest.raises(WorkerPoolBrokenError):
+            pool.submit(square, 4).result(timeout=60)
+        assert poll(lambda: len(logged_failures(caplog, "no model while")) == 2, timeout=30)
+    assert len(logged_failures(caplog, "no model while")) == 2
