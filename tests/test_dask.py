@@ -326,12 +326,16 @@ def test_the_chunk_runner_that_goes_on_past_errors_needs_nothing_of_pool_manager
     program = (
         "import sys, pickle; sys.modules['pool_manager'] = None; "
         "results = pickle.loads(sys.stdin.buffer.read())(['1', 'x', '3']); "
-        "print(results[0], type(results[1]).__name__, results[2])"
+        "results = pickle.loads(pickle.dumps(results)); "  # (as they travel)
+        "print(results[0], type(results[1]).__name__, results[2]); "
+        "print(results[1].__cause__)"
     )
     ran = subprocess.run(
         [sys.executable, "-c", program], input=blob, capture_output=True, check=True, timeout=60
     )
-    assert ran.stdout.decode().split() == ["1", "ValueError", "3"]
+    first, *cause = ran.stdout.decode().splitlines()
+    assert first.split() == ["1", "ValueError", "3"]
+    assert "Traceback (most recent call last)" in "\n".join(cause)  # (the worker's, with it)
 
 
 def test_map_returns_results_in_order_for_every_kind_of_input(client: Client) -> None:
