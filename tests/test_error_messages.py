@@ -1,17 +1,24 @@
 """Errors that say what to do: a pool its manager ended says which key's pool
-it was, why it went, and what to do instead.
+it was, why it went, and what to do instead; a worker's failed initializer
+is logged once; a remote traceback names the script's file and line.
 
 Expiry, retirement and memory pressure are driven by a fake clock and
-``manager.sweep()``.
+``manager.sweep()``; the tracebacks, by scripts run in an interpreter of
+their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +44,7 @@ from .helpers import (
 STALE = 600.0
 LIFETIME = 3600.0
 PLAIN = "cannot schedule new futures after shutdown"
+ROOT = Path(__file__).resolve().parent.parent  # (scripts import this checkout)
 
 
 @pytest.fixture
@@ -351,3 +359,138 @@ def test_an_initializer_failing_again_after_a_worker_got_ready_is_logged_again(
             pool.submit(square, 4).result(timeout=60)
         assert poll(lambda: len(logged_failures(caplog, "no model while")) == 2, timeout=30)
     assert len(logged_failures(caplog, "no model while")) == 2
+
+
+# -- remote tracebacks name the script's file and line ----------------------------
+
+SCRIPT = """\
+import sys
+from pool_manager import BaseWorkerPool
+from pool_manager.loky import LokyWorkerPool
+
+COUNT = []
+
+
+def bad(x):
+    return 1 / x  # the failing line
+
+
+def count(_):
+    COUNT.append(1)
+    return len(COUNT)
+
+
+def nested():
+    def inner(x):
+        return 1 / x  # the nested failing line
+    return inner
+
+
+def init_fails():
+    raise ValueError("no model for this worker")
+
+
+if __name__ == "__main__":
+    engine = sys.argv[1]
+
+    def make(**options):
+        if engine == "fork_server":
+            return BaseWorkerPool(1, **options)
+        return LokyWorkerPool(1, context=engine, **options)
+
+    with make() as pool:
+        for name, fn in (("function", bad), ("lambda", lambda x: 1 / x), ("nested", nested())):
+            try:
+                pool.submit(fn, 0).result(timeout=60)
+            except ZeroDivisionError as error:
+                print(f"== {name}\\n{error.__cause__}")
+        try:
+            list(pool.map(bad, [1, 0], chunksize=2))
+        except ZeroDivisionError as error:
+            print(f"== map\\n{error.__cause__}")
+        print("== counts", [pool.submit(count, 0).result(timeout=60) for _ in range(3)])
+    with make(initializer=init_fails) as pool:
+        try:
+            pool.submit(count, 0).result(timeout=60)
+        except Exception as error:
+            print(f"== initializer\\n{error}")
+"""
+
+
+def run_python(args: list[str], cwd: Path) -> str:
+    done = subprocess.run(
+        ["timeout", "150", sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=160,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def sections(output: str) -> dict[str, str]:
+    """The script's output by its ``== name`` headers."""
+    found = {}
+    for part in output.split("== ")[1:]:
+        name, _, text = part.partition("\n")
+        found[name.split()[0]] = part if name.startswith("counts") else text
+    return found
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("engine", ["fork_server", "loky", "loky_init_main"])
+def test_a_remote_traceback_names_the_scripts_file_line_and_source(
+    engine: str, tmp_path: Path
+) -> None:
+    if engine != "fork_server":
+        pytest.importorskip("loky", reason="the loky extra is not installed")
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    lines = SCRIPT.splitlines()
+
+    def at(text: str) -> str:
+        return f'File "{script}", line {lines.index(text) + 1}'
+
+    output = run_python([str(script), engine], tmp_path)
+    assert "<dynamic-code>" not in output
+    found = sections(output)
+    for name in ("function", "map"):
+        assert f"{at('    return 1 / x  # the failing line')}, in bad" in found[name]
+        assert "return 1 / x  # the failing line" in found[name]  # (its source line)
+    lambda_line = next(line for line in lines if "lambda x: 1 / x" in line)
+    assert f"{at(lambda_line)}, in <lambda>" in found["lambda"]
+    nested_line = "        return 1 / x  # the nested failing line"
+    assert f"{at(nested_line)}, in inner" in found["nested"]
+    assert "return 1 / x  # the nested failing line" in found["nested"]
+    raise_line = '    raise ValueError("no model for this worker")'
+    assert f"{at(raise_line)}, in init_fails" in found["initializer"]
+    # The script's functions go by reference where the workers imported the
+    # script: the module's state lives on between a worker's tasks (by value,
+    # each task has its own copy of the globals).
+    by_reference = engine != "loky"  # ("loky" starts workers that import no main module)
+    counts = found["counts"].split(" ", 1)[1].strip()
+    assert counts == ("[1, 2, 3]" if by_reference else "[1, 1, 1]")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("engine", ["fork_server", "loky"])
+def test_code_from_python_c_keeps_its_pseudo_file_name(engine: str, tmp_path: Path) -> None:
+    if engine == "loky":
+        pytest.importorskip("loky", reason="the loky extra is not installed")
+    program = textwrap.dedent(
+        f"""\
+        from pool_manager import BaseWorkerPool
+        from pool_manager.loky import LokyWorkerPool
+        pool = (BaseWorkerPool if {engine!r} == "fork_server" else LokyWorkerPool)(1)
+        with pool:
+            try:
+                pool.submit(lambda x: 1 / x, 0).result(timeout=60)
+            except ZeroDivisionError as error:
+                print(error.__cause__)
+        """
+    )
+    output = run_python(["-c", program], tmp_path)
+    assert 'File "<string>", line 6, in <lambda>' in output
+    assert "<dynamic-code>" not in output
