@@ -101,7 +101,7 @@ def _start_slot(
 
 #: What `_probe` answers: the worker's pid, its initializer's failure if any,
 #: and the main script's module if loky imported it (`_imported_main`).
-Probed = tuple[int, str | None, "tuple[str, MainReport] | None"]
+Probed = tuple[int, str | None, tuple[str, MainReport] | None]
 
 
 def _probe() -> Probed:
