@@ -8,26 +8,40 @@ the pool's initializer; it keeps the failure of either),
 `_probe` as its first task, and each task through `_run`, which answers
 with the worker's pid. They travel by reference: a loky worker imports
 this module (and loky) to run them.
+
+A task whose function loky would pickle by value (``__main__``'s, a lambda,
+a nested function: cloudpickle names its file ``<dynamic-code>``, and a
+traceback loses the script's lines) travels `_Pickled` by this package's
+pickler instead (`_task_call`): its code keeps its file name, and where the
+worker imported the main script (the ``loky_init_main`` and ``spawn``
+contexts; `_probe` reports it) the main script's functions and classes go
+by reference to that module, as on the fork-server engine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
 import traceback
+import types
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, SupportsIndex
 
 import cloudpickle
 from loky.process_executor import TerminatedWorkerError
 
 from . import _loky_shared, _shared, _threads
 from ._durations import to_count
+from ._main_module import MP_MAIN, _report, by_reference
+from ._protocol import _BY_VALUE_MODULES, ByReference, MainReport, dumps
 from ._queued import QueuedPool, _QueuedFuture
 from ._worker import _watch_parent, check_hook, worker_env
 from .errors import (
@@ -106,9 +120,25 @@ def _finish_slot() -> None:
         sys.stderr.flush()
 
 
-def _probe() -> tuple[int, str | None]:
-    """(In a worker: a slot's first task) its pid, and its initializer's failure if any."""
-    return os.getpid(), _init_failure
+#: What `_probe` answers: the worker's pid, its initializer's failure if any,
+#: and the main script's module if loky imported it (`_imported_main`).
+Probed = tuple[int, str | None, tuple[str, MainReport] | None]
+
+
+def _probe() -> Probed:
+    """(In a worker: a slot's first task) its pid, its initializer's failure if any,
+    and its main module."""
+    return os.getpid(), _init_failure, _imported_main()
+
+
+def _imported_main() -> tuple[str, MainReport] | None:
+    """(In a worker) the main script's module, if loky imported it (``loky_init_main``,
+    ``spawn``): its file, and what it defines (as the fork server reports it)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or main.__name__ != MP_MAIN or not isinstance(path, str):
+        return None
+    return os.path.abspath(path), _report(main)
 
 
 def _run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -120,6 +150,97 @@ def _run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) 
     started = time.perf_counter()
     value = fn(*args, **kwargs)
     return os.getpid(), time.perf_counter() - started, value
+
+
+def _run_pickled(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
+    """(In a worker) `_run`, for a call that came `_Pickled` (and loaded as itself)."""
+    return _run(*call)
+
+
+def _load(data: bytes, *buffers: Any) -> Any:
+    """(In a worker) what `_Pickled` sent."""
+    return pickle.loads(data, buffers=buffers)
+
+
+# -- what a slot is handed -----------------------------------------------------------
+
+
+class _Pickled:
+    """``obj`` as this package's pickler sends it (`_protocol.dumps`), not loky's:
+    code sent by value keeps its file name, and ``main`` (a `ByReference`)
+    says which of ``__main__``'s functions and classes go by reference. It
+    loads as ``obj``; its large buffers are left to loky's pickle, written once."""
+
+    __slots__ = ("main", "obj")
+
+    def __init__(self, obj: object, main: ByReference | None = None) -> None:
+        self.obj = obj
+        self.main = main
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        buffers: list[pickle.PickleBuffer] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            buffers.append(buffer)
+            return False
+
+        keep = out_of_band if operator.index(protocol) >= 5 else None
+        return _load, (dumps(self.obj, self.main, keep), *buffers)
+
+
+def _sends_code(fn: object) -> bool:
+    """Would pickling ``fn`` send its code, by value? A function, class or method of
+    ``__main__``, a lambda, a nested function, a partial of one, an instance of
+    ``__main__``'s class."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)  # (a method: its function)
+    if not isinstance(fn, (types.FunctionType, type)):
+        fn = type(fn)  # (a callable object: its class)
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "<")
+    return module in (None, "__main__") or "<" in qualname or module in _BY_VALUE_MODULES
+
+
+def _task_call(
+    call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]], main: ByReference | None
+) -> tuple[Any, ...]:
+    """What a slot's executor is handed to run ``call``: ``_run`` and the call, or,
+    where loky would send code by value (`_sends_code`), the call `_Pickled`
+    (``main``: the slot's `_Slot.main`)."""
+    if _sends_code(call[0]):
+        return _run_pickled, _Pickled(call, main)
+    return (_run, *call)
+
+
+def _start_args(
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+    shared: _loky_shared.LokySharedSpec | None,
+    index: int = 0,
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[Any, ...] = (),
+) -> tuple[Any, ...]:
+    """The arguments of `_start_slot` (a slot's executor's initializer): the pool's
+    initializer and finalizer `_Pickled` where they are code by value (by
+    value still: the worker's main module is not known yet)."""
+    sent = _Pickled(initializer) if _sends_code(initializer) else initializer
+    final = _Pickled(finalizer) if _sends_code(finalizer) else finalizer
+    return os.getpid(), sent, initargs, shared, index, final, finalargs
+
+
+def _main_refs(main: tuple[str, MainReport] | None) -> ByReference | None:
+    """(In the parent) which of ``__main__``'s objects go by reference to a worker
+    whose `_probe` answered ``main``: None if it imported no main module, or
+    not our script (each then goes by value)."""
+    ours = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main is None or not isinstance(ours, str) or os.path.abspath(ours) != main[0]:
+        return None
+    return functools.partial(_by_reference_to, main[1])
+
+
+def _by_reference_to(report: MainReport, obj: object) -> bool:
+    return by_reference(obj, report)  # type: ignore[arg-type]
 
 
 # -- in the parent -------------------------------------------------------------------
@@ -195,6 +316,7 @@ class _Slot:
         "holds_place",
         "idle_since",
         "index",
+        "main",
         "pid",
         "place_since",
         "ready",
@@ -209,6 +331,8 @@ class _Slot:
         self.executor: Any = None  # a loky.ProcessPoolExecutor, once started
         self.pid: int | None = None  # its worker's, from the probe and each answer
         self.ready = False  # its probe answered: it takes tasks
+        #: Which of ``__main__``'s objects go by reference to its worker (`_main_refs`).
+        self.main: ByReference | None = None
         self.retiring = False  # takes no more tasks; shut down once it holds none
         self.closed = False  # out of the pool (being shut down, or to be once started)
         self.handed: deque[_LokyTaskFuture] = deque()  # sent or to send, unanswered, in order
@@ -298,12 +422,18 @@ def _poisoned(error: BaseException) -> BaseException:
     return poisoned
 
 
+def _setup_failure(failure: str) -> tuple[str, str]:
+    """What failed in a worker (its initializer, or loading the shared data), and
+    its traceback, from what `_probe` answered."""
+    if failure.startswith(SHARED_DATA_FAILED):
+        return "loading the pool's shared_data", failure[len(SHARED_DATA_FAILED) :]
+    return "the pool's initializer", failure
+
+
 def _not_ready(count: int, error: BaseException | None, failure: str | None) -> BaseException:
     """The error for queued tasks once ``count`` slots in a row failed to get ready."""
     if failure is not None:
-        what = "the pool's initializer"
-        if failure.startswith(SHARED_DATA_FAILED):
-            what, failure = "loading the pool's shared_data", failure[len(SHARED_DATA_FAILED) :]
+        what, failure = _setup_failure(failure)
         return WorkerPoolBrokenError(
             f"{what} failed in {count} loky worker processes in a row; the task was not "
             f"run. The last failure, in the worker:\n{failure}"

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
+from concurrent.futures.process import _ExceptionWithTraceback, _rebuild_exc
 from typing import Any, NamedTuple, TypeVar
 
 from ._durations import MAX_WAIT
@@ -443,7 +444,7 @@ def _chunk_outcomes(
         failure = load_outcome(False, value.error)[1]
     elif isinstance(value, tuple):
         results.extend(value[0])
-        failure = value[1]
+        failure = _traced(value[1])
     else:
         results.extend(value)
     rerun = None
@@ -463,11 +464,21 @@ def _chunk_outcomes(
         for index, result in enumerate(results):
             if type(result) is CallFailed:
                 results[index] = load_outcome(False, result.error)[1]
+            elif type(result) is _ExceptionWithTraceback:
+                results[index] = _traced(result)
         if failure is not None:
             assert chunk is not None
             results.extend(itertools.repeat(failure, len(chunk) - len(results)))
             failure = None
     return _ChunkOutcome(results, failure, rerun or None)
+
+
+def _traced(error: Any) -> Any:
+    """A chunk runner's error: loaded with its worker's traceback as its cause, or
+    (run in this process: a Dask worker's thread) still wrapped, then unwrapped."""
+    if type(error) is _ExceptionWithTraceback:
+        return _rebuild_exc(error.exc, error.tb)  # type: ignore[arg-type]  # (tb: its text)
+    return error
 
 
 def _map_results(
@@ -542,7 +553,9 @@ def chunk_runner(
     With ``catch`` (``return_exceptions``), every call runs and one that
     raised has its exception in its place (one that cannot be pickled, a
     ``RuntimeError`` that describes it, as a `BaseWorkerPool`'s worker
-    sends it), so the other calls' results still travel.
+    sends it), so the other calls' results still travel. Each error goes
+    with its traceback (as ``ProcessPoolExecutor`` sends a task's: it loads
+    with the worker's traceback as its ``__cause__``).
 
     A nested function travels by value (cloudpickle), with builtins,
     itertools and cloudpickle only: a worker needs nothing of pool_manager
@@ -550,6 +563,8 @@ def chunk_runner(
     """
 
     def run_chunk(chunk: list[Any]) -> Any:
+        from concurrent.futures.process import _ExceptionWithTraceback as traced
+
         results: list[Any] = []
         if catch:
             import cloudpickle
@@ -558,6 +573,7 @@ def chunk_runner(
                 try:
                     results.append(fn(*item) if starred else fn(item))
                 except BaseException as error:
+                    where = error.__traceback__
                     try:
                         cloudpickle.dumps(error)
                     except BaseException as pickling_error:
@@ -565,7 +581,7 @@ def chunk_runner(
                             f"{type(error).__qualname__}: {error} (the exception itself could "
                             f"not be pickled: {pickling_error!r})"
                         )
-                    results.append(error)
+                    results.append(traced(error, where))  # type: ignore[arg-type]
             return results
         try:
             # (extend keeps what it appended before an error, as a loop would.)
@@ -573,7 +589,7 @@ def chunk_runner(
         except BaseException as error:
             if not results:
                 raise
-            return results, error
+            return results, traced(error, error.__traceback__)  # type: ignore[arg-type]
         return results
 
     return run_chunk

@@ -253,6 +253,10 @@ class _WorkerIO:
 
         def _emit_worker_events(self) -> None: ...
 
+        def _worker_setup_failed(self, what: str, traceback: str) -> None: ...
+
+        def _worker_got_ready(self) -> None: ...
+
         def _fail_unsent(
             self, worker: _Worker, futures: list[_TaskFuture], error: OSError
         ) -> None: ...
@@ -620,6 +624,7 @@ class _WorkerIO:
                             future.reported_late |= dying is not None and dying[0] == DEADLINE
                 elif kind == READY:
                     worker.ready = True
+                    self._worker_got_ready()
                 elif kind == INIT_FAILED:
                     worker.init_failed = (reason, body.decode("utf-8", "replace"))
             for worker in ended:
@@ -663,6 +668,8 @@ class _WorkerIO:
             step, text = worker.init_failed
             self._fruitless += 1
             why = "initializer failed" if step == INITIALIZER else "setup failed"
+            what = "the pool's initializer" if step == INITIALIZER else "the setup before it"
+            self._worker_setup_failed(what, text)
             self._worker_events.append(("worker_lost", pid, why))
             self._requeue(tasks)
             if self._fruitless >= MAX_ATTEMPTS:

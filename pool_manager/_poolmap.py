@@ -17,7 +17,15 @@ import heapq
 import itertools
 from collections.abc import Hashable
 
-from ._records import PoolState, _PoolEntry, _SweepPlan
+from ._records import (
+    PoolState,
+    _PoolEntry,
+    _SweepPlan,
+    ended_expired,
+    ended_for_memory,
+    ended_retired,
+    ended_with_manager,
+)
 
 __all__ = ["PoolMap"]
 
@@ -57,6 +65,8 @@ class PoolMap:
         """
         del self.entries[entry.key]
         entry.state = PoolState.RETIRING
+        # (A pool its user shut down keeps its own message: the pool ignores this.)
+        entry.ended = ended_retired(entry.key, self.max_lifetime)
         self.retiring.add(entry)
         return entry.idle()
 
@@ -84,7 +94,9 @@ class PoolMap:
                     entry.last_used = now
                 if now >= entry.last_used + self.stale_after:
                     del self.entries[entry.key]
-                    plan.expired.append((entry.key, now - entry.last_used))
+                    unused = now - entry.last_used
+                    entry.ended = ended_expired(entry.key, unused)
+                    plan.expired.append((entry.key, unused))
                     plan.due.append(entry)
                 else:
                     self.expires_after_use(entry)
@@ -114,11 +126,23 @@ class PoolMap:
                 if plan.next_deadline is None or recheck < plan.next_deadline:
                     plan.next_deadline = recheck
 
-    def take_least_recently_used_idle(self) -> _PoolEntry | None:
-        """The idle pool in the map used least recently, out of the map (None: none idle)."""
+    def take_least_recently_used_idle(self, available: int, minimum: int) -> _PoolEntry | None:
+        """The idle pool in the map used least recently, out of the map (None: none
+        idle), to free memory: ``available`` bytes, below ``minimum``."""
         idle = [e for e in self.entries.values() if e.idle()]
         if not idle:
             return None
         victim = min(idle, key=lambda e: e.last_used)
         del self.entries[victim.key]
+        victim.ended = ended_for_memory(victim.key, available, minimum)
         return victim
+
+    def take_all(self, how: str) -> list[_PoolEntry]:
+        """Every pool in the map and retiring, out of both: their manager was ``how``
+        (``"shut down"``, ``"terminated"``)."""
+        ending = [*self.entries.values(), *self.retiring]
+        for entry in ending:
+            entry.ended = ended_with_manager(entry.key, how)
+        self.entries.clear()
+        self.retiring.clear()
+        return ending

@@ -457,9 +457,18 @@ def _reduce_method(method: types.MethodType) -> tuple[Any, tuple[Any, str]]:
     return getattr, (method.__self__, method.__func__.__name__)
 
 
+def _reduce_code(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
+    # cloudpickle names the file of code it sends by value "<dynamic-code>": a
+    # traceback then loses the script's path and lines. The real name goes.
+    make, args = cloudpickle.CloudPickler.dispatch_table[types.CodeType](code)
+    filename = code.co_filename
+    return make, tuple(filename if type(a) is str and a == "<dynamic-code>" else a for a in args)
+
+
 class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
     dispatch_table = ChainMap(
-        {types.MethodType: _reduce_method}, cloudpickle.CloudPickler.dispatch_table
+        {types.MethodType: _reduce_method, types.CodeType: _reduce_code},
+        cloudpickle.CloudPickler.dispatch_table,
     )
 
 

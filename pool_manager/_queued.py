@@ -20,7 +20,11 @@ here, under the pool's ``_lock``:
   to) and settling a future (`_settle`);
 - shutdown: ``shutdown(cancel_futures=True)`` and an engine's ``terminate``
   cancel what is queued (`_cancel_queued`); blocked submits raise
-  `PoolShutDownError`.
+  `PoolShutDownError`, whose message says why when a manager ended the
+  pool (`set_shutdown_reason`);
+- a worker whose setup or initializer failed: its traceback is logged once
+  per run of such failures (`_worker_setup_failed`, `_log_setup_failure`),
+  not once per worker; the engine puts it in the error its tasks get.
 
 Each engine keeps its own: its books of unfinished tasks
 (``_outstanding``), sending (dispatch), how results come back and what
@@ -33,6 +37,7 @@ and it tells the base, through the hooks below (``_running``,
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 import time
 from collections import deque
@@ -49,7 +54,12 @@ from .progress import ProgressOption
 
 __all__ = ["ChunkedTaskPool", "QueuedPool"]
 
+logger = logging.getLogger("pool_manager")
+
 T = TypeVar("T")
+
+#: What a pool shut down by its own ``shutdown`` says (``ProcessPoolExecutor``'s words).
+_PLAIN_REFUSAL = "cannot schedule new futures after shutdown"
 
 #: Indices of a pool's ``_counts``.
 _SUBMITTED, _COMPLETED, _FAILED, _CANCELLED = range(4)
@@ -122,7 +132,13 @@ class QueuedPool(WorkerPool, Generic[F]):
         self._counts = [0, 0, 0, 0]  # submitted, completed, failed, cancelled
         self._granted: int | None = None  # None: not granted piecemeal, all usable
         self._shut_down = False
+        #: What `PoolShutDownError` says once shut down (`set_shutdown_reason`).
+        self._refusal = _PLAIN_REFUSAL
         self._idle_callbacks: list[Callable[[], object]] = []
+        #: A worker's failed setup to log (what failed, its traceback), and
+        #: whether the current run of such failures was logged already.
+        self._setup_failure: tuple[str, str] | None = None
+        self._setup_failure_logged = False
         self._open_maps = OpenMaps()  # lock-free (see OpenMaps)
         #: Held by dispose while it releases the engine's resources: a second
         #: dispose returns only after the first has.
@@ -243,6 +259,20 @@ class QueuedPool(WorkerPool, Generic[F]):
         """True once `shutdown`, `dispose` or `terminate` was called."""
         return self._shut_down
 
+    def set_shutdown_reason(self, reason: str) -> None:
+        """Say why the pool is about to be shut down: `PoolShutDownError`'s message from then on.
+
+        A `WorkerPoolManager` calls it just before it disposes of a pool it
+        built (expired, retired, to free memory, or with the manager), so
+        that a ``submit`` on the pool, kept past its lease, says which key's
+        pool it was, why it went and what to do. A pool already shut down
+        keeps what it says: one shut down by its own `shutdown` raises with
+        ``ProcessPoolExecutor``'s plain message.
+        """
+        with self._lock:
+            if not self._shut_down:
+                self._refusal = reason
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work and release what the pool holds (``Executor.shutdown``).
 
@@ -288,7 +318,7 @@ class QueuedPool(WorkerPool, Generic[F]):
         if self._max_pending is not None and not self._wait_for_room(deadline, block):
             return False
         if self._shut_down:
-            raise PoolShutDownError("cannot schedule new futures after shutdown")
+            raise PoolShutDownError(self._refusal)
         return True
 
     def _wait_for_room(self, deadline: float | None, block: bool) -> bool:
@@ -333,6 +363,37 @@ class QueuedPool(WorkerPool, Generic[F]):
         """(Holds _lock) A pool granted no worker still gets one: it must make progress."""
         if self._granted == 0:
             self._granted = 1
+
+    # -- a worker's failed setup ----------------------------------------------
+
+    def _worker_setup_failed(self, what: str, traceback: str) -> None:
+        """(Holds _lock) In a worker, ``what`` (``"the pool's initializer"``) failed with
+        ``traceback``: kept for `_log_setup_failure` if it is the first failure
+        since the pool was built or a worker last got ready."""
+        if not self._setup_failure_logged:
+            self._setup_failure_logged = True
+            self._setup_failure = (what, traceback)
+
+    def _worker_got_ready(self) -> None:
+        """(Holds _lock) A worker's setup and initializer went well: the next
+        failure is logged again."""
+        self._setup_failure_logged = False
+
+    def _log_setup_failure(self) -> None:
+        """(No lock held, never on the I/O loop) Log the failure `_worker_setup_failed`
+        kept, if any: once, at ERROR, on the ``"pool_manager"`` logger."""
+        with self._lock:
+            failure, self._setup_failure = self._setup_failure, None
+        if failure is not None:
+            what, traceback = failure
+            pool = f"the pool {self.name!r}" if self.name is not None else type(self).__name__
+            logger.error(
+                "%s: in a worker process, %s failed (logged once until a worker gets ready; "
+                "the tasks that could not run get this traceback in their error):\n%s",
+                pool,
+                what,
+                traceback.rstrip("\n"),
+            )
 
     # -- the end of a task ---------------------------------------------------
 

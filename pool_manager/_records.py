@@ -6,12 +6,14 @@ is in its life; `PoolStats` and `ManagerStats`, what `WorkerPoolManager.stats`
 returns (built by ``_stats.py``); `SweepResult`, what a sweep did; and
 `PoolEvent`, what ``on_event`` is called with. Private: `_PoolEntry`, the
 manager's record of one pool in its map, and `_SweepPlan`, what the locked
-steps of a sweep decided, for the steps outside the lock.
+steps of a sweep decided, for the steps outside the lock; and ``ended_*``, what a
+pool the manager ended says to a ``submit`` (its `PoolShutDownError`).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TypedDict
@@ -21,6 +23,8 @@ from .budget import BudgetStats
 from .pool import TaskCounts, WorkerPool
 
 __all__ = ["ManagerStats", "PoolEvent", "PoolState", "PoolStats", "SweepResult"]
+
+logger = logging.getLogger("pool_manager")
 
 
 class PoolState(str, enum.Enum):
@@ -104,7 +108,8 @@ class PoolEvent:
 
 @dataclass(eq=False)
 class _PoolEntry:
-    """The manager's record of one pool. All fields are guarded by the manager's lock."""
+    """The manager's record of one pool. All fields are guarded by the manager's lock
+    (but ``ended``, once the pool is out of every list of the manager's)."""
 
     key: Hashable
     pool: WorkerPool
@@ -118,6 +123,9 @@ class _PoolEntry:
     mapping: bool = False
     known_pids: frozenset[int] = frozenset()  #: workers seen at the last sample
     memory: dict[int, memory.WorkerMemory] = field(default_factory=dict)
+    #: Why the manager ends it (``ended_expired`` and so on): set, under the
+    #: manager's lock, as it decides; then read with no lock held (`tell_why`).
+    ended: str = ""
 
     def idle(self) -> bool:
         pool = self.pool
@@ -127,6 +135,68 @@ class _PoolEntry:
         """Idle but for a lazy ``map`` iterator still open on the pool."""
         pool = self.pool
         return self.leases == 0 and pool.unfinished_tasks == 0 and pool.unfinished_maps > 0
+
+    def tell_why(self) -> None:
+        """(No lock held) Tell the pool why its manager ends it (``ended``), for the
+        `PoolShutDownError` a later ``submit`` gets; a custom pool without
+        ``set_shutdown_reason`` keeps its own message."""
+        tell = getattr(self.pool, "set_shutdown_reason", None)
+        if tell is None or not self.ended:
+            return
+        try:
+            tell(self.ended)
+        except Exception:  # (a custom pool's: its disposal goes on)
+            logger.exception("telling the pool for key %r why it ends failed", self.key)
+
+    def end(self) -> None:
+        """(No lock held) `tell_why`, then dispose of the pool: blocks until its
+        work is done and its workers are gone. A failure is logged."""
+        self.tell_why()
+        try:
+            self.pool.dispose(wait=True)
+        except Exception:
+            logger.exception("disposing the pool for key %r failed", self.key)
+
+
+# -- what a pool its manager ended says to a submit (its PoolShutDownError) -------
+
+
+def _seconds(value: float) -> str:
+    """``600.2`` → ``"600 s"``, ``0.25`` → ``"0.25 s"``."""
+    return f"{value:.0f} s" if value >= 10 else f"{value:.3g} s"
+
+
+def _ended(key: Hashable, why: str, remedy: str = "") -> str:
+    remedy = remedy or f"take a new lease (manager.get_pool({key!r})) rather than keeping the pool"
+    return f"the pool of key {key!r} {why}: {remedy}"
+
+
+def ended_expired(key: Hashable, unused: float) -> str:
+    """Unused for ``unused`` seconds, past ``stale_pool_expiration``."""
+    why = f"expired (unused for {_seconds(unused)}, stale_pool_expiration)"
+    return _ended(key, f"{why} and was disposed by its manager")
+
+
+def ended_retired(key: Hashable, lifetime: float) -> str:
+    """Older than ``max_pool_lifetime`` (``lifetime`` seconds)."""
+    why = f"was retired (older than max_pool_lifetime, {_seconds(lifetime)})"
+    return _ended(key, f"{why} and disposed by its manager once its leases were released")
+
+
+def ended_for_memory(key: Hashable, available: int, min_available: int) -> str:
+    """Disposed under memory pressure (``min_available_memory``)."""
+    why = (
+        f"was disposed by its manager to free memory ({available / 1e6:.0f} MB available, "
+        f"below min_available_memory={min_available / 1e6:.0f} MB; it was the least recently "
+        "used idle pool)"
+    )
+    return _ended(key, why)
+
+
+def ended_with_manager(key: Hashable, how: str) -> str:
+    """Its manager was ``how`` (``"shut down"``, ``"terminated"``)."""
+    why = f"was disposed because its manager was {how}"
+    return _ended(key, why, "create a new WorkerPoolManager to lease pools from")
 
 
 @dataclass

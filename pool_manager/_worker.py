@@ -197,7 +197,8 @@ def serve(sock: socket.socket) -> NoReturn:
         if message is None or message[0] != INIT:
             _exit(0)
         # Whatever fails from here to READY is reported, with its traceback,
-        # for the pool to put in the error its callers get.
+        # for the pool to put in the error its callers get (and to log, once:
+        # not here, in every worker that tries).
         step = SETUP
         try:
             config = _set_up(message[1], reader)
@@ -213,8 +214,6 @@ def serve(sock: socket.socket) -> NoReturn:
                 config.initializer(*config.initargs)
         except BaseException as error:
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-            what = "initializer failed" if step == INITIALIZER else "setup failed"
-            sys.stderr.write(f"pool_manager: a worker's {what}:\n{text}")
             _send(INIT_FAILED, text.encode("utf-8", "replace"), reason=step)
             _exit(INIT_FAILED_EXIT_CODE)
         _send(READY)

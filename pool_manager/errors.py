@@ -63,7 +63,10 @@ class PoolShutDownError(PoolManagerError, RuntimeError):
 
     It is a `RuntimeError`, as `ProcessPoolExecutor` raises. A pool from a
     manager is disposed once its lease is released and it expires or retires:
-    take a new lease with `get_pool` instead of keeping the pool object.
+    take a new lease with `get_pool` instead of keeping the pool object. The
+    message of a pool its manager ended names the key and why (expired,
+    retired, disposed to free memory, the manager shut down); a pool shut
+    down by its own ``shutdown`` says ``ProcessPoolExecutor``'s words.
     """
 
 

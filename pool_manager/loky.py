@@ -89,7 +89,6 @@ import contextlib
 import functools
 import logging
 import multiprocessing
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
@@ -115,20 +114,24 @@ from ._loky_exit import _live_pools, _register_exit_hook, interpreter_exiting
 from ._loky_limits import _LokyLimits
 from ._loky_shared import LokySharedData
 from ._loky_slots import (
+    Probed,
     _Actions,
     _check_options,
     _finish_slot,
     _LokyTaskFuture,
     _lost,
+    _main_refs,
     _not_ready,
     _on_a_slot_thread,
     _poisoned,
     _probe,
-    _run,
     _settling_here,
+    _setup_failure,
     _Slot,
     _SlotState,
+    _start_args,
     _start_slot,
+    _task_call,
 )
 from ._queued import ChunkedTaskPool
 from .errors import (
@@ -161,7 +164,11 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
     Usually built by `LokyPoolFactory` for a `WorkerPoolManager`. Each worker
     is a one-worker ``loky.ProcessPoolExecutor`` (a slot: see the module
     docstring); at most `worker_count` of them run at once. Tasks travel as
-    loky pickles them (cloudpickle: lambdas and closures work). A worker
+    loky pickles them (cloudpickle: lambdas and closures work), but for code
+    cloudpickle sends by value (the main script's, a lambda's), which goes by
+    this package's pickler: it keeps its file name for tracebacks, and the
+    main script's functions and classes go by reference where the workers
+    import the script (``context="loky_init_main"`` or ``"spawn"``). A worker
     that dies fails only the task it was running (`WorkerLostError`).
 
     Done-callbacks run on the thread that settles the future, usually the
@@ -575,8 +582,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                     1,
                     context=self._context,
                     initializer=_start_slot,
-                    initargs=(
-                        os.getpid(),
+                    initargs=_start_args(
                         self._initializer,
                         self._initargs,
                         self._shared_spec,
@@ -621,10 +627,10 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                     self._drained.notify_all()
         probe.add_done_callback(functools.partial(self._ready, slot))
 
-    def _ready(self, slot: _Slot, probe: Future[tuple[int, str | None]]) -> None:
+    def _ready(self, slot: _Slot, probe: Future[Probed]) -> None:
         """The probe answered (loky's manager thread): the slot takes tasks, or is dropped."""
         error = CancelledError() if probe.cancelled() else probe.exception()
-        pid, failure = probe.result() if error is None else (None, None)
+        pid, failure, main = probe.result() if error is None else (None, None, None)
         actions = _Actions()
         with _settling_here():
             with self._lock:
@@ -633,15 +639,19 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                 if error is not None or failure is not None:
                     self._close_slot(slot, actions, kill=True)
                     self._start_failed(_not_ready(self._fruitless + 1, error, failure), actions)
+                    if failure is not None:
+                        self._worker_setup_failed(*_setup_failure(failure))
                 else:
+                    self._worker_got_ready()
                     self._fruitless = 0
-                    slot.pid, slot.ready = pid, True
+                    slot.pid, slot.ready, slot.main = pid, True, _main_refs(main)
                     if slot.retiring and not slot.handed:
                         self._close_slot(slot, actions, kill=False)
                     elif slot.handed:  # (handed as it started: they go now)
                         self._sending(slot, list(slot.handed), actions)
                 self._plan(actions)
             self._act(actions)
+        self._log_setup_failure()
 
     def _feed(self, slot: _Slot) -> None:
         """Submit ``slot``'s handed tasks to its executor, in the order handed."""
@@ -656,7 +666,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                 if call is None:  # (settled meanwhile: terminate)
                     continue
                 try:
-                    inner = slot.executor.submit(_run, *call)
+                    inner = slot.executor.submit(*_task_call(call, slot.main))
                 except Exception as error:
                     self._refused(slot, future, error)
                 else:

@@ -613,7 +613,7 @@ class WorkerPoolManager:
         relieved: list[Hashable] = []
         while (available := memory.available_memory()) < self._min_available:
             with self._lock:
-                victim = self._map.take_least_recently_used_idle()
+                victim = self._map.take_least_recently_used_idle(available, self._min_available)
                 if victim is None:
                     break
                 self._disposing_locked([victim])
@@ -634,10 +634,7 @@ class WorkerPoolManager:
     def _dispose(self, entry: _PoolEntry) -> None:
         # Two threads may dispose one pool (a sweep, and a shutdown that waits
         # for what the sweep is disposing): both wait for it, one reports it.
-        try:
-            entry.pool.dispose(wait=True)
-        except Exception:
-            logger.exception("disposing the pool for key %r failed", entry.key)
+        entry.end()  # (told why first; a failure is logged)
         with self._lock:
             first = entry.state is not PoolState.DISPOSED
             entry.state = PoolState.DISPOSED
@@ -681,7 +678,7 @@ class WorkerPoolManager:
         """
         if self._inherited():
             return  # (the parent's: never shut down from a forked child)
-        entries = self._close()
+        entries = self._close("shut down")
         for entry in entries:
             if cancel_futures:
                 entry.pool.shutdown(wait=False, cancel_futures=True)
@@ -701,7 +698,7 @@ class WorkerPoolManager:
         """
         if self._inherited():
             return  # (the parent's: never shut down from a forked child)
-        entries = self._close()
+        entries = self._close("terminated")
         for entry in entries:
             entry.pool.terminate()
             self._dispose(entry)
@@ -711,7 +708,7 @@ class WorkerPoolManager:
         """Shut down, letting accepted work finish for up to ``grace`` seconds, then terminate."""
         if self._inherited():
             return  # (the parent's: never shut down from a forked child)
-        entries = self._close()
+        entries = self._close("shut down")
         for entry in entries:
             entry.pool.dispose(wait=False)
         deadline = time.monotonic() + grace
@@ -722,8 +719,9 @@ class WorkerPoolManager:
             self._dispose(entry)
         self._supervisor.stop(wait=True)
 
-    def _close(self) -> list[_PoolEntry]:
-        """Refuse new leases, stop the supervisor; returns every pool to dispose.
+    def _close(self, how: str) -> list[_PoolEntry]:
+        """Refuse new leases, stop the supervisor; returns every pool to dispose,
+        each told that its manager was ``how`` (`PoolMap.take_all`).
 
         It does not join the supervisor: a sweep in progress may be disposing
         a pool, and the caller signals every pool (that one too) before it
@@ -732,9 +730,8 @@ class WorkerPoolManager:
         with self._lock:
             self._shut_down = True
             self._worker_options["shared_data"] = None  # (its pools hold theirs)
-            entries = [*self._map.entries.values(), *self._map.retiring, *self._disposing]
-            self._map.entries.clear()
-            self._map.retiring.clear()
+            ending = self._map.take_all(how)  # (told why once the lock is released)
+            entries = [*ending, *self._disposing]  # (those told why already)
             self._disposing_locked(entries)
         self._supervisor.stop(wait=False)
         _live_managers.discard(self)
@@ -744,6 +741,8 @@ class WorkerPoolManager:
             holds_server, self._holds_server = self._holds_server, False
         if holds_server:
             _process.release_server()  # stopped once the pools have let it go too
+        for entry in ending:
+            entry.tell_why()
         return entries
 
     def __enter__(self) -> WorkerPoolManager:

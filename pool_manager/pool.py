@@ -371,6 +371,7 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
         with self._lock:
             events, self._worker_events = self._worker_events, []
             callbacks = list(self._worker_event_callbacks)
+        self._log_setup_failure()  # (a worker's failed initializer: once, see QueuedPool)
         for kind, pid, reason in events:
             logger.debug("worker %d: %s (%s)", pid, kind, reason)
             for callback in callbacks:
@@ -489,7 +490,7 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
         except Exception as error:
             # As ProcessPoolExecutor: a task that cannot be pickled fails its future.
             if self._shut_down:
-                raise PoolShutDownError("cannot schedule new futures after shutdown") from None
+                raise PoolShutDownError(self._refusal) from None
             failed: Future[T] = Future()
             failure = error
             if not isinstance(error, pickle.PicklingError):

@@ -214,6 +214,12 @@ def crash_initializer() -> None:
     os._exit(13)
 
 
+def raise_while_exists(path: str) -> None:
+    """An initializer that fails while ``path`` exists (a switch the test flips)."""
+    if os.path.exists(path):
+        raise ValueError(f"no model while {path} exists")
+
+
 _HOARD: list[bytes] = []
 
 

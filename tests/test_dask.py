@@ -179,6 +179,7 @@ def test_both_engines_admit_and_count_through_one_queued_base() -> None:
         "add_idle_callback",
         "task_counts",
         "is_shut_down",
+        "set_shutdown_reason",
         "shutdown",
         "__repr__",
         "_capacity",
@@ -200,6 +201,19 @@ def test_both_engines_admit_and_count_through_one_queued_base() -> None:
         assert [(cls.__name__, name) for cls in below for name in shared if name in vars(cls)] == []
     for future_class in (_TaskFuture, _DaskTaskFuture):
         assert issubclass(future_class, _QueuedFuture) and "cancel" not in vars(future_class)
+
+
+def test_an_expired_dask_pool_says_why_it_refuses_work(
+    manager: WorkerPoolManager, clock: FakeClock, client: Client
+) -> None:
+    with manager.lease("tenant-a", factory=DaskPoolFactory(client)) as pool:
+        assert pool.submit(square, 2).result(timeout=60) == 4
+    clock.advance(STALE)
+    assert manager.sweep().expired == ["tenant-a"]
+    with pytest.raises(PoolShutDownError, match=r"key 'tenant-a' expired \(unused for 60 s"):
+        pool.submit(square, 3)
+    with pytest.raises(PoolShutDownError, match=r"manager\.get_pool\('tenant-a'\)"):
+        list(pool.map(square, range(3)))
 
 
 def test_a_manager_subclass_can_make_dask_its_default_factory(
@@ -312,12 +326,16 @@ def test_the_chunk_runner_that_goes_on_past_errors_needs_nothing_of_pool_manager
     program = (
         "import sys, pickle; sys.modules['pool_manager'] = None; "
         "results = pickle.loads(sys.stdin.buffer.read())(['1', 'x', '3']); "
-        "print(results[0], type(results[1]).__name__, results[2])"
+        "results = pickle.loads(pickle.dumps(results)); "  # (as they travel)
+        "print(results[0], type(results[1]).__name__, results[2]); "
+        "print(results[1].__cause__)"
     )
     ran = subprocess.run(
         [sys.executable, "-c", program], input=blob, capture_output=True, check=True, timeout=60
     )
-    assert ran.stdout.decode().split() == ["1", "ValueError", "3"]
+    first, *cause = ran.stdout.decode().splitlines()
+    assert first.split() == ["1", "ValueError", "3"]
+    assert "Traceback (most recent call last)" in "\n".join(cause)  # (the worker's, with it)
 
 
 def test_map_returns_results_in_order_for_every_kind_of_input(client: Client) -> None:
