@@ -3,8 +3,9 @@ the records the pool keeps (`_LokyTaskFuture`, `_Slot`, `_Actions`), its errors
 and the checks of its arguments.
 
 In a worker, a slot's executor runs `_start_slot` as its initializer (the
-watchdog thread, then the pool's shared data, ``_loky_shared.load``, then
-the pool's initializer; it keeps the failure of either),
+watchdog thread, then the native thread pools' limit, then the pool's
+shared data, ``_loky_shared.load``, then the pool's initializer; it keeps
+the failure of either),
 `_probe` as its first task, and each task through `_run`, which answers
 with the worker's pid. They travel by reference: a loky worker imports
 this module (and loky) to run them.
@@ -27,6 +28,7 @@ from loky.process_executor import TerminatedWorkerError
 
 from . import _loky_shared, _shared, _threads
 from ._durations import to_count
+from ._native_threads import ThreadLimit, limit_loaded
 from ._queued import QueuedPool, _QueuedFuture
 from ._worker import _watch_parent, worker_env
 from .errors import (
@@ -57,11 +59,14 @@ def _start_slot(
     initializer: Callable[..., object] | None,
     initargs: tuple[Any, ...],
     shared: _loky_shared.LokySharedSpec | None = None,
+    threads: tuple[int, dict[str, str]] | None = None,
 ) -> None:
-    """(In a loky worker, as its executor's initializer) start the watchdog, load
-    the pool's shared data (``shared``), then run the pool's initializer; what
-    either raises is kept for the probe (and the initializer does not run if
-    the shared data failed to load)."""
+    """(In a loky worker, as its executor's initializer) start the watchdog, set
+    the native thread pools' variables and limit those loaded (``threads``:
+    the count and the variables, `slot_env`), load the pool's shared data
+    (``shared``), then run the pool's initializer; what either raises is
+    kept for the probe (and the initializer does not run if the shared data
+    failed to load)."""
     global _init_failure
     threading.Thread(
         target=_watch_parent, args=(parent_pid,), name="pool_manager-watchdog", daemon=True
@@ -71,6 +76,10 @@ def _start_slot(
         # (its children inherit the mask): the worker takes them as any would.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _shared.mark_worker()  # (`shared_data()` here: "this worker's pool has none")
+    if threads is not None:
+        # (Set at its start already but with "spawn", which loky gives no env.)
+        os.environ.update(threads[1])
+        limit_loaded(threads[0])
     if shared is not None:
         try:
             _loky_shared.load(shared)
@@ -82,6 +91,20 @@ def _start_slot(
             initializer(*initargs)
         except BaseException:
             _init_failure = traceback.format_exc()
+
+
+def slot_env(
+    env: dict[str, str] | None, threads: ThreadLimit | None, context: str
+) -> tuple[dict[str, str] | None, tuple[int, dict[str, str]] | None]:
+    """(In the parent, as a slot starts) the ``env`` for its loky executor (the
+    pool's, with the native thread pools' variables: loky sets them as the
+    worker's interpreter starts), and the ``threads`` for `_start_slot`."""
+    if threads is None:
+        return env, None
+    variables = threads.loky_env(env)
+    if context.startswith("loky"):  # (loky passes an env to these start methods only)
+        env = {**(env or {}), **variables}
+    return env, (threads.count, variables)
 
 
 def _probe() -> tuple[int, str | None]:
