@@ -176,24 +176,34 @@ class ThreadLimit:
 #: loaded, made once (`prepare`): each worker forked after has it, and
 #: limits them without importing threadpoolctl or scanning again.
 _controller: Any = None
+#: (The fork server's) `prepare` looked: ``_controller`` is all a worker
+#: forked after has to limit (None: nothing, or no threadpoolctl).
+_prepared = False
 
 
 def prepare() -> None:
     """(The fork server, once the main module is imported) if it loaded a library
     threadpoolctl controls, import threadpoolctl and find them now, once, for
-    every worker (a few milliseconds here, not in each worker's start).
+    every worker (a few milliseconds here, not in each worker's start); if
+    it loaded none, the workers need not look either.
 
-    Never raises: without it, each worker does it itself (`limit_loaded`).
+    Never raises: where threadpoolctl fails here, each worker tries itself
+    (`limit_loaded`), and warns.
     """
-    global _controller
-    if _controller is not None or not _may_be_loaded():
+    global _controller, _prepared
+    if _prepared:
         return
-    try:
-        from threadpoolctl import ThreadpoolController
-
-        _controller = ThreadpoolController()
-    except Exception:  # (not installed, or a library it cannot read)
-        _controller = None
+    if _may_be_loaded():
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            pass
+        else:
+            try:
+                _controller = ThreadpoolController()
+            except Exception:  # (a library it cannot read)
+                return
+    _prepared = True
 
 
 def limit_loaded(count: int) -> None:
@@ -205,14 +215,15 @@ def limit_loaded(count: int) -> None:
 
     Does nothing when none of those libraries is loaded (one read of
     ``/proc/self/maps`` on Linux, about 0.3 ms, where importing threadpoolctl
-    and its scan take about 5), or threadpoolctl is not installed; in a
-    worker of a fork server that found them already (`prepare`), it costs
-    about 0.5 ms. A failure of threadpoolctl is a warning (on the worker's
-    stderr), not the worker's: the variables still hold for what loads later.
+    and its scan take about 5; nothing at all in a worker of a fork server
+    that looked already, `prepare`), or threadpoolctl is not installed; in a
+    worker of a fork server that found them, it costs about 0.5 ms. A
+    failure of threadpoolctl is a warning (on the worker's stderr), not the
+    worker's: the variables still hold for what loads later.
     """
     controller = _controller
     if controller is None:
-        if not _may_be_loaded():
+        if _prepared or not _may_be_loaded():
             return
         try:
             from threadpoolctl import ThreadpoolController

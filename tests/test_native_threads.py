@@ -170,7 +170,8 @@ SCRIPT = """
 import json, os, sys
 if "--no-threadpoolctl" in sys.argv:
     sys.modules["threadpoolctl"] = None  # (the fork server runs this too)
-import numpy
+if "--no-numpy" not in sys.argv:
+    import numpy
 from pool_manager import BaseWorkerPool
 
 def blas():
@@ -179,14 +180,17 @@ def blas():
 
 def found_by_the_server():
     from pool_manager import _native_threads
-    return _native_threads._controller is not None
+    return _native_threads._prepared, _native_threads._controller is not None
 
 def blas_plain():
     return os.environ.get("OPENBLAS_NUM_THREADS")
 
 if __name__ == "__main__":
     report = {}
-    if "--no-threadpoolctl" in sys.argv:
+    if "--no-numpy" in sys.argv:
+        with BaseWorkerPool(1, native_threads=1) as pool:
+            report["found_by_the_server"] = pool.submit(found_by_the_server).result(timeout=60)
+    elif "--no-threadpoolctl" in sys.argv:
         with BaseWorkerPool(1, native_threads=1) as pool:
             report["plain"] = pool.submit(blas_plain).result(timeout=60)
     else:
@@ -232,9 +236,16 @@ def test_numpy_loaded_by_the_main_module_before_the_worker_is_limited_too(
     if len(os.sched_getaffinity(0)) > 1:  # (the server's OpenBLAS: a thread per CPU)
         assert min(report["server"]) > 1
     assert report["fork_server"] == ["1", [1]]
-    assert report["found_by_the_server"]  # (threadpoolctl's scan, once, not in each worker)
+    # (threadpoolctl's scan, once in the fork server, not in each worker)
+    assert report["found_by_the_server"] == [True, True]
     if loky:
         assert report["loky_spawn"] == ["1", [1]]
+
+
+@pytest.mark.timeout(180)
+def test_a_main_module_without_numpy_spares_each_worker_the_look(tmp_path: Path) -> None:
+    # (The fork server looked once, after importing it: its workers do not.)
+    assert run_script(tmp_path, "--no-numpy") == {"found_by_the_server": [True, False]}
 
 
 @pytest.mark.timeout(180)
