@@ -217,9 +217,9 @@ def limit_loaded(count: int) -> None:
     ``/proc/self/maps`` on Linux, about 0.3 ms, where importing threadpoolctl
     and its scan take about 5; nothing at all in a worker of a fork server
     that looked already, `prepare`), or threadpoolctl is not installed; in a
-    worker of a fork server that found them, it costs about 0.5 ms. A
-    failure of threadpoolctl is a warning (on the worker's stderr), not the
-    worker's: the variables still hold for what loads later.
+    worker of a fork server that found them, it costs about 0.2 ms (numpy's
+    OpenBLAS). A failure of threadpoolctl is a warning (on the worker's
+    stderr), not the worker's: the variables still hold for what loads later.
     """
     controller = _controller
     if controller is None:
