@@ -189,17 +189,16 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
             model), pickled once, its buffers in shared memory the pool holds;
             each worker loads it once, before its initializer, and a task gets
             it with `pool_manager.shared_data` (an array: a read-only view).
-        native_threads: the threads of each worker's native thread pools
-            (BLAS, OpenMP: numpy's matrix products), so that ``max_size``
-            workers do not each start one per CPU. ``"auto"`` (the default):
-            ``max(1, CPUs // max_size)``, for each variable of
-            ``_native_threads.THREAD_VARIABLES`` (``OMP_NUM_THREADS``...) that
-            the worker's environment (this process's, ``env`` on top) does
-            not set already; an int: that many, for every variable ``env``
-            does not name; ``None``: left alone. The variables are set before
-            anything is imported; libraries loaded before (by the main
-            module, in the fork server) are limited with threadpoolctl if it
-            is installed (the ``threads`` extra).
+        native_threads: each worker's BLAS and OpenMP threads (numpy's matrix
+            products), so that ``max_size`` workers do not each run one per
+            CPU: ``"auto"`` (the default), ``max(1, CPUs // max_size)`` for
+            each of ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``... that the
+            worker's environment (this process's, ``env`` on top) does not
+            set (a BLAS one follows a set ``OMP_NUM_THREADS``); an int: that
+            many, for each ``env`` does not name; ``None``: left alone. They
+            are set before anything is imported; libraries loaded before (by
+            the main module, in the fork server) are limited with
+            threadpoolctl if it is installed (the ``threads`` extra).
 
     Raises:
         TypeError, ValueError: arguments of the wrong type or range, or that
