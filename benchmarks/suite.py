@@ -64,6 +64,7 @@ LIBRARIES: dict[str, str] = {
     "pool_manager_shared_array": "pool_manager (shared_array)",
     "pool_manager_shared_both": "pool_manager (shared_data = a shared_array)",
     "pool_manager_loky": "pool_manager (loky engine)",
+    "pool_manager_native_none": "pool_manager (native_threads=None)",
 }
 #: pool_manager's variants: columns beside it, left out of the ratios to peers.
 VARIANTS = [
@@ -71,6 +72,7 @@ VARIANTS = [
     "pool_manager_shared_array",
     "pool_manager_shared_both",
     "pool_manager_loky",
+    "pool_manager_native_none",
 ]
 PEERS = [name for name in LIBRARIES if name != "pool_manager" and name not in VARIANTS]
 #: pool_manager's engines: the fork server's `BaseWorkerPool`, and the loky engine's
@@ -338,6 +340,20 @@ MEASURES: list[Measure] = [
         quick_repeat=1,
         timeout=300.0,
         copies=lambda p: p["tasks"] + 3 * p["workers"] + 1,
+    ),
+    Measure(
+        # Native thread pools (native_threads): numpy's BLAS in every worker at once.
+        "blas_matmul",
+        "numpy matmul, {size}×{size} float64, {tasks_per_worker} tasks of {products} "
+        "products per worker, all workers busy: wall (s)",
+        "blas_matmul",
+        "s",
+        False,
+        ["pool_manager", "pool_manager_native_none", "pool_manager_loky", "ppe", "loky"],
+        {"size": 600, "products": 4, "tasks_per_worker": 8},
+        {"size": 600, "products": 2, "tasks_per_worker": 4},
+        repeat=5,
+        quick_repeat=1,
     ),
     Measure(
         "big_global_memory",
@@ -1050,6 +1066,28 @@ def markdown(report: dict[str, Any]) -> str:
             "ProcessPoolExecutor (spawn) = a new executor per batch, timed on "
             f"{kp['per_batch_batches']} batches and scaled to {kp['batches']} (its workers "
             "import only the suite's small measure module, not an application)."
+        )
+    matmul = results.get("blas_matmul", {})
+    if matmul:
+        seen = {
+            LIBRARIES[lib]: sorted(
+                {n for d in summary["details"] for w in d.get("blas_threads", []) for n in w}
+            )
+            for lib, summary in matmul.items()
+        }
+        ours = median_of(results, "blas_matmul", "pool_manager")
+        unlimited = median_of(results, "blas_matmul", "pool_manager_native_none")
+        versus = ratio(ours, unlimited, higher_is_better=False)
+        lines.append(
+            "- numpy matmul: each worker's BLAS threads (threadpoolctl, in the workers): "
+            + ", ".join(f"{name} {counts or '?'}" for name, counts in seen.items())
+            + (
+                f"; pool_manager with `native_threads=None` took {ratio_text(versus)} the "
+                'time it took with the default (`"auto"`)'
+                if versus is not None
+                else ""
+            )
+            + "."
         )
     shares = report["other_work_share"]
     if shares:

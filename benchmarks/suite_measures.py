@@ -38,11 +38,13 @@ import psutil
 
 from benchmarks.suite_memory import JobPeak, ParentPeak
 from benchmarks.suite_tasks import (
+    blas_threads_after,
     burn,
     cpu_burn,
     echo,
     ident,
     is_tracker,
+    matmul,
     nap,
     noop,
     strided_sum,
@@ -147,6 +149,18 @@ class PoolManagerLokyPool(PoolManagerPool):
         from pool_manager.loky import LokyWorkerPool
 
         return LokyWorkerPool
+
+
+class PoolManagerNativeThreadsNonePool(PoolManagerPool):
+    """pool_manager with ``native_threads=None``: its workers' BLAS and OpenMP
+    thread pools left as numpy makes them (a thread per CPU in each worker)."""
+
+    name = "pool_manager (native_threads=None)"
+
+    def start(self) -> None:
+        if "native_threads" not in inspect.signature(self._cls).parameters:
+            raise NotApplicable("n/a (this pool_manager has no native_threads)")
+        self._pool = self._cls(self.workers, native_threads=None)
 
 
 def pool_manager_has_auto_chunksize(cls: type[Any] | None = None) -> bool:
@@ -324,6 +338,7 @@ class JoblibPool(Pool):
 POOLS: dict[str, Callable[[int], Pool]] = {
     "pool_manager": PoolManagerPool,
     "pool_manager_loky": PoolManagerLokyPool,
+    "pool_manager_native_none": PoolManagerNativeThreadsNonePool,
     "ppe": lambda workers: ExecutorPool(workers, "fork"),
     "ppe_spawn": lambda workers: ExecutorPool(workers, "spawn"),
     "loky": LokyPool,
@@ -715,6 +730,42 @@ def idle_uss(library: str, p: dict[str, Any]) -> Result:
     return {"value": statistics.median(sizes), "workers_seen": len(sizes)}
 
 
+def blas_matmul(library: str, p: dict[str, Any]) -> Result:
+    """Seconds for ``tasks_per_worker`` × workers tasks of `matmul` (numpy's BLAS)
+    submitted at once, every worker busy: each worker's BLAS threads on top of
+    the others' (``native_threads``).
+
+    numpy is imported here first, as a batch job's script does (a fork-started
+    peer's workers inherit its BLAS as this process loaded it); each worker
+    imports it before the timing (`blas_threads_after`, which reports the
+    threads its BLAS runs), and runs one small product.
+    """
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        raise NotApplicable("numpy is not installed") from None
+    workers = p["workers"]
+    with running(library, workers) as pool:
+        warm(pool, workers)
+        threads = pool.run_all(blas_threads_after, [(0.2,)] * workers)
+        pool.run_all(matmul, [(p["size"], 1, seed) for seed in range(workers)])
+        calls = [
+            (p["size"], p["products"], seed) for seed in range(workers * p["tasks_per_worker"])
+        ]
+        started = time.perf_counter()
+        results = pool.run_all(matmul, calls)
+        elapsed = time.perf_counter() - started
+    if len(results) != len(calls):
+        raise AssertionError(f"{len(results)} results for {len(calls)} tasks")
+    products = len(calls) * p["products"]
+    return {
+        "value": elapsed,
+        "blas_threads": threads,  # (each worker's libraries, as threadpoolctl sees them)
+        "gflops": products * 2 * p["size"] ** 3 / elapsed / 1e9,
+        "products": products,
+    }
+
+
 # -- the keyed-batches workload (goal 1) --------------------------------------
 
 
@@ -933,6 +984,7 @@ MEASURES: dict[str, Callable[[str, dict[str, Any]], Result]] = {
     "keyed_batches_many": keyed_batches,
     "big_array": big_array,
     "big_global": big_global,
+    "blas_matmul": blas_matmul,
 }
 
 

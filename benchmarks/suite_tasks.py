@@ -90,6 +90,33 @@ def strided_sum(array: Any) -> float:
     return float(array[::4096].sum())
 
 
+def matmul(size: int, products: int, seed: int) -> float:
+    """``products`` products of two ``size`` × ``size`` float64 matrices: numpy's
+    BLAS, which runs as many threads as the worker's native thread pools allow."""
+    import numpy
+
+    rng = numpy.random.default_rng(seed)
+    a, b = rng.random((size, size)), rng.random((size, size))
+    product = a
+    for _ in range(products):
+        product = a @ b
+    return float(product[0, 0])
+
+
+def blas_threads_after(seconds: float) -> list[int]:
+    """Import numpy, then sleep (a few of these at once reach every worker): the
+    thread count of each BLAS/OpenMP library loaded here (threadpoolctl's
+    view; empty without it)."""
+    import numpy  # noqa: F401  (as the tasks would: after the worker started)
+
+    time.sleep(seconds)
+    try:
+        import threadpoolctl
+    except ImportError:
+        return []
+    return [int(info["num_threads"]) for info in threadpoolctl.threadpool_info()]
+
+
 def strided_sum_shared() -> float:
     """`strided_sum` of the pool's shared data (``pool_manager.shared_data()``)."""
     from pool_manager import shared_data

@@ -74,6 +74,9 @@ How a task and a pool's life flow through the parts::
   functions and classes travel by reference to it.
 - ``_worker.py``: what runs in a worker (its loop, the watchdog that ends it
   with the fork server), and how a pool sets a worker up (``INIT``).
+- ``_native_threads.py``: ``native_threads``, each worker's BLAS and OpenMP
+  threads: the variables set in its environment, and threadpoolctl for the
+  libraries loaded before it started (by the main module, in the fork server).
 - ``_protocol.py``: the wire, in one place: every frame, message kind and
   reason code between a pool, the fork server and its workers, the
   ``Message`` records a pool reads, and the task envelope (how a call, a
@@ -100,8 +103,9 @@ Data flows one way (caller → manager → pool → worker → future), and
 so do lifecycle decisions (supervisor → manager map → ``pool.dispose()``),
 and imports: no module imports one that imports it back, at its top or in a
 function (``tests/test_layout.py``). At the bottom, ``_protocol`` imports
-nothing of the package at its top (nor does ``_buffers``); ``_shared``
-imports only those two, ``_worker`` only those three, and the fork server
+nothing of the package at its top (nor do ``_buffers`` and
+``_native_threads``); ``_shared`` imports only ``_protocol`` and
+``_buffers``, ``_worker`` only those four, and the fork server
 (``_process``) imports them; ``_shared_array`` imports only ``_buffers``.
 
 Threads, and what each may change (a process has one I/O loop, one

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ._durations import Duration, memory_limits, to_count, to_seconds
 from ._loky_shared import LokySharedData
 from ._loky_slots import _check_options
+from ._native_threads import NativeThreads, ThreadLimit
 
 if TYPE_CHECKING:
     from .loky import LokyWorkerPool
@@ -47,7 +48,9 @@ class LokyPoolFactory:
             ``None`` never blocks.
         context, initializer, initargs, finalizer, finalargs, env, task_timeout,
         max_tasks_per_worker, max_worker_memory, kill_worker_memory,
-        idle_timeout: passed to every pool (see `LokyWorkerPool`).
+        idle_timeout, native_threads: passed to every pool (see
+            `LokyWorkerPool`; ``native_threads="auto"`` is worked out for
+            each pool's size).
         shared_data: one large read-only object for every worker of every
             pool it builds (see `LokyWorkerPool`), pickled once, here: its
             pools share one shared-memory segment, unlinked once the factory
@@ -76,9 +79,11 @@ class LokyPoolFactory:
         kill_worker_memory: int | str | None = None,
         idle_timeout: Duration | None = None,
         shared_data: object = None,
+        native_threads: NativeThreads = "auto",
     ) -> None:
         checked = None if max_pending is _UNSET else max_pending
         _check_options(checked, initializer, initargs, context, env, finalizer, finalargs)
+        ThreadLimit.of(native_threads, 1, 1)  # (checked now; each pool works out "auto")
         to_seconds("task_timeout", task_timeout, allow_none=True)
         to_seconds("idle_timeout", idle_timeout, allow_none=True)
         if max_tasks_per_worker is not None:
@@ -90,6 +95,7 @@ class LokyPoolFactory:
             "max_worker_memory": max_worker_memory,
             "kill_worker_memory": kill_worker_memory,
             "idle_timeout": idle_timeout,
+            "native_threads": native_threads,
         }
         self._max_pending = max_pending
         self._context = context

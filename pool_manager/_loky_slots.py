@@ -3,8 +3,9 @@ the records the pool keeps (`_LokyTaskFuture`, `_Slot`, `_Actions`), its errors
 and the checks of its arguments.
 
 In a worker, a slot's executor runs `_start_slot` as its initializer (the
-watchdog thread, then the pool's shared data, ``_loky_shared.load``, then
-the pool's initializer; it keeps the failure of either),
+watchdog thread, then the native thread pools' limit, then the pool's
+shared data, ``_loky_shared.load``, then the pool's initializer; it keeps
+the failure of either),
 `_probe` as its first task, and each task through `_run`, which answers
 with the worker's pid. They travel by reference: a loky worker imports
 this module (and loky) to run them.
@@ -41,6 +42,7 @@ from loky.process_executor import TerminatedWorkerError
 from . import _loky_shared, _shared, _threads
 from ._durations import to_count
 from ._main_module import MP_MAIN, _report, by_reference
+from ._native_threads import ThreadLimit, limit_loaded
 from ._protocol import _BY_VALUE_MODULES, ByReference, MainReport, dumps
 from ._queued import QueuedPool, _QueuedFuture
 from ._worker import _watch_parent, check_hook, worker_env
@@ -77,11 +79,14 @@ def _start_slot(
     index: int = 0,
     finalizer: Callable[..., object] | None = None,
     finalargs: tuple[Any, ...] = (),
+    threads: tuple[int, dict[str, str]] | None = None,
 ) -> None:
-    """(In a loky worker, as its executor's initializer) start the watchdog, load
-    the pool's shared data (``shared``), then run the pool's initializer; what
-    either raises is kept for the probe (and the initializer does not run if
-    the shared data failed to load). The slot's ``index`` is the worker's
+    """(In a loky worker, as its executor's initializer) start the watchdog, set
+    the native thread pools' variables and limit those loaded (``threads``:
+    the count and the variables, `slot_env`), load the pool's shared data
+    (``shared``), then run the pool's initializer; what either raises is
+    kept for the probe (and the initializer does not run if the shared data
+    failed to load). The slot's ``index`` is the worker's
     (`_shared.worker_index`); the finalizer is kept for `_finish_slot`."""
     global _init_failure, _finalizer
     _shared.set_worker_index(index)
@@ -94,6 +99,10 @@ def _start_slot(
         # (its children inherit the mask): the worker takes them as any would.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _shared.mark_worker()  # (`shared_data()` here: "this worker's pool has none")
+    if threads is not None:
+        # (Set at its start already but with "spawn", which loky gives no env.)
+        os.environ.update(threads[1])
+        limit_loaded(threads[0])
     if shared is not None:
         try:
             _loky_shared.load(shared)
@@ -139,6 +148,20 @@ def _imported_main() -> tuple[str, MainReport] | None:
     if main is None or main.__name__ != MP_MAIN or not isinstance(path, str):
         return None
     return os.path.abspath(path), _report(main)
+
+
+def slot_env(
+    env: dict[str, str] | None, threads: ThreadLimit | None, context: str
+) -> tuple[dict[str, str] | None, tuple[int, dict[str, str]] | None]:
+    """(In the parent, as a slot starts) the ``env`` for its loky executor (the
+    pool's, with the native thread pools' variables: loky sets them as the
+    worker's interpreter starts), and the ``threads`` for `_start_slot`."""
+    if threads is None:
+        return env, None
+    variables = threads.loky_env(env)
+    if context.startswith("loky"):  # (loky passes an env to these start methods only)
+        env = {**(env or {}), **variables}
+    return env, (threads.count, variables)
 
 
 def _run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -220,13 +243,14 @@ def _start_args(
     index: int = 0,
     finalizer: Callable[..., object] | None = None,
     finalargs: tuple[Any, ...] = (),
+    threads: tuple[int, dict[str, str]] | None = None,
 ) -> tuple[Any, ...]:
     """The arguments of `_start_slot` (a slot's executor's initializer): the pool's
     initializer and finalizer `_Pickled` where they are code by value (by
     value still: the worker's main module is not known yet)."""
     sent = _Pickled(initializer) if _sends_code(initializer) else initializer
     final = _Pickled(finalizer) if _sends_code(finalizer) else finalizer
-    return os.getpid(), sent, initargs, shared, index, final, finalargs
+    return os.getpid(), sent, initargs, shared, index, final, finalargs, threads
 
 
 def _main_refs(main: tuple[str, MainReport] | None) -> ByReference | None:

@@ -22,7 +22,9 @@ a copy in every task. Three steps:
    the parent's ``sys.argv``. It reports what the module defines, or how
    its import failed (`MainReport`); a failed import leaves the workers
    without a main module (``_process.py`` warns once, and every object
-   travels by value).
+   travels by value). If the module loaded native thread pools (numpy's
+   BLAS), threadpoolctl finds them then, once for every worker
+   (``_native_threads.prepare``).
 3. The parent pickles a function or class of ``__main__`` by reference
    (``__main__ name``: the worker finds it in its ``__main__``, the
    imported module) only where the report shows the server has the same
@@ -48,6 +50,7 @@ from collections.abc import Iterable, Iterator
 
 import cloudpickle
 
+from . import _native_threads
 from ._protocol import MainReport, MainToImport
 
 __all__ = ["alias_main", "by_reference", "import_main", "main_to_import", "warn_import_failed"]
@@ -206,6 +209,7 @@ def import_main(plan: MainToImport) -> MainReport:
         return MainReport(False, {}, {}, frozenset(), text)
     finally:
         sys.argv = original_argv
+    _native_threads.prepare()  # (what it loaded: each worker limits it at once)
     return _report(module)
 
 

@@ -39,6 +39,7 @@ from .errors import ForkServerError, WorkerStartError
 
 if TYPE_CHECKING:
     from ._buffers import Segment
+    from ._native_threads import ThreadLimit
     from ._pool_tasks import _TaskFuture
     from ._shared import SharedData
 
@@ -115,6 +116,7 @@ class _WorkerStarts:
     _undelivered: list[tuple[_TaskFuture, bool | None, Any]]
     _config: bytes
     _env: dict[bytes, bytes] | None
+    _threads: ThreadLimit | None
     _shared: SharedData | None
 
     if TYPE_CHECKING:
@@ -254,7 +256,7 @@ class _WorkerStarts:
         _live_pools.add(self)
         # Made now: the worker gets the directory and environment of its start;
         # the segments of the pool's shared data go with it.
-        message = init_message(self._config, self._env, worker.index)
+        message = init_message(self._config, self._env, worker.index, self._threads)
         shared = self._shared
         if shared is None or not shared.segments:
             self._send(worker, message)

@@ -2,14 +2,15 @@
 
 A worker is forked from the fork server (``_process.py``) and runs `serve`:
 it reads its ``INIT`` message (the parent's current working directory and
-environment, limits, initializer, the pool's shared data: ``_shared.py``),
+environment, with the native thread pools' variables: ``_native_threads.py``,
+limits, initializer, the pool's shared data: ``_shared.py``),
 then batches of tasks, and answers each
 task with one message. The wire (frames, message kinds, reason codes, exit
 statuses) and the task envelope (how a call, a result and an error are
 pickled, and how the parent loads them) are ``_protocol.py``'s, the
 shared memory of large buffers ``_buffers.py``'s, and the shared data
-``_shared.py``'s: this module imports those three, and nothing else of the
-package.
+``_shared.py``'s: this module imports those three, and
+``_native_threads.py``, and nothing else of the package.
 
 Deadlines and the hard memory limit are the pool's to enforce, from
 outside (a task stuck in C code that holds the GIL cannot stop a thread of
@@ -53,6 +54,7 @@ from ._buffers import (
     trim_spares,
     write_segment,
 )
+from ._native_threads import ThreadLimit, limit_loaded
 from ._protocol import (
     ERROR,
     EXIT,
@@ -117,6 +119,10 @@ class ParentState:
     cwd: str | None  #: None: the parent's directory is gone (the worker stays put)
     environ: dict[bytes, bytes]  #: the whole environment, as ``os.environb`` holds it
     index: int = 0  #: the worker's index in its pool (`_shared.worker_index`)
+    #: The pool's ``native_threads`` count: the native thread pools loaded
+    #: before the worker started are brought in line with ``environ``
+    #: (``_native_threads.limit_loaded``); None: left alone.
+    native_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -240,7 +246,9 @@ def _set_up(body: bytes | bytearray, reader: Inbox) -> WorkerConfig:
     came with the message).
 
     The environment comes first, so that unpickling the initializer and the
-    shared data (which may import their modules) already sees it.
+    shared data (which may import their modules) already sees it; then the
+    native thread pools loaded before it (in the fork server) are brought
+    in line with it (``native_threads``).
     """
     _shared.mark_worker()
     (state_length,) = INIT_META.unpack_from(body)
@@ -255,6 +263,8 @@ def _set_up(body: bytes | bytearray, reader: Inbox) -> WorkerConfig:
     for key, value in state.environ.items():
         if environ.get(key) != value:
             environ[key] = value
+    if state.native_threads is not None:
+        limit_loaded(state.native_threads)
     config: WorkerConfig = pickle.loads(body[state_end:])
     if config.authkey:
         multiprocessing.current_process().authkey = config.authkey
@@ -568,17 +578,28 @@ def worker_env(env: object) -> dict[bytes, bytes] | None:
     return converted
 
 
-def init_message(config: bytes, env: dict[bytes, bytes] | None, index: int = 0) -> bytes:
+def init_message(
+    config: bytes,
+    env: dict[bytes, bytes] | None,
+    index: int = 0,
+    threads: ThreadLimit | None = None,
+) -> bytes:
     """(Parent side) a worker's whole ``INIT`` message, made as it starts.
 
     ``config``: from `dump_config`; ``env``: the pool's own variables, set
-    over this process's current environment; ``index``: the worker's in its pool.
+    over this process's current environment; ``index``: the worker's in its
+    pool; ``threads``: the pool's ``native_threads`` (its variables go in
+    the environment too).
     """
     try:
         cwd: str | None = os.getcwd()
     except OSError:  # (deleted, say: the worker stays where the fork server is)
         cwd = None
-    state = pickle.dumps(ParentState(cwd, _environ_now(env), index), pickle.HIGHEST_PROTOCOL)
+    environ = _environ_now(env)
+    if threads is not None:
+        threads.worker_environ(environ, env)
+    count = None if threads is None else threads.count
+    state = pickle.dumps(ParentState(cwd, environ, index, count), pickle.HIGHEST_PROTOCOL)
     length = INIT_META.size + len(state) + len(config)
     return TO_WORKER.pack(length, INIT) + INIT_META.pack(len(state)) + state + config
 

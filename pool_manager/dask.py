@@ -187,6 +187,11 @@ class DaskWorkerPool(ChunkedTaskPool[_DaskTaskFuture]):
     short, and do not wait in one for another task of the cluster. A
     ``submit`` there is never held by backpressure (see `submit`).
 
+    It has no ``native_threads`` (the other engines' limit on each worker's
+    BLAS and OpenMP threads): a Dask worker's are the cluster's to set (its
+    nanny sets ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and
+    ``OPENBLAS_NUM_THREADS`` to 1 by default: ``distributed.nanny.pre-spawn-environ``).
+
     Args:
         client: the ``distributed.Client`` to run tasks on.
         max_size: the most tasks of this pool on the cluster at once.

@@ -132,7 +132,9 @@ from ._loky_slots import (
     _start_args,
     _start_slot,
     _task_call,
+    slot_env,
 )
+from ._native_threads import NativeThreads, ThreadLimit
 from ._queued import ChunkedTaskPool
 from .errors import (
     PoolTerminatedError,
@@ -230,6 +232,11 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
             killed, multiprocessing's resource tracker unlinks it (see
             ``_loky_shared.py``). If it fails to load in 3 workers in a row,
             the queued tasks fail with `WorkerPoolBrokenError`.
+        native_threads: each worker's BLAS and OpenMP threads, as
+            `BaseWorkerPool`'s: ``"auto"`` (``max(1, CPUs // max_size)``), an
+            int, or ``None``. The variables are set as the worker's
+            interpreter starts (with ``"spawn"``, as its initializer starts:
+            libraries its main module loaded are limited with threadpoolctl).
 
     Raises:
         TypeError, ValueError: arguments of the wrong type or range, or that
@@ -260,6 +267,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         kill_worker_memory: int | str | None = None,
         idle_timeout: Duration | None = None,
         shared_data: object = None,
+        native_threads: NativeThreads = "auto",
     ) -> None:
         if max_size is not None and max_workers is not None:
             raise TypeError("give max_size or its alias max_workers, not both")
@@ -295,6 +303,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
         self._finalizer = finalizer
         self._finalargs = finalargs
         self._env = None if env is None else dict(env)
+        self._threads = ThreadLimit.of(native_threads, size, _process.cpu_count())
 
         self._outstanding: set[_LokyTaskFuture] = set()  # accepted, not finished
         self._slots: list[_Slot] = []  # not closed: starting, ready or retiring
@@ -578,6 +587,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
             try:
                 if interpreter_exiting():  # (no process is started, to fail as it loads)
                     raise RuntimeError("the interpreter is exiting: no loky worker can start")
+                env, threads = slot_env(self._env, self._threads, self._context_name)
                 executor = loky.ProcessPoolExecutor(
                     1,
                     context=self._context,
@@ -589,8 +599,9 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
                         slot.index,
                         self._finalizer,
                         self._finalargs,
+                        threads,
                     ),
-                    env=self._env,
+                    env=env,
                 )
                 probe = executor.submit(_probe)
                 _register_exit_hook()

@@ -44,6 +44,7 @@ from ._durations import Duration, to_bytes, to_count, to_seconds
 from ._engines import build_pool, resolve_engine
 from ._events import EventLog
 from ._lease import _check_lease, _Lease
+from ._native_threads import NativeThreads
 from ._poolmap import PoolMap
 
 # The records live in _records, USS_EVERY in _sampling; this module is their
@@ -79,6 +80,8 @@ def _shut_down(pool: WorkerPool) -> bool:
 
 
 _serials = itertools.count(1)
+#: A default the manager works out (``max_pending``, the caps across keys).
+_UNSET: Any = object()
 _live_managers: weakref.WeakSet[WorkerPoolManager] = weakref.WeakSet()
 _signals.configure_managers(lambda: list(_live_managers))
 
@@ -142,10 +145,9 @@ class WorkerPoolManager:
             (across keys too) or mostly wait on I/O. Pools from a custom
             factory are under both caps if they are `BaseWorkerPool` or
             `LokyWorkerPool` instances that have not run work yet.
-        max_tasks_per_worker, max_worker_memory, kill_worker_memory,
-            task_timeout, shared_data: worker limits and shared data of the
-            pools the default factory builds (see `BaseWorkerPool`; the
-            shared data is pickled once, here: every pool shares one copy).
+        max_tasks_per_worker, max_worker_memory, kill_worker_memory, task_timeout,
+            shared_data, native_threads: passed to the pools the default factory
+            builds (see `BaseWorkerPool`; the shared data is pickled once: one copy).
         memory_sample_interval: seconds between two samples of every
             worker's RSS (in `stats`; USS is read at one sample in
             ``USS_EVERY``); ``None`` never samples.
@@ -181,8 +183,6 @@ class WorkerPoolManager:
             descriptors or processes, say).
     """
 
-    _UNSET: Any = object()
-
     def __init__(
         self,
         pool_size: int,
@@ -198,6 +198,7 @@ class WorkerPoolManager:
         kill_worker_memory: int | str | None = None,
         task_timeout: Duration | None = None,
         shared_data: object = None,
+        native_threads: NativeThreads = "auto",
         memory_sample_interval: Duration | None = 10.0,
         min_available_memory: int | str | None = None,
         handle_signals: bool = True,
@@ -212,7 +213,7 @@ class WorkerPoolManager:
         stale = to_seconds("stale_pool_expiration", stale_pool_expiration)
         lifetime = to_seconds("max_pool_lifetime", max_pool_lifetime)
         assert stale is not None and lifetime is not None
-        if max_pending is self._UNSET:
+        if max_pending is _UNSET:
             max_pending = self._pool_size
         elif max_pending is not None:
             to_count("max_pending", max_pending, minimum=0)
@@ -220,10 +221,10 @@ class WorkerPoolManager:
         self._worker_idle_timeout = to_seconds(
             "worker_idle_timeout", worker_idle_timeout, allow_none=True
         )
-        if max_total_workers is self._UNSET:
+        if max_total_workers is _UNSET:
             max_total_workers = default_limit(self._pool_size)
         self._budget = WorkerBudget(max_total_workers)
-        if max_busy_workers is self._UNSET:
+        if max_busy_workers is _UNSET:
             max_busy_workers = default_busy_limit(self._pool_size)
         self._busy = BusySlots(max_busy_workers)
         self._worker_options: dict[str, Any] = {
@@ -232,6 +233,7 @@ class WorkerPoolManager:
             "kill_worker_memory": kill_worker_memory,
             "task_timeout": task_timeout,
             "shared_data": shared_data,
+            "native_threads": native_threads,
         }
         # Checked now, by the pool that would take them, rather than at the
         # first get_pool; it pickles the shared data, once for every pool.

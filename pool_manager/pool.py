@@ -89,6 +89,7 @@ from ._dispatch import RunTimes, task_kind
 from ._durations import Duration, memory_limits, to_count, to_seconds
 from ._main_module import main_to_import
 from ._map import MapInput, map_lazily
+from ._native_threads import NativeThreads, ThreadLimit
 from ._places import grant_places
 from ._platform import check_fork_server
 from ._pool_dispatch import _Dispatch
@@ -199,6 +200,16 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
             model), pickled once, its buffers in shared memory the pool holds;
             each worker loads it once, before its initializer, and a task gets
             it with `pool_manager.shared_data` (an array: a read-only view).
+        native_threads: each worker's BLAS and OpenMP threads (numpy's matrix
+            products), so that ``max_size`` workers do not each run one per
+            CPU: ``"auto"`` (the default), ``max(1, CPUs // max_size)`` for
+            each of ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``... that the
+            worker's environment (this process's, ``env`` on top) does not
+            set (a BLAS one follows a set ``OMP_NUM_THREADS``); an int: that
+            many, for each ``env`` does not name; ``None``: left alone. They
+            are set before anything is imported; libraries loaded before (by
+            the main module, in the fork server) are limited with
+            threadpoolctl if it is installed (the ``threads`` extra).
 
     Raises:
         TypeError, ValueError: arguments of the wrong type or range, or that
@@ -227,6 +238,7 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
         kill_worker_memory: int | str | None = None,
         task_timeout: Duration | None = None,
         shared_data: object = None,
+        native_threads: NativeThreads = "auto",
     ) -> None:
         check_fork_server()
         _process.check_not_importing_main()
@@ -242,6 +254,7 @@ class BaseWorkerPool(_MainModuleRefs, _Dispatch, _WorkerStarts, _WorkerIO, Queue
         check_hook("initializer", initializer, initargs)
         check_hook("finalizer", finalizer, finalargs)
         self._env = worker_env(env)
+        self._threads = ThreadLimit.of(native_threads, size, _process.cpu_count())
         if max_pending is not None:
             to_count("max_pending", max_pending, minimum=0)
         if max_tasks_per_worker is not None and max_tasks_per_child is not None:

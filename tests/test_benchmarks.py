@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -115,6 +117,36 @@ def test_the_large_data_measures_report_time_and_memory(tmp_path: Path) -> None:
     assert goals["10"]["checks"][3]["value"] > 0  # the same, the array as an argument
     shared_array_peak = goals["10"]["checks"][-1]
     assert "shared_array" in shared_array_peak["check"] and shared_array_peak["value"] > 0
+
+
+def test_the_matmul_measure_reports_each_workers_blas_threads(tmp_path: Path) -> None:
+    # Two workers on the (at most) two CPUs the suite pins: "auto" gives each
+    # worker one BLAS thread; native_threads=None leaves numpy's, one per CPU.
+    pytest.importorskip("numpy")
+    pytest.importorskip("threadpoolctl")
+    done = suite(
+        "--quick",
+        "--only",
+        "blas_matmul",
+        "--libs",
+        "pool_manager,pool_manager_native_none,ppe",
+        "--out",
+        str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "suite-quick.json").read_text())
+    results = report["results"]["blas_matmul"]
+    for library in ("pool_manager", "pool_manager_native_none", "ppe"):
+        assert results[library]["median"] > 0, library
+
+    def threads(library: str) -> list[list[int]]:
+        return list(results[library]["details"][0]["blas_threads"])
+
+    assert threads("pool_manager") == [[1], [1]]
+    if len(report["machine"]["cpus_used"]) > 1:
+        assert min(min(threads("pool_manager_native_none"))) > 1
+    assert "pool_manager_native_none" not in report["ratios"][report["titles"]["blas_matmul"]]
+    assert "BLAS threads" in (tmp_path / "suite-quick.md").read_text()
 
 
 def test_the_whole_jobs_memory_counts_memfd_segments() -> None:

@@ -83,3 +83,11 @@ def shared_data_types() -> None:
     assert_type(shared_data(), Any)
     BaseWorkerPool(2, shared_data={"table": [1, 2]})
     WorkerPoolManager(2, 60, 3600, shared_data=b"x")
+
+
+def native_threads_types() -> None:
+    # "auto", a count, or None (left alone); any other string is a type error.
+    BaseWorkerPool(2, native_threads="auto")
+    BaseWorkerPool(2, native_threads=1)
+    WorkerPoolManager(2, 60, 3600, native_threads=None)
+    BaseWorkerPool(2, native_threads="all")  # type: ignore[arg-type]
