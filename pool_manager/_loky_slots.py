@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, SupportsIndex
 
 import cloudpickle
+from loky.backend import context as _loky_context
 from loky.process_executor import TerminatedWorkerError
 
 from . import _loky_shared, _shared, _threads
@@ -59,6 +60,22 @@ HANDED_PER_SLOT = 2
 #: loky's start methods that work on every platform; "fork" and
 #: "forkserver" are refused (see `LokyWorkerPool`).
 START_METHODS = ("loky", "loky_init_main", "spawn")
+
+#: loky's own contexts, by name. (loky's ``get_context`` reads multiprocessing's
+#: registry of contexts, where joblib's copy of loky, once imported, puts its
+#: own "loky" contexts in place of loky's: its workers would then start, and
+#: be tracked, by joblib's copy.)
+_OWN_CONTEXTS = {
+    "loky": _loky_context.LokyContext(),
+    "loky_init_main": _loky_context.LokyInitMainContext(),
+}
+
+
+def slot_context(name: str) -> Any:
+    """The start method ``name`` (one of `START_METHODS`), as loky itself makes it."""
+    own = _OWN_CONTEXTS.get(name)
+    return own if own is not None else _loky_context.get_context(name)
+
 
 # -- in the loky worker ------------------------------------------------------------
 

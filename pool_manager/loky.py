@@ -97,7 +97,6 @@ from typing import Any, TypeVar
 
 try:
     import loky
-    from loky.backend import get_context
     from loky.process_executor import TerminatedWorkerError
     from loky.process_executor import _RemoteTraceback as _LokyRemoteTraceback
 except ImportError as error:
@@ -132,6 +131,7 @@ from ._loky_slots import (
     _start_args,
     _start_slot,
     _task_call,
+    slot_context,
     slot_env,
 )
 from ._native_threads import NativeThreads, ThreadLimit
@@ -297,7 +297,7 @@ class LokyWorkerPool(_LokyLimits, _LokyDispatch, ChunkedTaskPool[_LokyTaskFuture
             raise ValueError("max_workers must be greater than 0")  # (ProcessPoolExecutor's words)
         super().__init__(size, max_pending)
         self._context_name = context
-        self._context = get_context(context)
+        self._context = slot_context(context)
         self._initializer = initializer
         self._initargs = initargs
         self._finalizer = finalizer

@@ -120,6 +120,22 @@ def test_worker_pids_are_live_loky_workers_of_this_process(pool: LokyWorkerPool)
     assert not any(_alive(pid) for pid in pids)
 
 
+@pytest.mark.parametrize("context", ["loky", "loky_init_main"])
+def test_workers_are_loky_own_when_joblib_has_put_its_copy_of_loky_in_place(
+    context: str,
+) -> None:
+    # Importing joblib puts its vendored loky's contexts in multiprocessing's
+    # registry under the same names; the engine's workers must stay loky's
+    # (not start, nor be tracked, by joblib's copy).
+    pytest.importorskip("joblib.externals.loky", reason="joblib is not installed")
+    with LokyWorkerPool(1, context=context) as pool:
+        pool.submit(abs, -1).result(timeout=60)
+        (pid,) = pool.worker_pids()
+        command = " ".join(psutil.Process(pid).cmdline())
+    assert "loky.backend.popen_loky_posix" in command
+    assert "joblib" not in command
+
+
 def test_an_unpicklable_argument_fails_only_its_task(pool: LokyWorkerPool) -> None:
     poison = pool.submit(square, threading.Lock())
     others = [pool.submit(square, i) for i in range(5)]
