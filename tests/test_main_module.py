@@ -143,11 +143,15 @@ def test_a_large_module_global_is_not_copied_into_each_task(tmp_path: Path) -> N
             before = psutil.Process().memory_info().rss
             with BaseWorkerPool(2) as pool:
                 sizes = list(pool.map(size_of_data, range(20), chunksize=1))
+                # (Why, if it grew: was the function not sent by reference?)
+                by_reference = pool._main_by_reference(size_of_data)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (KiB)
-            print(json.dumps({"sizes": sizes[:2], "growth": peak - before}))
+            growth = peak - before
+            print(json.dumps({"sizes": sizes[:2], "growth": growth, "by_reference": by_reference}))
         """,
     )
     assert report["sizes"] == [100 * 1024 * 1024, 100 * 1024 * 1024 + 1]
+    assert report["by_reference"], report
     assert report["growth"] < 300 * 1024 * 1024, report
 
 
