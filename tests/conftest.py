@@ -1,5 +1,5 @@
 """Every test must leave no child process, thread, file descriptor or named
-shared-memory segment of the library's behind."""
+shared-memory segment of the library's behind, nor change the environment."""
 
 from __future__ import annotations
 
@@ -78,7 +78,20 @@ def no_leaks(_multiprocessing_resource_tracker: None) -> Iterator[None]:
     fds = _fds()
     segments = _segments()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    environ = dict(os.environ)
     yield
+    # (Every later worker and subprocess would inherit a variable left set.)
+    # (pytest's own PYTEST_CURRENT_TEST aside.)
+    changed = sorted(
+        key
+        for key in set(environ) | set(os.environ)
+        if environ.get(key) != os.environ.get(key) and key != "PYTEST_CURRENT_TEST"
+    )
+    for key in changed:
+        if key in environ:
+            os.environ[key] = environ[key]
+        else:
+            del os.environ[key]
     # (The test's thread: a mask left blocking SIGTERM is inherited by every
     # process started after, whose main thread then never takes it.)
     mask_after = signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -100,6 +113,8 @@ def no_leaks(_multiprocessing_resource_tracker: None) -> Iterator[None]:
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).kill()
     problems = []
+    if changed:
+        problems.append(f"environment variables changed: {changed}")
     if mask_after != mask:
         problems.append(f"signal mask changed: {sorted(mask)} -> {sorted(mask_after)}")
     if new_children:

@@ -249,9 +249,11 @@ def test_a_blocked_submit_hears_why_its_pool_ended(
         thread = threading.Thread(target=submit)
         thread.start()
         assert poll(lambda: pool._blocked_submits == 1, timeout=30)  # type: ignore[attr-defined]
-        gate.touch()  # (the shutdown lets the running task finish)
+        # (The gate opens only once the blocked submit has been refused: a
+        # task finishing first would make room for it.)
         manager.shutdown(wait=False)
         thread.join(60)
+        gate.touch()  # (the shutdown lets the running task finish)
         done()
         assert running.result(timeout=60) == 9
     finally:

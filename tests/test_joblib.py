@@ -8,6 +8,7 @@ manager shuts that one down itself.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
@@ -25,6 +26,11 @@ from joblib import Parallel, delayed, parallel_config  # noqa: E402
 import pool_manager.joblib as pm_joblib  # noqa: E402
 from pool_manager import WorkerLostError, WorkerPoolManager  # noqa: E402
 from pool_manager.joblib import PoolManagerBackend  # noqa: E402
+
+# (scikit-learn, if installed, is imported here: it sets KMP_* variables in
+# os.environ as it loads, which the leak check would take for the test's doing.)
+with contextlib.suppress(ImportError):
+    import sklearn.model_selection  # noqa: F401
 
 from .helpers import (  # noqa: E402
     FakeClock,

@@ -141,13 +141,19 @@ def test_a_large_module_global_is_not_copied_into_each_task(tmp_path: Path) -> N
 
         if __name__ == "__main__":
             before = psutil.Process().memory_info().rss
+            peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             with BaseWorkerPool(2) as pool:
                 sizes = list(pool.map(size_of_data, range(20), chunksize=1))
                 # (Why, if it grew: was the function not sent by reference?)
                 by_reference = pool._main_by_reference(size_of_data)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (KiB)
             growth = peak - before
-            print(json.dumps({"sizes": sizes[:2], "growth": growth, "by_reference": by_reference}))
+            # (Where the peak was, if it grew: before the pool or after; what is left.)
+            after = psutil.Process().memory_info().rss - before
+            print(json.dumps({
+                "sizes": sizes[:2], "growth": growth, "by_reference": by_reference,
+                "peak_before": peak_before - before, "rss_after": after,
+            }))
         """,
     )
     assert report["sizes"] == [100 * 1024 * 1024, 100 * 1024 * 1024 + 1]

@@ -11,6 +11,7 @@ set: only threadpoolctl limits it there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# (threadpoolctl, if installed, is imported here: it sets KMP_DUPLICATE_LIB_OK
+# in os.environ as it loads, which the leak check would take for a test's doing.)
+with contextlib.suppress(ImportError):
+    import threadpoolctl  # noqa: F401
 
 from pool_manager import BaseWorkerPool, WorkerPool, WorkerPoolManager, _native_threads, _process
 from pool_manager._native_threads import THREAD_VARIABLES, ThreadLimit
