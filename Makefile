@@ -73,7 +73,7 @@ test-all:
 	  fi; \
 	  $$venv/bin/python -m pytest --ignore=$(CPYTHON_SUITE) \
 	    || failed="$$failed $$version(suite)"; \
-	  $$venv/bin/python -m pytest $(CPYTHON_SUITE); status=$$?; \
+	  POOL_MANAGER_CPYTHON_SUITE=full $$venv/bin/python -m pytest $(CPYTHON_SUITE); status=$$?; \
 	  if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then \
 	    failed="$$failed $$version(cpython-suite)"; fi; \
 	done; \

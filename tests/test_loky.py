@@ -11,6 +11,7 @@ workers reaped.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import importlib
 import json
@@ -134,6 +135,27 @@ def test_workers_are_loky_own_when_joblib_has_put_its_copy_of_loky_in_place(
         command = " ".join(psutil.Process(pid).cmdline())
     assert "loky.backend.popen_loky_posix" in command
     assert "joblib" not in command
+
+
+def test_wait_and_as_completed_see_the_futures_finish(pool: LokyWorkerPool, tmp_path: Path) -> None:
+    # (CPython's own wait/as_completed tests run on this engine in make test-all.)
+    gate = tmp_path / "gate"
+    slow = pool.submit(wait_then_square, str(gate), 3)
+    quick = pool.submit(square, 4)
+    done, not_done = concurrent.futures.wait(
+        [slow, quick], timeout=30, return_when=concurrent.futures.FIRST_COMPLETED
+    )
+    assert done == {quick} and not_done == {slow}
+    failing = pool.submit(raise_value_error, "no")
+    done, _ = concurrent.futures.wait(
+        [slow, failing], timeout=30, return_when=concurrent.futures.FIRST_EXCEPTION
+    )
+    assert done == {failing}
+    with pytest.raises(concurrent.futures.TimeoutError):
+        next(concurrent.futures.as_completed([slow], timeout=0.1))
+    gate.touch()
+    finished = list(concurrent.futures.as_completed([slow, quick, failing], timeout=30))
+    assert set(finished) == {slow, quick, failing} and slow.result() == 9
 
 
 def test_an_unpicklable_argument_fails_only_its_task(pool: LokyWorkerPool) -> None:

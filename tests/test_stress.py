@@ -87,7 +87,7 @@ def _round(
 @pytest.mark.parametrize("caps", list(CAPS), ids=list(CAPS))
 def test_many_keys_many_threads_every_batch_completes(caps: str) -> None:
     shape = SHAPES.get(caps, (16, 3, 12, 12, False))
-    for _ in range(ROUNDS * (3 if shape[-1] else 1)):
+    for _ in range(ROUNDS * (2 if shape[-1] else 1)):
         manager = WorkerPoolManager(
             shape[1], 600, 3600, memory_sample_interval=None, **_options(CAPS[caps])
         )
