@@ -6,14 +6,18 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 import psutil
 import pytest
 
 from pool_manager import _threads
+
+from .doubles import RecordingBar
 
 
 def _children() -> set[int]:
@@ -133,3 +137,14 @@ def no_leaks(_multiprocessing_resource_tracker: None) -> Iterator[None]:
         problems.append(f"shared-memory segments left in /dev/shm: {sorted(new_segments)}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[RecordingBar]]:
+    """Progress bars drawn during the test, as `RecordingBar` records them (tqdm
+    replaced by it: nothing is drawn, and tqdm need not be installed)."""
+    fake = types.ModuleType("tqdm.auto")
+    fake.tqdm = RecordingBar  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
+    RecordingBar.made = []
+    yield RecordingBar.made

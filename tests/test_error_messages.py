@@ -32,6 +32,7 @@ from pool_manager import (
     memory,
 )
 
+from .doubles import ThreadWorkerPool
 from .helpers import (
     FakeClock,
     poll,
@@ -264,37 +265,9 @@ def test_a_blocked_submit_hears_why_its_pool_ended(
     assert re.search(r"key 'full' was disposed because its manager was shut down", str(error))
 
 
-class _ThreadPool(WorkerPool):
-    """A custom `WorkerPool` with no ``set_shutdown_reason``: the manager leaves it alone."""
-
-    def __init__(self, max_size: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._threads = ThreadPoolExecutor(2)
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-        return self._threads.submit(fn, *args, **kwargs)
-
-    max_size = worker_count = 2
-
-    def grant_workers(self, count: int) -> int:
-        return 2
-
-    unfinished_tasks = 0
-
-    def worker_pids(self) -> list[int]:
-        return []
-
-    def add_idle_callback(self, callback: Callable[[], object]) -> None:
-        pass
-
-    def dispose(self, wait: bool = True) -> None:
-        self._threads.shutdown(wait)
-
-
 def test_a_custom_pool_without_the_hook_is_disposed_as_before(clock: FakeClock) -> None:
     with WorkerPoolManager(2, STALE, LIFETIME, clock=clock, memory_sample_interval=None) as manager:
-        with manager.lease("custom", factory=_ThreadPool) as pool:
+        with manager.lease("custom", factory=ThreadWorkerPool) as pool:
             assert pool.submit(square, 3).result(timeout=60) == 9
         clock.advance(STALE)
         assert manager.sweep().expired == ["custom"]

@@ -14,9 +14,7 @@ import functools
 import io
 import itertools
 import os
-import sys
 import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from pool_manager import (
 )
 from pool_manager._dispatch import LONG_TASK
 
+from .doubles import RecordingBar, ThreadWorkerPool
 from .helpers import (
     FakeClock,
     fail_at,
@@ -324,31 +323,6 @@ def test_a_pool_under_an_unfinished_unordered_iterator_is_not_expired(engine: st
 # -- progress bars -------------------------------------------------------------------
 
 
-class _RecordingBar:
-    made: list[_RecordingBar] = []
-
-    def __init__(self, **options: Any) -> None:
-        self.options = options
-        self.n = 0
-        self.closed = False
-        _RecordingBar.made.append(self)
-
-    def update(self, n: float | None = 1) -> None:
-        self.n += int(n or 0)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@pytest.fixture
-def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[_RecordingBar]]:
-    fake = types.ModuleType("tqdm.auto")
-    fake.tqdm = _RecordingBar  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
-    _RecordingBar.made = []
-    yield _RecordingBar.made
-
-
 @pytest.fixture
 def no_monitor(monkeypatch: pytest.MonkeyPatch) -> None:
     tqdm = pytest.importorskip("tqdm", reason="the progress extra (tqdm) is not installed")
@@ -356,7 +330,7 @@ def no_monitor(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_progress_takes_tqdm_keyword_arguments_on_every_map_method(
-    recorded: list[_RecordingBar],
+    recorded: list[RecordingBar],
 ) -> None:
     options = {"desc": "tenant-a", "leave": False, "position": 1}
     with BaseWorkerPool(2) as pool:
@@ -387,7 +361,7 @@ def test_progress_takes_tqdm_keyword_arguments_on_every_map_method(
 
 
 def test_an_unordered_bar_counts_each_result_as_it_goes_out(
-    recorded: list[_RecordingBar], tmp_path: Path
+    recorded: list[RecordingBar], tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
     with BaseWorkerPool(2) as pool:
@@ -424,38 +398,9 @@ def test_a_progress_option_of_the_wrong_kind_is_refused_before_anything_is_sent(
 # -- the base: a pool that defines only submit ----------------------------------------
 
 
-class _ThreadPool(WorkerPool):
-    """A minimal `WorkerPool` of threads: what `WorkerPool` gives a custom pool."""
-
-    def __init__(self) -> None:
-        self._threads = concurrent.futures.ThreadPoolExecutor(2)
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        return self._threads.submit(fn, *args, **kwargs)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._threads.shutdown(wait, cancel_futures=cancel_futures)
-
-    max_size = worker_count = 2
-
-    def grant_workers(self, count: int) -> int:
-        return 2
-
-    unfinished_tasks = 0
-
-    def worker_pids(self) -> list[int]:
-        return []
-
-    def add_idle_callback(self, callback: Any) -> None:
-        pass
-
-    def dispose(self, wait: bool = True) -> None:
-        self.shutdown(wait)
-
-
 def test_any_worker_pool_has_the_map_methods(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    pool = _ThreadPool()
+    pool = ThreadWorkerPool()
     try:
         results = pool.imap_unordered(functools.partial(first_waits, str(gate)), range(3))
         assert sorted([next(results), next(results)]) == [1, 4]

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sys
-import types
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, ParamSpec, TypeVar
 
 import pytest
@@ -19,43 +17,15 @@ import pytest
 from pool_manager import (
     BaseWorkerPool,
     ResultTimeoutError,
-    WorkerPool,
     WorkerPoolManager,
     as_completed,
 )
 
+from .doubles import ThreadWorkerPool
 from .helpers import fail_at, square
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class _RecordingBar:
-    made: list[_RecordingBar] = []
-
-    def __init__(
-        self, total: int | None = None, desc: str | None = None, unit: str = "", **options: Any
-    ) -> None:
-        self.total, self.desc, self.unit = total, desc, unit
-        self.options = options
-        self.n = 0
-        self.closed = False
-        _RecordingBar.made.append(self)
-
-    def update(self, n: float | None = 1) -> None:
-        self.n += int(n or 0)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@pytest.fixture
-def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[_RecordingBar]]:
-    fake = types.ModuleType("tqdm.auto")
-    fake.tqdm = _RecordingBar  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
-    _RecordingBar.made = []
-    yield _RecordingBar.made
 
 
 def test_map_progress_counts_every_item_and_names_the_key(recorded: list[Any]) -> None:
@@ -157,38 +127,9 @@ def test_the_real_tqdm_draws_the_bar_on_stderr(
     assert "invoices" in err and "8/8" in err
 
 
-class _ThreadPool(WorkerPool):
-    """A minimal `WorkerPool` of threads: what `WorkerPool` itself gives a custom pool."""
-
-    def __init__(self) -> None:
-        self._threads = ThreadPoolExecutor(2)
-
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        return self._threads.submit(fn, *args, **kwargs)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._threads.shutdown(wait, cancel_futures=cancel_futures)
-
-    max_size = worker_count = 2
-
-    def grant_workers(self, count: int) -> int:
-        return 2
-
-    unfinished_tasks = 0
-
-    def worker_pids(self) -> list[int]:
-        return []
-
-    def add_idle_callback(self, callback: Callable[[], object]) -> None:
-        pass
-
-    def dispose(self, wait: bool = True) -> None:
-        self.shutdown(wait)
-
-
 @pytest.mark.timeout(60)
 def test_any_worker_pool_maps_with_return_exceptions() -> None:
-    pool = _ThreadPool()
+    pool = ThreadWorkerPool()
     try:
         results = list(pool.map(fail_at, range(5), [9, 1, 9, 3, 9], return_exceptions=True))
         assert results[0] == 0 and results[2] == 2 and results[4] == 4
@@ -199,7 +140,7 @@ def test_any_worker_pool_maps_with_return_exceptions() -> None:
 
 
 def test_any_worker_pool_maps_with_progress_and_runs_awaitables(recorded: list[Any]) -> None:
-    pool = _ThreadPool()
+    pool = ThreadWorkerPool()
     pool.name = "custom"
     try:
         assert list(pool.map(square, range(6), progress=True)) == [i * i for i in range(6)]
