@@ -33,7 +33,7 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import _ExceptionWithTraceback, _rebuild_exc
 from typing import Any, NamedTuple, TypeVar
 
-from ._durations import MAX_WAIT
+from ._durations import MAX_WAIT, wait_step
 from ._protocol import CallFailed, PartialChunk, load_outcome
 from .errors import ResultTimeoutError
 from .progress import ProgressOption, asks_for_a_bar, with_progress
@@ -374,21 +374,17 @@ class _AsCompleted:
         Raises:
             ResultTimeoutError: none finished by ``end_time``.
         """
-        try:
-            if end_time is None:
-                future = self._done.get()
-            else:
-                while True:
-                    left = end_time - time.monotonic()
-                    if left <= 0:
-                        future = self._done.get_nowait()
-                        break
-                    # (In steps: a wait of centuries overflows the lock's wait.)
-                    with contextlib.suppress(queue.Empty):
-                        future = self._done.get(timeout=min(left, MAX_WAIT))
-                        break
-        except queue.Empty:
-            raise ResultTimeoutError(_TIMED_OUT) from None
+        while True:
+            left = None if end_time is None else end_time - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    future = self._done.get_nowait()
+                else:  # (in steps: a wait of centuries overflows the lock's wait)
+                    future = self._done.get(timeout=wait_step(left))
+                break
+            except queue.Empty:
+                if left is not None and left <= 0:
+                    raise ResultTimeoutError(_TIMED_OUT) from None
         self._in_flight.discard(future)
         return future
 
